@@ -1,7 +1,17 @@
 """Typed configuration: dataclasses, YAML recipes, dotted command-line overrides, strict keys."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 
 @dataclass
@@ -28,3 +38,293 @@ class CropsConfig:
     solarize_p: float = 0.2  # second global view only
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataConfig:
+    """Training images: a folder of images at any nesting (class subfolders are not needed)."""
+
+    train_dir: str = "data/train"
+    batch_size: int = 64  # per process; DINO: 64 per GPU x 16 GPUs
+    num_workers: int = 2
+    max_bad_fraction: float = 0.01
+    crops: CropsConfig = field(default_factory=CropsConfig)
+
+
+@dataclass
+class ModelConfig:
+    """ViT backbone (timm) and DINO head."""
+
+    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large
+    patch_size: int = 16
+    img_size: int = 224  # size the position embedding is stored at; other sizes are interpolated
+    depth: int | None = None
+    embed_dim: int | None = None
+    num_heads: int | None = None
+    drop_path_rate: float = 0.1  # student only; the teacher has none
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    head_layers: int = 3
+    use_bn_in_head: bool = False
+    norm_last_layer: bool = True
+    fused_attn: bool | None = None  # None: fused on CUDA, plain matmul-softmax on CPU
+
+
+@dataclass
+class DinoLossConfig:
+    """DINO loss temperatures and centering (Caron et al. 2021)."""
+
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 0
+    center_momentum: float = 0.9
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with DINO's schedules; every schedule is evaluated per iteration."""
+
+    epochs: int = 100
+    lr: float = 0.0005  # at batch 256; scaled by total batch / 256
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0  # per-parameter gradient norm clip (DINO's way); 0 disables
+    freeze_last_layer: float = 1  # epochs during which the head's last layer gets no update
+    momentum_teacher: float = 0.996
+    momentum_teacher_end: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class KnnConfig:
+    """k-NN evaluation (Wu et al. 2018 weighted voting, as DINO's eval_knn.py)."""
+
+    train_dir: str = ""
+    val_dir: str = ""
+    image_size: int = 224
+    resize_size: int = 256
+    ks: tuple[int, ...] = (10, 20, 100, 200)
+    temperature: float = 0.07
+    batch_size: int = 128
+    num_workers: int = 2
+
+
+@dataclass
+class RunConfig:
+    """Where and how a run executes."""
+
+    output_dir: str = "runs/dino"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "bf16"  # bf16 (CPU and CUDA) | fp16 (CUDA, with GradScaler) | fp32
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    log_every: int = 10  # iterations between JSON log lines
+    checkpoint_every: int = 500  # iterations between checkpoints (and at every epoch end)
+    keep_every_epochs: int = 0  # also keep checkpoint_epochNNNN.pth every N epochs; 0 keeps none
+    stop_at_step: int | None = None  # stop (after a checkpoint) at this global step; resume later
+    tensorboard: bool = False
+    progress: bool = True
+    collapse_window: int = 200  # iterations of near-uniform / near-one-hot teacher before a warning
+
+
+@dataclass
+class Config:
+    """A whole recipe: one YAML file in configs/ maps onto this."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dino: DinoLossConfig = field(default_factory=DinoLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check / convert a YAML value to the annotated type; error names the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}: {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _unknown_key(key: str, known: list[str], prefix: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
+    return ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    types_ = _field_types(cls)
+    for key in data:
+        if key not in types_:
+            raise _unknown_key(key, list(types_), prefix)
+    kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build a Config from nested dicts; unknown keys raise ConfigError with a suggestion."""
+    return _build(Config, data or {})
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dicts (tuples become lists), suitable for YAML / JSON / checkpoints."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'optim.lr=0.001' -> (['optim', 'lr'], 0.001); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: cannot parse value: {e}") from e
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted overrides to nested dicts, checking each key against the schema."""
+    data = copy.deepcopy(data or {})
+    for text in overrides:
+        path, value = parse_override(text)
+        cls: Any = Config
+        node = data
+        for depth, part in enumerate(path):
+            types_ = _field_types(cls)
+            if part not in types_:
+                raise _unknown_key(part, list(types_), "".join(p + "." for p in path[:depth]))
+            if depth == len(path) - 1:
+                node[part] = value
+            else:
+                cls = types_[part]
+                if not dataclasses.is_dataclass(cls):
+                    raise ConfigError(f"override {text!r}: '{'.'.join(path[:depth + 1])}' is not a section")
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {text!r}: '{'.'.join(path[:depth + 1])}' is not a section")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe (or start from defaults), apply overrides, validate strictly."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        with open(p) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{p}: invalid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    cfg = config_from_dict(apply_overrides(data, overrides or []))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    if cfg.run.precision not in ("bf16", "fp16", "fp32"):
+        raise ConfigError(f"run.precision must be bf16, fp16 or fp32, got {cfg.run.precision!r}")
+    if cfg.run.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"run.device must be auto, cpu or cuda, got {cfg.run.device!r}")
+    c = cfg.data.crops
+    if c.n_global < 1:
+        raise ConfigError("data.crops.n_global must be at least 1")
+    for name, size in (("global_size", c.global_size), ("local_size", c.local_size)):
+        if size % cfg.model.patch_size:
+            raise ConfigError(f"data.crops.{name}={size} is not a multiple of model.patch_size={cfg.model.patch_size}")
+    if cfg.data.batch_size < 1:
+        raise ConfigError("data.batch_size must be positive")
+    if cfg.optim.epochs < 1:
+        raise ConfigError("optim.epochs must be positive")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    with open(tmp, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, p)
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_diff(va, vb, prefix + k + ".")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out

@@ -1,0 +1,62 @@
+"""The DataLoaders the engine and the evaluations use."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from .folder import ImageFolderDataset, scan_image_folder
+from .multicrop import EpochSampler, EvalTransform, MultiCropCollate, MultiCropTransform, collate_eval
+
+
+def build_train_loader(
+    cfg: Config, cache_file: Path | None, rank: int = 0, world_size: int = 1
+) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
+    """Multi-crop pretraining loader over ``cfg.data.train_dir`` (unlabeled, any nesting).
+
+    The sampler fixes the data order per (seed, epoch) and each sample's augmentation per
+    (seed, epoch, index); the loader gets its own generator so that creating an iterator never
+    consumes the global torch RNG (drop-path draws from it; resuming stays bit-identical).
+    """
+    files = scan_image_folder(cfg.data.train_dir, labeled=False, cache_file=cache_file)
+    crops = cfg.data.crops
+    dataset = ImageFolderDataset(files, MultiCropTransform(crops))
+    sampler = EpochSampler(
+        len(files), cfg.run.seed, rank, world_size, drop_last=True, batch_size=cfg.data.batch_size
+    )
+    workers = cfg.data.num_workers
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=torch.utils.data.BatchSampler(sampler, cfg.data.batch_size, drop_last=True),
+        collate_fn=MultiCropCollate(crops),
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator().manual_seed(cfg.run.seed),
+    )
+    return loader, sampler
+
+
+def build_eval_loader(
+    root: str | Path,
+    image_size: int,
+    resize_size: int,
+    batch_size: int,
+    num_workers: int,
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+    cache_file: Path | None = None,
+) -> torch.utils.data.DataLoader:
+    """Labeled folder (class subfolders) -> batches {"image", "label", "index", "bad"}, in order."""
+    files = scan_image_folder(root, labeled=True, cache_file=cache_file)
+    dataset = ImageFolderDataset(files, EvalTransform(image_size, resize_size, mean, std))
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_eval,
+        persistent_workers=False,
+    )

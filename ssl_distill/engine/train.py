@@ -1,0 +1,377 @@
+"""The DINO training loop: one step fits on a screen (cf. DINO's ``train_one_epoch``)."""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..config import Config, config_diff, config_to_dict, save_config
+from ..data.folder import BadImageCounter
+from ..data.loader import build_train_loader
+from ..models import BackboneSpec, DINOHead, MultiCropModel, ViTBackbone, default_fused_attn
+from ..objectives import DINOLoss
+from . import distributed as du
+from .checkpoint import FORMAT, LATEST, atomic_save, load_file, load_state_strict, rng_state, set_rng_state
+from .ema import ema_update
+from .monitor import CollapseMonitor, JsonlLogger
+from .schedules import cosine_schedule, frozen_last_layer, linear_scaled_lr, teacher_temp_schedule
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last checkpoint on disk is the last good one."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU (AMX) and CUDA, fp16 on CUDA, nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise RuntimeError("run.precision=fp16 needs CUDA; use bf16 on CPU")
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def backbone_spec(cfg: Config, drop_path: float) -> BackboneSpec:
+    m = cfg.model
+    return BackboneSpec(
+        arch=m.arch,
+        patch_size=m.patch_size,
+        img_size=m.img_size,
+        depth=m.depth,
+        embed_dim=m.embed_dim,
+        num_heads=m.num_heads,
+        drop_path_rate=drop_path,
+    )
+
+
+def build_model(cfg: Config, drop_path: float) -> MultiCropModel:
+    """Backbone + DINO head from the config."""
+    backbone = ViTBackbone(backbone_spec(cfg, drop_path))
+    m = cfg.model
+    head = DINOHead(
+        backbone.embed_dim,
+        m.out_dim,
+        hidden_dim=m.hidden_dim,
+        bottleneck_dim=m.bottleneck_dim,
+        nlayers=m.head_layers,
+        use_bn=m.use_bn_in_head,
+        norm_last_layer=m.norm_last_layer,
+    )
+    return MultiCropModel(backbone, head)
+
+
+def param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Weights get weight decay; biases and 1-d parameters (norms) do not (DINO's get_params_groups)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def clip_gradients_per_param(params: list[nn.Parameter], clip: float) -> torch.Tensor:
+    """Scale each parameter's gradient to norm <= clip separately (DINO's ``clip_gradients``).
+
+    Returns the pre-clip norms (P,).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    norms = torch.stack(torch._foreach_norm(grads, 2.0)).float()
+    coefs = (clip / (norms + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, list(coefs.to(grads[0].dtype).unbind()))
+    return norms
+
+
+@dataclass
+class Schedules:
+    """Per-iteration values for the whole run."""
+
+    lr: np.ndarray
+    wd: np.ndarray
+    momentum: np.ndarray
+    teacher_temp: np.ndarray
+    iters_per_epoch: int
+    freeze_last_layer: float
+
+    @classmethod
+    def from_config(cls, cfg: Config, iters_per_epoch: int, world: int) -> "Schedules":
+        o, d = cfg.optim, cfg.dino
+        base_lr = linear_scaled_lr(o.lr, cfg.data.batch_size * world)
+        return cls(
+            lr=cosine_schedule(base_lr, o.min_lr, o.epochs, iters_per_epoch, o.warmup_epochs),
+            wd=cosine_schedule(o.weight_decay, o.weight_decay_end, o.epochs, iters_per_epoch),
+            momentum=cosine_schedule(o.momentum_teacher, o.momentum_teacher_end, o.epochs, iters_per_epoch),
+            teacher_temp=teacher_temp_schedule(
+                d.warmup_teacher_temp, d.teacher_temp, d.warmup_teacher_temp_epochs, o.epochs, iters_per_epoch
+            ),
+            iters_per_epoch=iters_per_epoch,
+            freeze_last_layer=o.freeze_last_layer,
+        )
+
+
+@dataclass
+class RunState:
+    """Where training stands: ``step`` iterations are done; the next batch is ``batch`` of ``epoch``."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """Owns the models, optimizer, loss and data of one run; ``fit()`` trains to the end."""
+
+    def __init__(self, cfg: Config, fresh: bool = False) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.run.output_dir)
+        if cfg.run.threads > 0:
+            torch.set_num_threads(cfg.run.threads)
+        self.device = resolve_device(cfg.run.device)
+        self.world = du.world_size()
+        self.rank = du.rank()
+        torch.manual_seed(cfg.run.seed + self.rank)
+        np.random.seed(cfg.run.seed + self.rank)
+
+        if du.is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+        du.barrier()
+        self.loader, self.sampler = build_train_loader(cfg, self.out / "filelist.json", self.rank, self.world)
+        self.iters_per_epoch = self.sampler.batches_per_epoch
+        if self.iters_per_epoch == 0:
+            raise ValueError(
+                f"data.batch_size={cfg.data.batch_size} x {self.world} process(es) is larger than the "
+                f"{len(self.loader.dataset)} images in {cfg.data.train_dir}"
+            )
+        self.total_steps = cfg.optim.epochs * self.iters_per_epoch
+        self.sched = Schedules.from_config(cfg, self.iters_per_epoch, self.world)
+
+        fused = cfg.model.fused_attn if cfg.model.fused_attn is not None else default_fused_attn(self.device)
+        self.student = build_model(cfg, cfg.model.drop_path_rate).to(self.device)
+        self.teacher = build_model(cfg, 0.0).to(self.device)  # no drop-path in the teacher
+        self.teacher.load_state_dict(self.student.state_dict())
+        for p in self.teacher.parameters():
+            p.requires_grad = False
+        self.student.backbone.set_fused_attn(fused)
+        self.teacher.backbone.set_fused_attn(fused)
+        self.student_ddp: nn.Module = self.student
+        if self.world > 1:
+            self.student_ddp = DistributedDataParallel(
+                self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+
+        c = cfg.data.crops
+        self.n_crops = c.n_global + c.n_local
+        self.loss_fn = DINOLoss(
+            cfg.model.out_dim, self.n_crops, c.n_global, cfg.dino.student_temp, cfg.dino.center_momentum
+        ).to(self.device)
+        self.optimizer = torch.optim.AdamW(param_groups(self.student), betas=cfg.optim.betas)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.run.precision == "fp16" else None
+        self.trainable = [p for p in self.student.parameters() if p.requires_grad]
+        self.last_layer_params = [p for n, p in self.student.named_parameters() if "last_layer" in n]
+        self.bad = BadImageCounter(cfg.data.max_bad_fraction)
+        self.state = RunState()
+        self.collapse = CollapseMonitor(cfg.model.out_dim, cfg.run.collapse_window)
+
+        ckpt_path = self.out / LATEST
+        if ckpt_path.exists() and not fresh:
+            self._resume(ckpt_path)
+        elif du.is_main():
+            if fresh and ckpt_path.exists():
+                ckpt_path.unlink()
+                (self.out / "log.jsonl").unlink(missing_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        self.logger = (
+            JsonlLogger(self.out / "log.jsonl", self.out / "tensorboard" if cfg.run.tensorboard else None)
+            if du.is_main()
+            else None
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "batch": self.state.batch,
+            "world_size": self.world,
+            "config": config_to_dict(self.cfg),
+            "rng": rng_state(),
+            "bad_images": {"bad": self.bad.bad, "seen": self.bad.seen},
+        }
+
+    def save_checkpoint(self) -> None:
+        """Rank 0 writes ``checkpoint.pth`` atomically (temporary name, then rename)."""
+        if du.is_main():
+            atomic_save(self.checkpoint_dict(), self.out / LATEST)
+            k = self.cfg.run.keep_every_epochs
+            if k and self.state.batch == 0 and self.state.epoch % k == 0 and self.state.step > 0:
+                atomic_save(self.checkpoint_dict(), self.out / f"checkpoint_epoch{self.state.epoch:04d}.pth")
+        du.barrier()
+
+    def _resume(self, path: Path) -> None:
+        ckpt = load_file(path)
+        if ckpt.get("format") != FORMAT:
+            raise RuntimeError(f"{path} is not an ssl-distill training checkpoint (format {ckpt.get('format')!r})")
+        if ckpt.get("world_size", 1) != self.world:
+            print(f"note: resuming a {ckpt['world_size']}-process run with {self.world} process(es); "
+                  "the data order of the rest of the epoch changes")
+        diff = config_diff(ckpt["config"], config_to_dict(self.cfg))
+        if diff and du.is_main():
+            print("note: config differs from the checkpoint's:\n  " + "\n  ".join(diff))
+        load_state_strict(self.student, ckpt["student"], f"{path}: student")
+        load_state_strict(self.teacher, ckpt["teacher"], f"{path}: teacher")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.loss_fn.load_state_dict(ckpt["loss"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = RunState(step=ckpt["step"], epoch=ckpt["epoch"], batch=ckpt["batch"])
+        self.bad.bad, self.bad.seen = ckpt["bad_images"]["bad"], ckpt["bad_images"]["seen"]
+        if ckpt.get("world_size", 1) == self.world:
+            set_rng_state(ckpt["rng"])
+        if du.is_main():
+            print(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, batch {self.state.batch})")
+
+    # ------------------------------------------------------------------ one iteration
+    def train_step(self, crops: list[torch.Tensor], step: int) -> dict[str, float]:
+        """One DINO iteration: teacher on global views, student on all, loss, update, EMA."""
+        lr, wd = float(self.sched.lr[step]), float(self.sched.wd[step])
+        temp, momentum = float(self.sched.teacher_temp[step]), float(self.sched.momentum[step])
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = lr
+            if i == 0:  # only the regularised group
+                group["weight_decay"] = wd
+
+        n_global = self.cfg.data.crops.n_global
+        with autocast_context(self.device, self.cfg.run.precision):
+            teacher_out = self.teacher(crops[:n_global])
+            student_out = self.student_ddp(crops)
+        terms = self.loss_fn(student_out, teacher_out, temp)
+        loss = terms["dino"]
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step}: dino={loss.item()} (lr={lr:.3g}, teacher_temp={temp:.4g}, "
+                f"wd={wd:.3g}); training stopped, the last good checkpoint is {self.out / LATEST}"
+            )
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if self.cfg.optim.clip_grad > 0:
+                self.scaler.unscale_(self.optimizer)
+                clip_gradients_per_param(self.trainable, self.cfg.optim.clip_grad)
+        else:
+            loss.backward()
+            if self.cfg.optim.clip_grad > 0:
+                clip_gradients_per_param(self.trainable, self.cfg.optim.clip_grad)
+        if frozen_last_layer(step, self.iters_per_epoch, self.sched.freeze_last_layer):
+            for p in self.last_layer_params:
+                p.grad = None
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        ema_update(self.teacher, self.student, momentum)
+        return {
+            "loss": loss.item(),
+            "dino": loss.item(),
+            "lr": lr,
+            "wd": wd,
+            "momentum": momentum,
+            "teacher_temp": temp,
+            "teacher_entropy": terms["teacher_entropy"].item(),
+            "teacher_kl_uniform": terms["teacher_kl_uniform"].item(),
+        }
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, Any]:
+        """Train until ``optim.epochs`` (or ``run.stop_at_step``); returns the last log record."""
+        cfg, st = self.cfg, self.state
+        stop_at = min(cfg.run.stop_at_step or self.total_steps, self.total_steps)
+        if st.batch >= self.iters_per_epoch:
+            st.epoch, st.batch = st.epoch + 1, 0
+        bar = tqdm(
+            total=stop_at, initial=min(st.step, stop_at), disable=not (cfg.run.progress and du.is_main()),
+            desc="train", unit="it", dynamic_ncols=True, mininterval=1.0,
+        )
+        last: dict[str, Any] = {"step": st.step, "epoch": st.epoch}
+        window: list[dict[str, float]] = []
+        t_window = time.perf_counter()
+        images_per_step = cfg.data.batch_size * self.world
+        self.student.train()
+        self.teacher.train()  # no dropout / drop-path in the teacher; matches DINO
+        while st.step < stop_at:
+            self.sampler.set_epoch(st.epoch)
+            self.sampler.set_start_batch(st.batch)
+            for batch in self.loader:
+                step = st.step
+                crops = [c.to(self.device, non_blocking=True) for c in batch["crops"]]
+                self.bad.update(int(batch["bad"]), len(batch["index"]))
+                stats = self.train_step(crops, step)
+                st.step += 1
+                st.batch += 1
+                window.append(stats)
+                bar.update(1)
+                end_of_epoch = st.batch == self.iters_per_epoch
+                if st.step % cfg.run.log_every == 0 or end_of_epoch or st.step == stop_at:
+                    elapsed = time.perf_counter() - t_window
+                    last = self._log(window, elapsed, images_per_step)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", ep=st.epoch)
+                    window, t_window = [], time.perf_counter()
+                if end_of_epoch:
+                    st.epoch, st.batch = st.epoch + 1, 0
+                if end_of_epoch or st.step % cfg.run.checkpoint_every == 0 or st.step == stop_at:
+                    self.save_checkpoint()
+                if st.step >= stop_at or end_of_epoch:
+                    break
+        bar.close()
+        self.bad.finalize()
+        if self.logger is not None:
+            self.logger.close()
+        return last
+
+    def _log(self, window: list[dict[str, float]], elapsed: float, images_per_step: int) -> dict[str, Any]:
+        rec: dict[str, Any] = {"step": self.state.step, "epoch": self.state.epoch}
+        for k in window[0]:
+            rec[k] = float(np.mean([w[k] for w in window]))
+        for k in ("lr", "wd", "momentum", "teacher_temp"):
+            rec[k] = window[-1][k]
+        rec["images_per_s"] = len(window) * images_per_step / max(elapsed, 1e-9)
+        rec["bad_images"] = self.bad.bad
+        rec["time"] = time.time()
+        self.collapse.update(rec["teacher_entropy"], rec["teacher_kl_uniform"], self.state.step, len(window))
+        if self.logger is not None:
+            self.logger.log(rec)
+        return rec
+
+
+def train(cfg: Config, fresh: bool = False) -> dict[str, Any]:
+    """Train (or resume) the run in ``cfg.run.output_dir``; returns the last log record."""
+    return Trainer(cfg, fresh=fresh).fit()

@@ -1,0 +1,106 @@
+"""DINO image-level self-distillation loss.
+
+Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", ICCV 2021, Eq. (1)-(3):
+the teacher distribution is P_t = softmax((g_t(x) - c) / tau_t) on the global views only, the
+student's is P_s = softmax(g_s(x') / tau_s) on all views, and the loss is the cross-entropy
+H(P_t(x), P_s(x')) averaged over every (teacher view, student view) pair of *different* views.
+The center c is an EMA of the teacher's batch mean (Eq. 4), updated after the loss.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+class DINOLoss(nn.Module):
+    """Cross-view cross-entropy with teacher centering and sharpening.
+
+    Args:
+        out_dim: K, number of prototypes.
+        n_crops: V, number of student views (globals first).
+        n_global: number of teacher (global) views.
+        student_temp: tau_s (0.1 in the paper).
+        center_momentum: m in c <- m c + (1 - m) mean(teacher) (0.9 in the paper).
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        n_crops: int,
+        n_global: int = 2,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        self.out_dim = out_dim
+        self.n_crops = n_crops
+        self.n_global = n_global
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(
+        self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float
+    ) -> dict[str, torch.Tensor]:
+        """Loss and teacher statistics; updates the center afterwards.
+
+        Args:
+            student_out: (V * B, K) student logits, crop-major.
+            teacher_out: (G * B, K) teacher logits for the G global views, crop-major.
+            teacher_temp: tau_t for this iteration.
+        Returns:
+            {"dino": scalar loss, "teacher_entropy": mean per-sample entropy of P_t (nats),
+             "teacher_kl_uniform": KL(mean_b P_t || uniform) (nats)}; the last two are detached.
+        """
+        student_out = student_out.float()
+        teacher_out = teacher_out.float()
+        k = student_out.shape[-1]
+        student_logp = F.log_softmax(student_out / self.student_temp, dim=-1).view(self.n_crops, -1, k)
+        teacher_p = F.softmax((teacher_out - self.center) / teacher_temp, dim=-1).detach()
+        teacher_chunks = teacher_p.chunk(self.n_global)
+
+        # sum_{v != i} H(q_i, p_v) = -<q_i, S - log p_i> with S = sum_v log p_v: the same terms as
+        # DINO's double loop, computed with one pass over the student views instead of G * V.
+        log_sum = student_logp.sum(0)  # (B, K)
+        total = student_out.new_zeros(())
+        n_terms = 0
+        for iq, q in enumerate(teacher_chunks):
+            others = log_sum - student_logp[iq] if iq < self.n_crops else log_sum
+            total = total - torch.sum(q * others, dim=-1).mean()
+            n_terms += self.n_crops - (1 if iq < self.n_crops else 0)
+        loss = total / n_terms
+
+        with torch.no_grad():
+            stats = teacher_statistics(teacher_p)
+        self.update_center(teacher_out)
+        return {"dino": loss, **stats}
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: torch.Tensor) -> None:
+        """EMA of the teacher's batch mean, all-reduced over ranks (Eq. 4)."""
+        batch_center = torch.sum(teacher_out, dim=0, keepdim=True)
+        world = 1
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_center)
+            world = dist.get_world_size()
+        batch_center = batch_center / (len(teacher_out) * world)
+        self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+
+
+def teacher_statistics(p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Collapse monitors for teacher probabilities p (N, K).
+
+    ``teacher_entropy`` = mean_n H(p_n): near log K means uniform collapse, near 0 means sharp
+    outputs. ``teacher_kl_uniform`` = KL(mean_n p_n || U) = log K - H(mean p): near log K means
+    every sample picks the same prototype (one-dimension collapse), near 0 a spread-out batch.
+    """
+    k = p.shape[-1]
+    logp = torch.log(p.clamp_min(1e-30))
+    entropy = -(p * logp).sum(-1).mean()
+    mean_p = p.mean(0)
+    kl = math.log(k) + (mean_p * torch.log(mean_p.clamp_min(1e-30))).sum()
+    return {"teacher_entropy": entropy.detach(), "teacher_kl_uniform": kl.detach()}
