@@ -98,3 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"config error: {e}")
     except (DataError, CheckpointError, NonFiniteLossError) as e:
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

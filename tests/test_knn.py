@@ -1,0 +1,212 @@
+"""Weighted k-NN (DINO protocol) and feature extraction."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ssl_distill.eval.features import extract_features
+from ssl_distill.eval.knn import class_scores, knn_classify, run_knn, search_neighbours, write_results
+
+T = 0.07
+
+
+def dino_knn_reference(
+    train: Tensor, train_y: Tensor, test: Tensor, test_y: Tensor, k: int, t: float, num_classes: int, chunk: int = 100
+) -> tuple[float, float]:
+    """Dense re-implementation of DINO's knn_classifier: chunks of test images, full similarity, topk, one-hot votes."""
+    train = nn.functional.normalize(train.float(), dim=1)
+    test = nn.functional.normalize(test.float(), dim=1)
+    top1 = top5 = 0
+    for s in range(0, test.shape[0], chunk):
+        feats, targets = test[s : s + chunk], test_y[s : s + chunk]
+        b = feats.shape[0]
+        dist, idx = torch.mm(feats, train.t()).topk(k, dim=1, largest=True, sorted=True)
+        neighbours = torch.gather(train_y.view(1, -1).expand(b, -1), 1, idx)
+        one_hot = torch.zeros(b * k, num_classes).scatter_(1, neighbours.view(-1, 1), 1)
+        probs = (one_hot.view(b, k, num_classes) * dist.div(t).exp().view(b, k, 1)).sum(1)
+        _, pred = probs.sort(1, True)
+        correct = pred.eq(targets.view(-1, 1))
+        top1 += correct.narrow(1, 0, 1).sum().item()
+        top5 += correct.narrow(1, 0, min(5, k, num_classes)).sum().item()
+    return 100.0 * top1 / test.shape[0], 100.0 * top5 / test.shape[0]
+
+
+def clustered(n: int, m: int, d: int, c: int, noise: float, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(c, d, generator=g)
+    ytr = torch.randint(0, c, (n,), generator=g)
+    yte = torch.randint(0, c, (m,), generator=g)
+    xtr = means[ytr] + noise * torch.randn(n, d, generator=g)
+    xte = means[yte] + noise * torch.randn(m, d, generator=g)
+    return xtr, ytr, xte, yte
+
+
+# train: class 0 at (1,0), (0.8,0.6), (0,1); class 1 at (0.6,0.8), (-1,0), (0,-1)
+TINY_TRAIN = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.0], [0.0, -1.0]])
+TINY_TRAIN_Y = torch.tensor([0, 0, 0, 1, 1, 1])
+TINY_TEST = torch.tensor([[0.8, 0.6], [0.6, 0.8], [0.0, 1.0]])
+TINY_TEST_Y = torch.tensor([0, 1, 1])
+
+
+def test_tiny_example_by_hand() -> None:
+    e = lambda s: math.exp(s / T)  # noqa: E731
+    # query (0.8,0.6): sims 0.8, 1.0, 0.6 | 0.96, -0.8, -0.6 -> k=3: 1.0(c0), 0.96(c1), 0.8(c0)
+    # query (0.6,0.8): sims 0.6, 0.96, 0.8 | 1.0, -0.6, -0.8 -> 1.0(c1), 0.96(c0), 0.8(c0): the minority class
+    #                  wins, e(1.0) = 1.60e6 > e(0.96) + e(0.8) = 9.95e5
+    # query (0,1):     sims 0, 0.6, 1.0 | 0.8, 0, -1       -> 1.0(c0), 0.8(c1), 0.6(c0): class 0, wrong
+    expected = torch.tensor(
+        [[e(1.0) + e(0.8), e(0.96)], [e(0.96) + e(0.8), e(1.0)], [e(1.0) + e(0.6), e(0.8)]]
+    )
+    sims, idx = search_neighbours(TINY_TRAIN, TINY_TEST, 3)
+    assert idx.tolist() == [[1, 3, 0], [3, 1, 2], [2, 3, 1]]
+    scores = class_scores(sims, TINY_TRAIN_Y[idx], T, 2)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=0)
+    assert scores.argmax(1).tolist() == [0, 1, 0]
+
+    res = knn_classify(TINY_TRAIN, TINY_TRAIN_Y, TINY_TEST, TINY_TEST_Y, ks=(3,), temperature=T)
+    assert set(res) == {"k=3"}
+    assert res["k=3"]["top1"] == pytest.approx(200 / 3)
+    assert res["k=3"]["top5"] == pytest.approx(100.0)  # 2 classes: top-5 covers both
+    assert res["k=3"]["per_class"] == [pytest.approx(100.0), pytest.approx(50.0)]
+    assert res["k=3"]["k"] == 3
+
+
+@pytest.mark.parametrize("num_classes,noise", [(10, 1.5), (40, 3.0)])
+def test_matches_dense_dino_reference(num_classes: int, noise: float) -> None:
+    xtr, ytr, xte, yte = clustered(3000, 500, 32, num_classes, noise, seed=num_classes)
+    ks = (1, 3, 10, 20, 100, 200)
+    reference = {k: dino_knn_reference(xtr, ytr, xte, yte, k, T, num_classes) for k in ks}
+    for engine in ("faiss", "torch"):
+        res = knn_classify(xtr, ytr, xte, yte, ks=ks, temperature=T, query_chunk=128, engine=engine)
+        for k in ks:
+            assert (res[f"k={k}"]["top1"], res[f"k={k}"]["top5"]) == reference[k], (engine, k)
+        assert 0 < res["k=20"]["top1"] < 100  # not a trivial problem
+
+
+def test_engines_agree_on_neighbours() -> None:
+    xtr, _, xte, _ = clustered(2000, 300, 24, 5, 1.0, seed=1)
+    xtr, xte = nn.functional.normalize(xtr, dim=1), nn.functional.normalize(xte, dim=1)
+    s_f, i_f = search_neighbours(xtr, xte, 50, engine="faiss")
+    s_t, i_t = search_neighbours(xtr, xte, 50, engine="torch", query_chunk=64)
+    torch.testing.assert_close(s_f, s_t, rtol=0, atol=1e-5)
+    assert torch.equal(i_f, i_t)
+
+
+def test_k_prefix_single_search() -> None:
+    xtr, ytr, xte, yte = clustered(1500, 200, 16, 6, 1.5, seed=2)
+    xtr_n, xte_n = nn.functional.normalize(xtr, dim=1), nn.functional.normalize(xte, dim=1)
+    s_max, i_max = search_neighbours(xtr_n, xte_n, 100)
+    for k in (1, 10, 20, 100):
+        s_k, i_k = search_neighbours(xtr_n, xte_n, k)
+        assert torch.equal(i_max[:, :k], i_k)
+        torch.testing.assert_close(s_max[:, :k], s_k, rtol=0, atol=1e-6)
+    together = knn_classify(xtr, ytr, xte, yte, ks=(10, 20, 100))
+    for k in (10, 20, 100):
+        assert knn_classify(xtr, ytr, xte, yte, ks=(k,))[f"k={k}"] == together[f"k={k}"]
+
+
+def test_top5_with_fewer_classes_and_k_above_n() -> None:
+    xtr, ytr, xte, yte = clustered(40, 30, 8, 3, 2.0, seed=3)
+    res = knn_classify(xtr, ytr, xte, yte, ks=(10, 200))
+    assert res["k=10"]["top5"] == 100.0  # 3 classes: top-5 is over all of them
+    assert res["k=200"]["k"] == 40  # clipped to N
+    assert res["k=200"] == {**knn_classify(xtr, ytr, xte, yte, ks=(40,))["k=40"]}
+    top1, top5 = dino_knn_reference(xtr, ytr, xte, yte, 40, T, 3)
+    assert (res["k=200"]["top1"], res["k=200"]["top5"]) == (top1, top5)
+    # k=2 with 4 classes: DINO counts top-5 over min(5, k) = 2 ranked classes
+    xtr, ytr, xte, yte = clustered(200, 100, 8, 4, 3.0, seed=4)
+    res = knn_classify(xtr, ytr, xte, yte, ks=(2,))
+    assert (res["k=2"]["top1"], res["k=2"]["top5"]) == dino_knn_reference(xtr, ytr, xte, yte, 2, T, 4)
+    assert res["k=2"]["top5"] < 100.0
+
+
+def test_ties_follow_torch_sort_like_dino() -> None:
+    # one train item per class at the same similarity -> equal class scores; DINO's descending torch.sort
+    # on CPU ranks the lower class index first for small class counts
+    train = torch.tensor([[0.6, 0.8], [0.6, -0.8]])
+    test = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    res = knn_classify(train, torch.tensor([0, 1]), test, torch.tensor([0, 1]), ks=(2,))
+    assert res["k=2"]["per_class"] == [100.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_input(dtype: torch.dtype) -> None:
+    xtr, ytr, xte, yte = clustered(1000, 200, 32, 5, 1.5, seed=5)
+    xtr, xte = xtr.to(dtype), xte.to(dtype)
+    res = knn_classify(xtr, ytr, xte, yte, ks=(10, 20))
+    ref = knn_classify(xtr.float(), ytr, xte.float(), yte, ks=(10, 20))
+    assert res == ref  # normalized in float32 after the same up-cast
+
+
+def test_per_class_and_validation() -> None:
+    xtr, ytr, xte, yte = clustered(300, 60, 8, 3, 1.0, seed=6)
+    res = knn_classify(xtr, ytr, xte, yte, ks=(5,), num_classes=5)
+    per_class = res["k=5"]["per_class"]
+    assert len(per_class) == 5 and per_class[3] is None and per_class[4] is None
+    with pytest.raises(ValueError):
+        knn_classify(xtr, ytr, xte, yte, num_classes=2)
+    with pytest.raises(ValueError):
+        knn_classify(xtr, ytr, xte, torch.full_like(yte, -1))
+    with pytest.raises(ValueError):
+        knn_classify(xtr, ytr, xte, yte, engine="nope")
+
+
+class _Points(Dataset):
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(7)
+        self.images = torch.randn(n, 3, 4, 4, generator=g)
+        self.labels = torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor | int]:
+        return {"image": self.images[i], "label": self.labels[i], "index": i}
+
+
+class _TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(48, 6)
+        self.drop = nn.Dropout(0.5)  # must be off during extraction
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.proj(x.flatten(1)))
+
+
+def test_extract_features_order_by_index() -> None:
+    ds = _Points(37)
+    model = _TinyNet().train()
+    loader = DataLoader(ds, batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(0))
+    feats, labels = extract_features(model, loader, torch.device("cpu"))
+    assert model.training  # mode restored
+    assert feats.dtype == torch.float32 and feats.shape == (37, 6)
+    with torch.no_grad():
+        expected = model.proj(ds.images.flatten(1))
+    torch.testing.assert_close(feats, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(labels, ds.labels)
+
+    bf16, _ = extract_features(model, loader, torch.device("cpu"), amp_dtype=torch.bfloat16)
+    torch.testing.assert_close(bf16, expected, rtol=0.05, atol=0.05)
+
+    dropped = DataLoader(ds, batch_size=5, shuffle=True, drop_last=True)
+    with pytest.raises(ValueError, match="exactly once"):
+        extract_features(model, dropped, torch.device("cpu"))
+
+
+def test_run_knn_and_write_results(tmp_path) -> None:
+    ds = _Points(30)
+    loader = DataLoader(ds, batch_size=8)
+    res = run_knn(_TinyNet(), loader, loader, ks=(5, 50), temperature=T, device=torch.device("cpu"), amp_dtype=None)
+    assert (res["n_train"], res["n_val"], res["dim"]) == (30, 30, 6)
+    assert res["k=5"]["top1"] == 100.0  # same set: every item finds itself (nothing excluded)
+    assert res["k=50"]["k"] == 30
+    out = tmp_path / "sub" / "knn.json"
+    write_results(res, out)
+    assert json.loads(out.read_text())["k=5"]["top1"] == 100.0
+    assert [p.name for p in out.parent.iterdir()] == ["knn.json"]
