@@ -1,0 +1,185 @@
+"""Images/s of the multi-crop pipeline: DINO's per-image PIL transforms vs our batched pipeline.
+
+Configurations:
+  (a) ViT-S default crops (2 x 224 + 10 x 96) on scikit-image photos (400-740 px wide);
+  (b) Fashion-MNIST demo-like crops (2 x 28 + 6 x 14) on real Fashion-MNIST images.
+
+Pipelines:
+  baseline  DINO's DataAugmentationDINO: a torchvision Compose of PIL transforms per view
+            (RandomResizedCrop, flip, ColorJitter p=0.8, grayscale, PIL GaussianBlur, solarize,
+            ToTensor, Normalize), then the views stacked;
+  ours      MultiCropTransform (per-sample geometry) + MultiCropCollate (batched photometry);
+  ours-geom the same with photometric=False (the floor when photometry runs on the GPU).
+
+Modes: "1 proc" = transform + collate in this process on decoded in-memory images, one torch
+thread; "loader w=1" = DataLoader with 1 worker reading the files from disk (decoding included).
+
+    python benchmarks/bench_data.py [--images-a 96] [--images-b 1024] [--batch 32]
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image, ImageFilter, ImageOps
+from torchvision import transforms as T
+
+from ssl_distill.config import CropsConfig
+from ssl_distill.data.fashion_mnist import DEFAULT_SOURCE, build_fashion_mnist_folders
+from ssl_distill.data.folder import FileList, ImageFolderDataset, load_rgb, scan_image_folder
+from ssl_distill.data.multicrop import MultiCropCollate, MultiCropTransform
+
+PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Baseline: DINO's per-image PIL pipeline (Caron et al. 2021, main_dino.py), written from the paper
+# ----------------------------------------------------------------------------------------------
+class _PILBlur:
+    def __init__(self, p: float, sigma: tuple[float, float]) -> None:
+        self.p, self.sigma = p, sigma
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if random.random() >= self.p:
+            return img
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+class _PILSolarize:
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return ImageOps.solarize(img) if random.random() < self.p else img
+
+
+class BaselineDINO:
+    """``(img, seed) -> list[Tensor]``: one torchvision Compose of PIL transforms per view."""
+
+    def __init__(self, c: CropsConfig) -> None:
+        flip_jitter_gray = [
+            T.RandomHorizontalFlip(p=c.flip_p),
+            T.RandomApply([T.ColorJitter(*c.jitter)], p=c.jitter_p),
+            T.RandomGrayscale(p=c.grayscale_p),
+        ]
+        norm = [T.ToTensor(), T.Normalize(c.mean, c.std)]
+        bicubic = T.InterpolationMode.BICUBIC
+
+        def view(size: int, scale: tuple[float, float], blur_p: float, sol_p: float) -> T.Compose:
+            extra = [_PILSolarize(sol_p)] if sol_p > 0 else []
+            return T.Compose([T.RandomResizedCrop(size, scale=scale, ratio=c.ratio, interpolation=bicubic),
+                              *flip_jitter_gray, _PILBlur(blur_p, c.blur_sigma), *extra, *norm])
+
+        self.views = [view(c.global_size, c.global_scale, c.blur_p[0], 0.0),
+                      view(c.global_size, c.global_scale, c.blur_p[1], c.solarize_p)]
+        self.views = self.views[: c.n_global]
+        self.views += [view(c.local_size, c.local_scale, c.blur_p[2], 0.0)] * c.n_local
+
+    def __call__(self, img: Image.Image, seed: int) -> list[torch.Tensor]:
+        return [v(img) for v in self.views]
+
+
+def baseline_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    n_views = len(samples[0]["image"])
+    return {"crops": [torch.stack([s["image"][v] for s in samples]) for v in range(n_views)],
+            "label": torch.tensor([s["label"] for s in samples]), "bad": sum(s["bad"] for s in samples)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements
+# ----------------------------------------------------------------------------------------------
+def rate_in_process(images: list[Image.Image], transform: Callable, collate: Callable, n: int, batch: int) -> float:
+    """Images/s of transform + collate on in-memory images (after one warm-up batch)."""
+    def run(count: int, offset: int) -> None:
+        for start in range(0, count, batch):
+            samples = [{"image": transform(images[(offset + i) % len(images)], offset + i), "label": 0, "index": i,
+                        "bad": 0, "seed": offset + i} for i in range(start, min(start + batch, count))]
+            collate(samples)
+
+    run(batch, 10**6)
+    t0 = time.perf_counter()
+    run(n, 0)
+    return n / (time.perf_counter() - t0)
+
+
+def rate_loader(files: FileList, transform: Callable, collate: Callable, n: int, batch: int) -> float:
+    """Images/s through a DataLoader with one worker (files decoded in the worker)."""
+    ds = ImageFolderDataset(files, transform)
+    items = [(i % len(files), i) for i in range(n + 2 * batch)]
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=items, collate_fn=collate, num_workers=1,
+                                         prefetch_factor=4, drop_last=True)
+    it = iter(loader)
+    next(it)  # worker start-up and first batch are not counted
+    next(it)
+    t0 = time.perf_counter()
+    count = sum(len(b["label"]) for b in it)
+    return count / (time.perf_counter() - t0)
+
+
+def bench(name: str, crops: CropsConfig, images: list[Image.Image], files: FileList, n: int, batch: int,
+          rows: list[tuple[str, str, str, float]]) -> None:
+    pipelines = {
+        "baseline": (BaselineDINO(crops), baseline_collate),
+        "ours": (MultiCropTransform(crops), MultiCropCollate(crops)),
+        "ours-geom": (MultiCropTransform(crops), MultiCropCollate(crops, photometric=False)),
+    }
+    for pname, (transform, collate) in pipelines.items():
+        rows.append((name, pname, "1 proc", rate_in_process(images, transform, collate, n, batch)))
+        print(f"  {name:8s} {pname:10s} 1 proc      {rows[-1][3]:8.1f} img/s", flush=True)
+    for pname in ("baseline", "ours"):
+        transform, collate = pipelines[pname]
+        rows.append((name, pname, "loader w=1", rate_loader(files, transform, collate, n, batch)))
+        print(f"  {name:8s} {pname:10s} loader w=1  {rows[-1][3]:8.1f} img/s", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images-a", type=int, default=96, help="images per measurement, ViT-S crops")
+    parser.add_argument("--images-b", type=int, default=1024, help="images per measurement, Fashion-MNIST crops")
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    random.seed(0)
+    torch.manual_seed(0)
+    rows: list[tuple[str, str, str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        photo_dir = Path(tmp) / "photos"
+        photo_dir.mkdir()
+        skimage_data = Path(__import__("skimage").__file__).parent / "data"
+        for name in PHOTOS:
+            shutil.copy(skimage_data / name, photo_dir / name)
+        photos = scan_image_folder(photo_dir, labeled=False)
+        images = [load_rgb(photos.abspath(i)) for i in range(len(photos))]
+        print(f"(a) ViT-S crops 2x224 + 10x96 on {len(images)} scikit-image photos "
+              f"({', '.join(f'{w}x{h}' for w, h in (im.size for im in images))}), batch {args.batch}")
+        bench("vits", CropsConfig(), images, photos, args.images_a, args.batch, rows)
+
+        fm_root = build_fashion_mnist_folders(Path(tmp) / "fmnist", DEFAULT_SOURCE, limit_per_class=100)
+        fm_files = scan_image_folder(fm_root / "train", labeled=True)
+        fm_images = [load_rgb(fm_files.abspath(i)) for i in range(len(fm_files))]
+        fm_crops = CropsConfig(global_size=28, local_size=14, n_local=6)
+        print(f"(b) Fashion-MNIST crops 2x28 + 6x14 on {len(fm_images)} training images, batch {args.batch * 4}")
+        bench("fmnist", fm_crops, fm_images, fm_files, args.images_b, args.batch * 4, rows)
+
+    rate = {(c, p, m): r for c, p, m, r in rows}
+    for c in ("vits", "fmnist"):
+        floor = 1e3 / rate[(c, "ours-geom", "1 proc")]
+        base_ms = 1e3 / rate[(c, "baseline", "1 proc")] - floor
+        ours_ms = 1e3 / rate[(c, "ours", "1 proc")] - floor
+        print(f"{c}: geometry (crop+resize+flip, ours-geom) {floor:.2f} ms/img, taken as equal in both; photometric ops "
+              f"baseline {base_ms:.2f} vs ours {ours_ms:.2f} ms/img ({base_ms / ours_ms:.1f}x)")
+    print("\n| crops  | pipeline  | mode       | images/s | vs baseline |")
+    print("|--------|-----------|------------|---------:|------------:|")
+    base = {(c, m): r for c, p, m, r in rows if p == "baseline"}
+    for c, p, m, r in rows:
+        print(f"| {c:6s} | {p:9s} | {m:10s} | {r:8.1f} | {r / base[(c, m)]:10.1f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Data: image folders, robust loading, DINO multi-crop views, the epoch sampler.
+
+Fashion-MNIST helpers live in :mod:`ssl_distill.data.fashion_mnist` (not imported here so that
+``python -m ssl_distill.data.fashion_mnist`` runs cleanly).
+"""
+from ssl_distill.data.folder import (
+    IMAGE_EXTENSIONS,
+    BadImageCounter,
+    BadImageWarning,
+    DataError,
+    FileList,
+    ImageFolderDataset,
+    load_rgb,
+    scan_image_folder,
+)
+from ssl_distill.data.multicrop import (
+    EpochSampler,
+    EvalTransform,
+    MultiCropCollate,
+    MultiCropTransform,
+    PhotometricAugment,
+    collate_eval,
+)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "BadImageCounter",
+    "BadImageWarning",
+    "DataError",
+    "EpochSampler",
+    "EvalTransform",
+    "FileList",
+    "ImageFolderDataset",
+    "MultiCropCollate",
+    "MultiCropTransform",
+    "PhotometricAugment",
+    "collate_eval",
+    "load_rgb",
+    "scan_image_folder",
+]

@@ -1,0 +1,343 @@
+"""Image folders (labeled or not), robust RGB loading, and a dataset that survives corrupt files.
+
+Layouts
+-------
+- labeled:   ``root/<class>/**/<image>``; class index = position of the class folder name in the
+  sorted list of first-level folders (like torchvision's ``ImageFolder``).
+- unlabeled: every image anywhere below ``root``; labels are ``-1``.
+
+Hidden files and folders (names starting with ``.``, e.g. macOS ``._x.jpg`` resource forks) are
+skipped. Symlinked folders are followed.
+
+Corrupt files
+-------------
+``ImageFolderDataset`` never silently loads truncated images: an unreadable file is reported with
+a :class:`BadImageWarning` naming it, the next readable file is used instead and the sample's
+``"bad"`` field counts the files skipped. :class:`BadImageCounter` turns a high rate of such
+substitutions into a :class:`DataError`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch.utils.data
+from PIL import Image
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+_CACHE_VERSION = 1
+# Consecutive unreadable files tolerated while looking for a substitute before giving up.
+MAX_CONSECUTIVE_BAD = 50
+# Errors that mean "this file is not a readable image" (as opposed to a bug in our code).
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # includes PIL.UnidentifiedImageError and "image file is truncated"
+    SyntaxError,  # PIL raises it for some broken PNG/GIF headers
+    ValueError,
+    EOFError,
+    struct.error,
+    zlib.error,
+    Image.DecompressionBombError,
+)
+
+
+class DataError(ValueError):
+    """A problem with the data on disk (missing folder, no images, too many corrupt files...)."""
+
+
+class BadImageWarning(UserWarning):
+    """An image file could not be decoded and another file was substituted."""
+
+
+def _extensions_text() -> str:
+    return ", ".join(IMAGE_EXTENSIONS) + " (case-insensitive)"
+
+
+def is_image_file(name: str) -> bool:
+    """True for a non-hidden file name ending with one of :data:`IMAGE_EXTENSIONS` (any case)."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+@dataclass
+class FileList:
+    """The images of one folder.
+
+    Attributes:
+        root: absolute folder the paths are relative to.
+        paths: image paths relative to ``root``, posix separators, sorted.
+        labels: class index per path (same length), ``-1`` when unlabeled.
+        classes: class names (index -> name); empty when unlabeled.
+    """
+
+    root: Path
+    paths: list[str]
+    labels: list[int]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def abspath(self, i: int) -> Path:
+        """Absolute path of image ``i``."""
+        return self.root / self.paths[i]
+
+    def to_json(self, labeled: bool) -> dict[str, Any]:
+        return {
+            "version": _CACHE_VERSION,
+            "root": str(self.root),
+            "labeled": labeled,
+            "paths": self.paths,
+            "labels": self.labels,
+            "classes": self.classes,
+        }
+
+
+def _walk_images(folder: Path, relative_to: Path) -> list[str]:
+    """Relative posix paths of all images below ``folder`` (any depth, hidden entries skipped)."""
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        base = Path(dirpath)
+        for name in filenames:
+            if is_image_file(name):
+                found.append((base / name).relative_to(relative_to).as_posix())
+    return found
+
+
+def _scan(root: Path, labeled: bool) -> FileList:
+    if not root.exists():
+        raise DataError(f"Image folder {root} does not exist (expected images with extensions {_extensions_text()}).")
+    if not root.is_dir():
+        raise DataError(f"Image folder {root} is not a directory (expected images with extensions {_extensions_text()}).")
+    if not labeled:
+        paths = sorted(_walk_images(root, root))
+        if not paths:
+            raise DataError(f"No images found under {root} (searched all subfolders; accepted extensions: {_extensions_text()}).")
+        return FileList(root=root, paths=paths, labels=[-1] * len(paths), classes=[])
+
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    loose = [e.name for e in os.scandir(root) if e.is_file() and is_image_file(e.name)]
+    pairs: list[tuple[str, int]] = []
+    empty: list[str] = []
+    for index, name in enumerate(classes):
+        found = _walk_images(root / name, root)
+        if not found:
+            empty.append(name)
+        pairs.extend((p, index) for p in found)
+    if not pairs:
+        if loose:
+            detail = (f"found {len(loose)} images directly in it but no class subfolders; arrange them as "
+                      f"{root}/<class>/<image> or scan it as unlabeled")
+        elif classes:
+            detail = f"its {len(classes)} class subfolders contain no images"
+        else:
+            detail = "it has no class subfolders and no images"
+        raise DataError(f"No labeled images found under {root}: {detail} (accepted extensions: {_extensions_text()}).")
+    if loose:
+        warnings.warn(f"{len(loose)} images directly in labeled folder {root} are ignored (not in a class subfolder).",
+                      stacklevel=3)
+    if empty:
+        warnings.warn(f"Class folders without images under {root} (kept as classes so indices stay stable): "
+                      f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}", stacklevel=3)
+    pairs.sort()
+    return FileList(root=root, paths=[p for p, _ in pairs], labels=[lab for _, lab in pairs], classes=classes)
+
+
+def _read_cache(cache_file: Path, root: Path, labeled: bool) -> FileList | None:
+    try:
+        data = json.loads(cache_file.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        warnings.warn(f"Ignoring unreadable file-list cache {cache_file}: {err}", stacklevel=3)
+        return None
+    if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION:
+        return None
+    if data.get("root") != str(root) or data.get("labeled") != labeled:
+        return None
+    paths, labels, classes = data.get("paths"), data.get("labels"), data.get("classes")
+    if not (isinstance(paths, list) and isinstance(labels, list) and isinstance(classes, list)) or len(paths) != len(labels):
+        return None
+    return FileList(root=root, paths=paths, labels=labels, classes=classes)
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def scan_image_folder(root: str | os.PathLike[str], labeled: bool, cache_file: Path | None = None) -> FileList:
+    """List the images of a folder (see module docstring for the layouts).
+
+    Args:
+        root: the folder.
+        labeled: class subfolders (True) or any images at any depth (False).
+        cache_file: optional JSON file: re-used when it was written for the same absolute root and
+            mode, otherwise (re)written atomically after the scan.
+
+    Raises:
+        DataError: missing folder, not a directory, or no images (message names the absolute path
+            and the accepted extensions).
+    """
+    root_abs = Path(root).expanduser().resolve()
+    if cache_file is not None:
+        cached = _read_cache(Path(cache_file), root_abs, labeled)
+        if cached is not None and root_abs.is_dir():
+            return cached
+    files = _scan(root_abs, labeled)
+    if cache_file is not None:
+        _write_json_atomic(Path(cache_file), files.to_json(labeled))
+    return files
+
+
+def _to_uint8_gray(img: Image.Image) -> Image.Image:
+    """High-bit-depth / float single-channel modes (I;16*, I, F) -> 8-bit L.
+
+    16-bit ranges are scaled (65535 -> 255); other integer or float data is scaled by its own
+    min/max unless it already lies in [0, 255] (integers) or [0, 1] (floats).
+    """
+    arr = np.asarray(img).astype(np.float64)
+    if img.mode.startswith("I;16"):
+        arr = arr / 257.0
+    elif img.mode == "F" and arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
+        arr = arr * 255.0
+    elif arr.size and (arr.min() < 0.0 or arr.max() > 255.0):
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB.
+
+    Transparent images (RGBA, LA, La, RGBa, PA, P or L/RGB with a ``transparency`` entry) are
+    composited onto a WHITE background (torchvision's plain ``convert("RGB")`` would expose
+    whatever colour the transparent pixels happen to store, often black). 16-bit and float
+    grayscale is rescaled to 8 bits (see :func:`_to_uint8_gray`). CMYK, YCbCr, 1, L, P... use PIL's
+    own conversion.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        return _to_uint8_gray(img).convert("RGB")
+    has_alpha = img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
+    """Open, fully decode and convert an image to RGB (see :func:`to_rgb` for the conversions).
+
+    Truncated files raise (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left untouched). Multi-frame
+    files give their first frame. EXIF orientation is not applied (as in torchvision/DINO).
+
+    Raises:
+        OSError, SyntaxError, ValueError...: whatever PIL raises for an unreadable file.
+    """
+    with Image.open(path) as img:
+        img.load()
+        rgb = to_rgb(img)
+        if rgb is img:
+            rgb = img.copy()
+    return rgb
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Images of a :class:`FileList`, with per-sample seeds and corrupt-file substitution.
+
+    ``dataset[item]`` with ``item`` an ``int`` index or an ``(index, seed)`` tuple (as yielded by
+    :class:`ssl_distill.data.multicrop.EpochSampler`; a bare int uses ``seed = index``) returns::
+
+        {"image": transform(img, seed) (or the PIL image when transform is None),
+         "label": int   # label of the file actually returned (a substitute's label if substituted)
+         "index": int   # the requested index
+         "bad":   int   # unreadable files skipped for this sample (0 normally)
+         "seed":  int}  # the seed given to the transform (the batched collate needs it)
+    """
+
+    def __init__(self, files: FileList, transform: Callable[[Image.Image, int], Any] | None) -> None:
+        if len(files) == 0:
+            raise DataError(f"Empty file list for {files.root}.")
+        self.files = files
+        self.transform = transform
+
+    @property
+    def classes(self) -> list[str]:
+        return self.files.classes
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _load_with_fallback(self, index: int) -> tuple[Image.Image, int, int]:
+        """(image, index of the file used, number of unreadable files skipped)."""
+        n = len(self.files)
+        attempts = min(n, MAX_CONSECUTIVE_BAD)
+        for bad in range(attempts):
+            current = (index + bad) % n
+            path = self.files.abspath(current)
+            try:
+                return load_rgb(path), current, bad
+            except _DECODE_ERRORS as err:
+                warnings.warn(f"Unreadable image {path}: {type(err).__name__}: {err}; "
+                              f"substituting the next file (index {(current + 1) % n}).", BadImageWarning, stacklevel=2)
+        raise DataError(f"{attempts} consecutive unreadable images starting at {self.files.abspath(index)} "
+                        f"(folder {self.files.root}); the data looks broken.")
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        if isinstance(item, tuple):
+            index, seed = int(item[0]), int(item[1])
+        else:
+            index = int(item)
+            seed = index
+        if not 0 <= index < len(self.files):
+            raise IndexError(f"index {index} out of range for {len(self.files)} images")
+        img, used, bad = self._load_with_fallback(index)
+        image = self.transform(img, seed) if self.transform is not None else img
+        return {"image": image, "label": int(self.files.labels[used]), "index": index, "bad": bad, "seed": seed}
+
+
+class BadImageCounter:
+    """Counts substituted (unreadable) images and fails when there are too many.
+
+    Call :meth:`update` with each batch's ``bad`` sum and batch size; it raises once at least
+    ``min_seen`` samples were seen and ``bad / seen > max_bad_fraction``. :meth:`finalize` applies
+    the same check whatever the count (end of an epoch or of an evaluation pass).
+    """
+
+    def __init__(self, max_bad_fraction: float = 0.01, min_seen: int = 100) -> None:
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        self.max_bad_fraction = max_bad_fraction
+        self.min_seen = min_seen
+        self.bad = 0
+        self.seen = 0
+
+    @property
+    def fraction(self) -> float:
+        return self.bad / self.seen if self.seen else 0.0
+
+    def _check(self) -> None:
+        if self.seen and self.fraction > self.max_bad_fraction:
+            raise DataError(f"{self.bad} of {self.seen} images were unreadable and substituted "
+                            f"({self.fraction:.2%} > threshold {self.max_bad_fraction:.2%}); "
+                            "see the BadImageWarning messages for the files.")
+
+    def update(self, n_bad: int, n_seen: int) -> None:
+        self.bad += int(n_bad)
+        self.seen += int(n_seen)
+        if self.seen >= self.min_seen:
+            self._check()
+
+    def finalize(self) -> None:
+        self._check()

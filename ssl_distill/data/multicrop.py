@@ -1,0 +1,673 @@
+"""DINO multi-crop views (Caron et al. 2021, ``DataAugmentationDINO`` in main_dino.py), fast on few CPUs.
+
+Per view DINO applies: RandomResizedCrop(size, scale, ratio, bicubic) -> horizontal flip (p=0.5)
+-> ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8 (the four ops in a random order) -> RandomGrayscale
+(p=0.2) -> GaussianBlur (p = 1.0 first global, 0.1 second global, 0.5 locals; sigma ~ U(0.1, 2))
+-> Solarize (threshold 0.5, p=0.2, second global view only) -> ToTensor -> Normalize.
+
+The work is split in two so that the expensive photometric part runs batched:
+
+1. :class:`MultiCropTransform` ``(img, seed) -> list[uint8 Tensor (3, s, s)]`` does the geometry per
+   sample: crop box + flip, then one PIL ``resize(box=...)`` call per view.
+2. :class:`MultiCropCollate` stacks each view to ``uint8 (B, 3, s, s)`` and calls
+   :class:`PhotometricAugment`, which applies jitter, grayscale, blur, solarize and normalization on
+   float tensors with per-sample parameters.
+
+Randomness: every random number is a pure function of ``(sample seed, stream, view, counter)``
+(:func:`counter_uniforms`, a SplitMix64-style counter-based generator). A sample's views therefore
+depend only on its image and seed: not on the batch it lands in, the number of workers, or the
+process. Seeds come from :class:`EpochSampler` through ``ImageFolderDataset`` (the ``"seed"`` key).
+
+Where we differ from DINO's PIL pipeline (intentionally, all small): photometric ops run on float
+images without re-quantizing to uint8 between ops; contrast uses the exact (unrounded) mean luma;
+the blur is a true separable Gaussian truncated at ``ceil(3 sigma)`` (PIL approximates it with
+three box blurs); PIL's ``resize(box=...)`` may use pixels just outside the crop box as filter
+support, where crop-then-resize replicates the crop's edge.
+
+Configurations with more than two global views: globals after the second use ``blur_p[1]`` and are
+never solarized.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ssl_distill.config import CropsConfig
+
+_MASK64 = (1 << 64) - 1
+_MASK63 = (1 << 63) - 1
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_STREAM_GEOMETRY = 1
+_STREAM_PHOTOMETRIC = 2
+_STREAM_SAMPLER = 3
+_CROP_TRIES = 10  # torchvision RandomResizedCrop.get_params
+_GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # PIL's convert("L") (ITU-R 601-2 luma)
+_SOLARIZE_THRESHOLD = 0.5  # 128 on uint8
+
+
+# --------------------------------------------------------------------------------------------
+# Counter-based randomness
+# --------------------------------------------------------------------------------------------
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64 finalizer on a uint64 array (wrapping arithmetic)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _as_uint64(values: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    return np.array([int(v) & _MASK64 for v in np.asarray(values).reshape(-1).tolist()], dtype=np.uint64)
+
+
+def counter_uniforms(seeds: Sequence[int] | np.ndarray | torch.Tensor, stream: int, view: int | Sequence[int],
+                     n: int) -> np.ndarray:
+    """Uniform numbers in [0, 1) that depend only on ``(seed, stream, view, k)``.
+
+    Args:
+        seeds: B integer seeds.
+        stream: which consumer (geometry, photometric, sampler) so streams never overlap.
+        view: view index (or any second key), or a sequence of V of them.
+        n: numbers per (seed, view).
+
+    Returns:
+        float64 array (B, n), or (B, V, n) when ``view`` is a sequence.
+    """
+    s = _as_uint64(seeds)
+    views = np.atleast_1d(np.asarray(view, dtype=np.int64)).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        salt = _mix64((np.uint64(stream & 0xFFFFFFFF) << np.uint64(32)) | (views & np.uint64(0xFFFFFFFF)))  # (V,)
+        key = _mix64(s[:, None] ^ salt[None, :])  # (B, V)
+        counters = np.arange(1, n + 1, dtype=np.uint64) * _GOLDEN
+        bits = _mix64(key[:, :, None] + counters)  # (B, V, n)
+    u = (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    return u[:, 0] if np.ndim(view) == 0 else u
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Deterministic per-sample seed in [0, 2**63) from (run seed, epoch, dataset index)."""
+    with np.errstate(over="ignore"):
+        z = _mix64(_as_uint64([seed]) + _GOLDEN * np.uint64(_STREAM_SAMPLER))
+        z = _mix64(z ^ _as_uint64([epoch]))
+        z = _mix64(z + _GOLDEN * _as_uint64([index]))
+    return int(z[0]) & _MASK63
+
+
+def _sample_seeds(seed: int, epoch: int, indices: torch.Tensor) -> list[int]:
+    """Vectorized :func:`sample_seed` for many indices."""
+    with np.errstate(over="ignore"):
+        z = _mix64(_as_uint64([seed]) + _GOLDEN * np.uint64(_STREAM_SAMPLER))
+        z = _mix64(z ^ _as_uint64([epoch]))
+        z = _mix64(z + _GOLDEN * indices.numpy().astype(np.uint64))
+    return (z & np.uint64(_MASK63)).astype(np.int64).tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# Views and validation
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ViewSpec:
+    """One view: output size, crop scale range, blur and solarize probabilities."""
+
+    size: int
+    scale: tuple[float, float]
+    blur_p: float
+    solarize_p: float
+
+
+def _check_prob(name: str, p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"crops.{name} must be a probability in [0, 1], got {p}")
+
+
+def view_specs(crops: CropsConfig) -> list[ViewSpec]:
+    """The views of a config, globals first: ``n_global`` x global then ``n_local`` x local."""
+    if crops.n_global < 1:
+        raise ValueError(f"crops.n_global must be >= 1, got {crops.n_global}")
+    if crops.n_local < 0:
+        raise ValueError(f"crops.n_local must be >= 0, got {crops.n_local}")
+    for name in ("global_size", "local_size"):
+        if int(getattr(crops, name)) < 1:
+            raise ValueError(f"crops.{name} must be >= 1, got {getattr(crops, name)}")
+    for name in ("global_scale", "local_scale"):
+        lo, hi = getattr(crops, name)
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"crops.{name} must satisfy 0 < lo <= hi <= 1, got {(lo, hi)}")
+    if not 0.0 < crops.ratio[0] <= crops.ratio[1]:
+        raise ValueError(f"crops.ratio must satisfy 0 < lo <= hi, got {tuple(crops.ratio)}")
+    for name in ("flip_p", "jitter_p", "grayscale_p", "solarize_p"):
+        _check_prob(name, getattr(crops, name))
+    for i, p in enumerate(crops.blur_p):
+        _check_prob(f"blur_p[{i}]", p)
+    if len(crops.blur_p) != 3:
+        raise ValueError(f"crops.blur_p needs 3 entries (global 1, global 2, local), got {crops.blur_p}")
+    if not 0.0 < crops.blur_sigma[0] <= crops.blur_sigma[1]:
+        raise ValueError(f"crops.blur_sigma must satisfy 0 < lo <= hi, got {tuple(crops.blur_sigma)}")
+    if any(j < 0 for j in crops.jitter) or crops.jitter[3] > 0.5:
+        raise ValueError(f"crops.jitter must be >= 0 with hue <= 0.5, got {tuple(crops.jitter)}")
+    if any(s <= 0 for s in crops.std):
+        raise ValueError(f"crops.std must be > 0, got {tuple(crops.std)}")
+    specs = [
+        ViewSpec(int(crops.global_size), tuple(crops.global_scale), crops.blur_p[0] if g == 0 else crops.blur_p[1],
+                 crops.solarize_p if g == 1 else 0.0)
+        for g in range(crops.n_global)
+    ]
+    specs += [ViewSpec(int(crops.local_size), tuple(crops.local_scale), crops.blur_p[2], 0.0)] * crops.n_local
+    return specs
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry (per sample)
+# --------------------------------------------------------------------------------------------
+def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
+                            u: np.ndarray) -> tuple[int, int, int, int]:
+    """torchvision's ``RandomResizedCrop.get_params`` driven by given uniforms.
+
+    Args:
+        width, height: image size.
+        scale: range of the crop area as a fraction of the image area.
+        ratio: range of the crop aspect ratio (width / height), sampled log-uniformly.
+        u: at least ``4 * 10`` uniforms in [0, 1) (area, log-ratio, top, left per try).
+
+    Returns:
+        (top, left, crop_height, crop_width); after 10 failed tries, a central crop with the ratio
+        clamped to ``ratio`` (torchvision's fallback).
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for t in range(_CROP_TRIES):
+        target_area = area * (scale[0] + u[4 * t] * (scale[1] - scale[0]))
+        aspect = math.exp(log_lo + u[4 * t + 1] * (log_hi - log_lo))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = min(int(u[4 * t + 2] * (height - h + 1)), height - h)
+            left = min(int(u[4 * t + 3] * (width - w + 1)), width - w)
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _pil_to_uint8_chw(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor (3, H, W) (a permuted view of an HWC copy)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+
+
+class MultiCropTransform:
+    """Per-sample geometry of the multi-crop views: ``(img, seed) -> list[uint8 Tensor (3, s, s)]``.
+
+    For each view: a RandomResizedCrop box (torchvision's algorithm) and a flip decision drawn from
+    :func:`counter_uniforms` of ``(seed, view)``, then crop + bicubic resize in one PIL call, then
+    flip. Globals first. Deterministic for a given (image, seed); photometric ops are left to
+    :class:`MultiCropCollate`.
+    """
+
+    def __init__(self, crops: CropsConfig) -> None:
+        self.crops = crops
+        self.views = view_specs(crops)
+
+    def __call__(self, img: Image.Image, seed: int) -> list[torch.Tensor]:
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        width, height = img.size
+        out: list[torch.Tensor] = []
+        ratio = (float(self.crops.ratio[0]), float(self.crops.ratio[1]))
+        uniforms = counter_uniforms([seed], _STREAM_GEOMETRY, range(len(self.views)), 4 * _CROP_TRIES + 1)[0]
+        for v, (spec, u) in enumerate(zip(self.views, uniforms)):
+            top, left, h, w = random_resized_crop_box(width, height, spec.scale, ratio, u)
+            view = img.resize((spec.size, spec.size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+            if u[4 * _CROP_TRIES] < self.crops.flip_p:
+                view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            out.append(_pil_to_uint8_chw(view))
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Photometric ops (batched, per-sample parameters, in place on float (B, 3, H, W) in [0, 1])
+# --------------------------------------------------------------------------------------------
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 1, H, W) luma with PIL's weights."""
+    wr, wg, wb = _GRAY_WEIGHTS
+    return (x[:, 0:1] * wr).add_(x[:, 1:2], alpha=wg).add_(x[:, 2:3], alpha=wb)
+
+
+def _bcast(v: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, 1, 1, 1)
+
+
+def adjust_brightness_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with black: ``clamp(f * x)``. x: (B, 3, H, W) in [0, 1], factor: (B,) >= 0."""
+    return x.mul_(_bcast(factor)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with the image's mean luma: ``clamp(m + f (x - m))``. x: (B, 3, H, W), factor: (B,)."""
+    mean = x.mean(dim=(2, 3)).mul_(x.new_tensor(_GRAY_WEIGHTS)).sum(dim=1)  # (B,)
+    return x.mul_(_bcast(factor)).add_(_bcast(mean * (1.0 - factor))).clamp_(0.0, 1.0)
+
+
+def adjust_saturation_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with the grayscale image: ``clamp(g + f (x - g))``. x: (B, 3, H, W), factor: (B,)."""
+    return x.lerp_(_luma(x).expand_as(x), _bcast(1.0 - factor)).clamp_(0.0, 1.0)
+
+
+def adjust_hue_(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue by ``shift`` turns (|shift| <= 0.5), keeping HSV value and saturation.
+
+    With ``M = max(r, g, b)``, chroma ``C = M - min(r, g, b)`` and hue ``h`` in sixths of a turn,
+    channel ``c`` (hue centre ``2c``: R 0, G 2, B 4) equals ``M - C * clamp(d - 1, 0, 1)`` where
+    ``d`` is the circular distance (period 6) from ``h`` to its centre. So only ``h`` is computed,
+    shifted and mapped back; no full RGB -> HSV -> RGB round trip. Matches torchvision's
+    ``adjust_hue`` on float tensors to ~1e-6.
+
+    x: (B, 3, H, W) in [0, 1], modified in place; shift: (B,).
+    """
+    r, g, b = x.unbind(1)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
+    inv = chroma.clamp_min(1e-12).reciprocal_()  # gray pixels: numerator is 0, hue 0
+    num = torch.where(r == maxc, g - b,
+                      torch.where(g == maxc, (b - r).add_(chroma, alpha=2.0), (r - g).add_(chroma, alpha=4.0)))
+    hue = num.mul_(inv).add_(shift.view(-1, 1, 1) * 6.0)  # in [-4, 8] for |shift| <= 0.5
+    for c, centre in enumerate((0.0, 2.0, 4.0)):
+        a = (hue - centre).abs_() if centre else hue.abs()
+        d = torch.minimum(a, torch.sub(6.0, a).abs_())  # circular distance, valid for a <= 9
+        x[:, c] = torch.addcmul(maxc, chroma, d.sub_(1.0).clamp_(0.0, 1.0), value=-1.0)
+    return x
+
+
+def gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Per-sample 1-D Gaussian weights on ``[-radius, radius]``.
+
+    Sample b gets ``exp(-t^2 / 2 sigma_b^2)`` for ``|t| <= ceil(3 sigma_b)`` and 0 beyond,
+    normalized to sum 1 (PIL's ``GaussianBlur(radius=sigma)`` also reaches about 3 sigma).
+
+    Args:
+        sigma: (B,) standard deviations in pixels.
+        radius: half-width of the common support, >= ``ceil(3 * sigma.max())``.
+
+    Returns:
+        float32 (B, 2 * radius + 1).
+    """
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    sig = sigma.detach().to("cpu", torch.float64).view(-1, 1)
+    kernel = torch.exp(-(t**2) / (2.0 * sig**2)) * (t.abs() <= torch.ceil(3.0 * sig))
+    return (kernel / kernel.sum(dim=1, keepdim=True)).to(torch.float32)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Separable Gaussian blur with a per-sample sigma, edges replicated (like PIL).
+
+    Implemented as symmetric shifted multiply-adds (no convolution primitives, whose CPU set-up
+    cost depends on the batch shape); each sample's result is exactly independent of the others.
+
+    Args:
+        x: (B, C, H, W) float.
+        sigma: (B,) standard deviations in pixels, kernels from :func:`gaussian_kernels`.
+        radius: common support half-width, >= ``ceil(3 * sigma.max())``.
+
+    Returns:
+        (B, C, H, W) blurred (a new tensor).
+    """
+    _, _, height, width = x.shape
+    kernel = gaussian_kernels(sigma, radius).to(x.device)
+    reach = int((kernel[:, radius + 1 :] > 0).sum(dim=1).max()) if radius else 0  # taps in use
+    if reach == 0:
+        return x.clone()
+    r = reach
+    w = [kernel[:, radius + i].view(-1, 1, 1, 1).to(x.dtype) for i in range(r + 1)]
+    padded = F.pad(x, (r, r, r, r), mode="replicate")  # (B, C, H + 2r, W + 2r)
+    rows = padded[..., r : r + width] * w[0]  # horizontal pass over all padded rows
+    for i in range(1, r + 1):
+        rows.addcmul_(padded[..., r - i : r - i + width] + padded[..., r + i : r + i + width], w[i])
+    out = rows[:, :, r : r + height] * w[0]
+    for i in range(1, r + 1):
+        out.addcmul_(rows[:, :, r - i : r - i + height] + rows[:, :, r + i : r + i + height], w[i])
+    return out
+
+
+def solarize_(x: torch.Tensor) -> torch.Tensor:
+    """Invert values >= 0.5 in place: ``x if x < 0.5 else 1 - x`` == ``0.5 - |x - 0.5|``."""
+    return x.sub_(_SOLARIZE_THRESHOLD).abs_().neg_().add_(_SOLARIZE_THRESHOLD)
+
+
+def _runs(values: np.ndarray) -> list[tuple[int, int, int]]:
+    """Maximal runs of equal consecutive values: [(start, end, value)]."""
+    if len(values) == 0:
+        return []
+    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+    ends = np.r_[starts[1:], len(values)]
+    return [(int(s), int(e), int(values[s])) for s, e in zip(starts, ends)]
+
+
+@dataclass
+class _ViewParams:
+    """Per-sample photometric parameters of one view (numpy, length B)."""
+
+    jitter: np.ndarray  # bool
+    factors: np.ndarray  # (B, 4) brightness, contrast, saturation factors, hue shift (turns)
+    order: np.ndarray  # (B, 4) op indices (0 b, 1 c, 2 s, 3 h) in application order
+    gray: np.ndarray  # bool
+    blur: np.ndarray  # bool
+    sigma: np.ndarray  # float
+    solarize: np.ndarray  # bool
+
+    def take(self, rows: np.ndarray | slice) -> "_ViewParams":
+        return _ViewParams(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
+
+    def blur_reach(self) -> np.ndarray:
+        """Kernel half-width ``ceil(3 sigma)`` of blurred samples, 0 for the others (int64)."""
+        return np.where(self.blur, np.ceil(3.0 * self.sigma), 0).astype(np.int64)
+
+    def jitter_key(self) -> np.ndarray:
+        """Op order as an int in [0, 256) for jittered samples, 256 for the others."""
+        return np.where(self.jitter, self.order @ np.array([64, 16, 4, 1]), 256)
+
+
+def _new_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An empty batch tensor; in a DataLoader worker it is allocated in shared memory directly
+    (as ``default_collate`` does), which saves the copy made when the batch is sent to the main
+    process."""
+    if device.type == "cpu" and torch.utils.data.get_worker_info() is not None:
+        try:
+            storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape), device="cpu")
+            return torch.empty(0, dtype=dtype).new(storage).resize_(*shape)
+        except (AttributeError, RuntimeError):  # private API changed: fall back to a plain tensor
+            pass
+    return torch.empty(tuple(shape), dtype=dtype, device=device)
+
+
+_JITTER_OPS = (adjust_brightness_, adjust_contrast_, adjust_saturation_, adjust_hue_)
+
+
+class PhotometricAugment:
+    """DINO's photometric ops + normalization on stacked views, with per-sample parameters.
+
+    ``__call__(views, seeds)``: ``views`` is a list (globals first) of uint8 tensors (B, 3, s, s)
+    on any device, ``seeds`` B sample seeds; returns float32 normalized tensors of the same shapes
+    on the same device. Parameters for sample b of view v come from ``counter_uniforms(seeds[b],
+    photometric stream, v)``, and every op is applied per sample, so a sample's output depends
+    only on its crops and seed (not on the rest of the batch).
+
+    How it is batched: the samples of a view are reordered so that blurred samples come first
+    (sorted by kernel size) and samples sharing a jitter op order are adjacent, then processed in chunks of about
+    ``chunk_elements`` values (cache-sized on CPU; the whole batch on GPU), each op running in place
+    on contiguous slices of the chunk (or, when the slices would hold fewer than
+    ``group_elements`` values, once per op position on the gathered samples). Results are written
+    back in the original order. Every path applies the same arithmetic to each sample, so outputs
+    are bit-identical whatever the batch, chunking or path.
+
+    This is what :class:`MultiCropCollate` runs in the data workers; an engine may instead build the
+    collate with ``photometric=False`` and call this on the GPU.
+    """
+
+    _N_UNIFORMS = 13
+
+    def __init__(self, crops: CropsConfig, chunk_elements: int = 1 << 20, group_elements: int = 1 << 16) -> None:
+        self.crops = crops
+        self.views = view_specs(crops)
+        self.blur_radius = int(math.ceil(3.0 * float(crops.blur_sigma[1])))
+        self.chunk_elements = int(chunk_elements)
+        self.group_elements = int(group_elements)
+        self.active_jitter = [i for i in range(4) if crops.jitter[i] > 0]  # torchvision skips zero-strength ops
+        self.mean = torch.tensor(crops.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(crops.std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def params(self, seeds: Sequence[int] | torch.Tensor, view: int) -> _ViewParams:
+        """Draw the per-sample parameters of view ``view`` for the given seeds."""
+        c, spec = self.crops, self.views[view]
+        u = counter_uniforms(seeds, _STREAM_PHOTOMETRIC, view, self._N_UNIFORMS)
+        factors = np.empty((u.shape[0], 4))
+        for i in range(3):
+            lo, hi = max(0.0, 1.0 - c.jitter[i]), 1.0 + c.jitter[i]
+            factors[:, i] = lo + u[:, 1 + i] * (hi - lo)
+        factors[:, 3] = c.jitter[3] * (2.0 * u[:, 4] - 1.0)
+        return _ViewParams(
+            jitter=u[:, 0] < c.jitter_p,
+            factors=factors,
+            order=np.argsort(u[:, 5:9], axis=1, kind="stable"),
+            gray=u[:, 9] < c.grayscale_p,
+            blur=u[:, 10] < spec.blur_p,
+            sigma=c.blur_sigma[0] + u[:, 11] * (c.blur_sigma[1] - c.blur_sigma[0]),
+            solarize=u[:, 12] < spec.solarize_p,
+        )
+
+    @staticmethod
+    def _on_rows(x: torch.Tensor, rows: np.ndarray, fn: Callable[[torch.Tensor, np.ndarray], None]) -> None:
+        """Run the in-place ``fn(x[rows], rows)``: on a slice when the rows are contiguous, else on a
+        gathered copy that is scattered back (both are exact, so results never depend on which)."""
+        if len(rows) == 0:
+            return
+        if rows[-1] - rows[0] + 1 == len(rows):
+            fn(x[int(rows[0]) : int(rows[-1]) + 1], rows)
+            return
+        idx = torch.as_tensor(rows).to(x.device)
+        xs = x.index_select(0, idx)
+        fn(xs, rows)
+        x.index_copy_(0, idx, xs)
+
+    def _jitter_(self, x: torch.Tensor, p: _ViewParams) -> None:
+        """Color jitter in place, each sample with its own factors and op order.
+
+        Samples arrive sorted by op order. Large images: one call per op on each run of samples
+        sharing an order. Small images (many tiny runs): one call per (position, op) on the samples
+        having that op at that position, to keep the number of calls at 16.
+        """
+        if not self.active_jitter or not p.jitter.any():
+            return
+        factors = torch.as_tensor(p.factors, dtype=torch.float32).to(x.device)
+        runs = [(s, e) for s, e, k in _runs(p.jitter_key()) if k != 256]
+        per_run = int(p.jitter.sum()) * x[0].numel() / len(runs)
+        if len(runs) <= 4 or per_run >= self.group_elements:
+            for s, e in runs:
+                for op in p.order[s].tolist():
+                    if op in self.active_jitter:
+                        _JITTER_OPS[op](x[s:e], factors[s:e, op])
+            return
+        for position in range(4):
+            for op in self.active_jitter:
+                rows = np.flatnonzero(p.jitter & (p.order[:, position] == op))
+                self._on_rows(x, rows, lambda xs, r, op=op: _JITTER_OPS[op](xs, factors[torch.as_tensor(r), op]))
+
+    def _chunk_(self, x: torch.Tensor, p: _ViewParams) -> None:
+        """All photometric ops, in place on float (n, 3, H, W) in [0, 1], then normalization."""
+        self._jitter_(x, p)
+        self._on_rows(x, np.flatnonzero(p.gray), lambda xs, _: xs.copy_(_luma(xs).expand_as(xs)))
+        for s, e, radius in _runs(p.blur_reach()):  # one call per kernel size
+            if radius > 0:
+                xs = x[s:e]
+                xs.copy_(gaussian_blur(xs, torch.as_tensor(p.sigma[s:e]), self.blur_radius))
+        self._on_rows(x, np.flatnonzero(p.solarize), lambda xs, _: solarize_(xs))
+        x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+
+    def _one_view(self, u8: torch.Tensor, p: _ViewParams) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> float32 normalized (B, 3, H, W)."""
+        if u8.dtype != torch.uint8 or u8.dim() != 4 or u8.shape[1] != 3:
+            raise ValueError(f"expected uint8 views (B, 3, H, W), got {u8.dtype} {tuple(u8.shape)}")
+        if len(u8) != len(p.jitter):
+            raise ValueError(f"{len(u8)} images but {len(p.jitter)} seeds")
+        dev = u8.device
+        # Blurred samples first, largest kernels first, then by jitter op order.
+        order = np.argsort(np.where(p.blur, 0, 1 << 12) - (p.blur_reach() << 9) + p.jitter_key(), kind="stable")
+        p = p.take(order)
+        order_t = torch.as_tensor(order).to(dev)
+        out = _new_output(u8.shape, torch.float32, dev)
+        per_chunk = len(u8) if dev.type != "cpu" else max(1, self.chunk_elements // u8[0].numel())
+        work = torch.empty((min(per_chunk, len(u8)), *u8.shape[1:]), dtype=torch.float32, device=dev)
+        for s in range(0, len(u8), per_chunk):
+            e = min(s + per_chunk, len(u8))
+            x = work[: e - s]
+            x.copy_(u8.index_select(0, order_t[s:e])).mul_(1.0 / 255.0)
+            self._chunk_(x, p.take(slice(s, e)))
+            out.index_copy_(0, order_t[s:e], x)
+        return out
+
+    def __call__(self, views: Sequence[torch.Tensor], seeds: Sequence[int] | torch.Tensor) -> list[torch.Tensor]:
+        if len(views) != len(self.views):
+            raise ValueError(f"expected {len(self.views)} views (n_global={self.crops.n_global}, "
+                             f"n_local={self.crops.n_local}), got {len(views)}")
+        return [self._one_view(u8, self.params(seeds, v)) for v, u8 in enumerate(views)]
+
+
+# --------------------------------------------------------------------------------------------
+# Collates
+# --------------------------------------------------------------------------------------------
+def _meta(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "label": torch.tensor([int(s["label"]) for s in samples], dtype=torch.long),
+        "index": torch.tensor([int(s["index"]) for s in samples], dtype=torch.long),
+        "bad": int(sum(int(s.get("bad", 0)) for s in samples)),
+    }
+
+
+class MultiCropCollate:
+    """Batch samples of ``ImageFolderDataset(files, MultiCropTransform(crops))``.
+
+    Input: dicts with ``"image"`` (list of uint8 views), ``"label"``, ``"index"``, ``"bad"`` and
+    ``"seed"``. Output::
+
+        {"crops": list of n_global + n_local float32 (B, 3, s, s) normalized tensors, globals first
+                  (uint8 un-augmented views when photometric=False),
+         "label": LongTensor (B,), "index": LongTensor (B,), "seed": LongTensor (B,),
+         "bad": int (sum over the batch)}
+    """
+
+    def __init__(self, crops: CropsConfig, photometric: bool = True) -> None:
+        self.n_views = len(view_specs(crops))
+        self.photometric = PhotometricAugment(crops) if photometric else None
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if not samples:
+            raise ValueError("empty batch")
+        for s in samples:
+            if "seed" not in s:
+                raise KeyError("MultiCropCollate needs each sample's 'seed' (use ImageFolderDataset)")
+            if len(s["image"]) != self.n_views:
+                raise ValueError(f"sample {s.get('index')} has {len(s['image'])} views, expected {self.n_views}")
+        seeds = [int(s["seed"]) for s in samples]
+        views = []
+        for v in range(self.n_views):
+            first = samples[0]["image"][v]
+            out = _new_output((len(samples), *first.shape), first.dtype, first.device) if self.photometric is None else None
+            views.append(torch.stack([s["image"][v] for s in samples], out=out))
+        crops = self.photometric(views, seeds) if self.photometric is not None else views
+        return {"crops": crops, **_meta(samples), "seed": torch.tensor([x & _MASK63 for x in seeds], dtype=torch.long)}
+
+
+class EvalTransform:
+    """Evaluation view: Resize(resize_size, bicubic, shorter side) -> CenterCrop(size) -> normalize.
+
+    ``(img, seed) -> float32 Tensor (3, size, size)``; the seed is ignored.
+    """
+
+    def __init__(self, size: int = 224, resize_size: int = 256,
+                 mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225)) -> None:
+        if not 0 < size <= resize_size:
+            raise ValueError(f"need 0 < size <= resize_size, got size={size}, resize_size={resize_size}")
+        self.size, self.resize_size = int(size), int(resize_size)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, img: Image.Image, seed: int = 0) -> torch.Tensor:
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        w, h = img.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(self.resize_size * long / short)
+        new_w, new_h = (self.resize_size, new_long) if w <= h else (new_long, self.resize_size)
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        top = int(round((new_h - self.size) / 2.0))
+        left = int(round((new_w - self.size) / 2.0))
+        img = img.crop((left, top, left + self.size, top + self.size))
+        x = _pil_to_uint8_chw(img).to(torch.float32).div_(255.0)
+        return x.sub_(self.mean).div_(self.std)
+
+
+def collate_eval(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Batch :class:`EvalTransform` samples: ``{"image": (B, 3, H, W), "label", "index", "bad"}``."""
+    if not samples:
+        raise ValueError("empty batch")
+    first = samples[0]["image"]
+    out = _new_output((len(samples), *first.shape), first.dtype, first.device)
+    return {"image": torch.stack([s["image"] for s in samples], out=out), **_meta(samples)}
+
+
+# --------------------------------------------------------------------------------------------
+# Sampler
+# --------------------------------------------------------------------------------------------
+class EpochSampler(torch.utils.data.Sampler):
+    """Seeded per-epoch shuffling, sharded over ranks, resumable mid-epoch.
+
+    Yields ``(index, sample_seed)`` tuples (``ImageFolderDataset`` accepts them). Epoch ``e``
+    shuffles with ``torch.randperm(n, generator=seeded(seed + e))``; the permutation is trimmed
+    (``drop_last=True``) or padded by wrapping (``drop_last=False``) to a multiple of
+    ``world_size`` and rank ``r`` takes positions ``r, r + world_size, ...`` (as
+    ``DistributedSampler``). ``sample_seed = sample_seed(seed, epoch, index)``.
+
+    Wrap it in ``torch.utils.data.BatchSampler(sampler, batch_size, drop_last=True)``.
+    ``set_epoch(e)`` selects the epoch and resets the start batch to 0; ``set_start_batch(k)``
+    (call after ``set_epoch``) skips the first ``k * batch_size`` samples of this rank, i.e. the
+    first ``k`` batches. ``len(sampler)`` counts the samples still to be yielded this epoch;
+    ``batches_per_epoch`` is the full count of (drop_last) batches, for schedules.
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1, drop_last: bool = True, *,
+                 batch_size: int) -> None:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.n, self.seed, self.rank, self.world_size = int(n), int(seed), int(rank), int(world_size)
+        self.drop_last, self.batch_size = bool(drop_last), int(batch_size)
+        self.per_rank = n // world_size if drop_last else -(-n // world_size)
+        if self.per_rank < 1:
+            raise ValueError(f"{n} samples cannot be split over {world_size} ranks with drop_last=True")
+        if drop_last and self.per_rank < batch_size:
+            raise ValueError(f"{self.per_rank} samples per rank is less than one batch of {batch_size}")
+        self.epoch = 0
+        self.start_batch = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Full batches per epoch on this rank (the BatchSampler's length with drop_last=True)."""
+        return self.per_rank // self.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.start_batch = 0
+
+    def set_start_batch(self, k: int) -> None:
+        if not 0 <= k <= self.batches_per_epoch:
+            raise ValueError(f"start batch {k} outside [0, {self.batches_per_epoch}]")
+        self.start_batch = int(k)
+
+    def indices(self) -> torch.Tensor:
+        """This rank's full index list for the current epoch, (per_rank,) int64."""
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.n, generator=g)
+        total = self.per_rank * self.world_size
+        if total > self.n:
+            perm = torch.cat([perm, perm.repeat(-(-(total - self.n) // self.n))[: total - self.n]])
+        return perm[:total][self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start_batch * self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        idx = self.indices()[self.start_batch * self.batch_size :]
+        return iter(zip(idx.tolist(), _sample_seeds(self.seed, self.epoch, idx)))
