@@ -127,3 +127,21 @@ def test_unknown_key_fails_with_suggestion():
     out = subprocess.run([sys.executable, "-m", "ssl_distill.cli", "train", str(CONFIG), "optim.warmup_epoch=1"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "did you mean 'optim.warmup_epochs'" in out.stderr
+
+
+def test_corrupt_images_are_skipped_named_counted_and_abort_above_one_percent(folders, tmp_path):
+    import shutil
+
+    from ssl_distill.data.folder import DataError
+
+    train_dir, _ = folders
+    data = tmp_path / "data"
+    shutil.copytree(train_dir, data)
+    (data / "vertical" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # truncated PNG
+    (data / "vertical" / "noise.jpg").write_bytes(b"not an image at all")
+    cfg = load_config(CONFIG, tiny_overrides(data, tmp_path / "run"))
+    with pytest.warns(UserWarning, match=r"(broken\.png|noise\.jpg)"):
+        with pytest.raises(DataError, match=r"bad|unreadable|corrupt"):
+            train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["bad_images"] >= 1

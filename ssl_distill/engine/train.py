@@ -167,6 +167,12 @@ class Trainer:
         self.total_steps = cfg.optim.epochs * self.iters_per_epoch
         self.sched = Schedules.from_config(cfg, self.iters_per_epoch, self.world)
 
+        if self.device.type == "cpu" and cfg.data.num_workers > 0 and du.is_main():
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            if torch.get_num_threads() + cfg.data.num_workers > cores:
+                print(f"note: {torch.get_num_threads()} compute threads + {cfg.data.num_workers} data worker(s) on "
+                      f"{cores} cores: workers will stall the compute threads; data.num_workers=0 is usually "
+                      "faster on a small CPU")
         fused = cfg.model.fused_attn if cfg.model.fused_attn is not None else default_fused_attn(self.device)
         self.student = build_model(cfg, cfg.model.drop_path_rate).to(self.device)
         self.teacher = build_model(cfg, 0.0).to(self.device)  # no drop-path in the teacher
