@@ -182,6 +182,12 @@ class Trainer:
         self.student.backbone.set_fused_attn(fused)
         self.teacher.backbone.set_fused_attn(fused)
         self.student_ddp: nn.Module = self.student
+        if self.world > 1 and cfg.model.use_bn_in_head and self.device.type == "cuda":
+            # batch statistics over the global batch, as DINO (SyncBatchNorm in both networks);
+            # torch's SyncBatchNorm has no CPU kernel, so CPU processes keep per-process statistics
+            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+            self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
+            self.student_ddp = self.student
         if self.world > 1:
             self.student_ddp = DistributedDataParallel(
                 self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None

@@ -56,8 +56,14 @@ class WeightNormLinear(nn.Module):
         return _RowWeightNorm.apply(self.weight_v, self.weight_g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C) -> (N, K)."""
-        return F.linear(x, self.weight)
+        """(N, C) -> (N, K), computed in float32 even under autocast.
+
+        The logits are cosines in [-1, 1] that the loss divides by temperatures down to 0.02-0.04;
+        bf16's 8-bit mantissa would quantise them by ~0.1 after that scaling.
+        """
+        with torch.autocast(x.device.type, enabled=False):
+            w = self.weight
+            return F.linear(x.to(w.dtype), w)
 
 
 class DINOHead(nn.Module):
