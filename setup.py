@@ -31,6 +31,7 @@ setup(
         "numpy>=1.24",
         "pyyaml>=6",
         "tqdm>=4.60",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "test": ["pytest>=8", "scikit-image>=0.22"],

@@ -2,20 +2,20 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ssl_distill.checkpoints import load_backbone, spec_from_config
+from ssl_distill.checkpoints import load_any_backbone, spec_from_config
 from ssl_distill.config import ConfigError, KnnConfig, apply_overrides, config_from_dict, config_to_dict
 from ssl_distill.data.folder import DataError, scan_image_folder
-from ssl_distill.data.loader import build_eval_loader
-from ssl_distill.engine.checkpoint import find_checkpoint
 from ssl_distill.engine.train import resolve_device
 from ssl_distill.models import ViTBackbone
 
-from .knn import run_knn, write_results
+from .features import FeatureExtractor, FeatureSpec, ImageSettings, backbone_fingerprint, extract_folder
+from .knn import knn_classify, write_results
 
 
 def _knn_settings(run_cfg_dict: dict[str, Any], overrides: list[str]) -> KnnConfig:
@@ -35,16 +35,32 @@ def knn_on_checkpoint(
     random_init: bool = False,
     device: str = "auto",
     precision: str = "bf16",
+    *,
+    key: str | None = None,
+    num_heads: int | None = None,
+    features: FeatureSpec | None = None,
+    temperatures: Sequence[float] | None = None,
+    feature_dtype: torch.dtype = torch.float32,
+    cache_dir: str | Path | None = None,
+    train_chunk: int | None = None,
 ) -> dict[str, Any]:
-    """Weighted k-NN of the frozen backbone of ``checkpoint`` (file or run directory).
+    """Weighted k-NN of the frozen backbone of ``checkpoint`` (run directory, our file or an official one).
 
-    Image settings, k values and temperature come from the run's ``knn`` config section, updated by
-    ``knn.*`` overrides; ``train_dir`` / ``val_dir`` replace the configured folders. With
-    ``random_init`` the same architecture is evaluated with freshly initialised weights (seeded).
-    Writes ``out`` (default ``<run dir>/knn[_random_init].json``) and returns the results, whose
-    ``accuracy`` entry maps ``k=..`` to top-1 / top-5 percentages.
+    Image settings, k values and temperature come from the run's ``knn`` config section (official files:
+    224 / 256 px, ImageNet normalization), updated by ``knn.*`` overrides; ``train_dir`` / ``val_dir``
+    replace the configured folders. With ``random_init`` the same architecture is evaluated with freshly
+    initialised weights (seeded). Writes ``out`` (default ``<run dir>/knn[_random_init].json``) and
+    returns the results, whose ``accuracy`` entry maps ``k=..`` (and ``k=..,T=..`` for extra
+    temperatures) to top-1 / top-5 percentages; ``details`` holds per-class accuracy.
+
+    Keyword-only extras: ``key`` / ``num_heads`` (see :func:`ssl_distill.checkpoints.load_any_backbone`),
+    ``features`` (layout, default CLS of the last block), ``temperatures`` (several from one search; the
+    first replaces ``knn.temperature``), ``feature_dtype`` (``torch.float16`` halves memory),
+    ``cache_dir`` (re-use features while checkpoint and data are unchanged), ``train_chunk`` (bounded
+    search memory).
     """
-    backbone, cfg = load_backbone(checkpoint, which)
+    loaded = load_any_backbone(checkpoint, which, key, num_heads=num_heads)
+    backbone, cfg = loaded.backbone, loaded.config
     if random_init:
         torch.manual_seed(cfg.run.seed)
         backbone = ViTBackbone(spec_from_config(cfg)).eval()
@@ -58,25 +74,41 @@ def knn_on_checkpoint(
         raise DataError(
             f"train and val folders have different classes: {sorted(set(train_classes) ^ set(val_classes))}"
         )
+    spec = features or FeatureSpec()
+    temps = [float(t) for t in temperatures] if temperatures else [float(knn.temperature)]
     dev = resolve_device(device)
-    backbone.to(dev)
-    backbone.set_fused_attn(dev.type == "cuda")  # inference only: the fused kernel is fastest everywhere but CPU backward
     crops = cfg.data.crops
-    loaders = [
-        build_eval_loader(d, knn.image_size, knn.resize_size, knn.batch_size, knn.num_workers, crops.mean, crops.std)
-        for d in (knn.train_dir, knn.val_dir)
-    ]
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    res = run_knn(backbone, loaders[0], loaders[1], knn.ks, knn.temperature, dev, amp)
+    settings = ImageSettings(knn.image_size, knn.resize_size, tuple(crops.mean), tuple(crops.std))
+    extractor = FeatureExtractor(backbone, spec)
+    weights = backbone_fingerprint(backbone) if cache_dir is not None else None
+    sets = [extract_folder(extractor, d, settings, device=dev, precision=precision, batch_size=knn.batch_size,
+                           num_workers=knn.num_workers, dtype=feature_dtype, cache_dir=cache_dir, weights_key=weights)
+            for d in (knn.train_dir, knn.val_dir)]
+    train_set, val_set = sets
+    num_classes = len(train_classes)
+    res: dict[str, Any] = dict(knn_classify(
+        train_set.features, train_set.labels, val_set.features, val_set.labels, ks=knn.ks,
+        temperature=temps if len(temps) > 1 else temps[0], num_classes=num_classes, train_chunk=train_chunk))
+    res.update(
+        n_train=int(train_set.features.shape[0]), n_val=int(val_set.features.shape[0]),
+        dim=int(train_set.features.shape[1]), num_classes=num_classes, ks=[int(k) for k in knn.ks],
+        temperature=temps[0] if len(temps) == 1 else temps, engine="chunked" if train_chunk else "faiss",
+        seconds_extract=sum(s.meta.get("seconds", 0.0) for s in sets if not s.cached),
+        features_cached=[s.cached for s in sets],
+    )
     results = {
-        "checkpoint": str(find_checkpoint(checkpoint)),
-        "which": "random_init" if random_init else which,
+        "checkpoint": str(loaded.file),
+        "which": "random_init" if random_init else loaded.source,
+        "format": loaded.format,
         "train_dir": knn.train_dir,
         "val_dir": knn.val_dir,
         "classes": train_classes,
         "image_size": knn.image_size,
         "resize_size": knn.resize_size,
+        "features": spec.name(),
+        "feature_dtype": str(feature_dtype).replace("torch.", ""),
         "accuracy": {k: {"top1": v["top1"], "top5": v["top5"]} for k, v in res.items() if k.startswith("k=")},
+        "per_class": {k: v["per_class"] for k, v in res.items() if k.startswith("k=")},
         "details": res,
     }
     if out is None:

@@ -1,4 +1,23 @@
-"""Feature extraction from a frozen backbone, in dataset order.
+"""Feature extraction from a frozen backbone, in dataset order, with the layouts and cache all evaluations share.
+
+Feature layouts (:class:`FeatureSpec`), all taken after the final LayerNorm:
+
+- ``cls``: the CLS token of the last block (``n_last_blocks=1``), or of the last ``n`` blocks
+  concatenated (oldest first; DINO's ``n_last_blocks=4`` for ViT-S linear evaluation);
+- ``mean``: the mean of the last block's patch tokens (registers excluded);
+- ``cls+mean``: the CLS tokens of the last ``n`` blocks, then the mean patch token (DINOv2's
+  ``create_linear_input`` order);
+- ``cls+mean-dino``: DINO's ``eval_linear.py`` layout for ViT-B (``avgpool_patchtokens``, ``n=1``):
+  CLS and mean patch token interleaved, ``[cls_0, mean_0, cls_1, mean_1, ...]``, so that DINO's released
+  linear weights apply unchanged.
+
+:func:`extract_folder` runs a backbone over a labeled image folder (``EvalTransform``: resize the
+shorter side, center crop, normalize), optionally under bf16 / fp16 autocast, and caches the result
+on disk, keyed by a hash of the weights, the feature layout, the image settings, the precision and the
+folder's file list (names, labels, sizes, modification times): a changed checkpoint or data set
+extracts again, an unchanged one is read back.
+
+The low-level loop, :func:`extract_features`:
 
 Batches are dicts ``{"image": (B, 3, H, W) float, "label": LongTensor (B,), "index": LongTensor (B,)}``.
 Every feature row is written at its batch ``index``, so the returned rows follow the dataset order
@@ -8,14 +27,36 @@ sampler that pads / splits the dataset is refused with a clear error).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+import hashlib
+import json
+import os
 import sys
+import time
+import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-__all__ = ["extract_features"]
+__all__ = [
+    "extract_features",
+    "LAYOUTS",
+    "FeatureSpec",
+    "FeatureExtractor",
+    "ImageSettings",
+    "FeatureSet",
+    "amp_dtype_for",
+    "prepare_inference",
+    "backbone_fingerprint",
+    "folder_fingerprint",
+    "extract_folder",
+]
 
 
 def _dataset_length(loader: Iterable) -> int | None:
@@ -31,6 +72,7 @@ def extract_features(
     loader: Iterable[Mapping[str, Tensor]],
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
     """Run ``model`` over ``loader`` and return features and labels in dataset order.
 
@@ -41,9 +83,10 @@ def extract_features(
         device: where the forward pass runs.
         amp_dtype: ``torch.bfloat16`` / ``torch.float16`` to run under autocast on ``device.type``,
             or ``None`` for full precision.
+        out_dtype: dtype of the returned features (``torch.float16`` halves their memory).
 
     Returns:
-        features: (N, D) float32 on CPU, row ``i`` = dataset item ``i``.
+        features: (N, D) ``out_dtype`` (float32 by default) on CPU, row ``i`` = dataset item ``i``.
         labels: (N,) int64 on CPU.
 
     N is ``len(loader.dataset)`` when the loader has a sized dataset, else ``max(index) + 1``.
@@ -71,12 +114,12 @@ def extract_features(
                 if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != images.shape[0]:
                     shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                     raise ValueError(f"model(images) must return (B, D) features; got {shape} for B={images.shape[0]}")
-                out = out.float().cpu()
+                out = out.to(device="cpu", dtype=out_dtype)
                 if n_expected is None:
                     chunks.append((index, label, out))
                     continue
                 if feats is None:
-                    feats = torch.zeros(n_expected, out.shape[1], dtype=torch.float32)
+                    feats = torch.zeros(n_expected, out.shape[1], dtype=out_dtype)
                     labels = torch.full((n_expected,), -1, dtype=torch.long)
                     seen = torch.zeros(n_expected, dtype=torch.long)
                 if index.numel() and (index.min() < 0 or index.max() >= n_expected):
@@ -93,7 +136,7 @@ def extract_features(
             raise ValueError("the loader yielded no batches")
         index = torch.cat([c[0] for c in chunks])
         n_expected = int(index.max()) + 1
-        feats = torch.zeros(n_expected, chunks[0][2].shape[1], dtype=torch.float32)
+        feats = torch.zeros(n_expected, chunks[0][2].shape[1], dtype=out_dtype)
         labels = torch.full((n_expected,), -1, dtype=torch.long)
         feats[index] = torch.cat([c[2] for c in chunks])
         labels[index] = torch.cat([c[1] for c in chunks])
@@ -108,3 +151,268 @@ def extract_features(
             f"(drop_last loaders and distributed samplers are not supported here)"
         )
     return feats, labels
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layouts
+# ----------------------------------------------------------------------------------------------------
+LAYOUTS = ("cls", "mean", "cls+mean", "cls+mean-dino")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which tokens make the feature vector (see the module docstring)."""
+
+    layout: str = "cls"
+    n_last_blocks: int = 1
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"feature layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.n_last_blocks < 1:
+            raise ValueError(f"n_last_blocks must be >= 1, got {self.n_last_blocks}")
+        if self.layout in ("mean", "cls+mean-dino") and self.n_last_blocks != 1:
+            raise ValueError(f"layout {self.layout!r} uses the last block only (n_last_blocks=1)")
+
+    def dim(self, embed_dim: int) -> int:
+        """Feature width for a backbone of width ``embed_dim``."""
+        n_cls = 0 if self.layout == "mean" else self.n_last_blocks
+        return embed_dim * (n_cls + int("mean" in self.layout))
+
+    def name(self) -> str:
+        return self.layout if self.n_last_blocks == 1 else f"{self.layout}@{self.n_last_blocks}"
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen backbone + :class:`FeatureSpec`: ``(B, 3, H, W) -> (B, spec.dim(D))``.
+
+    ``backbone`` must offer ``forward(x) -> CLS`` and ``forward_last_blocks(x, n)`` (:class:`ViTBackbone`).
+    """
+
+    def __init__(self, backbone: nn.Module, spec: FeatureSpec = FeatureSpec()) -> None:
+        super().__init__()
+        depth = getattr(backbone, "depth", None)
+        if depth is not None and spec.n_last_blocks > depth:
+            raise ValueError(f"n_last_blocks={spec.n_last_blocks} exceeds the backbone's {depth} blocks")
+        self.backbone = backbone
+        self.spec = spec
+        self.dim = spec.dim(int(getattr(backbone, "embed_dim", 0)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        spec = self.spec
+        if spec.layout == "cls" and spec.n_last_blocks == 1:
+            return self.backbone(x)
+        out = self.backbone.forward_last_blocks(x, spec.n_last_blocks)
+        cls = out["cls"].flatten(1)  # (B, n * D), oldest block first
+        if spec.layout == "cls":
+            return cls
+        mean = out["patch"].mean(dim=1)
+        if spec.layout == "mean":
+            return mean
+        if spec.layout == "cls+mean":
+            return torch.cat([cls, mean], dim=1)
+        return torch.stack([cls, mean], dim=-1).flatten(1)  # DINO: cat((cls[..., None], mean[..., None]), -1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Extraction settings, fingerprints, cache
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageSettings:
+    """Evaluation view: resize the shorter side to ``resize_size`` (bicubic), center crop ``image_size``."""
+
+    image_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
+    """``"fp32"`` -> None, ``"bf16"`` -> bfloat16 (CPU and CUDA), ``"fp16"`` -> float16 (CUDA only)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        if torch.device(device).type != "cuda":
+            raise ValueError("fp16 autocast needs CUDA; use bf16 on CPU")
+        return torch.float16
+    raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+
+
+class _CastInput(nn.Module):
+    """Runs ``module`` on inputs cast to ``dtype``."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.module(x.to(self.dtype))
+
+
+def prepare_inference(extractor: nn.Module, precision: str, device: str | torch.device
+                      ) -> tuple[nn.Module, torch.dtype | None]:
+    """(module to run, autocast dtype) for feature extraction at ``precision`` on ``device``.
+
+    ``bf16`` on CPU runs a bfloat16 copy of the model (inputs cast, LayerNorms included): 2.0-2.2x the
+    float32 throughput of ViT-S/16 here, where autocast (LayerNorm and casts in float32) gives 1.8-1.9x.
+    On CUDA, bf16 / fp16 use autocast. Attention: the fused kernel, except for the CPU bfloat16 copy
+    where the plain matmul-softmax path measured slightly faster. The caller's module is not modified
+    (beyond being moved to ``device`` for the autocast and fp32 paths).
+    """
+    device = torch.device(device)
+    amp = amp_dtype_for(precision, device)
+    if amp is torch.bfloat16 and device.type == "cpu":
+        model = copy.deepcopy(extractor).to(device=device, dtype=torch.bfloat16)
+        _set_fused(model, False)
+        return _CastInput(model, torch.bfloat16), None
+    extractor.to(device)
+    _set_fused(extractor, True)
+    return extractor, amp
+
+
+def _set_fused(module: nn.Module, fused: bool) -> None:
+    for m in module.modules():
+        if hasattr(m, "set_fused_attn") and callable(m.set_fused_attn):
+            m.set_fused_attn(fused)
+
+
+def backbone_fingerprint(model: nn.Module) -> str:
+    """Hash of a module's weights (names, dtypes, shapes and bytes) and its backbone spec, if any."""
+    h = hashlib.blake2b(digest_size=16)
+    spec = getattr(model, "spec", None)
+    if dataclasses.is_dataclass(spec):
+        h.update(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def folder_fingerprint(files: Any) -> str:
+    """Hash of a :class:`~ssl_distill.data.folder.FileList`: root, relative paths, labels, sizes and mtimes."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(files.root).encode())
+    h.update(json.dumps(list(files.classes)).encode())
+    for rel, label in zip(files.paths, files.labels):
+        try:
+            st = os.stat(files.root / rel)
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        h.update(f"{rel}|{label}|{stamp}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class FeatureSet:
+    """Features of one labeled folder."""
+
+    features: Tensor  # (N, F), float32 or float16, dataset order
+    labels: Tensor  # (N,) int64
+    classes: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)  # settings, key, seconds, images/s, cached
+    cached: bool = False
+
+
+class _CountBad:
+    """Iterates a loader and sums the batches' ``bad`` (substituted unreadable images) counts."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader, self.dataset, self.bad = loader, loader.dataset, 0
+
+    def __iter__(self):  # noqa: ANN204
+        for batch in self.loader:
+            self.bad += int(batch.get("bad", 0))
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def extract_folder(
+    extractor: FeatureExtractor,
+    folder: str | Path,
+    settings: ImageSettings = ImageSettings(),
+    *,
+    device: str | torch.device = "cpu",
+    precision: str = "bf16",
+    batch_size: int = 128,
+    num_workers: int = 2,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | Path | None = None,
+    weights_key: str | None = None,
+    max_bad_fraction: float = 0.01,
+) -> FeatureSet:
+    """Features of every image of a labeled folder, from the disk cache when nothing changed.
+
+    Args:
+        extractor: backbone + layout; put on ``device`` here.
+        folder: ``root/<class>/<image>``.
+        precision: ``fp32``, ``bf16`` (autocast, CPU or CUDA) or ``fp16`` (CUDA).
+        dtype: storage dtype of the features: ``torch.float32`` or ``torch.float16``.
+        cache_dir: where ``<folder name>-<key>.pt`` files live; None disables caching.
+        weights_key: fingerprint of the weights if already known (default: hashed here).
+        max_bad_fraction: above this share of unreadable (substituted) images, raise DataError.
+    """
+    from ssl_distill.data.folder import BadImageCounter, DataError, scan_image_folder
+    from ssl_distill.data.loader import build_eval_loader
+
+    if dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"feature dtype must be float32 or float16, got {dtype}")
+    device = torch.device(device)
+    amp_dtype_for(precision, device)  # validates before any work
+    files = scan_image_folder(folder, labeled=True)
+    meta: dict[str, Any] = {
+        "folder": str(files.root), "n": len(files), "layout": extractor.spec.layout,
+        "n_last_blocks": extractor.spec.n_last_blocks, "image": dataclasses.asdict(settings),
+        "precision": precision, "dtype": str(dtype).replace("torch.", ""),
+    }
+    cache_file = None
+    if cache_dir is not None:
+        key_src = dict(meta, weights=weights_key or backbone_fingerprint(extractor.backbone),
+                       data=folder_fingerprint(files), version=1)
+        key = hashlib.blake2b(json.dumps(key_src, sort_keys=True).encode(), digest_size=12).hexdigest()
+        meta["key"] = key
+        cache_file = Path(cache_dir) / f"{files.root.name}-{key}.pt"
+        if cache_file.is_file():
+            try:
+                obj = torch.load(cache_file, map_location="cpu", weights_only=True)
+                feats, labels = obj["features"], obj["labels"]
+                if feats.shape[0] == len(files) and feats.dtype == dtype:
+                    return FeatureSet(feats, labels, list(files.classes),
+                                      dict(obj.get("meta", meta), cache_file=str(cache_file)), cached=True)
+            except Exception as e:  # a damaged cache file: extract again
+                warnings.warn(f"ignoring unreadable feature cache {cache_file}: {e}", stacklevel=2)
+    loader = build_eval_loader(files.root, settings.image_size, settings.resize_size, batch_size, num_workers,
+                               tuple(settings.mean), tuple(settings.std))
+    counting = _CountBad(loader)
+    model, amp = prepare_inference(extractor, precision, device)
+    t0 = time.perf_counter()
+    feats, labels = extract_features(model, counting, device, amp, out_dtype=dtype)
+    seconds = time.perf_counter() - t0
+    counter = BadImageCounter(max_bad_fraction)
+    counter.update(counting.bad, len(files))
+    try:
+        counter.finalize()
+    except DataError as e:
+        raise DataError(f"{files.root}: {e}") from e
+    meta.update(seconds=seconds, images_per_s=len(files) / max(seconds, 1e-9), bad_images=counting.bad,
+                device=str(device))
+    if cache_file is not None:
+        _atomic_torch_save({"features": feats, "labels": labels, "meta": meta}, cache_file)
+        meta["cache_file"] = str(cache_file)
+    return FeatureSet(feats, labels, list(files.classes), meta, cached=False)

@@ -27,6 +27,12 @@ Implementation notes:
   (``"k=200"``) and records the ``k`` actually used under ``"k"``.
 - Self-matches: train and test are treated as separate sets and nothing is excluded; a test item that is
   also in the train set finds itself at similarity 1 (as in DINO, where train and val are disjoint).
+- Several temperatures: the vote weights are recomputed from the same neighbours for every ``T``; the
+  first temperature gives the ``"k=<k>"`` entries, the others ``"k=<k>,T=<T>"``.
+- Bounded memory (``train_chunk``): the search walks the train set in chunks of ``train_chunk`` rows,
+  normalizing each chunk to float32 on the fly and merging the running top-``k``; nothing of size
+  ``N x D`` in float32 is ever made (features can stay float16), and the similarity blocks are
+  ``query_chunk x train_chunk``. Same exact float32 similarities as the other engines.
 """
 from __future__ import annotations
 
@@ -46,7 +52,8 @@ from torch import Tensor, nn
 
 from .features import extract_features
 
-__all__ = ["knn_classify", "search_neighbours", "class_scores", "run_knn", "write_results"]
+__all__ = ["knn_classify", "search_neighbours", "search_neighbours_chunked", "class_scores", "run_knn",
+           "write_results"]
 
 ENGINES = ("faiss", "torch")
 
@@ -103,6 +110,43 @@ def search_neighbours(
     raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
 
 
+def search_neighbours_chunked(
+    train_feats: Tensor,
+    test_feats: Tensor,
+    k: int,
+    query_chunk: int = 1024,
+    train_chunk: int = 65536,
+) -> tuple[Tensor, Tensor]:
+    """Exact cosine top-``k`` with bounded memory: raw (unnormalized, any float dtype) features in.
+
+    Each train chunk is normalized to float32 when used; each query chunk keeps a running top-``k``.
+    Returns (M, k) float32 similarities (decreasing) and int64 train indices, on the train features' device.
+    """
+    n = train_feats.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    if query_chunk < 1 or train_chunk < 1:
+        raise ValueError("query_chunk and train_chunk must be positive")
+    device = train_feats.device
+    sims_out, idx_out = [], []
+    for qs in range(0, test_feats.shape[0], query_chunk):
+        q = _normalize(test_feats[qs : qs + query_chunk].to(device))
+        best_s = torch.full((q.shape[0], 0), float("-inf"), device=device)
+        best_i = torch.zeros((q.shape[0], 0), dtype=torch.long, device=device)
+        for ts in range(0, n, train_chunk):
+            t = _normalize(train_feats[ts : ts + train_chunk])
+            if not torch.isfinite(t).all():
+                raise ValueError("features contain NaN or inf")
+            s, i = torch.mm(q, t.t()).topk(min(k, t.shape[0]), dim=1, largest=True, sorted=True)
+            best_s, order = torch.cat([best_s, s], dim=1).topk(min(k, best_s.shape[1] + s.shape[1]), dim=1)
+            best_i = torch.cat([best_i, i + ts], dim=1).gather(1, order)
+        sims_out.append(best_s)
+        idx_out.append(best_i)
+    if not sims_out:
+        return torch.zeros(0, k, device=device), torch.zeros(0, k, dtype=torch.long, device=device)
+    return torch.cat(sims_out), torch.cat(idx_out)
+
+
 def class_scores(sims: Tensor, neighbour_labels: Tensor, temperature: float, num_classes: int) -> Tensor:
     """Weighted votes: ``score[m, c] = sum_j [label_j == c] * exp(sim_j / T)`` over the given neighbours.
 
@@ -143,10 +187,11 @@ def knn_classify(
     test_feats: Tensor,
     test_labels: Tensor,
     ks: Sequence[int] = (10, 20, 100, 200),
-    temperature: float = 0.07,
+    temperature: float | Sequence[float] = 0.07,
     num_classes: int | None = None,
     query_chunk: int = 1024,
     engine: str = "faiss",
+    train_chunk: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Weighted k-NN accuracy of ``test`` against ``train`` for every ``k`` in ``ks`` (one search).
 
@@ -156,18 +201,22 @@ def knn_classify(
         test_feats: (M, D).
         test_labels: (M,) int64.
         ks: neighbour counts; each ``k > N`` is clipped to ``N``.
-        temperature: ``T`` in the vote weight ``exp(sim / T)``.
+        temperature: ``T`` in the vote weight ``exp(sim / T)``, or several: the first one gives the
+            ``"k=.."`` entries, each other one ``"k=..,T=.."`` entries (same neighbours, one search).
         num_classes: ``C``; default ``max(label) + 1`` over train and test labels.
         query_chunk: queries per block (torch engine similarity blocks; vote blocks for both engines).
         engine: ``"faiss"`` (default) or ``"torch"``; see the module docstring.
+        train_chunk: if set, search with :func:`search_neighbours_chunked` (bounded memory, features
+            kept in their dtype) whatever the engine.
 
     Returns:
         ``{"k=10": {"top1": %, "top5": %, "k": k_used, "per_class": [top-1 % per class, None when the
         class has no test item]}, "k=20": {...}, ...}`` with one entry per ``k`` in ``ks``.
     """
     _check_inputs(train_feats, train_labels, test_feats, test_labels, ks)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temps = [float(temperature)] if isinstance(temperature, (int, float)) else [float(t) for t in temperature]
+    if not temps or not all(t > 0 for t in temps):
+        raise ValueError(f"temperatures must be > 0, got {temperature}")
     train_labels, test_labels = train_labels.long(), test_labels.long()
     n, m = train_feats.shape[0], test_feats.shape[0]  # m > 0 (checked)
     max_label = int(max(train_labels.max(), test_labels.max()))
@@ -175,22 +224,39 @@ def knn_classify(
         num_classes = max_label + 1
     elif max_label >= num_classes:
         raise ValueError(f"label {max_label} out of range for num_classes={num_classes}")
-    train = _normalize(train_feats)
-    test = _normalize(test_feats)
-    if not (torch.isfinite(train).all() and torch.isfinite(test).all()):
-        raise ValueError("features contain NaN or inf")
-
     k_max = min(max(ks), n)
-    sims, idx = search_neighbours(train, test, k_max, engine=engine, query_chunk=query_chunk)
+    if train_chunk is not None:
+        if not torch.isfinite(test_feats).all():
+            raise ValueError("features contain NaN or inf")
+        sims, idx = search_neighbours_chunked(train_feats, test_feats, k_max, query_chunk, train_chunk)
+    else:
+        train = _normalize(train_feats)
+        test = _normalize(test_feats)
+        if not (torch.isfinite(train).all() and torch.isfinite(test).all()):
+            raise ValueError("features contain NaN or inf")
+        sims, idx = search_neighbours(train, test, k_max, engine=engine, query_chunk=query_chunk)
+        del train, test
     neighbour_labels = train_labels.to(idx.device)[idx]  # (M, k_max)
     targets = test_labels.to(idx.device)
 
     results: dict[str, dict[str, Any]] = {}
+    for t_index, temperature in enumerate(temps):
+        for key, entry in _vote(sims, neighbour_labels, targets, ks, n, m, temperature, num_classes,
+                                query_chunk).items():
+            results[key if t_index == 0 else f"{key},T={temperature:g}"] = entry
+    return results
+
+
+def _vote(sims: Tensor, neighbour_labels: Tensor, targets: Tensor, ks: Sequence[int], n: int, m: int,
+          temperature: float, num_classes: int, query_chunk: int) -> dict[str, dict[str, Any]]:
+    """Top-1 / top-5 / per-class accuracy of weighted votes among the first k neighbours, for each k."""
+    idx_device = sims.device
+    results: dict[str, dict[str, Any]] = {}
     for k in ks:
         k_used = min(int(k), n)
         n_top5 = min(5, k_used, num_classes)
-        correct1 = torch.zeros(m, dtype=torch.bool, device=idx.device)
-        correct5 = torch.zeros(m, dtype=torch.bool, device=idx.device)
+        correct1 = torch.zeros(m, dtype=torch.bool, device=idx_device)
+        correct5 = torch.zeros(m, dtype=torch.bool, device=idx_device)
         for start in range(0, m, query_chunk):
             stop = min(start + query_chunk, m)
             block = slice(start, stop)
@@ -204,6 +270,7 @@ def knn_classify(
             "top5": 100.0 * int(correct5.sum()) / m,
             "k": k_used,
             "per_class": _per_class(correct1.cpu(), targets.cpu(), num_classes),
+            "temperature": temperature,
         }
     return results
 
@@ -220,24 +287,28 @@ def run_knn(
     train_loader: Iterable,
     val_loader: Iterable,
     ks: Sequence[int],
-    temperature: float,
+    temperature: float | Sequence[float],
     device: torch.device,
     amp_dtype: torch.dtype | None,
     engine: str = "faiss",
+    feature_dtype: torch.dtype = torch.float32,
+    train_chunk: int | None = None,
 ) -> dict[str, Any]:
     """Extract frozen features of both sets and run :func:`knn_classify`.
 
+    ``backbone`` is any module mapping images to (B, D) features (e.g. a ``FeatureExtractor``);
+    ``feature_dtype=torch.float16`` halves the stored features, ``train_chunk`` bounds the search memory.
     Returns the :func:`knn_classify` entries (``"k=10"`` ...) plus ``n_train``, ``n_val``, ``dim``,
     ``num_classes``, ``ks``, ``temperature``, ``engine``, ``seconds_extract`` and ``seconds_search``.
     """
     t0 = time.perf_counter()
-    train_feats, train_labels = extract_features(backbone, train_loader, device, amp_dtype)
-    val_feats, val_labels = extract_features(backbone, val_loader, device, amp_dtype)
+    train_feats, train_labels = extract_features(backbone, train_loader, device, amp_dtype, out_dtype=feature_dtype)
+    val_feats, val_labels = extract_features(backbone, val_loader, device, amp_dtype, out_dtype=feature_dtype)
     t1 = time.perf_counter()
     num_classes = int(max(train_labels.max(), val_labels.max())) + 1
     results: dict[str, Any] = dict(
         knn_classify(train_feats, train_labels, val_feats, val_labels, ks=ks, temperature=temperature,
-                     num_classes=num_classes, engine=engine)
+                     num_classes=num_classes, engine=engine, train_chunk=train_chunk)
     )
     t2 = time.perf_counter()
     results.update(
@@ -246,7 +317,7 @@ def run_knn(
         dim=int(train_feats.shape[1]),
         num_classes=num_classes,
         ks=[int(k) for k in ks],
-        temperature=float(temperature),
+        temperature=float(temperature) if isinstance(temperature, (int, float)) else [float(t) for t in temperature],
         engine=engine,
         seconds_extract=t1 - t0,
         seconds_search=t2 - t1,

@@ -20,11 +20,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _knn(args: argparse.Namespace) -> int:
+    import torch
+
     from .eval.evaluate import knn_on_checkpoint
+    from .eval.features import FeatureSpec
 
     results = knn_on_checkpoint(
         args.checkpoint, train_dir=args.train, val_dir=args.val, which=args.which,
-        overrides=args.overrides, out=args.out, random_init=args.random_init,
+        overrides=args.overrides, out=args.out, random_init=args.random_init, key=args.key,
+        features=FeatureSpec(args.layout, args.n_last_blocks), temperatures=args.temperatures,
+        feature_dtype=torch.float16 if args.fp16_features else torch.float32, cache_dir=args.cache_dir,
+        train_chunk=args.train_chunk,
     )
     for key, val in results["accuracy"].items():
         print(f"k-NN {key}: top-1 {val['top1']:.2f}%  top-5 {val['top5']:.2f}%")
@@ -64,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--which", default="teacher", choices=["teacher", "student"])
     k.add_argument("--random-init", action="store_true", help="evaluate the same architecture at random init")
     k.add_argument("--out", help="results JSON (default: <run dir>/knn.json)")
+    k.add_argument("--key", help="checkpoint entry holding the weights (official files; default: detected)")
+    k.add_argument("--layout", default="cls", choices=["cls", "mean", "cls+mean", "cls+mean-dino"])
+    k.add_argument("--n-last-blocks", type=int, default=1, help="CLS tokens of the last n blocks")
+    k.add_argument("--temperatures", type=float, nargs="+", help="several T from one search (first: knn.temperature)")
+    k.add_argument("--fp16-features", action="store_true", help="store features in float16 (half the memory)")
+    k.add_argument("--train-chunk", type=int, help="search the train set in chunks of N (bounded memory)")
+    k.add_argument("--cache-dir", help="re-use features cached here while checkpoint and data are unchanged")
     k.set_defaults(func=_knn)
 
     f = sub.add_parser("prepare-fmnist", help="write Fashion-MNIST (Debian dataset-fashion-mnist) as image folders")
@@ -77,6 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", default="data/fmnist")
     d.add_argument("--fresh", action="store_true")
     d.set_defaults(func=_demo)
+
+    from .eval import corloc, discover, export, linear, visualize
+
+    for name, module, text in (
+        ("linear", linear, "linear probe: fast grid on cached features, DINO's faithful protocol, or logistic regression"),
+        ("export", export, "write a clean backbone file (safetensors or state dict) from any supported checkpoint"),
+        ("discover", discover, "normalized-cut object discovery (TokenCut): boxes, masks, heat maps"),
+        ("corloc", corloc, "CorLoc of predicted boxes against VOC or COCO ground truth"),
+        ("visualize", visualize, "attention maps, PCA of patch features and attention rollout"),
+    ):
+        sp = sub.add_parser(name, help=text)
+        module.add_arguments(sp)
+        sp.set_defaults(func=module.run)
     return p
 
 
@@ -84,10 +110,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come before or after the options
-    bad = [a for a in extra if a.startswith("-") or "=" not in a]
+    takes_overrides = hasattr(args, "overrides")
+    bad = [a for a in extra if a.startswith("-") or "=" not in a or not takes_overrides]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides = list(getattr(args, "overrides", []) or []) + extra
+    if takes_overrides:
+        args.overrides = list(args.overrides or []) + extra
     from .data.folder import DataError
     from .engine.checkpoint import CheckpointError
     from .engine.train import NonFiniteLossError

@@ -55,12 +55,20 @@ class DataConfig:
 class ModelConfig:
     """ViT backbone (timm) and DINO head."""
 
-    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large
+    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_huge | vit_giant
     patch_size: int = 16
     img_size: int = 224  # size the position embedding is stored at; other sizes are interpolated
     depth: int | None = None
     embed_dim: int | None = None
     num_heads: int | None = None
+    # Architecture variants (official DINOv2 / iBOT releases; see models/backbone.py). Defaults: DINO's ViT.
+    mlp_ratio: float = 4.0  # MLP hidden width / embed_dim (SwiGLU: the packed width of fc1)
+    mlp_layer: str = "mlp"  # mlp (GELU) | swiglu (DINOv2 ViT-g)
+    qkv_bias: bool = True
+    layer_scale: float | None = None  # layer-scale init value; None: no layer scale
+    reg_tokens: int = 0  # register tokens (DINOv2 _reg4 models: 4)
+    no_embed_class: bool = False  # position embedding for patches only (models with registers)
+    pos_interp: str = "timm"  # position-embedding interpolation: timm | dino (DINO/iBOT/DINOv2 without registers)
     drop_path_rate: float = 0.1  # student only; the teacher has none
     out_dim: int = 65536
     hidden_dim: int = 2048

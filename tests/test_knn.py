@@ -210,3 +210,98 @@ def test_run_knn_and_write_results(tmp_path) -> None:
     write_results(res, out)
     assert json.loads(out.read_text())["k=5"]["top1"] == 100.0
     assert [p.name for p in out.parent.iterdir()] == ["knn.json"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Several temperatures, bounded-memory search, layouts and cache through knn_on_checkpoint
+# ----------------------------------------------------------------------------------------------------
+def test_several_temperatures_from_one_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ssl_distill.eval.knn as knn_mod
+
+    xtr, ytr, xte, yte = clustered(1000, 200, 16, 5, 2.0, seed=8)
+    calls = {"n": 0}
+    original = knn_mod.search_neighbours
+
+    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(knn_mod, "search_neighbours", counting)
+    res = knn_classify(xtr, ytr, xte, yte, ks=(10, 20), temperature=(0.07, 0.02, 0.5))
+    assert calls["n"] == 1
+    assert set(res) == {"k=10", "k=20", "k=10,T=0.02", "k=20,T=0.02", "k=10,T=0.5", "k=20,T=0.5"}
+    assert res["k=10"] == knn_classify(xtr, ytr, xte, yte, ks=(10,))["k=10"]
+    for t in (0.02, 0.5):
+        alone = knn_classify(xtr, ytr, xte, yte, ks=(10, 20), temperature=t)
+        for k in (10, 20):
+            assert res[f"k={k},T={t:g}"] == alone[f"k={k}"]
+    assert len(res["k=20,T=0.5"]["per_class"]) == 5 and res["k=20,T=0.5"]["temperature"] == 0.5
+    with pytest.raises(ValueError):
+        knn_classify(xtr, ytr, xte, yte, temperature=(0.07, 0.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_chunked_search_is_exact_and_bounded(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ssl_distill.eval.knn as knn_mod
+
+    xtr, ytr, xte, yte = clustered(3000, 300, 24, 6, 2.0, seed=9)
+    xtr, xte = xtr.to(dtype), xte.to(dtype)
+    s_ref, i_ref = search_neighbours(nn.functional.normalize(xtr.float(), dim=1),
+                                     nn.functional.normalize(xte.float(), dim=1), 50)
+    rows = []
+    original = knn_mod._normalize
+    monkeypatch.setattr(knn_mod, "_normalize", lambda x: rows.append(x.shape[0]) or original(x))
+    s, i = knn_mod.search_neighbours_chunked(xtr, xte, 50, query_chunk=64, train_chunk=700)
+    assert max(rows) <= 700  # never a float32 copy of the whole train set
+    assert torch.equal(i, i_ref)
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=1e-5)
+    res = knn_classify(xtr, ytr, xte, yte, ks=(10, 50), train_chunk=700, query_chunk=64)
+    monkeypatch.undo()
+    ref = knn_classify(xtr, ytr, xte, yte, ks=(10, 50))
+    for k in ("k=10", "k=50"):
+        assert (res[k]["top1"], res[k]["top5"]) == (ref[k]["top1"], ref[k]["top5"])
+
+
+def test_knn_on_official_checkpoint_with_layouts_temperatures_and_cache(tmp_path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from ssl_distill.eval.evaluate import knn_on_checkpoint
+    from ssl_distill.eval.features import FeatureSpec
+    from ssl_distill.models import BackboneSpec, ViTBackbone
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 6)):
+        for c in range(3):
+            (tmp_path / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                img = rng.normal(40 + 70 * c, 20, (16, 16, 3)).clip(0, 255).astype(np.uint8)
+                Image.fromarray(img).save(tmp_path / split / f"c{c}" / f"{i}.png")
+    torch.manual_seed(0)
+    bb = ViTBackbone(BackboneSpec(arch="vit_tiny", patch_size=8, img_size=16, depth=2))
+    torch.save(bb.vit.state_dict(), tmp_path / "dino_like.pth")  # a DINO backbone release: timm names
+    kw = dict(train_dir=str(tmp_path / "train"), val_dir=str(tmp_path / "val"), precision="fp32",
+              overrides=["knn.image_size=16", "knn.resize_size=16", "knn.ks=[3,10]", "knn.num_workers=0"],
+              features=FeatureSpec("cls+mean-dino"), temperatures=[0.07, 0.2], feature_dtype=torch.float16,
+              cache_dir=tmp_path / "cache", train_chunk=7)
+    res = knn_on_checkpoint(tmp_path / "dino_like.pth", out=tmp_path / "knn.json", **kw)
+    assert res["format"] == "dino" and res["features"] == "cls+mean-dino" and res["details"]["dim"] == 384
+    assert set(res["accuracy"]) == {"k=3", "k=10", "k=3,T=0.2", "k=10,T=0.2"}
+    assert len(res["per_class"]["k=3"]) == 3 and res["accuracy"]["k=3"]["top1"] > 80  # brightness separates
+    assert res["details"]["features_cached"] == [False, False]
+    again = knn_on_checkpoint(tmp_path / "dino_like.pth", out=tmp_path / "knn2.json", **kw)
+    assert again["details"]["features_cached"] == [True, True] and again["accuracy"] == res["accuracy"]
+    assert json.loads((tmp_path / "knn.json").read_text())["accuracy"] == res["accuracy"]
+
+    # the same through `ssl-distill knn` (options after the positional overrides)
+    from ssl_distill.cli import build_parser
+
+    args = build_parser().parse_args([
+        "knn", str(tmp_path / "dino_like.pth"), "knn.image_size=16", "knn.resize_size=16", "knn.ks=[3,10]",
+        "knn.num_workers=0", "--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
+        "--layout", "cls+mean-dino", "--temperatures", "0.07", "0.2", "--fp16-features", "--train-chunk", "7",
+        "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "knn_cli.json")])
+    assert args.func(args) == 0
+    cli_res = json.loads((tmp_path / "knn_cli.json").read_text())
+    assert cli_res["details"]["features_cached"] == [False, False]  # bf16 (the CLI default), not fp32: new entries
+    assert set(cli_res["accuracy"]) == set(res["accuracy"]) and cli_res["feature_dtype"] == "float16"

@@ -1,0 +1,146 @@
+"""Export a clean backbone file: timm's own key names, nothing but the backbone's tensors.
+
+Any checkpoint :func:`ssl_distill.checkpoints.load_any_backbone` reads (our run directories and files,
+official DINO / iBOT / DINOv2 releases and training checkpoints) becomes a state dict of timm's
+``VisionTransformer`` that loads with::
+
+    timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=OUT), **KWARGS)
+
+where NAME and KWARGS are printed, returned and written beside the file (``OUT`` with suffix ``.json``).
+Formats: ``.safetensors`` (default; carries the backbone spec in its metadata so that ``ssl-distill``
+rebuilds the exact model, position-embedding interpolation included) or a plain ``torch.save`` state
+dict (``.pth`` / ``.pt``).
+
+Note: timm interpolates position embeddings with antialiasing; models whose official code does not
+(DINO, iBOT, DINOv2 without registers) give identical features in timm at the stored image size only.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+from ssl_distill.checkpoints import SPEC_METADATA_KEY, LoadedBackbone, load_any_backbone
+from ssl_distill.engine.checkpoint import CheckpointError, atomic_save
+from ssl_distill.models import BackboneSpec
+
+__all__ = ["export_backbone", "timm_model_args", "add_arguments", "run"]
+
+_SIZE_NAMES = {"vit_tiny": "tiny", "vit_small": "small", "vit_base": "base", "vit_large": "large",
+               "vit_huge": "huge", "vit_giant": "giant"}
+
+
+def timm_model_args(spec: BackboneSpec) -> tuple[str, dict[str, Any]]:
+    """(timm model name, keyword arguments) that build ``spec`` with ``timm.create_model``.
+
+    The name only supplies what keywords cannot express in JSON (SwiGLU layers for ViT-g); every
+    dimension is given explicitly.
+    """
+    width, depth, heads = spec.dims()
+    size = _SIZE_NAMES.get(spec.arch, "base")
+    if spec.mlp_layer == "swiglu":
+        name = "vit_giant_patch14_reg4_dinov2" if spec.reg_tokens else "vit_giant_patch14_dinov2"
+    else:
+        candidates = [f"vit_{size}_patch{spec.patch_size}_{'reg4_' if spec.reg_tokens else ''}dinov2",
+                      f"vit_{size}_patch{spec.patch_size}_224", "vit_base_patch16_224"]
+        if spec.layer_scale is None and not spec.reg_tokens:
+            candidates.pop(0)
+        name = next(n for n in candidates if timm.is_model(n))
+    kwargs = spec.timm_kwargs()
+    for k in ("mlp_layer", "act_layer", "drop_path_rate"):
+        kwargs.pop(k, None)
+    kwargs.setdefault("init_values", None)
+    kwargs.setdefault("reg_tokens", 0)
+    kwargs.setdefault("no_embed_class", False)
+    kwargs.update(embed_dim=width, depth=depth, num_heads=heads)
+    return name, kwargs
+
+
+def export_backbone(checkpoint: str | Path, out: str | Path, which: str | None = None, key: str | None = None,
+                    fmt: str | None = None, **spec_overrides: Any) -> dict[str, Any]:
+    """Write the backbone of ``checkpoint`` to ``out`` in timm's names; returns what the sidecar JSON holds.
+
+    Args:
+        fmt: ``"safetensors"`` or ``"pth"``; by default from ``out``'s suffix (safetensors unless ``.pth``/``.pt``).
+        which, key, spec_overrides: as :func:`ssl_distill.checkpoints.load_any_backbone`.
+    """
+    out = Path(out)
+    if fmt is None:
+        fmt = "pth" if out.suffix in (".pth", ".pt") else "safetensors"
+    if fmt not in ("safetensors", "pth"):
+        raise ValueError(f"format must be 'safetensors' or 'pth', got {fmt!r}")
+    loaded: LoadedBackbone = load_any_backbone(checkpoint, which, key, **spec_overrides)
+    state = {k: v.detach().contiguous().clone() for k, v in loaded.backbone.vit.state_dict().items()}
+    spec = loaded.spec
+    name, kwargs = timm_model_args(spec)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        try:
+            save_file(state, str(tmp), metadata={
+                "format": "pt", SPEC_METADATA_KEY: json.dumps(dataclasses.asdict(spec)),
+                "source": json.dumps({k: v for k, v in loaded.describe().items() if k != "spec"}),
+            })
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    else:
+        atomic_save(state, out)
+    info = {
+        "file": str(out), "format": fmt, "timm_model": name, "timm_kwargs": kwargs,
+        "python": f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file={str(out)!r}), "
+                  + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")",
+        "source": loaded.describe(),
+        "num_tensors": len(state),
+        "note": ("timm resamples position embeddings with antialiasing: features match at img_size="
+                 f"{spec.img_size} exactly" + ("" if spec.pos_interp == "timm" else
+                                                 "; at other sizes ssl-distill follows the official DINO interpolation")),
+    }
+    sidecar = out.with_suffix(".json")
+    sidecar.write_text(json.dumps(info, indent=2) + "\n")
+    info["sidecar"] = str(sidecar)
+    return info
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint file (ours or official DINO / iBOT / DINOv2) or run directory")
+    parser.add_argument("out", help="output file: .safetensors (default format) or .pth")
+    parser.add_argument("--which", choices=["teacher", "student"], default=None,
+                        help="teacher (default where a file holds both) or student")
+    parser.add_argument("--key", default=None, help="top-level entry holding the weights (default: detected)")
+    parser.add_argument("--format", dest="fmt", choices=["safetensors", "pth"], default=None,
+                        help="default: from the output suffix")
+    parser.add_argument("--num-heads", type=int, default=None, help="head count, for non-standard widths")
+
+
+def run(args: argparse.Namespace) -> int:
+    info = export_backbone(args.checkpoint, args.out, which=args.which, key=args.key, fmt=args.fmt,
+                           num_heads=args.num_heads)
+    print(f"wrote {info['file']} ({info['num_tensors']} tensors, {info['source']['format']} "
+          f"{info['source']['source']}) and {info['sidecar']}")
+    print(f"load with: {info['python']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ssl-distill export", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        sys.exit(run(args))
+    except (CheckpointError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

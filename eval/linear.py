@@ -1,0 +1,766 @@
+"""Linear probes of a frozen backbone: fast (a grid of heads on cached features), faithful (DINO), logistic regression.
+
+Modes
+-----
+``fast`` (default), DINOv2's linear evaluation on features extracted once (no augmentation):
+    the features of the last ``max(blocks)`` blocks' CLS tokens and the last block's mean patch token
+    are extracted once per split (and cached on disk); a grid of linear heads {last 1, last 4 blocks} x
+    {with, without the mean patch token} x 13 learning rates (1e-5 ... 0.1, each scaled by batch / 256)
+    is trained jointly: SGD, momentum 0.9, no weight decay, cosine schedule to 0 over all iterations,
+    heads initialised N(0, 0.01), bias 0 (DINOv2's ``LinearClassifier``). The best head is picked on a
+    held-out split of the train set (stratified, 10% by default; never on the test set); its test
+    top-1 / top-5 are reported with the whole grid. The heads' inputs are contiguous column ranges of
+    the cached features, ``[cls_{L-n+1} ... cls_L, mean_L]``, so every head reads the same cached batch.
+
+``faithful``, DINO's ``eval_linear.py`` protocol:
+    frozen backbone, RandomResizedCrop(image_size, scale (0.08, 1)) + horizontal flip of each image every
+    epoch, features = CLS of the last ``n_last_blocks`` (4, DINO's ViT-S setting) [+ mean patch token with
+    ``--avgpool``, DINO's ViT-B setting: ``cls+mean-dino`` layout for n=1], a linear layer N(0, 0.01),
+    SGD lr 0.001 * batch / 256, momentum 0.9, no weight decay, cosine over epochs (``CosineAnnealingLR``
+    stepped per epoch), 100 epochs, evaluation on the center-cropped val set. Resumable: a checkpoint is
+    written atomically every epoch (and every ``checkpoint_every`` steps); the same command continues it.
+    Augmentations depend on (seed, epoch, index) only, so a resumed run matches an uninterrupted one.
+    Reported: the last epoch's accuracy and, as DINO reports it, the best accuracy over evaluated epochs
+    (selected on the val set, flagged as such).
+
+``logreg``, scikit-learn ``LogisticRegression`` (L-BFGS, multinomial) on standardized cached features:
+    the inverse regularisation ``C`` is picked on the held-out split, then refit on the whole train
+    set. For small data sets.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from ssl_distill.checkpoints import LoadedBackbone, load_any_backbone
+from ssl_distill.data.folder import DataError, ImageFolderDataset, scan_image_folder
+from ssl_distill.data.multicrop import EpochSampler, collate_eval, counter_uniforms, random_resized_crop_box
+from ssl_distill.engine.checkpoint import CheckpointError, atomic_save
+
+from .features import (
+    FeatureExtractor,
+    FeatureSet,
+    FeatureSpec,
+    ImageSettings,
+    amp_dtype_for,
+    extract_folder,
+    prepare_inference,
+)
+from .knn import write_results
+
+__all__ = [
+    "LR_GRID",
+    "HeadSpec",
+    "head_grid",
+    "stratified_holdout",
+    "LinearGrid",
+    "topk_accuracy",
+    "fast_probe",
+    "logreg_probe",
+    "RandomResizedCropFlip",
+    "faithful_probe",
+    "linear_on_checkpoint",
+    "add_arguments",
+    "run",
+]
+
+# DINOv2's linear-evaluation learning rates (eval/linear.py), each scaled by batch / 256
+LR_GRID: tuple[float, ...] = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
+CLASS_STREAM = 7  # counter_uniforms stream of the linear-probe augmentations (training uses 1-3)
+
+
+def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> list[float]:
+    """Percent of rows whose label is among the top-k logits (k clipped to the class count)."""
+    if labels.numel() == 0:
+        return [float("nan")] * len(ks)
+    top = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices
+    hit = top == labels[:, None]
+    return [100.0 * float(hit[:, : min(k, top.shape[1])].any(dim=1).float().mean()) for k in ks]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fast mode: a grid of heads trained jointly on cached features
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HeadSpec:
+    """One linear head of the grid: which blocks' CLS tokens, with or without the mean patch token, base lr."""
+
+    blocks: int
+    avgpool: bool
+    lr: float
+
+    def columns(self, embed_dim: int, max_blocks: int) -> tuple[int, int]:
+        """Column range [start, stop) of this head's input in the ``[cls x max_blocks, mean]`` features."""
+        start = (max_blocks - self.blocks) * embed_dim
+        return start, max_blocks * embed_dim + (embed_dim if self.avgpool else 0)
+
+    def name(self) -> str:
+        return f"last{self.blocks}{'+mean' if self.avgpool else ''}_lr{self.lr:g}"
+
+
+def head_grid(blocks: Sequence[int] = (1, 4), avgpool: Sequence[bool] = (False, True),
+              lrs: Sequence[float] = LR_GRID) -> list[HeadSpec]:
+    """The cartesian product, in that order."""
+    return [HeadSpec(int(n), bool(a), float(lr)) for n in blocks for a in avgpool for lr in lrs]
+
+
+def stratified_holdout(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(train indices, held-out indices): ``round(fraction * n_c)`` items of each class held out.
+
+    Classes with a single item stay in train. Deterministic for a given seed.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    train, held = [], []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        n_out = min(int(round(fraction * idx.numel())), idx.numel() - 1)
+        held.append(idx[:n_out])
+        train.append(idx[n_out:])
+    train_idx, held_idx = torch.cat(train).sort().values, torch.cat(held).sort().values
+    if held_idx.numel() == 0:
+        raise DataError("the held-out split is empty: too few train images for head selection "
+                        f"(fraction {fraction}); add images or raise the fraction")
+    return train_idx, held_idx
+
+
+class LinearGrid:
+    """Many linear heads trained jointly by SGD on the same batches of cached features.
+
+    Heads sharing an input column range form a group whose weights are one (P, d) matrix (the
+    ``L * C`` rows of its ``L`` heads, zero-padded to a multiple of 32 for the GEMM kernels): one GEMM
+    per group and direction per step, no autograd. Per head: its own learning rate (a per-column scale),
+    SGD with momentum exactly as ``torch.optim.SGD`` (``buf = m * buf + grad``, ``w -= lr * buf``). Heads are independent: each minimises
+    its own mean cross-entropy.
+
+    ``compute="bf16"`` runs the GEMMs in bfloat16 (features converted once; fp32 accumulation, fp32
+    master weights, momentum and softmax); ``"fp32"`` everything in float32.
+    """
+
+    PAD = 32
+
+    def __init__(self, heads: Sequence[HeadSpec], embed_dim: int, num_classes: int, batch_size: int,
+                 momentum: float = 0.9, seed: int = 0, device: str | torch.device = "cpu",
+                 compute: str = "fp32") -> None:
+        if compute not in ("fp32", "bf16"):
+            raise ValueError(f"compute must be fp32 or bf16, got {compute!r}")
+        self.heads = list(heads)
+        self.embed_dim, self.num_classes, self.batch_size = embed_dim, num_classes, batch_size
+        self.max_blocks = max(h.blocks for h in self.heads)
+        self.momentum = momentum
+        self.device = torch.device(device)
+        self.compute = torch.bfloat16 if compute == "bf16" else torch.float32
+        g = torch.Generator().manual_seed(seed)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, h in enumerate(self.heads):
+            groups.setdefault(h.columns(embed_dim, self.max_blocks), []).append(i)
+        self.groups = []
+        c = num_classes
+        for (start, stop), members in groups.items():
+            width = len(members) * c
+            padded = -(-width // self.PAD) * self.PAD
+            w = torch.zeros(padded, stop - start)  # (out, in) as nn.Linear; rows beyond `width` stay zero
+            w[:width] = torch.randn(width, stop - start, generator=g) * 0.01  # DINOv2: N(0, 0.01), bias 0
+            lr = torch.zeros(padded)
+            lr[:width] = torch.tensor([self.heads[i].lr * batch_size / 256.0 for i in members]).repeat_interleave(c)
+            dev = self.device
+            self.groups.append({
+                "cols": (start, stop), "heads": members, "width": width, "w": w.to(dev),
+                "b": torch.zeros(width, device=dev), "vw": torch.zeros_like(w, device=dev),
+                "vb": torch.zeros(width, device=dev), "lr": lr.to(dev),
+            })
+
+    @property
+    def in_dim(self) -> int:
+        return self.embed_dim * (self.max_blocks + 1)
+
+    def _logits_t(self, x: Tensor, grp: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """(x's group columns (B, d), transposed logits (width, B) float32).
+
+        Transposed so that the softmax over the C classes runs over a non-innermost dimension of size C
+        with the batch innermost (vectorized), rather than over rows of 10 elements.
+        """
+        start, stop = grp["cols"]
+        xg = x[:, start:stop]
+        out = torch.mm(grp["w"].to(self.compute), xg.t())
+        return xg, out[: grp["width"]].float().add_(grp["b"][:, None])
+
+    def step(self, x: Tensor, y: Tensor, lr_scale: float, with_loss: bool = True) -> Tensor | None:
+        """One SGD step on a batch (x (B, in_dim) in the compute dtype, y (B,) int64).
+
+        Returns each head's mean loss on the batch (before the step) when ``with_loss``.
+        """
+        b = x.shape[0]
+        c = self.num_classes
+        losses = torch.empty(len(self.heads), device=x.device) if with_loss else None
+        for grp in self.groups:
+            xg, logits = self._logits_t(x, grp)
+            n_heads = len(grp["heads"])
+            prob = torch.softmax(logits.view(n_heads, c, b), dim=1)
+            target = y.view(1, 1, b).expand(n_heads, 1, b)
+            if losses is not None:
+                losses[grp["heads"]] = -prob.gather(1, target).clamp_min_(1e-30).log_().mean(dim=(1, 2))
+            prob.scatter_add_(1, target, torch.full((n_heads, 1, b), -1.0, device=x.device))  # dCE/dlogits * B
+            grad = torch.zeros(grp["w"].shape[0], b, dtype=self.compute, device=x.device)
+            grad[: grp["width"]] = prob.view(-1, b)
+            lr = (grp["lr"] * lr_scale)[:, None]
+            grp["vw"].mul_(self.momentum).add_(torch.mm(grad, xg).float(), alpha=1.0 / b)  # mean over the batch
+            grp["vb"].mul_(self.momentum).add_(prob.sum(dim=2).view(-1), alpha=1.0 / b)
+            grp["w"].addcmul_(grp["vw"], lr, value=-1.0)
+            grp["b"].addcmul_(grp["vb"], lr[: grp["width"], 0], value=-1.0)
+        return losses
+
+    def fit(self, feats: Tensor, labels: Tensor, indices: Tensor, epochs: int, seed: int = 0,
+            log_every: int = 0) -> list[float]:
+        """Train on ``feats[indices]`` for ``epochs`` (shuffled each epoch, last partial batch kept).
+
+        The cosine schedule runs over all iterations (DINOv2: ``CosineAnnealingLR(max_iter, eta_min=0)``).
+        Returns the mean loss of every head over the last epoch (computed during that epoch only).
+        """
+        n = indices.numel()
+        steps_per_epoch = math.ceil(n / self.batch_size)
+        total = steps_per_epoch * epochs
+        g = torch.Generator().manual_seed(seed)
+        feats = feats.to(self.device, self.compute)  # one conversion (a copy only if dtype/device change)
+        labels = labels.to(self.device)
+        step = 0
+        last = torch.zeros(len(self.heads), device=self.device)
+        for epoch in range(epochs):
+            order = indices[torch.randperm(n, generator=g)].to(self.device)
+            final = epoch == epochs - 1
+            for s in range(0, n, self.batch_size):
+                idx = order[s : s + self.batch_size]
+                lr_scale = 0.5 * (1.0 + math.cos(math.pi * step / total))
+                loss = self.step(feats.index_select(0, idx), labels[idx], lr_scale, with_loss=final or bool(log_every))
+                if final:
+                    last += loss * idx.numel()
+                step += 1
+                if log_every and step % log_every == 0:
+                    print(f"[linear] epoch {epoch} step {step}/{total} best-head loss {float(loss.min()):.4f}",
+                          flush=True)
+        return [float(v) for v in last / max(n, 1)]
+
+    @torch.no_grad()
+    def logits(self, feats: Tensor, indices: Tensor | None = None, chunk: int = 8192) -> Tensor:
+        """(N, heads, C) logits of every head, float32 on CPU."""
+        idx_all = torch.arange(feats.shape[0]) if indices is None else indices
+        out = torch.empty(idx_all.numel(), len(self.heads), self.num_classes)
+        for s in range(0, idx_all.numel(), chunk):
+            idx = idx_all[s : s + chunk]
+            x = feats.index_select(0, idx.to(feats.device)).to(self.device, self.compute)
+            for grp in self.groups:
+                _, lg = self._logits_t(x, grp)
+                out[s : s + idx.numel(), grp["heads"]] = lg.view(len(grp["heads"]), self.num_classes,
+                                                                 idx.numel()).permute(2, 0, 1).cpu()
+        return out
+
+    def head_state(self, i: int) -> dict[str, Any]:
+        """Weights of head ``i`` as an ``nn.Linear`` state dict plus its input columns."""
+        for grp in self.groups:
+            if i in grp["heads"]:
+                j = grp["heads"].index(i)
+                c = self.num_classes
+                return {"weight": grp["w"][j * c:(j + 1) * c].clone().cpu(),
+                        "bias": grp["b"][j * c:(j + 1) * c].clone().cpu(), "columns": list(grp["cols"]),
+                        "head": dataclasses.asdict(self.heads[i])}
+        raise IndexError(i)
+
+
+def fast_probe(train: FeatureSet, test: FeatureSet, embed_dim: int, max_blocks: int,
+               heads: Sequence[HeadSpec] | None = None, epochs: int = 10, batch_size: int = 1024,
+               holdout: float = 0.1, seed: int = 0, device: str | torch.device = "cpu",
+               compute: str = "fp32", log_every: int = 0) -> dict[str, Any]:
+    """Train the head grid on ``train`` (minus the held-out split), pick on held-out, report on ``test``.
+
+    Features must be ``FeatureSpec("cls+mean", max_blocks)`` features (width ``(max_blocks + 1) * D``).
+    """
+    heads = list(heads) if heads is not None else head_grid((1, max_blocks))
+    if any(h.blocks > max_blocks for h in heads):
+        raise ValueError(f"heads use up to {max(h.blocks for h in heads)} blocks, features have {max_blocks}")
+    expected = (max_blocks + 1) * embed_dim
+    if train.features.shape[1] != expected or test.features.shape[1] != expected:
+        raise ValueError(f"features must be {expected} wide (cls x {max_blocks} + mean of width {embed_dim})")
+    num_classes = len(train.classes) or int(train.labels.max()) + 1
+    train_idx, held_idx = stratified_holdout(train.labels, holdout, seed)
+    grid = LinearGrid(heads, embed_dim, num_classes, batch_size, seed=seed, device=device, compute=compute)
+    t0 = time.perf_counter()
+    losses = grid.fit(train.features, train.labels, train_idx, epochs, seed=seed, log_every=log_every)
+    t_train = time.perf_counter() - t0
+    held_logits = grid.logits(train.features, held_idx)
+    test_logits = grid.logits(test.features)
+    held_y, test_y = train.labels[held_idx], test.labels
+    rows = []
+    for i, h in enumerate(heads):
+        h1, h5 = topk_accuracy(held_logits[:, i], held_y)
+        t1, t5 = topk_accuracy(test_logits[:, i], test_y)
+        rows.append({"name": h.name(), "blocks": h.blocks, "avgpool": h.avgpool, "lr": h.lr,
+                     "lr_scaled": h.lr * batch_size / 256.0, "holdout_top1": h1, "holdout_top5": h5,
+                     "test_top1": t1, "test_top5": t5, "final_train_loss": losses[i]})
+    # best on held-out top-1; ties: lower held-out loss is not tracked, so the first (smallest lr) wins
+    best_i = max(range(len(rows)), key=lambda i: (rows[i]["holdout_top1"], rows[i]["holdout_top5"], -i))
+    best = rows[best_i]
+    pred = test_logits[:, best_i].argmax(dim=1)
+    per_class = []
+    for c in range(num_classes):
+        mask = test_y == c
+        per_class.append(100.0 * float((pred[mask] == c).float().mean()) if mask.any() else None)
+    return {
+        "mode": "fast", "selection": "held-out split of train", "best": best,
+        "top1": best["test_top1"], "top5": best["test_top5"], "per_class": per_class,
+        "grid": rows, "n_heads": len(heads), "epochs": epochs, "batch_size": batch_size,
+        "n_train": int(train_idx.numel()), "n_holdout": int(held_idx.numel()), "n_test": int(test_y.numel()),
+        "holdout_fraction": holdout, "compute": compute, "seconds_train": t_train,
+        "best_head_state": grid.head_state(best_i),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logistic regression (scikit-learn)
+# ----------------------------------------------------------------------------------------------------
+def logreg_probe(train: FeatureSet, test: FeatureSet, cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0),
+                 holdout: float = 0.1, seed: int = 0, max_iter: int = 1000) -> dict[str, Any]:
+    """L-BFGS multinomial logistic regression: C picked on the held-out split, refit on all of train."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    x = train.features.float().numpy()
+    y = train.labels.numpy()
+    x_test, y_test = test.features.float().numpy(), test.labels.numpy()
+    train_idx, held_idx = (t.numpy() for t in stratified_holdout(train.labels, holdout, seed))
+    rows = []
+    t0 = time.perf_counter()
+    for c in cs:
+        scaler = StandardScaler().fit(x[train_idx])
+        clf = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
+        clf.fit(scaler.transform(x[train_idx]), y[train_idx])
+        held = torch.from_numpy(clf.predict_proba(scaler.transform(x[held_idx])))
+        h1, h5 = topk_accuracy(held, torch.from_numpy(_remap(clf.classes_, y[held_idx])))
+        rows.append({"C": c, "holdout_top1": h1, "holdout_top5": h5, "iterations": int(np.max(clf.n_iter_))})
+    best = max(rows, key=lambda r: (r["holdout_top1"], r["holdout_top5"]))
+    scaler = StandardScaler().fit(x)
+    clf = LogisticRegression(C=best["C"], max_iter=max_iter, random_state=seed).fit(scaler.transform(x), y)
+    proba = torch.from_numpy(clf.predict_proba(scaler.transform(x_test)))
+    t1, t5 = topk_accuracy(proba, torch.from_numpy(_remap(clf.classes_, y_test)))
+    return {"mode": "logreg", "selection": "held-out split of train, then refit on all of train",
+            "best": dict(best, test_top1=t1, test_top5=t5), "top1": t1, "top5": t5, "grid": rows,
+            "n_train": int(len(y)), "n_holdout": int(len(held_idx)), "n_test": int(len(y_test)),
+            "seconds_train": time.perf_counter() - t0}
+
+
+def _remap(classes: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Labels -> column index in predict_proba (classes absent from train map to -1: never correct)."""
+    lookup = {int(c): i for i, c in enumerate(classes)}
+    return np.array([lookup.get(int(v), -1) for v in y], dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Faithful mode: DINO's eval_linear protocol
+# ----------------------------------------------------------------------------------------------------
+class RandomResizedCropFlip:
+    """RandomResizedCrop(size, scale, ratio; bilinear, torchvision's default) + horizontal flip + normalize.
+
+    ``(img, seed) -> float32 (3, size, size)``; the crop and flip are pure functions of ``seed`` (given by
+    :class:`EpochSampler` as a function of run seed, epoch and index).
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5,
+                 mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225)) -> None:
+        self.size, self.scale, self.ratio, self.flip_p = int(size), tuple(scale), tuple(ratio), float(flip_p)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, img: Image.Image, seed: int = 0) -> Tensor:
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        u = counter_uniforms([seed], CLASS_STREAM, 0, 41)[0]
+        top, left, h, w = random_resized_crop_box(img.width, img.height, self.scale, self.ratio, u)
+        img = img.resize((self.size, self.size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+        if u[40] < self.flip_p:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
+        return x.sub_(self.mean).div_(self.std)
+
+
+FAITHFUL_FORMAT = "ssl-distill-linear/1"
+
+
+def _faithful_layout(n_last_blocks: int, avgpool: bool) -> FeatureSpec:
+    if not avgpool:
+        return FeatureSpec("cls", n_last_blocks)
+    # DINO's avgpool layout only exists for n=1 (its concatenation fails otherwise); DINOv2's order for n>1
+    return FeatureSpec("cls+mean-dino", 1) if n_last_blocks == 1 else FeatureSpec("cls+mean", n_last_blocks)
+
+
+@torch.no_grad()
+def _evaluate_head(extractor: nn.Module, head: nn.Linear, loader: Any, device: torch.device,
+                   amp: torch.dtype | None) -> tuple[float, float, float]:
+    head.eval()
+    total = c1 = c5 = 0
+    loss = 0.0
+    for batch in loader:
+        x = batch["image"].to(device, non_blocking=True)
+        y = batch["label"].to(device)
+        with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            f = extractor(x)
+        logits = head(f.float())
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        a1, a5 = topk_accuracy(logits, y)
+        c1 += a1 * y.numel() / 100.0
+        c5 += a5 * y.numel() / 100.0
+        total += y.numel()
+    head.train()
+    return 100.0 * c1 / total, 100.0 * c5 / total, loss / total
+
+
+def faithful_probe(extractor: FeatureExtractor, train_dir: str | Path, val_dir: str | Path, out_dir: str | Path,
+                   settings: ImageSettings, *, epochs: int = 100, lr: float = 0.001, batch_size: int = 128,
+                   num_workers: int = 2, device: str | torch.device = "cpu", precision: str = "bf16",
+                   seed: int = 0, val_freq: int = 1, checkpoint_every: int = 0,
+                   stop_after_steps: int | None = None, identity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """DINO's linear evaluation (see the module docstring); resumes from ``out_dir/linear_checkpoint.pth``.
+
+    ``stop_after_steps`` stops (after checkpointing) once that many optimizer steps have run in total,
+    for tests and time-boxed runs; rerunning continues. ``identity`` (checkpoint, data...) must match
+    the checkpoint's to resume.
+    """
+    device = torch.device(device)
+    amp_dtype_for(precision, device)  # validates before any work
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "linear_checkpoint.pth"
+    train_files = scan_image_folder(train_dir, labeled=True)
+    val_files = scan_image_folder(val_dir, labeled=True)
+    if train_files.classes != val_files.classes:
+        raise DataError(f"train and val folders have different classes: "
+                        f"{sorted(set(train_files.classes) ^ set(val_files.classes))}")
+    num_classes = len(train_files.classes)
+    settings_id = {"identity": identity or {}, "layout": extractor.spec.name(), "epochs": epochs, "lr": lr,
+                   "batch_size": batch_size, "seed": seed, "image": dataclasses.asdict(settings),
+                   "precision": precision, "n_train": len(train_files), "classes": train_files.classes}
+    settings_id = json.loads(json.dumps(settings_id))  # tuples -> lists, as stored
+    torch.manual_seed(seed)
+    head = nn.Linear(extractor.dim, num_classes)
+    head.weight.data.normal_(mean=0.0, std=0.01)
+    head.bias.data.zero_()
+    head.to(device)
+    optimizer = torch.optim.SGD(head.parameters(), lr * batch_size / 256.0, momentum=0.9, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=0)
+    state = {"epoch": 0, "batch": 0, "step": 0, "best_top1": 0.0, "history": []}
+    if ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ck.get("format") != FAITHFUL_FORMAT:
+            raise CheckpointError(f"{ckpt_path} is not a linear-probe checkpoint")
+        if ck["settings"] != settings_id:
+            diff = sorted(k for k in settings_id if ck["settings"].get(k) != settings_id[k])
+            raise CheckpointError(f"{ckpt_path} was written with other settings ({', '.join(diff)}); "
+                                  "use another output directory or delete it")
+        head.load_state_dict(ck["head"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        state = ck["state"]
+        print(f"[linear] resuming from {ckpt_path}: epoch {state['epoch']}, batch {state['batch']}", flush=True)
+
+    def save() -> None:
+        atomic_save({"format": FAITHFUL_FORMAT, "settings": settings_id, "head": head.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state},
+                    ckpt_path)
+
+    transform = RandomResizedCropFlip(settings.image_size, mean=settings.mean, std=settings.std)
+    dataset = ImageFolderDataset(train_files, transform)
+    sampler = EpochSampler(len(train_files), seed, drop_last=False, batch_size=batch_size)
+    from ssl_distill.data.loader import build_eval_loader
+
+    val_loader = build_eval_loader(val_files.root, settings.image_size, settings.resize_size, batch_size,
+                                   num_workers, tuple(settings.mean), tuple(settings.std))
+    model, amp = prepare_inference(extractor, precision, device)
+    model.eval()
+    head.train()
+    t0 = time.perf_counter()
+    stopped = False
+    while state["epoch"] < epochs and not stopped:
+        sampler.set_epoch(state["epoch"])
+        sampler.set_start_batch(min(state["batch"], sampler.batches_per_epoch))
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=torch.utils.data.BatchSampler(sampler, batch_size, drop_last=False),
+            collate_fn=collate_eval, num_workers=num_workers, pin_memory=device.type == "cuda")
+        for batch in loader:
+            x = batch["image"].to(device, non_blocking=True)
+            y = batch["label"].to(device)
+            with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                f = model(x)
+            loss = F.cross_entropy(head(f.float()), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            state["batch"] += 1
+            state["step"] += 1
+            if checkpoint_every and state["step"] % checkpoint_every == 0:
+                save()
+            if stop_after_steps is not None and state["step"] >= stop_after_steps:
+                stopped = True
+                break
+        if stopped and state["batch"] < -(-len(train_files) // batch_size):
+            save()
+            break
+        scheduler.step()
+        state["epoch"] += 1
+        state["batch"] = 0
+        if state["epoch"] % val_freq == 0 or state["epoch"] == epochs:
+            top1, top5, vloss = _evaluate_head(model, head, val_loader, device, amp)
+            state["best_top1"] = max(state["best_top1"], top1)
+            state["history"].append({"epoch": state["epoch"], "top1": top1, "top5": top5, "val_loss": vloss,
+                                     "train_loss": float(loss.detach()), "lr": optimizer.param_groups[0]["lr"]})
+            print(f"[linear] epoch {state['epoch']}/{epochs}: val top-1 {top1:.2f}% top-5 {top5:.2f}% "
+                  f"(best top-1 {state['best_top1']:.2f}%)", flush=True)
+        save()
+    last = state["history"][-1] if state["history"] else {}
+    done = state["epoch"] >= epochs
+    if done:
+        atomic_save({"weight": head.weight.detach().cpu(), "bias": head.bias.detach().cpu(),
+                     "layout": extractor.spec.name()}, out_dir / "linear_head.pth")
+    return {
+        "mode": "faithful", "complete": done, "epoch": state["epoch"], "step": state["step"], "epochs": epochs,
+        "top1": last.get("top1"), "top5": last.get("top5"),
+        "best_top1_over_epochs": state["best_top1"],
+        "note": "top1/top5: last evaluated epoch; best_top1_over_epochs is selected on the val set, as DINO reports",
+        "history": state["history"], "lr_scaled": lr * batch_size / 256.0, "batch_size": batch_size,
+        "layout": extractor.spec.name(), "n_train": len(train_files), "n_test": len(val_files),
+        "checkpoint": str(ckpt_path), "seconds": time.perf_counter() - t0,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoint -> results
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class ExtractOptions:
+    """Image and extraction settings shared by the modes (None: from the run config / defaults)."""
+
+    image_size: int | None = None
+    resize_size: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    batch_size: int = 128
+    num_workers: int = 2
+    precision: str = "bf16"
+    device: str = "auto"
+    feature_dtype: str = "float32"
+    cache_dir: str | None = None  # "" disables the cache; None: <out dir>/features
+
+
+def _image_settings(loaded: LoadedBackbone, opts: ExtractOptions) -> ImageSettings:
+    """Our runs: the run's k-NN image settings and normalization; official files: 224 / 256, ImageNet's."""
+    cfg = loaded.config
+    ours = loaded.format == "ssl-distill"
+    size0, resize0 = (cfg.knn.image_size, cfg.knn.resize_size) if ours else (224, 256)
+    size = opts.image_size or size0
+    resize = opts.resize_size or (resize0 if opts.image_size is None else max(size, round(size * resize0 / size0)))
+    return ImageSettings(image_size=size, resize_size=resize, mean=tuple(opts.mean or cfg.data.crops.mean),
+                         std=tuple(opts.std or cfg.data.crops.std))
+
+
+def _resolve_device(name: str) -> torch.device:
+    from ssl_distill.engine.train import resolve_device
+
+    return resolve_device(name)
+
+
+def linear_on_checkpoint(checkpoint: str | Path, train_dir: str | Path | None = None,
+                         val_dir: str | Path | None = None, mode: str = "fast",
+                         out: str | Path | None = None, which: str | None = None, key: str | None = None,
+                         num_heads: int | None = None, opts: ExtractOptions | None = None,
+                         **mode_kwargs: Any) -> dict[str, Any]:
+    """Run a linear probe of ``checkpoint`` (run directory, our file, or an official file).
+
+    ``mode_kwargs`` go to :func:`fast_probe` (``blocks``, ``lrs``, ``epochs``, ``batch_size`` (heads),
+    ``holdout``, ``seed``, ``compute``), :func:`faithful_probe` (``epochs``, ``lr``, ``n_last_blocks``,
+    ``avgpool``, ``val_freq``, ``checkpoint_every``, ``stop_after_steps``, ``seed``) or
+    :func:`logreg_probe` (``cs``, ``holdout``, ``seed``, ``max_iter``, ``layout``, ``n_last_blocks``).
+    Results are written to ``out`` (default ``<run dir or checkpoint folder>/linear_<mode>.json``).
+    ``train_dir`` / ``val_dir`` default to the run's ``knn.train_dir`` / ``knn.val_dir``.
+    """
+    if mode not in ("fast", "faithful", "logreg"):
+        raise ValueError(f"mode must be fast, faithful or logreg, got {mode!r}")
+    opts = opts or ExtractOptions()
+    loaded = load_any_backbone(checkpoint, which, key, num_heads=num_heads)
+    train_dir = train_dir or loaded.config.knn.train_dir
+    val_dir = val_dir or loaded.config.knn.val_dir
+    if not train_dir or not val_dir:
+        raise ValueError("a linear probe needs labeled train and val folders: pass --train and --val")
+    ckpt_path = Path(checkpoint)
+    base = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent
+    out = Path(out) if out is not None else base / f"linear_{mode}.json"
+    cache_dir = None if opts.cache_dir == "" else Path(opts.cache_dir or out.parent / "features")
+    settings = _image_settings(loaded, opts)
+    device = _resolve_device(opts.device)
+    dtype = {"float32": torch.float32, "float16": torch.float16}[opts.feature_dtype]
+    backbone = loaded.backbone
+    header = {"checkpoint": loaded.describe(), "train_dir": str(train_dir), "val_dir": str(val_dir),
+              "image": dataclasses.asdict(settings), "precision": opts.precision}
+
+    def features(spec: FeatureSpec) -> tuple[FeatureSet, FeatureSet]:
+        from .features import backbone_fingerprint
+
+        extractor = FeatureExtractor(backbone, spec)
+        weights = backbone_fingerprint(backbone) if cache_dir is not None else None
+        sets = [extract_folder(extractor, d, settings, device=device, precision=opts.precision,
+                               batch_size=opts.batch_size, num_workers=opts.num_workers, dtype=dtype,
+                               cache_dir=cache_dir, weights_key=weights) for d in (train_dir, val_dir)]
+        if sets[0].classes != sets[1].classes:
+            raise DataError(f"train and val folders have different classes: "
+                            f"{sorted(set(sets[0].classes) ^ set(sets[1].classes))}")
+        return sets[0], sets[1]
+
+    t0 = time.perf_counter()
+    if mode == "fast":
+        blocks = tuple(sorted(set(min(int(b), backbone.depth) for b in mode_kwargs.pop("blocks", (1, 4)))))
+        lrs = tuple(mode_kwargs.pop("lrs", LR_GRID))
+        max_blocks = max(blocks)
+        train, test = features(FeatureSpec("cls+mean", max_blocks))
+        res = fast_probe(train, test, backbone.embed_dim, max_blocks, head_grid(blocks, (False, True), lrs),
+                         device=device, **mode_kwargs)
+        head_file = out.with_name(out.stem + "_best_head.pth")
+        atomic_save(res.pop("best_head_state"), head_file)
+        res["best_head_file"] = str(head_file)
+        res["features"] = {"train": _meta(train), "test": _meta(test)}
+    elif mode == "logreg":
+        spec = FeatureSpec(mode_kwargs.pop("layout", "cls"), min(int(mode_kwargs.pop("n_last_blocks", 1)), backbone.depth))
+        train, test = features(spec)
+        res = logreg_probe(train, test, **mode_kwargs)
+        res["layout"] = spec.name()
+        res["features"] = {"train": _meta(train), "test": _meta(test)}
+    else:
+        n_last = min(int(mode_kwargs.pop("n_last_blocks", 4)), backbone.depth)
+        spec = _faithful_layout(n_last, bool(mode_kwargs.pop("avgpool", False)))
+        identity = {"checkpoint": str(loaded.file), "source": loaded.source, "train": str(train_dir),
+                    "val": str(val_dir)}
+        res = faithful_probe(FeatureExtractor(backbone, spec), train_dir, val_dir,
+                             out.with_name(out.stem + "_run"), settings, batch_size=opts.batch_size,
+                             num_workers=opts.num_workers, device=device, precision=opts.precision,
+                             identity=identity, **mode_kwargs)
+    res = {**header, **res, "seconds_total": time.perf_counter() - t0}
+    write_results(res, out)
+    res["out"] = str(out)
+    return res
+
+
+def _meta(fs: FeatureSet) -> dict[str, Any]:
+    keep = ("n", "layout", "n_last_blocks", "key", "seconds", "images_per_s", "cache_file", "bad_images")
+    return {**{k: fs.meta[k] for k in keep if k in fs.meta}, "cached": fs.cached}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``ssl-distill linear``."""
+    p = parser
+    p.add_argument("checkpoint", help="run directory, checkpoint file, or official DINO / iBOT / DINOv2 file")
+    p.add_argument("--train", default=None,
+                   help="labeled train folder, root/<class>/<image> (default: the run's knn.train_dir)")
+    p.add_argument("--val", default=None, help="labeled test folder, same classes (default: the run's knn.val_dir)")
+    p.add_argument("--mode", choices=["fast", "faithful", "logreg"], default="fast")
+    p.add_argument("--out", default=None, help="results JSON (default: <run dir>/linear_<mode>.json)")
+    p.add_argument("--which", choices=["teacher", "student"], default=None)
+    p.add_argument("--key", default=None, help="checkpoint entry holding the weights (default: detected)")
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads, for non-standard widths")
+    g = p.add_argument_group("images and features")
+    g.add_argument("--image-size", type=int, default=None, help="center crop (default: run config, else 224)")
+    g.add_argument("--resize-size", type=int, default=None, help="shorter side before cropping (default 256/224 x)")
+    g.add_argument("--mean", type=float, nargs=3, default=None)
+    g.add_argument("--std", type=float, nargs=3, default=None)
+    g.add_argument("--batch-size", type=int, default=128, help="images per forward pass (faithful: per SGD step)")
+    g.add_argument("--num-workers", type=int, default=2)
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--feature-dtype", choices=["float32", "float16"], default="float32")
+    g.add_argument("--cache-dir", default=None, help="feature cache (default: <out dir>/features)")
+    g.add_argument("--no-cache", action="store_true", help="extract every time, write no cache")
+    f = p.add_argument_group("fast mode")
+    f.add_argument("--blocks", type=int, nargs="+", default=[1, 4], help="last-n-block choices of the grid")
+    f.add_argument("--lrs", type=float, nargs="+", default=list(LR_GRID), help="base lrs (scaled by batch/256)")
+    f.add_argument("--head-batch-size", type=int, default=1024, help="SGD batch of the heads")
+    f.add_argument("--holdout", type=float, default=0.1, help="share of train held out for head selection")
+    f.add_argument("--head-precision", choices=["fp32", "bf16"], default="fp32", help="GEMMs of the head grid")
+    f.add_argument("--epochs", type=int, default=None, help="fast: 10, faithful: 100")
+    f.add_argument("--seed", type=int, default=0)
+    d = p.add_argument_group("faithful mode (DINO eval_linear)")
+    d.add_argument("--lr", type=float, default=0.001, help="scaled by batch / 256")
+    d.add_argument("--n-last-blocks", type=int, default=None,
+                   help="CLS tokens of the last n blocks (faithful default 4, DINO's ViT-S setting; logreg default 1)")
+    d.add_argument("--avgpool", action="store_true", help="add the mean patch token (DINO ViT-B: n=1 + avgpool)")
+    d.add_argument("--val-freq", type=int, default=1)
+    d.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
+    d.add_argument("--stop-after-steps", type=int, default=None, help="stop (checkpointed) after N steps in total")
+    r = p.add_argument_group("logreg mode")
+    r.add_argument("--cs", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0], help="inverse regularisation grid")
+    r.add_argument("--layout", choices=["cls", "mean", "cls+mean", "cls+mean-dino"], default="cls")
+    r.add_argument("--max-iter", type=int, default=1000)
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = ExtractOptions(
+        image_size=args.image_size, resize_size=args.resize_size,
+        mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None,
+        batch_size=args.batch_size, num_workers=args.num_workers, precision=args.precision, device=args.device,
+        feature_dtype=args.feature_dtype, cache_dir="" if args.no_cache else args.cache_dir,
+    )
+    if args.mode == "fast":
+        kw: dict[str, Any] = dict(blocks=args.blocks, lrs=args.lrs, epochs=args.epochs or 10,
+                                  batch_size=args.head_batch_size, holdout=args.holdout, seed=args.seed,
+                                  compute=args.head_precision)
+    elif args.mode == "faithful":
+        kw = dict(epochs=args.epochs or 100, lr=args.lr, n_last_blocks=args.n_last_blocks or 4, avgpool=args.avgpool,
+                  val_freq=args.val_freq, checkpoint_every=args.checkpoint_every,
+                  stop_after_steps=args.stop_after_steps, seed=args.seed)
+    else:
+        kw = dict(cs=args.cs, holdout=args.holdout, seed=args.seed, max_iter=args.max_iter, layout=args.layout,
+                  n_last_blocks=(args.n_last_blocks or 1) if args.layout in ("cls", "cls+mean") else 1)
+    res = linear_on_checkpoint(args.checkpoint, args.train, args.val, mode=args.mode, out=args.out,
+                               which=args.which, key=args.key, num_heads=args.num_heads, opts=opts, **kw)
+    if args.mode == "fast":
+        b = res["best"]
+        print(f"linear (fast, {res['n_heads']} heads): best {b['name']} (held-out top-1 {b['holdout_top1']:.2f}%) "
+              f"-> test top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%")
+    elif args.mode == "logreg":
+        print(f"linear (logreg, C={res['best']['C']:g}): test top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%")
+    elif res["complete"]:
+        print(f"linear (faithful, {res['epochs']} epochs): val top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}% "
+              f"(best over epochs {res['best_top1_over_epochs']:.2f}%)")
+    else:
+        print(f"linear (faithful): stopped at epoch {res['epoch']} step {res['step']}; run again to continue")
+    print(f"results: {res['out']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ssl-distill linear", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    from ssl_distill.config import ConfigError
+
+    try:
+        sys.exit(run(args))
+    except (CheckpointError, DataError, ConfigError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""CorLoc: IoU, the VOC and COCO readers (coordinate conventions) and the measure itself."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from scenes import make_scenes, write_coco, write_voc
+from ssl_distill.eval.corloc import AnnotationError, box_iou, corloc, main, read_boxes_json, read_coco, read_voc
+
+
+def test_box_iou_known_values():
+    assert box_iou([0, 0, 10, 10], [[0, 0, 10, 10]])[0] == 1.0
+    assert box_iou([0, 0, 10, 10], [[10, 0, 20, 10]])[0] == 0.0  # touching edges share no area
+    assert box_iou([0, 0, 10, 10], [[5, 0, 15, 10]])[0] == pytest.approx(50 / 150)
+    assert box_iou([0, 0, 10, 10], [[2, 2, 8, 8]])[0] == pytest.approx(36 / 100)
+    m = box_iou(np.array([[0, 0, 10, 10], [0, 0, 0, 0]]), np.array([[0, 0, 10, 10], [0, 0, 5, 10]]))
+    np.testing.assert_allclose(m, [[1.0, 0.5], [0.0, 0.0]])  # a degenerate box has IoU 0, not nan
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """5 scenes (1-2 objects each) written in both layouts."""
+    base = tmp_path_factory.mktemp("corloc")
+    sc = make_scenes(5, seed=3, size=(40, 64), max_objects=2)
+    voc = write_voc(base / "voc", sc)
+    _, coco = write_coco(base / "coco", sc)
+    return sc, voc, coco
+
+
+def test_readers_round_trip_the_generated_boxes(tiny):
+    sc, voc, coco = tiny
+    gv, gc = read_voc(voc), read_coco(coco)
+    assert sorted(gv) == [f"{s.name}.jpg" for s in sc] and sorted(gc) == [f"{s.name}.png" for s in sc]
+    for s in sc:
+        # VOC stores 1-based inclusive pixels (xmin = x0 + 1, xmax = x1): the reader undoes exactly that
+        np.testing.assert_array_equal(gv[f"{s.name}.jpg"].boxes, s.boxes)
+        np.testing.assert_array_equal(gc[f"{s.name}.png"].boxes, s.boxes)
+        assert gv[f"{s.name}.jpg"].width == s.image.shape[1] and gc[f"{s.name}.png"].height == s.image.shape[0]
+    # a split lists a subset; a missing split or folder says which file it wanted
+    (voc / "ImageSets" / "Main" / "val.txt").write_text(f"{sc[1].name}\n")
+    assert list(read_voc(voc, "val")) == [f"{sc[1].name}.jpg"]
+    with pytest.raises(AnnotationError, match="test.txt"):
+        read_voc(voc, "test")
+    with pytest.raises(AnnotationError, match="Annotations"):
+        read_voc(voc / "JPEGImages")
+
+
+def test_voc_whole_image_box_convention(tmp_path):
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "Annotations" / "a.xml").write_text(
+        "<annotation><filename>a.jpg</filename><size><width>50</width><height>40</height></size>"
+        "<object><difficult>1</difficult><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>50</xmax><ymax>40</ymax></bndbox></object>"
+        "</annotation>")
+    gt = read_voc(tmp_path, split=None)["a.jpg"]
+    np.testing.assert_array_equal(gt.boxes, [[0, 0, 50, 40]])  # xmin=1..xmax=W covers the whole width
+    assert gt.difficult.tolist() == [True]
+    assert corloc({"a.jpg": [0, 0, 50, 40]}, {"a.jpg": gt}, skip_difficult=True).n_images == 0
+
+
+def _shifted(box: np.ndarray, frac: float) -> np.ndarray:
+    """The box moved right by ``frac`` of its width (IoU = (1 - frac) / (1 + frac))."""
+    w = box[2] - box[0]
+    return box + np.array([frac * w, 0, frac * w, 0])
+
+
+@pytest.mark.parametrize("layout", ["voc", "coco"])
+def test_corloc_on_a_tiny_dataset(tiny, layout):
+    sc, voc, coco = tiny
+    gt = read_voc(voc) if layout == "voc" else read_coco(coco)
+    ext = ".jpg" if layout == "voc" else ".png"
+    preds = {}
+    # scene 0: exact first box (hit); scene 1: shifted by 1/4 width, IoU 0.6 (hit); scene 2: shifted by
+    # 1/2 width, IoU 1/3 (miss); scene 3: the *last* gt box (hit: any gt box counts); scene 4: no prediction.
+    preds[sc[0].name + ext] = sc[0].boxes[0].astype(float)
+    preds[sc[1].name + ext] = _shifted(sc[1].boxes[0].astype(float), 0.25)
+    preds[sc[2].name + ext] = _shifted(sc[2].boxes[0].astype(float), 0.5)
+    preds[sc[3].name + ext] = np.stack([sc[3].boxes[-1], [0, 0, 1, 1]]).astype(float)  # only the first is used
+    res = corloc(preds, gt)
+    assert res.n_images == 5 and res.n_hits == 3 and res.corloc == pytest.approx(0.6)
+    assert res.missing == [sc[4].name + ext]
+    assert res.best_iou[sc[1].name + ext] == pytest.approx(0.6)
+    assert not res.hits[sc[2].name + ext] and res.hits[sc[3].name + ext]
+    # the threshold is inclusive (IoU >= 0.5): a shift of 1/3 width gives IoU exactly 0.5
+    box = np.array([0.0, 0.0, 30.0, 10.0])
+    one = {"x": type(gt[sc[0].name + ext])("x", box[None], np.zeros(1, bool))}
+    assert corloc({"x": _shifted(box, 1 / 3)}, one).n_hits == 1
+    assert corloc({"x": _shifted(box, 0.34)}, one).n_hits == 0
+
+
+def test_boxes_file_and_command_line(tiny, tmp_path, capsys):
+    sc, voc, coco = tiny
+    # a predictions file in the discovery format: the ground truth itself, as COCO JSON -> CorLoc 100%
+    data = json.loads(coco.read_text())
+    data["images"] = [dict(im, file_name=im["file_name"].replace(".png", ".jpg")) for im in data["images"]]
+    pred_file = tmp_path / "boxes.json"
+    pred_file.write_text(json.dumps(data))
+    assert set(read_boxes_json(pred_file)) == {f"{s.name}.jpg" for s in sc}
+    assert main([str(pred_file), "--voc", str(voc)]) == 0
+    assert "CorLoc 100.00% (5/5 images)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "nope.json"), "--coco", str(coco)])
+    assert "nope.json" in capsys.readouterr().err

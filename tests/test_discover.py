@@ -1,0 +1,195 @@
+"""Normalized-cut discovery: the cut on hand-built graphs, the flip and component rules, boxes with
+padding, the Lanczos solver against the dense reference, outputs and the command line."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+from scenes import make_scenes, tiny_checkpoint, write_coco, write_voc
+from ssl_distill.eval.corloc import read_coco
+from ssl_distill.eval.discover import (
+    EPS,
+    affinity,
+    bipartition,
+    discover_image,
+    main,
+    mask_box,
+    ncut,
+    prepare_image,
+    second_eigenvector,
+    seed_component,
+    write_coco_boxes,
+)
+from ssl_distill.models import BackboneSpec, ViTBackbone
+
+
+def two_cluster_graph(grid: tuple[int, int], fg: np.ndarray, eps: float = EPS) -> np.ndarray:
+    """W = 1 inside each cluster (foreground tokens / the rest), eps across."""
+    lab = fg.ravel()
+    return np.where(lab[:, None] == lab[None, :], 1.0, eps)
+
+
+@pytest.mark.parametrize("method", ["dense", "lanczos"])
+def test_two_clusters_known_answer(method):
+    h, w = 12, 15  # 180 tokens: small enough for the dense solve, Lanczos forced
+    fg = np.zeros((h, w), dtype=bool)
+    fg[3:7, 4:10] = True  # 24 tokens: the smaller cluster
+    W = two_cluster_graph((h, w), fg)
+    lam, x = second_eigenvector(W, method)
+    n1, n2 = fg.sum(), (~fg).sum()
+    d1, d2 = n1 + EPS * n2, n2 + EPS * n1
+    # piecewise-constant eigenvector, eigenvalue eps (n2 / d1 + n1 / d2), D-normalised
+    assert lam == pytest.approx(EPS * (n2 / d1 + n1 / d2), rel=1e-6)
+    d = W.sum(1)
+    assert x @ (d * x) == pytest.approx(1.0)
+    res = ncut(W, (h, w), 8, (h * 8, w * 8), method)
+    # the seed (largest |x|) lies in the smaller-volume cluster, which becomes the foreground
+    np.testing.assert_array_equal(res.bipartition, fg)
+    np.testing.assert_array_equal(res.mask, fg)
+    assert fg[res.seed] and res.box == (4 * 8, 3 * 8, 10 * 8, 7 * 8)
+    assert res.eigenvector[fg].min() > res.eigenvector[~fg].max()  # oriented: foreground high
+
+
+def test_flip_rule():
+    x = np.array([-5.0, 1.0, 1.0, 1.0, 2.0])  # mean 0; the largest |x| is below the mean
+    part, seed, xo = bipartition(x)
+    assert seed == 0 and part.tolist() == [True, False, False, False, False]
+    np.testing.assert_array_equal(xo, -x)
+    part2, seed2, xo2 = bipartition(-x)  # the sign of the eigenvector does not matter
+    assert seed2 == 0 and part2.tolist() == part.tolist()
+    np.testing.assert_array_equal(xo2, xo)
+    part3, seed3, xo3 = bipartition(np.array([0.0, 0.1, 0.2, 3.0]))  # seed already foreground: no flip
+    assert seed3 == 3 and part3.tolist() == [False, False, False, True]
+    np.testing.assert_array_equal(xo3, [0.0, 0.1, 0.2, 3.0])
+
+
+def test_component_rule_is_four_connected():
+    fg = np.array([
+        [1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [0, 0, 1, 1, 0],  # touches the first blob only at a corner: a separate component
+        [0, 0, 1, 0, 0],
+        [1, 0, 0, 0, 1],
+    ], dtype=bool)
+    np.testing.assert_array_equal(seed_component(fg, (0, 0)), np.isin(np.arange(25).reshape(5, 5), [0, 1, 5, 6]))
+    np.testing.assert_array_equal(seed_component(fg, (3, 2)), np.isin(np.arange(25).reshape(5, 5), [12, 13, 17]))
+    assert seed_component(fg, (4, 4)).sum() == 1
+    with pytest.raises(ValueError, match="not in the foreground"):
+        seed_component(fg, (0, 4))
+
+
+def test_cut_keeps_only_the_seed_component():
+    # foreground cluster made of two separate blobs with identical features: the box covers the seed's blob only
+    h, w = 10, 10
+    fg = np.zeros((h, w), dtype=bool)
+    fg[1:3, 1:3] = True  # 4 tokens
+    fg[6:9, 5:9] = True  # 12 tokens
+    W = two_cluster_graph((h, w), fg)
+    res = ncut(W, (h, w), 16, (160, 160))
+    np.testing.assert_array_equal(res.bipartition, fg)
+    assert res.mask.sum() in (4, 12) and res.mask.sum() < fg.sum()
+    assert res.box in ((16, 16, 48, 48), (80, 96, 144, 144))
+
+
+def test_box_scaling_with_padding():
+    # a 37 x 30 image at patch 8 is padded to 40 x 32: a 5 x 4 grid; the last row/column is part padding
+    x, size = prepare_image(Image.new("RGB", (37, 30), (200, 10, 30)), 8)
+    assert x.shape == (1, 3, 32, 40) and size == (30, 37)
+    assert torch.all(x[..., 30:, :] == 0) and torch.all(x[..., :, 37:] == 0) and torch.all(x[..., :30, :37] != 0)
+    mask = np.zeros((4, 5), dtype=bool)
+    mask[1:3, 1:3] = True
+    assert mask_box(mask, 8, size) == (8, 8, 24, 24)
+    mask[3, 4] = True  # the bottom-right token: its box edge is clipped to the unpadded image
+    assert mask_box(mask, 8, size) == (8, 8, 37, 30)
+    W = two_cluster_graph((4, 5), mask)
+    res = ncut(W, (4, 5), 8, size)
+    assert res.pixel_mask().shape == (30, 37)
+
+
+def test_lanczos_matches_the_dense_generalized_solve():
+    """Noisy 3-cluster key sets (288 tokens), thresholded like real keys: same eigenvalue and partition."""
+    rng = np.random.default_rng(0)
+    for trial in range(3):
+        h, w = 16, 18
+        labels = np.zeros((h, w), dtype=int)
+        labels[rng.integers(0, 6):rng.integers(9, 15), rng.integers(0, 6):rng.integers(9, 16)] = 1
+        labels[:, : rng.integers(2, 6)] = 2
+        centers = rng.standard_normal((3, 32))
+        keys = centers[labels.ravel()] + rng.normal(0, 0.9, (h * w, 32))
+        W = affinity(torch.from_numpy(keys).float())
+        assert set(np.unique(W)) == {EPS, 1.0}
+        d = W.sum(1)
+        vals, vecs = scipy.linalg.eigh(np.diag(d) - W, np.diag(d), subset_by_index=[1, 2])
+        lam, x = second_eigenvector(W, "lanczos")
+        assert lam == pytest.approx(vals[0], rel=1e-8, abs=1e-10)
+        assert abs(x @ (d * vecs[:, 0])) == pytest.approx(1.0, abs=1e-8)  # same vector up to sign
+        a, b = ncut(W, (h, w), 8, (160, 160), "lanczos"), ncut(W, (h, w), 8, (160, 160), "dense")
+        np.testing.assert_array_equal(a.bipartition, b.bipartition)
+        np.testing.assert_array_equal(a.mask, b.mask)
+        assert a.box == b.box
+
+
+def test_constant_graph_keeps_the_whole_image():
+    res = ncut(np.ones((12, 12)), (3, 4), 8, (20, 30))
+    assert res.mask.all() and res.box == (0, 0, 30, 20)
+
+
+def test_discover_image_and_coco_boxes_file(tmp_path):
+    torch.manual_seed(0)
+    bb = ViTBackbone(BackboneSpec(arch="vit_tiny", patch_size=8, img_size=32, depth=2)).eval()
+    scene = make_scenes(1, seed=5, size=(70, 90))[0]
+    res = discover_image(bb, Image.fromarray(scene.image))
+    hp, wp = -(-scene.image.shape[0] // 8), -(-scene.image.shape[1] // 8)
+    assert res.mask.shape == (hp, wp) and res.eigenvector.shape == (hp, wp) and res.mask[res.seed]
+    x0, y0, x1, y1 = res.box
+    assert 0 <= x0 < x1 <= scene.image.shape[1] and 0 <= y0 < y1 <= scene.image.shape[0]
+    assert {"features", "affinity", "solve"} <= set(res.timings)
+    path = write_coco_boxes(tmp_path / "boxes.json", [
+        {"file_name": "sub/a.jpg", "width": 90, "height": 70, "box": res.box, "ncut_eigenvalue": res.eigenvalue},
+        {"file_name": "b.png", "width": 10, "height": 10, "box": (1, 2, 5, 9)},
+    ])
+    data = json.loads(path.read_text())
+    assert [im["file_name"] for im in data["images"]] == ["sub/a.jpg", "b.png"]
+    assert data["annotations"][1] == {"id": 2, "image_id": 2, "category_id": 1, "bbox": [1, 2, 4, 7], "area": 28,
+                                      "iscrowd": 0}
+    assert "ncut_eigenvalue" in data["annotations"][0]
+    np.testing.assert_array_equal(read_coco(path)["b.png"].boxes, [[1, 2, 5, 9]])  # readable as ground truth
+
+
+@pytest.mark.parametrize("layout", ["voc", "coco"])
+def test_command_line_on_a_scene_dataset(tmp_path, layout, capsys):
+    ck = tiny_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    sc = make_scenes(3, seed=7, size=(50, 70), max_objects=2)
+    out = tmp_path / "out"
+    if layout == "voc":
+        root = write_voc(tmp_path / "voc", sc)
+        args = [str(tmp_path / "run"), "--voc", str(root)]
+    else:
+        images, js = write_coco(tmp_path / "coco", sc)
+        args = [str(ck), "--coco", str(js), "--images", str(images)]
+    assert main(args + ["--out", str(out), "--masks", "--heatmaps", "--random-init"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 boxes ->" in printed and "CorLoc" in printed
+    boxes = json.loads((out / "boxes.json").read_text())
+    names = [im["file_name"] for im in boxes["images"]]
+    assert len(names) == 3 and len(boxes["annotations"]) == 3
+    result = json.loads((out / "corloc.json").read_text())
+    assert result["n_images"] == 3 and 0.0 <= result["corloc"] <= 1.0 and result["which"] == "random_init"
+    for name, s in zip(names, sc):
+        stem = name.rsplit(".", 1)[0]
+        mask = np.asarray(Image.open(out / "masks" / f"{stem}.png"))
+        assert mask.shape == s.image.shape[:2] and set(np.unique(mask)) <= {0, 255} and mask.max() == 255
+        heat = Image.open(out / "heatmaps" / f"{stem}.png")
+        assert heat.size == (s.image.shape[1], s.image.shape[0]) and heat.mode == "RGB"
+    # a plain folder without ground truth works too and the output defaults to the run directory
+    folder = tmp_path / "voc" / "JPEGImages" if layout == "voc" else tmp_path / "coco" / "images"
+    assert main([str(tmp_path / "run"), "--images", str(folder), "--limit", "1"]) == 0
+    assert len(json.loads((tmp_path / "run" / "discover" / "boxes.json").read_text())["images"]) == 1
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "missing"), "--images", str(folder)])
+    assert "missing" in capsys.readouterr().err

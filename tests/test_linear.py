@@ -1,0 +1,230 @@
+"""Linear probes: the joint head grid against torch's SGD, selection on held-out data, the three modes end to end."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from ssl_distill.config import config_to_dict, load_config
+from ssl_distill.engine.checkpoint import FORMAT, atomic_save
+from ssl_distill.engine.train import build_model
+from ssl_distill.eval import linear as L
+from ssl_distill.eval.features import FeatureSet
+
+ROOT = Path(__file__).resolve().parents[1]
+D, C = 8, 4
+
+
+def synthetic(n: int, seed: int, blocks: int = 4, noise: float = 1.0) -> FeatureSet:
+    """Features [cls x blocks, mean] of width (blocks + 1) * D; the class shows in the last CLS block."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % C
+    x = noise * torch.randn(n, (blocks + 1) * D, generator=g)
+    means = torch.randn(C, D, generator=torch.Generator().manual_seed(99)) * 2
+    x[:, (blocks - 1) * D : blocks * D] += means[y]
+    return FeatureSet(x, y, [str(c) for c in range(C)])
+
+
+def torch_reference(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, head: L.HeadSpec, w0: torch.Tensor,
+                    epochs: int, batch: int, seed: int) -> nn.Linear:
+    """One head trained the usual way: nn.Linear, autograd, torch.optim.SGD, per-iteration cosine schedule."""
+    start, stop = head.columns(D, 4)
+    lin = nn.Linear(stop - start, C)
+    with torch.no_grad():
+        lin.weight.copy_(w0)
+        lin.bias.zero_()
+    opt = torch.optim.SGD(lin.parameters(), lr=head.lr * batch / 256, momentum=0.9, weight_decay=0)
+    total = math.ceil(idx.numel() / batch) * epochs
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total, eta_min=0)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = idx[torch.randperm(idx.numel(), generator=g)]
+        for s in range(0, idx.numel(), batch):
+            b = order[s : s + batch]
+            loss = F.cross_entropy(lin(x[b, start:stop]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return lin
+
+
+def test_grid_heads_match_torch_sgd_and_are_independent() -> None:
+    data = synthetic(300, 0)
+    idx = torch.arange(0, 300, 2)  # a subset, as the held-out split leaves
+    heads = [L.HeadSpec(1, False, 0.05), L.HeadSpec(4, True, 0.2), L.HeadSpec(4, True, 0.01), L.HeadSpec(1, True, 1.0)]
+    grid = L.LinearGrid(heads, D, C, batch_size=32, seed=3)
+    w0 = [grid.head_state(i)["weight"].clone() for i in range(len(heads))]
+    grid.fit(data.features, data.labels, idx, epochs=3, seed=5)
+    for i, h in enumerate(heads):
+        ref = torch_reference(data.features, data.labels, idx, h, w0[i], epochs=3, batch=32, seed=5)
+        state = grid.head_state(i)
+        torch.testing.assert_close(state["weight"], ref.weight.detach(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(state["bias"], ref.bias.detach(), rtol=1e-4, atol=1e-5)
+    # trained alone, a head ends where it ends in the grid
+    alone = L.LinearGrid([heads[1]], D, C, batch_size=32, seed=3)
+    for grp in alone.groups:
+        grp["w"][: C] = w0[1]
+    alone.fit(data.features, data.labels, idx, epochs=3, seed=5)
+    torch.testing.assert_close(alone.head_state(0)["weight"], grid.head_state(1)["weight"], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_grid_close_to_fp32() -> None:
+    data = synthetic(400, 1)
+    idx = torch.arange(400)
+    heads = L.head_grid((1, 4), (False, True), (0.01, 0.1))
+    acc = {}
+    for compute in ("fp32", "bf16"):
+        grid = L.LinearGrid(heads, D, C, batch_size=64, seed=0, compute=compute)
+        grid.fit(data.features, data.labels, idx, epochs=4)
+        acc[compute] = [L.topk_accuracy(grid.logits(data.features)[:, i], data.labels)[0] for i in range(len(heads))]
+    assert max(abs(a - b) for a, b in zip(acc["fp32"], acc["bf16"])) < 3.0
+    assert max(acc["bf16"]) > 90
+
+
+def test_stratified_holdout() -> None:
+    labels = torch.tensor([0] * 50 + [1] * 20 + [2] * 1)
+    tr, ho = L.stratified_holdout(labels, 0.1, seed=0)
+    assert set(tr.tolist()) | set(ho.tolist()) == set(range(71)) and not set(tr.tolist()) & set(ho.tolist())
+    assert torch.bincount(labels[ho], minlength=3).tolist() == [5, 2, 0]
+    assert torch.equal(L.stratified_holdout(labels, 0.1, seed=0)[1], ho)
+    assert not torch.equal(L.stratified_holdout(labels, 0.1, seed=1)[1], ho)
+
+
+def test_fast_probe_selects_on_held_out_not_test() -> None:
+    train, test = synthetic(600, 2), synthetic(200, 3)
+    res = L.fast_probe(train, test, D, 4, epochs=5, batch_size=64, holdout=0.2, seed=0)
+    assert res["n_heads"] == 52 and len(res["grid"]) == 52
+    assert {(r["blocks"], r["avgpool"]) for r in res["grid"]} == {(1, False), (1, True), (4, False), (4, True)}
+    assert len({r["lr"] for r in res["grid"]}) == 13 and min(L.LR_GRID) == 1e-5 and max(L.LR_GRID) == 0.1
+    best = res["best"]
+    assert best["holdout_top1"] == max(r["holdout_top1"] for r in res["grid"])
+    assert res["top1"] == best["test_top1"] > 90 and (res["n_train"], res["n_holdout"]) == (480, 120)
+    # test labels that carry no signal change the test figures, never the chosen head
+    shuffled = FeatureSet(test.features, test.labels[torch.randperm(200, generator=torch.Generator().manual_seed(0))],
+                          test.classes)
+    res2 = L.fast_probe(train, shuffled, D, 4, epochs=5, batch_size=64, holdout=0.2, seed=0)
+    assert res2["best"]["name"] == best["name"] and res2["top1"] < 60
+    assert len(res["per_class"]) == C and res["best_head_state"]["weight"].shape[0] == C
+
+
+def test_logreg_probe() -> None:
+    res = L.logreg_probe(synthetic(300, 4), synthetic(100, 5), cs=(0.01, 1.0), holdout=0.2)
+    assert res["top1"] > 90 and {r["C"] for r in res["grid"]} == {0.01, 1.0}
+    assert res["n_train"] == 300
+
+
+def test_random_resized_crop_flip_is_a_function_of_the_seed() -> None:
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    t = L.RandomResizedCropFlip(24)
+    a, b, c = t(img, 7), t(img, 7), t(img, 8)
+    assert a.shape == (3, 24, 24) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ----------------------------------------------------------------------------------------------------
+# End to end on a tiny run directory and an official-layout file
+# ----------------------------------------------------------------------------------------------------
+def make_folder(root: Path, n: int, seed: int) -> Path:
+    """Two classes of 16 x 16 images: bright left half vs bright right half, with noise."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(("left", "right")):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = rng.normal(60, 30, (16, 16))
+            if c == 0:
+                img[:, :8] += 120
+            else:
+                img[:, 8:] += 120
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).convert("RGB").save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("lin")
+    train, val = make_folder(base / "train", 20, 0), make_folder(base / "val", 8, 1)
+    cfg = load_config(ROOT / "configs" / "dino_tiny_fmnist.yaml", [
+        "model.depth=2", "model.patch_size=8", "model.img_size=16", "model.out_dim=32", "model.hidden_dim=16",
+        "model.bottleneck_dim=8", "data.crops.global_size=16", "data.crops.local_size=8",
+        "knn.image_size=16", "knn.resize_size=16", f"run.output_dir={base / 'run'}"])
+    torch.manual_seed(0)
+    teacher, student = build_model(cfg, 0.0), build_model(cfg, 0.0)
+    atomic_save({"format": FORMAT, "teacher": teacher.state_dict(), "student": student.state_dict(),
+                 "config": config_to_dict(cfg)}, base / "run" / "checkpoint.pth")
+    # the same backbone as an official DINO backbone release (timm names, bare state dict)
+    bare = {k[len("backbone.vit."):]: v for k, v in teacher.state_dict().items() if k.startswith("backbone.vit.")}
+    torch.save(bare, base / "dino_release.pth")
+    return {"base": base, "train": train, "val": val, "run": base / "run", "official": base / "dino_release.pth"}
+
+
+def cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    L.add_arguments(parser)
+    return L.run(parser.parse_args([str(a) for a in argv]))
+
+
+def test_fast_and_logreg_from_the_command_line(setup: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    common = ["--train", setup["train"], "--val", setup["val"], "--num-workers", "0", "--precision", "fp32"]
+    assert cli(setup["run"], *common, "--epochs", "3", "--head-batch-size", "8", "--holdout", "0.25") == 0
+    res = json.loads((setup["run"] / "linear_fast.json").read_text())
+    assert res["n_heads"] == 52 and res["checkpoint"]["format"] == "ssl-distill"
+    assert {r["blocks"] for r in res["grid"]} == {1, 2}  # depth 2: "last 4" becomes the last 2
+    assert res["image"]["image_size"] == 16 and 0 <= res["top1"] <= 100 and not res["features"]["train"]["cached"]
+    assert Path(res["best_head_file"]).is_file()
+    assert "test top-1" in capsys.readouterr().out
+    assert cli(setup["run"], *common, "--epochs", "3", "--head-batch-size", "8", "--holdout", "0.25",
+               "--out", setup["base"] / "again.json", "--cache-dir", setup["run"] / "features") == 0
+    assert json.loads((setup["base"] / "again.json").read_text())["features"]["train"]["cached"]
+
+    out = setup["base"] / "official_logreg.json"
+    assert cli(setup["official"], *common, "--mode", "logreg", "--image-size", "16", "--cs", "0.1", "1",
+               "--holdout", "0.25", "--out", out) == 0
+    res = json.loads(out.read_text())
+    assert res["checkpoint"]["format"] == "dino" and res["mode"] == "logreg" and res["top1"] >= 50
+
+
+def test_faithful_mode_resumes_to_the_same_head(setup: dict[str, Path]) -> None:
+    common = ["--train", setup["train"], "--val", setup["val"], "--num-workers", "0", "--precision", "fp32",
+              "--mode", "faithful", "--epochs", "2", "--batch-size", "16", "--n-last-blocks", "2", "--lr", "0.5"]
+    full, part = setup["base"] / "full.json", setup["base"] / "part.json"
+    assert cli(setup["run"], *common, "--out", full) == 0
+    res = json.loads(full.read_text())
+    assert res["complete"] and res["epoch"] == 2 and len(res["history"]) == 2 and res["layout"] == "cls@2"
+    # interrupted after 1 of the 3 steps of epoch 0 (40 images / 16), then after epoch 1's second step
+    assert cli(setup["run"], *common, "--out", part, "--stop-after-steps", "1") == 0
+    assert not json.loads(part.read_text())["complete"]
+    assert cli(setup["run"], *common, "--out", part, "--stop-after-steps", "5") == 0
+    assert cli(setup["run"], *common, "--out", part) == 0
+    res_p = json.loads(part.read_text())
+    assert res_p["complete"] and res_p["step"] == res["step"] == 6
+    a = torch.load(setup["base"] / "full_run" / "linear_head.pth", weights_only=True)
+    b = torch.load(setup["base"] / "part_run" / "linear_head.pth", weights_only=True)
+    torch.testing.assert_close(a["weight"], b["weight"], rtol=0, atol=1e-6)
+    assert res_p["top1"] == pytest.approx(res["top1"])
+    # other settings refuse to resume the same run
+    with pytest.raises(Exception, match="other settings"):
+        cli(setup["run"], *common[:-2], "--lr", "0.1", "--out", part, "--epochs", "3")
+
+
+def test_python_m_entry_point(setup: dict[str, Path]) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "ssl_distill.eval.linear", str(setup["official"]), "--train", str(setup["train"]),
+         "--val", str(setup["val"]), "--num-workers", "0", "--image-size", "16", "--epochs", "1", "--blocks", "1",
+         "--lrs", "0.01", "--head-batch-size", "8", "--holdout", "0.25", "--out", str(setup["base"] / "m.json")],
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads((setup["base"] / "m.json").read_text())["n_heads"] == 2
+    bad = subprocess.run([sys.executable, "-m", "ssl_distill.eval.linear", str(setup["train"] / "left" / "0.png"),
+                          "--train", str(setup["train"]), "--val", str(setup["val"])],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "error:" in bad.stderr and "Traceback" not in bad.stderr
