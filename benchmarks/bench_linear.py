@@ -15,7 +15,7 @@ alternating rounds (the machine is shared), wall clock and CPU seconds of this p
 Also printed: the work of the grid in multiply-adds relative to one head, and the held-out / test
 accuracy of the best head of a full :func:`fast_probe` (hold-out split, selection, evaluation).
 
-    python benchmarks/bench_linear.py [--n 60000 --dim 384 --classes 10 --epochs 10 --batch 1024]
+    python benchmarks/bench_linear.py [--n 60000 --dim 384 --classes 10 --epochs 10 --batch 256]
                                       [--rounds 2] [--compute bf16|fp32|both] [--threads 0]
 """
 from __future__ import annotations
@@ -75,7 +75,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=384, help="backbone width D (features: 5 D wide)")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=256, help="SGD batch (fast mode default)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--compute", choices=["bf16", "fp32", "both"], default="both")
     p.add_argument("--threads", type=int, default=0)

@@ -123,7 +123,7 @@ def main() -> None:
     if cache:
         cache.mkdir(parents=True, exist_ok=True)
 
-    fast_c, dense_c, e2e_c = [], [], []
+    fast_c, dense_c, e2e_c, constant = [], [], [], []
     fast_t, dense_t, e2e_t, ious, comp_ious, gaps, eigengaps = [], [], [], [], [], [], []
     preds = {}
     t_start = time.perf_counter()
@@ -147,6 +147,7 @@ def main() -> None:
         b = np.unpackbits(bits, count=n * n).reshape(n, n).astype(bool)
         w = np.where(b, 1.0, EPS)
         digest = hashlib.sha1(bits.tobytes()).hexdigest()[:16]
+        constant.append(bool(b.all() or not b.any()))
         t0, c0 = time.perf_counter(), time.process_time()
         fast = ncut(w, grid, 8, size, "lanczos")
         fast_t.append(time.perf_counter() - t0)
@@ -193,6 +194,9 @@ def main() -> None:
               f"unique cut, any solver's answer is arbitrary); on the {int(unique.sum())} others: bipartition "
               f"agreement {100 * ok[unique].mean() if unique.any() else float('nan'):.1f}%, smallest eigengap "
               f"{np.min(np.asarray(eigengaps)[unique]) if unique.any() else float('nan'):.2e}")
+        n_const = sum(constant[: len(ious)])
+        print(f"  {n_const} of those graphs are constant (every pair of keys has cosine > tau): the cut keeps the "
+              f"whole image there, the dense solve returns an arbitrary vector")
     if e2e_t:
         print(f"  end to end (load-free: normalise + features + affinity + cut + box), fp32, fused attention: "
               f"{1 / np.median(e2e_t):.3f} images/s wall, {1 / np.median(e2e_c):.3f} images per CPU-second "

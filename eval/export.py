@@ -104,7 +104,8 @@ def export_backbone(checkpoint: str | Path, out: str | Path, which: str | None =
         "num_tensors": len(state),
         "note": ("timm resamples position embeddings with antialiasing: features match at img_size="
                  f"{spec.img_size} exactly" + ("" if spec.pos_interp == "timm" else
-                                                 "; at other sizes ssl-distill follows the official DINO interpolation")),
+                                                 "; at other sizes ssl-distill follows the official DINO "
+                                                 "interpolation")),
     }
     sidecar = out.with_suffix(".json")
     sidecar.write_text(json.dumps(info, indent=2) + "\n")

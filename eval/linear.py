@@ -146,8 +146,8 @@ class LinearGrid:
     Heads sharing an input column range form a group whose weights are one (P, d) matrix (the
     ``L * C`` rows of its ``L`` heads, zero-padded to a multiple of 32 for the GEMM kernels): one GEMM
     per group and direction per step, no autograd. Per head: its own learning rate (a per-column scale),
-    SGD with momentum exactly as ``torch.optim.SGD`` (``buf = m * buf + grad``, ``w -= lr * buf``). Heads are independent: each minimises
-    its own mean cross-entropy.
+    SGD with momentum exactly as ``torch.optim.SGD`` (``buf = m * buf + grad``, ``w -= lr * buf``).
+    Heads are independent: each minimises its own mean cross-entropy.
 
     ``compute="bf16"`` runs the GEMMs in bfloat16 (features converted once; fp32 accumulation, fp32
     master weights, momentum and softmax); ``"fp32"`` everything in float32.
@@ -283,7 +283,7 @@ class LinearGrid:
 
 
 def fast_probe(train: FeatureSet, test: FeatureSet, embed_dim: int, max_blocks: int,
-               heads: Sequence[HeadSpec] | None = None, epochs: int = 10, batch_size: int = 1024,
+               heads: Sequence[HeadSpec] | None = None, epochs: int = 10, batch_size: int = 256,
                holdout: float = 0.1, seed: int = 0, device: str | torch.device = "cpu",
                compute: str = "fp32", log_every: int = 0) -> dict[str, Any]:
     """Train the head grid on ``train`` (minus the held-out split), pick on held-out, report on ``test``.
@@ -603,7 +603,9 @@ def linear_on_checkpoint(checkpoint: str | Path, train_dir: str | Path | None = 
     train_dir = train_dir or loaded.config.knn.train_dir
     val_dir = val_dir or loaded.config.knn.val_dir
     if not train_dir or not val_dir:
-        raise ValueError("a linear probe needs labeled train and val folders: pass --train and --val")
+        from ssl_distill.config import ConfigError
+
+        raise ConfigError("a linear probe needs labeled train and val folders: pass --train and --val")
     ckpt_path = Path(checkpoint)
     base = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent
     out = Path(out) if out is not None else base / f"linear_{mode}.json"
@@ -641,7 +643,8 @@ def linear_on_checkpoint(checkpoint: str | Path, train_dir: str | Path | None = 
         res["best_head_file"] = str(head_file)
         res["features"] = {"train": _meta(train), "test": _meta(test)}
     elif mode == "logreg":
-        spec = FeatureSpec(mode_kwargs.pop("layout", "cls"), min(int(mode_kwargs.pop("n_last_blocks", 1)), backbone.depth))
+        n_last = min(int(mode_kwargs.pop("n_last_blocks", 1)), backbone.depth)
+        spec = FeatureSpec(mode_kwargs.pop("layout", "cls"), n_last)
         train, test = features(spec)
         res = logreg_probe(train, test, **mode_kwargs)
         res["layout"] = spec.name()
@@ -696,7 +699,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f = p.add_argument_group("fast mode")
     f.add_argument("--blocks", type=int, nargs="+", default=[1, 4], help="last-n-block choices of the grid")
     f.add_argument("--lrs", type=float, nargs="+", default=list(LR_GRID), help="base lrs (scaled by batch/256)")
-    f.add_argument("--head-batch-size", type=int, default=1024, help="SGD batch of the heads")
+    f.add_argument("--head-batch-size", type=int, default=256, help="SGD batch of the heads (lrs scale by batch / 256)")
     f.add_argument("--holdout", type=float, default=0.1, help="share of train held out for head selection")
     f.add_argument("--head-precision", choices=["fp32", "bf16"], default="fp32", help="GEMMs of the head grid")
     f.add_argument("--epochs", type=int, default=None, help="fast: 10, faithful: 100")

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from .config import Config, ModelConfig, config_from_dict
-from .engine.checkpoint import FORMAT, CheckpointError, find_checkpoint
+from .engine.checkpoint import FORMAT, CheckpointError, describe_mismatch, find_checkpoint
 from .models import BackboneSpec, ViTBackbone
 from .models.backbone import VIT_SIZES, arch_for_width, grid_side, standard_heads
 
@@ -424,22 +424,10 @@ def infer_spec(ts: TimmState, hints: dict[str, Any] | None = None, **overrides: 
 
 def _strict_load(backbone: ViTBackbone, ts: TimmState, what: str) -> None:
     """load_state_dict(strict=True) on the timm model, errors in the file's own key names."""
-    own = backbone.vit.state_dict()
+    problem = describe_mismatch(backbone.vit.state_dict(), ts.state, lambda k: ts.origin.get(k, k))
+    if problem:
+        raise CheckpointError(f"{what} does not fit the inferred model {backbone.spec}: {problem}")
     state = ts.state
-    name = lambda k: ts.origin.get(k, k)  # noqa: E731
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(name(k) for k in set(state) - set(own))
-    shapes = [f"{name(k)}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(state)) if tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
-        if shapes:
-            parts.append("shape mismatches " + "; ".join(shapes[:20]))
-        raise CheckpointError(f"{what} does not fit the inferred model {backbone.spec}: " + ", ".join(parts))
     backbone.vit.load_state_dict(state, strict=True)
 
 
@@ -493,7 +481,8 @@ def load_any_backbone(path: str | Path, which: str | None = None, key: str | Non
     obj, meta = read_checkpoint(file)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         if key not in (None, "teacher", "student"):
-            raise CheckpointError(f"{file} is an ssl-distill checkpoint: key must be 'teacher' or 'student', got {key!r}")
+            raise CheckpointError(f"{file} is an ssl-distill checkpoint: key must be 'teacher' or 'student', "
+                                  f"got {key!r}")
         return _load_ours(file, obj, key or which or "teacher")
     found = find_backbone_state(obj, which, key)
     ts = to_timm_layout(found.state, found.source)

@@ -355,7 +355,7 @@ def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path: Path) -> None
     chunked = chunk_blocks(sd, 2)
     chunked["blocks.1.1.ls2.gamma"] = torch.ones(7)
     torch.save(chunked, tmp_path / "shape.pth")
-    with pytest.raises(CheckpointError, match=r"blocks\.1\.1\.ls2\.gamma: file \(7,\) vs model \(192,\)"):
+    with pytest.raises(CheckpointError, match=r"blocks\.1\.1\.ls2\.gamma: checkpoint \(7,\) vs model \(192,\)"):
         load_any_backbone(tmp_path / "shape.pth")
     with pytest.raises(CheckpointError, match="does not divide the width"):
         torch.save(sd, tmp_path / "ok.pth")

@@ -86,7 +86,8 @@ def test_cache_reuse_and_invalidation(backbone: ViTBackbone, folder: Path, tmp_p
     settings = ImageSettings(32, 32)
     kw = dict(precision="fp32", batch_size=4, num_workers=0, cache_dir=tmp_path / "cache")
     first = extract_folder(ext, folder, settings, **kw)
-    assert not first.cached and first.features.shape == (15, 3 * 192) and first.labels.tolist() == [0] * 5 + [1] * 5 + [2] * 5
+    assert not first.cached and first.features.shape == (15, 3 * 192)
+    assert first.labels.tolist() == [0] * 5 + [1] * 5 + [2] * 5
     assert first.classes == ["a", "b", "c"] and first.meta["images_per_s"] > 0
     again = extract_folder(ext, folder, settings, **kw)
     assert again.cached and torch.equal(again.features, first.features)

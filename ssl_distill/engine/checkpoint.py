@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -74,25 +74,35 @@ def load_file(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
 
 
-def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """load_state_dict(strict=True) with an error that lists the mismatching keys and shapes."""
-    own = module.state_dict()
+def describe_mismatch(
+    own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], name: Callable[[str], str] = lambda k: k
+) -> str | None:
+    """Missing / unexpected keys and shape mismatches between a model's and a file's state dicts.
+
+    ``name`` maps a key to the name it has in the user's file (for messages). None when they fit.
+    """
     missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    unexpected = sorted(name(k) for k in set(state) - set(own))
     shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        f"{name(k)}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
         for k in sorted(set(own) & set(state))
         if tuple(state[k].shape) != tuple(own[k].shape)
     ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
-        if shapes:
-            parts.append("shape mismatches " + "; ".join(shapes[:20]))
-        raise CheckpointError(f"{what} does not fit the model: " + ", ".join(parts))
+    parts = []
+    if missing:
+        parts.append(f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}")
+    if unexpected:
+        parts.append(f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
+    if shapes:
+        parts.append("shape mismatches " + "; ".join(shapes[:20]))
+    return ", ".join(parts) or None
+
+
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """load_state_dict(strict=True) with an error that lists the mismatching keys and shapes."""
+    problem = describe_mismatch(module.state_dict(), state)
+    if problem:
+        raise CheckpointError(f"{what} does not fit the model: {problem}")
     module.load_state_dict(state, strict=True)
 
 
