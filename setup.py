@@ -29,6 +29,7 @@ setup(
         "scikit-learn>=1.4",
         "pillow>=10",
         "numpy>=1.24",
+        "scipy>=1.10",
         "pyyaml>=6",
         "tqdm>=4.60",
         "matplotlib>=3.7",

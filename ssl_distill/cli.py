@@ -119,12 +119,13 @@ def main(argv: list[str] | None = None) -> None:
     from .data.folder import DataError
     from .engine.checkpoint import CheckpointError
     from .engine.train import NonFiniteLossError
+    from .eval.corloc import AnnotationError
 
     try:
         sys.exit(args.func(args))
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    except (DataError, CheckpointError, NonFiniteLossError) as e:
+    except (DataError, CheckpointError, NonFiniteLossError, AnnotationError) as e:
         sys.exit(f"error: {e}")
 
 
