@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import torch
 
 from ssl_distill.checkpoints import SPEC_METADATA_KEY, LoadedBackbone, load_any_backbone
 from ssl_distill.engine.checkpoint import CheckpointError, atomic_save

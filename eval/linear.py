@@ -6,11 +6,13 @@ Modes
     the features of the last ``max(blocks)`` blocks' CLS tokens and the last block's mean patch token
     are extracted once per split (and cached on disk); a grid of linear heads {last 1, last 4 blocks} x
     {with, without the mean patch token} x 13 learning rates (1e-5 ... 0.1, each scaled by batch / 256)
-    is trained jointly: SGD, momentum 0.9, no weight decay, cosine schedule to 0 over all iterations,
-    heads initialised N(0, 0.01), bias 0 (DINOv2's ``LinearClassifier``). The best head is picked on a
+    is trained jointly: SGD (batch 256), momentum 0.9, no weight decay, cosine schedule to 0 over
+    DINOv2's 12,500 iterations (at least 10 epochs; ``epochs`` to choose), heads initialised N(0, 0.01),
+    bias 0 (DINOv2's ``LinearClassifier``). The best head is picked on a
     held-out split of the train set (stratified, 10% by default; never on the test set); its test
     top-1 / top-5 are reported with the whole grid. The heads' inputs are contiguous column ranges of
     the cached features, ``[cls_{L-n+1} ... cls_L, mean_L]``, so every head reads the same cached batch.
+    Optional (not DINOv2's): ``standardize`` z-scores the features with the training split's statistics.
 
 ``faithful``, DINO's ``eval_linear.py`` protocol:
     frozen backbone, RandomResizedCrop(image_size, scale (0.08, 1)) + horizontal flip of each image every
@@ -33,9 +35,9 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -70,6 +72,8 @@ __all__ = [
     "LinearGrid",
     "topk_accuracy",
     "fast_probe",
+    "default_epochs",
+    "default_head_compute",
     "logreg_probe",
     "RandomResizedCropFlip",
     "faithful_probe",
@@ -282,11 +286,49 @@ class LinearGrid:
         raise IndexError(i)
 
 
+DINOV2_ITERATIONS = 12500  # DINOv2's linear evaluation: 10 "epochs" of 1,250 iterations
+
+
+def default_epochs(n_train: int, batch_size: int) -> int:
+    """Epochs for DINOv2's 12,500 iterations, at least 10."""
+    return max(10, math.ceil(DINOV2_ITERATIONS / math.ceil(n_train / batch_size)))
+
+
+def _column_stats(x: Tensor, rows: Tensor, chunk: int = 16384) -> tuple[Tensor, Tensor]:
+    """Mean and std (float32, floored at 1e-6) of each column over ``x[rows]``, in chunks."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    sq = torch.zeros(x.shape[1], dtype=torch.float64)
+    for s in range(0, rows.numel(), chunk):
+        block = x.index_select(0, rows[s : s + chunk]).double()
+        total += block.sum(0)
+        sq += (block * block).sum(0)
+    n = max(rows.numel(), 1)
+    mean = total / n
+    std = (sq / n - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
+    return mean.float(), std.float()
+
+
+def default_head_compute(device: str | torch.device) -> str:
+    """bf16 where it is native (CUDA; CPUs with AVX512-BF16 / AMX as oneDNN reports), else fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16"
+    try:
+        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    except (AttributeError, RuntimeError):
+        return "fp32"
+
+
 def fast_probe(train: FeatureSet, test: FeatureSet, embed_dim: int, max_blocks: int,
-               heads: Sequence[HeadSpec] | None = None, epochs: int = 10, batch_size: int = 256,
+               heads: Sequence[HeadSpec] | None = None, epochs: int | None = None, batch_size: int = 256,
                holdout: float = 0.1, seed: int = 0, device: str | torch.device = "cpu",
-               compute: str = "fp32", log_every: int = 0) -> dict[str, Any]:
+               compute: str = "auto", standardize: bool = False, log_every: int = 0) -> dict[str, Any]:
     """Train the head grid on ``train`` (minus the held-out split), pick on held-out, report on ``test``.
+
+    ``epochs``: None gives DINOv2's schedule length, 12,500 iterations (at least 10 epochs).
+    ``compute``: ``"fp32"``, ``"bf16"`` or ``"auto"`` (:func:`default_head_compute`).
+    ``standardize``: z-score every feature with the training split's mean and std first (not in
+    DINOv2's protocol; same hypothesis class, better conditioned SGD; off by default).
 
     Features must be ``FeatureSpec("cls+mean", max_blocks)`` features (width ``(max_blocks + 1) * D``).
     """
@@ -297,13 +339,20 @@ def fast_probe(train: FeatureSet, test: FeatureSet, embed_dim: int, max_blocks: 
     if train.features.shape[1] != expected or test.features.shape[1] != expected:
         raise ValueError(f"features must be {expected} wide (cls x {max_blocks} + mean of width {embed_dim})")
     num_classes = len(train.classes) or int(train.labels.max()) + 1
+    compute = default_head_compute(device) if compute == "auto" else compute
     train_idx, held_idx = stratified_holdout(train.labels, holdout, seed)
+    steps_per_epoch = math.ceil(train_idx.numel() / batch_size)
+    epochs = default_epochs(train_idx.numel(), batch_size) if epochs is None else epochs
+    x_train, x_test = train.features, test.features
+    if standardize:
+        mean, std = _column_stats(x_train, train_idx)
+        x_train, x_test = ((x - mean).div_(std) for x in (x_train.float(), x_test.float()))
     grid = LinearGrid(heads, embed_dim, num_classes, batch_size, seed=seed, device=device, compute=compute)
     t0 = time.perf_counter()
-    losses = grid.fit(train.features, train.labels, train_idx, epochs, seed=seed, log_every=log_every)
+    losses = grid.fit(x_train, train.labels, train_idx, epochs, seed=seed, log_every=log_every)
     t_train = time.perf_counter() - t0
-    held_logits = grid.logits(train.features, held_idx)
-    test_logits = grid.logits(test.features)
+    held_logits = grid.logits(x_train, held_idx)
+    test_logits = grid.logits(x_test)
     held_y, test_y = train.labels[held_idx], test.labels
     rows = []
     for i, h in enumerate(heads):
@@ -323,7 +372,8 @@ def fast_probe(train: FeatureSet, test: FeatureSet, embed_dim: int, max_blocks: 
     return {
         "mode": "fast", "selection": "held-out split of train", "best": best,
         "top1": best["test_top1"], "top5": best["test_top5"], "per_class": per_class,
-        "grid": rows, "n_heads": len(heads), "epochs": epochs, "batch_size": batch_size,
+        "grid": rows, "n_heads": len(heads), "epochs": epochs, "iterations": epochs * steps_per_epoch,
+        "batch_size": batch_size, "standardize": standardize,
         "n_train": int(train_idx.numel()), "n_holdout": int(held_idx.numel()), "n_test": int(test_y.numel()),
         "holdout_fraction": holdout, "compute": compute, "seconds_train": t_train,
         "best_head_state": grid.head_state(best_i),
@@ -336,6 +386,7 @@ def fast_probe(train: FeatureSet, test: FeatureSet, embed_dim: int, max_blocks: 
 def logreg_probe(train: FeatureSet, test: FeatureSet, cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0),
                  holdout: float = 0.1, seed: int = 0, max_iter: int = 1000) -> dict[str, Any]:
     """L-BFGS multinomial logistic regression: C picked on the held-out split, refit on all of train."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -343,22 +394,29 @@ def logreg_probe(train: FeatureSet, test: FeatureSet, cs: Sequence[float] = (0.0
     y = train.labels.numpy()
     x_test, y_test = test.features.float().numpy(), test.labels.numpy()
     train_idx, held_idx = (t.numpy() for t in stratified_holdout(train.labels, holdout, seed))
+    def fit(c: float, rows_idx: np.ndarray) -> tuple[Any, Any, bool]:
+        scaler = StandardScaler().fit(x[rows_idx])
+        clf = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # recorded in the results instead
+            clf.fit(scaler.transform(x[rows_idx]), y[rows_idx])
+        return scaler, clf, bool(np.max(clf.n_iter_) < max_iter)
+
     rows = []
     t0 = time.perf_counter()
     for c in cs:
-        scaler = StandardScaler().fit(x[train_idx])
-        clf = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
-        clf.fit(scaler.transform(x[train_idx]), y[train_idx])
+        scaler, clf, converged = fit(c, train_idx)
         held = torch.from_numpy(clf.predict_proba(scaler.transform(x[held_idx])))
         h1, h5 = topk_accuracy(held, torch.from_numpy(_remap(clf.classes_, y[held_idx])))
-        rows.append({"C": c, "holdout_top1": h1, "holdout_top5": h5, "iterations": int(np.max(clf.n_iter_))})
+        rows.append({"C": c, "holdout_top1": h1, "holdout_top5": h5, "iterations": int(np.max(clf.n_iter_)),
+                     "converged": converged})
     best = max(rows, key=lambda r: (r["holdout_top1"], r["holdout_top5"]))
-    scaler = StandardScaler().fit(x)
-    clf = LogisticRegression(C=best["C"], max_iter=max_iter, random_state=seed).fit(scaler.transform(x), y)
+    scaler, clf, converged = fit(best["C"], np.arange(len(y)))
     proba = torch.from_numpy(clf.predict_proba(scaler.transform(x_test)))
     t1, t5 = topk_accuracy(proba, torch.from_numpy(_remap(clf.classes_, y_test)))
     return {"mode": "logreg", "selection": "held-out split of train, then refit on all of train",
-            "best": dict(best, test_top1=t1, test_top5=t5), "top1": t1, "top5": t5, "grid": rows,
+            "best": dict(best, test_top1=t1, test_top5=t5, refit_converged=converged), "top1": t1, "top5": t5,
+            "grid": rows,
             "n_train": int(len(y)), "n_holdout": int(len(held_idx)), "n_test": int(len(y_test)),
             "seconds_train": time.perf_counter() - t0}
 
@@ -701,8 +759,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--lrs", type=float, nargs="+", default=list(LR_GRID), help="base lrs (scaled by batch/256)")
     f.add_argument("--head-batch-size", type=int, default=256, help="SGD batch of the heads (lrs scale by batch / 256)")
     f.add_argument("--holdout", type=float, default=0.1, help="share of train held out for head selection")
-    f.add_argument("--head-precision", choices=["fp32", "bf16"], default="fp32", help="GEMMs of the head grid")
-    f.add_argument("--epochs", type=int, default=None, help="fast: 10, faithful: 100")
+    f.add_argument("--head-precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="GEMMs of the head grid (auto: bf16 on CUDA and on CPUs with native bf16, else fp32)")
+    f.add_argument("--epochs", type=int, default=None,
+                   help="fast: DINOv2's 12,500 iterations, at least 10 epochs; faithful: 100")
+    f.add_argument("--standardize", action="store_true",
+                   help="fast: z-score features with train statistics first (not in DINOv2's protocol)")
     f.add_argument("--seed", type=int, default=0)
     d = p.add_argument_group("faithful mode (DINO eval_linear)")
     d.add_argument("--lr", type=float, default=0.001, help="scaled by batch / 256")
@@ -726,9 +788,9 @@ def run(args: argparse.Namespace) -> int:
         feature_dtype=args.feature_dtype, cache_dir="" if args.no_cache else args.cache_dir,
     )
     if args.mode == "fast":
-        kw: dict[str, Any] = dict(blocks=args.blocks, lrs=args.lrs, epochs=args.epochs or 10,
+        kw: dict[str, Any] = dict(blocks=args.blocks, lrs=args.lrs, epochs=args.epochs,
                                   batch_size=args.head_batch_size, holdout=args.holdout, seed=args.seed,
-                                  compute=args.head_precision)
+                                  compute=args.head_precision, standardize=args.standardize)
     elif args.mode == "faithful":
         kw = dict(epochs=args.epochs or 100, lr=args.lr, n_last_blocks=args.n_last_blocks or 4, avgpool=args.avgpool,
                   val_freq=args.val_freq, checkpoint_every=args.checkpoint_every,

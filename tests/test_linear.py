@@ -118,6 +118,20 @@ def test_fast_probe_selects_on_held_out_not_test() -> None:
     assert len(res["per_class"]) == C and res["best_head_state"]["weight"].shape[0] == C
 
 
+def test_schedule_length_and_standardization() -> None:
+    assert L.default_epochs(54000, 256) == 60  # Fashion-MNIST: 211 iterations per epoch
+    assert L.default_epochs(1_281_167, 1024) == 10  # ImageNet: DINOv2's 12,500 iterations are 10 epochs
+    train, test = synthetic(400, 6), synthetic(100, 7)
+    scale = torch.logspace(-2, 1, train.features.shape[1])  # badly conditioned columns
+    train = FeatureSet(train.features * scale + 3.0, train.labels, train.classes)
+    test = FeatureSet(test.features * scale + 3.0, test.labels, test.classes)
+    kw = dict(epochs=3, batch_size=32, holdout=0.2, heads=L.head_grid((1, 4), (True,), (0.01, 0.1)))
+    raw = L.fast_probe(train, test, D, 4, **kw)
+    std = L.fast_probe(train, test, D, 4, standardize=True, **kw)
+    assert std["standardize"] and std["iterations"] == 3 * 10
+    assert std["top1"] > 90 and std["best"]["holdout_top1"] >= raw["best"]["holdout_top1"]
+
+
 def test_logreg_probe() -> None:
     res = L.logreg_probe(synthetic(300, 4), synthetic(100, 5), cs=(0.01, 1.0), holdout=0.2)
     assert res["top1"] > 90 and {r["C"] for r in res["grid"]} == {0.01, 1.0}
