@@ -15,6 +15,7 @@ the ``file_name`` of COCO's ``images`` entries), the same key the discovery boxe
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -231,13 +232,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ssl_distill.eval.corloc", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except AnnotationError as e:
-        parser.exit(2, f"error: {e}\n")
+    """``python -m ssl_distill.eval.corloc``: the same as ``ssl-distill corloc`` (one error handler)."""
+    from ssl_distill.cli import run as cli_run
+
+    return cli_run(["corloc", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Any
 import timm
 
 from ssl_distill.checkpoints import SPEC_METADATA_KEY, LoadedBackbone, load_any_backbone
-from ssl_distill.engine.checkpoint import CheckpointError, atomic_save
+from ssl_distill.engine.checkpoint import atomic_save
 from ssl_distill.models import BackboneSpec
 
 __all__ = ["export_backbone", "timm_model_args", "add_arguments", "run"]
@@ -132,15 +132,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="ssl-distill export", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        sys.exit(run(args))
-    except (CheckpointError, ValueError) as e:
-        sys.exit(f"error: {e}")
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ssl_distill.eval.export``: the same as ``ssl-distill export`` (one error handler)."""
+    from ssl_distill.cli import run as cli_run
+
+    return cli_run(["export", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -815,17 +815,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="ssl-distill linear", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    from ssl_distill.config import ConfigError
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ssl_distill.eval.linear``: the same as ``ssl-distill linear`` (one error handler)."""
+    from ssl_distill.cli import run as cli_run
 
-    try:
-        sys.exit(run(args))
-    except (CheckpointError, DataError, ConfigError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    return cli_run(["linear", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

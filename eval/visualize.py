@@ -352,16 +352,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ssl_distill.eval.visualize", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    from ssl_distill.data.folder import DataError
-    from ssl_distill.engine.checkpoint import CheckpointError
+    """``python -m ssl_distill.eval.visualize``: the same as ``ssl-distill visualize`` (one error handler)."""
+    from ssl_distill.cli import run as cli_run
 
-    try:
-        return run(args)
-    except (DataError, CheckpointError) as e:
-        parser.exit(2, f"error: {e}\n")
+    return cli_run(["visualize", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

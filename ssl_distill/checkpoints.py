@@ -188,10 +188,10 @@ _SPEC_FIELDS = ("arch", "patch_size", "img_size", "depth", "embed_dim", "num_hea
                 "qkv_bias", "layer_scale", "reg_tokens", "no_embed_class", "pos_interp")
 
 
-def spec_from_config(cfg: Config) -> BackboneSpec:
-    """The (evaluation) backbone described by a config's model section: no drop-path."""
+def spec_from_config(cfg: Config, drop_path_rate: float = 0.0) -> BackboneSpec:
+    """The backbone described by a config's model section (evaluation and teacher: no drop-path)."""
     m = cfg.model
-    return BackboneSpec(**{f: getattr(m, f) for f in _SPEC_FIELDS}, drop_path_rate=0.0)
+    return BackboneSpec(**{f: getattr(m, f) for f in _SPEC_FIELDS}, drop_path_rate=drop_path_rate)
 
 
 def config_from_spec(spec: BackboneSpec) -> Config:

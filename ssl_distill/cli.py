@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from pathlib import Path
 
 from .config import ConfigError, load_config
 
@@ -106,7 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the subcommand; returns its exit code.
+
+    A user error (bad config, data, checkpoint, annotations, non-finite loss, invalid argument)
+    prints one line to stderr and raises SystemExit(1) instead of a traceback.
+    """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come before or after the options
@@ -122,11 +125,18 @@ def main(argv: list[str] | None = None) -> None:
     from .eval.corloc import AnnotationError
 
     try:
-        sys.exit(args.func(args))
+        return args.func(args)
     except ConfigError as e:
-        sys.exit(f"config error: {e}")
-    except (DataError, CheckpointError, NonFiniteLossError, AnnotationError) as e:
-        sys.exit(f"error: {e}")
+        message = f"config error: {e}"
+    except (DataError, CheckpointError, NonFiniteLossError, AnnotationError, ValueError) as e:
+        # ValueError: argument checks of the evaluation tools (e.g. a holdout fraction outside (0, 1))
+        message = f"error: {e}"
+    print(message, file=sys.stderr)
+    raise SystemExit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(run(argv))
 
 
 if __name__ == "__main__":

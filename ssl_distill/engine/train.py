@@ -5,7 +5,7 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +15,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..checkpoints import spec_from_config
 from ..config import Config, config_diff, config_to_dict, save_config
 from ..data.folder import BadImageCounter
 from ..data.loader import build_train_loader
-from ..models import BackboneSpec, DINOHead, MultiCropModel, ViTBackbone, default_fused_attn
+from ..models import DINOHead, MultiCropModel, ViTBackbone, default_fused_attn
 from ..objectives import DINOLoss
 from . import distributed as du
 from .checkpoint import FORMAT, LATEST, atomic_save, load_file, load_state_strict, rng_state, set_rng_state
@@ -49,22 +50,9 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     return torch.autocast(device.type, dtype=dtype)
 
 
-def backbone_spec(cfg: Config, drop_path: float) -> BackboneSpec:
-    m = cfg.model
-    return BackboneSpec(
-        arch=m.arch,
-        patch_size=m.patch_size,
-        img_size=m.img_size,
-        depth=m.depth,
-        embed_dim=m.embed_dim,
-        num_heads=m.num_heads,
-        drop_path_rate=drop_path,
-    )
-
-
 def build_model(cfg: Config, drop_path: float) -> MultiCropModel:
     """Backbone + DINO head from the config."""
-    backbone = ViTBackbone(backbone_spec(cfg, drop_path))
+    backbone = ViTBackbone(spec_from_config(cfg, drop_path))
     m = cfg.model
     head = DINOHead(
         backbone.embed_dim,
@@ -137,7 +125,6 @@ class RunState:
     step: int = 0
     epoch: int = 0
     batch: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Trainer:
