@@ -1,4 +1,4 @@
-"""The ``ssl-distill`` command: train, knn, prepare-fmnist, demo."""
+"""The ``ssl-distill`` command: train, submit, knn, linear, export, discover, corloc, visualize, demo."""
 from __future__ import annotations
 
 import argparse
@@ -11,10 +11,15 @@ from .config import ConfigError, load_config
 def _train(args: argparse.Namespace) -> int:
     from .engine.train import train
 
+    from .engine.distributed import DistEnv
+    from .launch.submit import exit_code_after
+
     cfg = load_config(args.config, args.overrides)
     last = train(cfg, fresh=args.fresh)
-    print(json.dumps(last))
-    return 0
+    rank = DistEnv.from_environ().rank
+    if rank == 0:
+        print(json.dumps(last))
+    return exit_code_after(last, rank)
 
 
 def _knn(args: argparse.Namespace) -> int:
@@ -90,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
 
     from .eval import corloc, discover, export, linear, visualize
+    from .launch import submit
 
     for name, module, text in (
         ("linear", linear, "linear probe: fast grid on cached features, DINO's faithful protocol, or logistic regression"),
@@ -97,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("discover", discover, "normalized-cut object discovery (TokenCut): boxes, masks, heat maps"),
         ("corloc", corloc, "CorLoc of predicted boxes against VOC or COCO ground truth"),
         ("visualize", visualize, "attention maps, PCA of patch features and attention rollout"),
+        ("submit", submit, "the train command as a submitit job on SLURM (or --local), with checkpoint + requeue"),
     ):
         sp = sub.add_parser(name, help=text)
         module.add_arguments(sp)

@@ -129,7 +129,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "bf16"  # bf16 (CPU and CUDA) | fp16 (CUDA, with GradScaler) | fp32
-    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    threads: int = 0  # torch intra-op threads; 0: SLURM_CPUS_PER_TASK under SLURM, else torch's default
     log_every: int = 10  # iterations between JSON log lines
     checkpoint_every: int = 500  # iterations between checkpoints (and at every epoch end)
     keep_every_epochs: int = 0  # also keep checkpoint_epochNNNN.pth every N epochs; 0 keeps none
@@ -137,6 +137,8 @@ class RunConfig:
     tensorboard: bool = False
     progress: bool = True
     collapse_window: int = 200  # iterations of near-uniform / near-one-hot teacher before a warning
+    max_requeues: int = 20  # SLURM: requeues after a time limit / preemption signal before giving up
+    dist_timeout_min: float = 30  # collectives fail after this long, so a dead rank cannot hang the job
 
 
 @dataclass

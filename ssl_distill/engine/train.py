@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from ..objectives import DINOLoss
 from . import distributed as du
 from .checkpoint import FORMAT, LATEST, atomic_save, load_file, load_state_strict, rng_state, set_rng_state
 from .ema import ema_update
+from .stop import NAMES, REQUEUE, StopSignals
 from .monitor import CollapseMonitor, JsonlLogger
 from .schedules import cosine_schedule, frozen_last_layer, linear_scaled_lr, teacher_temp_schedule
 
@@ -33,6 +35,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda``; with several processes, ``process_group`` picks the GPU index."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -120,25 +123,29 @@ class Schedules:
 
 @dataclass
 class RunState:
-    """Where training stands: ``step`` iterations are done; the next batch is ``batch`` of ``epoch``."""
+    """Where training stands: ``step`` iterations are done; the next batch is ``batch`` of ``epoch``.
+
+    ``requeues`` counts the times a time-limit / preemption signal sent the job back to the queue.
+    """
 
     step: int = 0
     epoch: int = 0
     batch: int = 0
+    requeues: int = 0
 
 
 class Trainer:
     """Owns the models, optimizer, loss and data of one run; ``fit()`` trains to the end."""
 
-    def __init__(self, cfg: Config, fresh: bool = False) -> None:
+    def __init__(self, cfg: Config, fresh: bool = False, device: torch.device | None = None) -> None:
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
-        if cfg.run.threads > 0:
-            torch.set_num_threads(cfg.run.threads)
-        self.device = resolve_device(cfg.run.device)
+        threads = cfg.run.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0))
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.device = device or resolve_device(cfg.run.device)
         self.world = du.world_size()
         self.rank = du.rank()
-        torch.manual_seed(cfg.run.seed + self.rank)
         np.random.seed(cfg.run.seed + self.rank)
 
         if du.is_main():
@@ -161,6 +168,7 @@ class Trainer:
                       f"{cores} cores: workers will stall the compute threads; data.num_workers=0 is usually "
                       "faster on a small CPU")
         fused = cfg.model.fused_attn if cfg.model.fused_attn is not None else default_fused_attn(self.device)
+        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         self.student = build_model(cfg, cfg.model.drop_path_rate).to(self.device)
         self.teacher = build_model(cfg, 0.0).to(self.device)  # no drop-path in the teacher
         self.teacher.load_state_dict(self.student.state_dict())
@@ -179,6 +187,7 @@ class Trainer:
             self.student_ddp = DistributedDataParallel(
                 self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+        torch.manual_seed(cfg.run.seed + self.rank)  # drop-path draws differ per rank, as DINO's per-rank seeds
 
         c = cfg.data.crops
         self.n_crops = c.n_global + c.n_local
@@ -208,7 +217,8 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint_dict(self) -> dict[str, Any]:
+    def checkpoint_dict(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
+        """Everything a resume needs; ``rngs`` holds every rank's RNG states, in rank order."""
         return {
             "format": FORMAT,
             "student": self.student.state_dict(),
@@ -219,20 +229,38 @@ class Trainer:
             "step": self.state.step,
             "epoch": self.state.epoch,
             "batch": self.state.batch,
+            "requeues": self.state.requeues,
             "world_size": self.world,
             "config": config_to_dict(self.cfg),
-            "rng": rng_state(),
+            "rngs": rngs,
             "bad_images": {"bad": self.bad.bad, "seen": self.bad.seen},
         }
 
     def save_checkpoint(self) -> None:
-        """Rank 0 writes ``checkpoint.pth`` atomically (temporary name, then rename)."""
+        """Rank 0 writes ``checkpoint.pth`` atomically (temporary name, then rename); all ranks call it.
+
+        With several processes it first checks that every rank holds the same teacher (they must:
+        identical all-reduced student updates), and gathers every rank's RNG states.
+        """
+        rngs = du.gather_objects(rng_state())
+        if self.world > 1:
+            self._check_teachers_agree()
         if du.is_main():
-            atomic_save(self.checkpoint_dict(), self.out / LATEST)
+            ckpt = self.checkpoint_dict(rngs)
+            atomic_save(ckpt, self.out / LATEST)
             k = self.cfg.run.keep_every_epochs
             if k and self.state.batch == 0 and self.state.epoch % k == 0 and self.state.step > 0:
-                atomic_save(self.checkpoint_dict(), self.out / f"checkpoint_epoch{self.state.epoch:04d}.pth")
+                atomic_save(ckpt, self.out / f"checkpoint_epoch{self.state.epoch:04d}.pth")
         du.barrier()
+
+    def _check_teachers_agree(self) -> None:
+        with torch.no_grad():
+            params = [p.detach().double() for p in self.teacher.parameters()]
+            digest = (float(sum(p.sum() for p in params)), float(sum((p * p).sum() for p in params)))
+        digests = du.gather_objects(digest)
+        if any(d != digests[0] for d in digests):
+            raise RuntimeError(f"teacher weights differ across ranks at step {self.state.step} "
+                               f"(sum, sum of squares per rank: {digests}); refusing to checkpoint")
 
     def _resume(self, path: Path) -> None:
         ckpt = load_file(path)
@@ -250,10 +278,13 @@ class Trainer:
         self.loss_fn.load_state_dict(ckpt["loss"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.state = RunState(step=ckpt["step"], epoch=ckpt["epoch"], batch=ckpt["batch"])
+        self.state = RunState(
+            step=ckpt["step"], epoch=ckpt["epoch"], batch=ckpt["batch"], requeues=ckpt.get("requeues", 0)
+        )
         self.bad.bad, self.bad.seen = ckpt["bad_images"]["bad"], ckpt["bad_images"]["seen"]
-        if ckpt.get("world_size", 1) == self.world:
-            set_rng_state(ckpt["rng"])
+        rngs = ckpt["rngs"] if "rngs" in ckpt else [ckpt["rng"]]
+        if len(rngs) == self.world:
+            set_rng_state(rngs[self.rank])
         if du.is_main():
             print(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, batch {self.state.batch})")
 
@@ -311,7 +342,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
-        """Train until ``optim.epochs`` (or ``run.stop_at_step``); returns the last log record."""
+        """Train until ``optim.epochs`` (or ``run.stop_at_step``); returns the last log record.
+
+        A stop signal (see ``stop.py``) ends the loop after the current step with a checkpoint;
+        the record then has ``stopped`` = ``"stop"``, ``"requeue"`` or ``"requeue-limit"``.
+        """
+        try:
+            with StopSignals() as signals:
+                return self._loop(signals)
+        except Exception as e:
+            if self.world > 1:  # say which rank and step; the others fail at their next collective
+                print(f"rank {self.rank}: training failed at step {self.state.step}: {type(e).__name__}: {e}",
+                      file=sys.stderr, flush=True)
+            raise
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+
+    def _loop(self, signals: StopSignals) -> dict[str, Any]:
         cfg, st = self.cfg, self.state
         stop_at = min(cfg.run.stop_at_step or self.total_steps, self.total_steps)
         if st.batch >= self.iters_per_epoch:
@@ -324,6 +372,7 @@ class Trainer:
         window: list[dict[str, float]] = []
         t_window = time.perf_counter()
         images_per_step = cfg.data.batch_size * self.world
+        fail_at = _injected_failure(self.rank)
         self.student.train()
         self.teacher.train()  # no dropout / drop-path in the teacher; matches DINO
         while st.step < stop_at:
@@ -331,6 +380,8 @@ class Trainer:
             self.sampler.set_start_batch(st.batch)
             for batch in self.loader:
                 step = st.step
+                if step == fail_at:
+                    raise RuntimeError(f"injected failure on rank {self.rank} at step {step} (SSL_DISTILL_FAIL_AT)")
                 crops = [c.to(self.device, non_blocking=True) for c in batch["crops"]]
                 self.bad.update(int(batch["bad"]), len(batch["index"]))
                 stats = self.train_step(crops, step)
@@ -346,15 +397,34 @@ class Trainer:
                     window, t_window = [], time.perf_counter()
                 if end_of_epoch:
                     st.epoch, st.batch = st.epoch + 1, 0
+                request = signals.poll()
+                if request:  # checkpoint this step and leave, whatever the schedule says
+                    bar.close()
+                    return self._stop(request, window, t_window, images_per_step, last)
                 if end_of_epoch or st.step % cfg.run.checkpoint_every == 0 or st.step == stop_at:
                     self.save_checkpoint()
                 if st.step >= stop_at or end_of_epoch:
                     break
         bar.close()
         self.bad.finalize()
-        if self.logger is not None:
-            self.logger.close()
         return last
+
+    def _stop(self, request: int, window: list[dict[str, float]], t_window: float,
+              images_per_step: int, last: dict[str, Any]) -> dict[str, Any]:
+        """Checkpoint the step that just finished and report why the loop ended."""
+        if window:
+            last = self._log(window, time.perf_counter() - t_window, images_per_step)
+        stopped = NAMES[request]
+        if request == REQUEUE:
+            if self.state.requeues < self.cfg.run.max_requeues:
+                self.state.requeues += 1
+            else:
+                stopped = "requeue-limit"
+        self.save_checkpoint()
+        if du.is_main():
+            print(f"stopped at step {self.state.step} ({stopped}); checkpoint {self.out / LATEST} holds that step",
+                  file=sys.stderr, flush=True)
+        return {**last, "step": self.state.step, "stopped": stopped, "requeues": self.state.requeues}
 
     def _log(self, window: list[dict[str, float]], elapsed: float, images_per_step: int) -> dict[str, Any]:
         rec: dict[str, Any] = {"step": self.state.step, "epoch": self.state.epoch}
@@ -371,6 +441,20 @@ class Trainer:
         return rec
 
 
+def _injected_failure(rank: int) -> int | None:
+    """Test hook: ``SSL_DISTILL_FAIL_AT=RANK:STEP`` makes that rank raise before that step."""
+    spec = os.environ.get("SSL_DISTILL_FAIL_AT")
+    if not spec:
+        return None
+    r, step = (int(x) for x in spec.split(":"))
+    return step if r == rank else None
+
+
 def train(cfg: Config, fresh: bool = False) -> dict[str, Any]:
-    """Train (or resume) the run in ``cfg.run.output_dir``; returns the last log record."""
-    return Trainer(cfg, fresh=fresh).fit()
+    """Train (or resume) the run in ``cfg.run.output_dir``; returns the last log record.
+
+    Joins the process group described by the environment (torchrun, ``srun``, submitit) first.
+    """
+    env = du.DistEnv.from_environ()
+    with du.process_group(env, resolve_device(cfg.run.device), cfg.run.dist_timeout_min) as device:
+        return Trainer(cfg, fresh=fresh, device=device).fit()
