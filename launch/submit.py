@@ -56,7 +56,11 @@ def exit_code_after(last: dict[str, Any], rank: int) -> int:
                       file=sys.stderr)
             return 0
         if rank == 0:
-            subprocess.run(["scontrol", "requeue", job], check=True, timeout=120)
+            res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
+            if res.returncode != 0:
+                print(f"could not requeue job {job}: {res.stderr.strip()}; the checkpoint holds step {step}, "
+                      "submit the same command again to continue", file=sys.stderr)
+                return 1
             print(f"requeued job {job} (requeue {last['requeues']}); it resumes at step {step}", file=sys.stderr)
         return 0
     if rank == 0:
