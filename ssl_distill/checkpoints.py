@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from .config import Config, ModelConfig, config_from_dict
-from .engine.checkpoint import FORMAT, CheckpointError, describe_mismatch, find_checkpoint
+from .engine.checkpoint import FORMAT, CheckpointError, describe_mismatch, find_checkpoint, unreadable
 from .models import BackboneSpec, ViTBackbone
 from .models.backbone import VIT_SIZES, arch_for_width, grid_side, standard_heads
 
@@ -145,7 +145,7 @@ def read_checkpoint(path: str | Path) -> tuple[Any, dict[str, str]]:
             f"(torch: {str(e).splitlines()[0] if str(e) else type(e).__name__})"
         ) from e
     except Exception as e:  # corrupt zip, truncated file, not a torch file...
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise unreadable(path, e) from e
 
 
 def _pickle_globals(path: Path) -> list[str] | None:

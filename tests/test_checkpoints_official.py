@@ -375,6 +375,12 @@ def test_not_a_vit_and_wrong_entries(tmp_path: Path) -> None:
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read"):
         load_any_backbone(tmp_path / "junk.pth")
+    (tmp_path / "text.pth").write_bytes(b"junk\n")
+    with pytest.raises(CheckpointError, match=r"not a PyTorch checkpoint: it starts with b'junk'"):
+        load_any_backbone(tmp_path / "text.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "t.pth").read_bytes()[:3000])
+    with pytest.raises(CheckpointError, match=r"truncated or damaged"):
+        load_any_backbone(tmp_path / "cut.pth")
 
 
 class Payload:

@@ -71,7 +71,17 @@ def load_file(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError and friends; keep the reason
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+        raise unreadable(path, e) from e
+
+
+def unreadable(path: Path, error: Exception) -> CheckpointError:
+    """The error for a file torch.load rejected: not a torch file at all, or a damaged one."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # zip archive (torch >= 1.6) or legacy pickle
+        return CheckpointError(f"{path} is not a PyTorch checkpoint: it starts with {head!r}, neither a zip "
+                               "archive nor a pickle")
+    return CheckpointError(f"cannot read checkpoint {path} (truncated or damaged?): {type(error).__name__}: {error}")
 
 
 def describe_mismatch(
