@@ -7,6 +7,14 @@ the end-to-end rate (features + cut + box) is printed next to it; CorLoc on the 
 for a randomly initialised ViT-S/8 and, with ``--checkpoint``, for a trained model and the same
 architecture at random init.
 
+Degenerate graphs (no unique cut: ``W`` constant, or ``lambda_3 - lambda_2 <= GAP_TOL``) are counted
+explicitly. ``ncut`` gives them a defined answer (the whole image, flagged); the reference below is
+TokenCut's raw dense solve, so on those images its partition is whatever vector LAPACK returns. The
+agreement is printed three ways: all images with the same degenerate rule applied to the reference,
+the non-degenerate images only, and all images against the raw reference. The graphs' edge density
+(share of key pairs with cosine > tau) is printed too: a randomly initialised ViT's last-block keys
+share a dominant direction, so its graphs are dense and some are constant.
+
 Images: ``--n-images`` synthetic scenes (``tests/scenes.py``: objects cut from scikit-image photos
 and textures pasted on tinted real textures; known boxes), ``--size`` pixels square. The ViT-S/8
 is randomly initialised (seed 0).
@@ -26,6 +34,7 @@ import argparse
 import hashlib
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +51,11 @@ import scenes  # noqa: E402  (tests/scenes.py, the generator the tests use)
 from ssl_distill.eval.corloc import GroundTruth, corloc  # noqa: E402
 from ssl_distill.eval.discover import (  # noqa: E402
     EPS,
+    GAP_TOL,
     TAU,
+    TIE_RTOL,
+    DegenerateGraphWarning,
+    affinity,
     bipartition,
     discover_image,
     load_model,
@@ -78,28 +91,43 @@ def graph_bits(backbone: torch.nn.Module, img: Image.Image) -> tuple[np.ndarray,
     return np.packbits(bits), (x.shape[-2] // p, x.shape[-1] // p), size, time.perf_counter() - t0
 
 
-def dense_reference(w: np.ndarray, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, float, float, float]:
-    """TokenCut's solve: scipy's dense generalized eigh, then the same split / flip / component rules.
+def split(x: np.ndarray, grid: tuple[int, int], rtol: float = TIE_RTOL) -> tuple[np.ndarray, np.ndarray]:
+    """(bipartition, seed component) of an eigenvector by ncut's rules (``rtol=0``: ties by rounding)."""
+    part, seed, _ = bipartition(x, rtol)
+    part = part.reshape(grid)
+    return part, seed_component(part, (seed // grid[1], seed % grid[1]))
 
-    Returns (bipartition, seed component, lambda_2, lambda_3, seconds).
-    """
+
+def dense_reference(w: np.ndarray, grid: tuple[int, int]) -> tuple[np.ndarray, float, float, float]:
+    """TokenCut's solve: scipy's dense generalized eigh. Returns (x, lambda_2, lambda_3, seconds)."""
     t0 = time.perf_counter()
     d = w.sum(axis=1)
     vals, vecs = scipy.linalg.eigh(np.diag(d) - w, np.diag(d), subset_by_index=[1, 2])
-    part, seed, _ = bipartition(vecs[:, 0])
-    part = part.reshape(grid)
-    mask = seed_component(part, (seed // grid[1], seed % grid[1]))
-    return part, mask, float(vals[0]), float(vals[1]), time.perf_counter() - t0
+    return vecs[:, 0], float(vals[0]), float(vals[1]), time.perf_counter() - t0
 
 
-def corloc_of(backbone: torch.nn.Module, scene_list: list[scenes.Scene], mean, std) -> tuple[float, float]:
-    """(CorLoc %, images/s) of discovery with ``backbone`` on the scenes."""
-    preds = {}
+def corloc_of(backbone: torch.nn.Module, scene_list: list[scenes.Scene], mean, std) -> dict[str, float]:
+    """CorLoc %, images/s, degenerate graphs and edge density of discovery with ``backbone`` on the scenes.
+
+    The same steps as ``discover_image`` (fp32), with the affinity kept to measure its density.
+    """
+    preds, density, n_degenerate = {}, [], 0
+    p = backbone.patch_size
     t0 = time.perf_counter()
     for s in scene_list:
-        preds[s.name] = np.asarray(discover_image(backbone, Image.fromarray(s.image), mean=mean, std=std).box)
+        x, size = prepare_image(Image.fromarray(s.image), p, mean, std)
+        with torch.inference_mode():
+            keys = last_block_keys(backbone, x)[0].float()
+        w = affinity(keys)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DegenerateGraphWarning)
+            res = ncut(w, (x.shape[-2] // p, x.shape[-1] // p), p, size)
+        preds[s.name] = np.asarray(res.box)
+        density.append(float((w == 1.0).mean()))
+        n_degenerate += res.degenerate is not None
     seconds = time.perf_counter() - t0
-    return 100 * corloc(preds, ground_truth(scene_list)).corloc, len(scene_list) / seconds
+    return {"corloc": 100 * corloc(preds, ground_truth(scene_list)).corloc, "rate": len(scene_list) / seconds,
+            "degenerate": n_degenerate, "density": float(np.median(density)), "density_min": float(np.min(density))}
 
 
 def main() -> None:
@@ -123,8 +151,9 @@ def main() -> None:
     if cache:
         cache.mkdir(parents=True, exist_ok=True)
 
-    fast_c, dense_c, e2e_c, constant = [], [], [], []
+    fast_c, dense_c, e2e_c, constant, density, fast_degen = [], [], [], [], [], []
     fast_t, dense_t, e2e_t, ious, comp_ious, gaps, eigengaps = [], [], [], [], [], [], []
+    raw_ious, raw_comp_ious, tie_matters, stale_refs = [], [], [], 0
     preds = {}
     t_start = time.perf_counter()
     for i, s in enumerate(scene_list):
@@ -148,26 +177,42 @@ def main() -> None:
         w = np.where(b, 1.0, EPS)
         digest = hashlib.sha1(bits.tobytes()).hexdigest()[:16]
         constant.append(bool(b.all() or not b.any()))
+        density.append(float(b.mean()))
         t0, c0 = time.perf_counter(), time.process_time()
-        fast = ncut(w, grid, 8, size, "lanczos")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DegenerateGraphWarning)  # counted below
+            fast = ncut(w, grid, 8, size, "lanczos")
         fast_t.append(time.perf_counter() - t0)
         fast_c.append(time.process_time() - c0)
+        fast_degen.append(fast.degenerate is not None)
+        if fast.degenerate is None:  # does the tie rule (vs ties left to rounding) change this image's split?
+            lit_part, lit_mask = split(fast.eigenvector.ravel(), grid, rtol=0.0)
+            tie_matters.append(not (np.array_equal(lit_part, fast.bipartition) and np.array_equal(lit_mask, fast.mask)))
         preds[s.name] = np.asarray(fast.box)
         if i < args.dense_subset:
             rfile = cache / f"dense_{digest}.npz" if cache else None
             if rfile is not None and rfile.is_file():
                 r = np.load(rfile)
-                ref_part, ref_mask, ref_lam, ref_lam3, ref_s, ref_c = (
-                    r["part"], r["mask"], float(r["lam"]), float(r["lam3"]), float(r["seconds"]), float(r["cpu"]))
+                ref_lam, ref_lam3, ref_s, ref_c = float(r["lam"]), float(r["lam3"]), float(r["seconds"]), float(r["cpu"])
+                if "x" in r:
+                    ref_part, ref_mask = split(r["x"], grid)
+                else:  # written before the eigenvector was kept: split with the rules of that time (ties by rounding)
+                    ref_part, ref_mask = r["part"], r["mask"]
+                    stale_refs += 1
             else:
                 c0 = time.process_time()
-                ref_part, ref_mask, ref_lam, ref_lam3, ref_s = dense_reference(w, grid)
+                ref_x, ref_lam, ref_lam3, ref_s = dense_reference(w, grid)
                 ref_c = time.process_time() - c0
+                ref_part, ref_mask = split(ref_x, grid)
                 if rfile is not None:
-                    np.savez(rfile, part=ref_part, mask=ref_mask, lam=ref_lam, lam3=ref_lam3, seconds=ref_s, cpu=ref_c)
+                    np.savez(rfile, x=ref_x, lam=ref_lam, lam3=ref_lam3, seconds=ref_s, cpu=ref_c)
             eigengaps.append(ref_lam3 - ref_lam)
             dense_t.append(ref_s)
             dense_c.append(ref_c)
+            raw_ious.append(mask_iou(fast.bipartition, ref_part))
+            raw_comp_ious.append(mask_iou(fast.mask, ref_mask))
+            if constant[-1] or ref_lam3 - ref_lam <= GAP_TOL:  # the reference has no unique cut: ncut's rule
+                ref_part = ref_mask = np.ones(grid, dtype=bool)
             ious.append(mask_iou(fast.bipartition, ref_part))
             comp_ious.append(mask_iou(fast.mask, ref_mask))
             gaps.append(abs(fast.eigenvalue - ref_lam))
@@ -178,25 +223,40 @@ def main() -> None:
     print(f"\nNormalized cut, ViT-S/8 random init, {args.size}x{args.size} images ({n_tok} tokens), tau={TAU} eps={EPS}")
     print(f"  Lanczos solver (W -> box): median {np.median(fast_t):.3f} s wall ({np.median(fast_c):.3f} s CPU, all threads)"
           f"  mean {np.mean(fast_t):.3f} s  max {np.max(fast_t):.3f} s over {len(fast_t)} images")
+    d = np.asarray(density)
+    print(f"  graphs: share of key pairs with cosine > tau: median {np.median(d):.3f}, min {d.min():.3f}; "
+          f"{sum(constant)} of {len(d)} constant (all pairs > tau); the solver flagged {sum(fast_degen)} degenerate; "
+          f"on {sum(tie_matters)} the split depends on ties (seed or tokens at the mean, up to rounding)")
     if dense_t:
         speedup = np.median(dense_t) / np.median(fast_t)
         speedup_c = np.median(dense_c) / np.median(fast_c)
         ok = np.asarray(ious) >= 0.99
         ok_c = np.asarray(comp_ious) >= 0.99
-        unique = np.asarray(eigengaps) > 1e-9  # lambda_2 simple: its eigenvector (so the cut) is unique
+        n_ref = len(ious)
+        # the reference's own test: W constant or lambda_2 repeated (lambda_3 - lambda_2 <= GAP_TOL)
+        degen = np.asarray(constant[:n_ref]) | (np.asarray(eigengaps) <= GAP_TOL)
+        well = ~degen
+        raw_ok = np.asarray(raw_ious) >= 0.99
         print(f"  dense scipy eigh(D-W, D, subset [1,2]) (W -> box): median {np.median(dense_t):.2f} s wall "
               f"({np.median(dense_c):.2f} s CPU) over {len(dense_t)} images -> speed-up {speedup:.1f}x wall, "
               f"{speedup_c:.1f}x CPU time (target >= 20x)")
-        print(f"  partition agreement on {len(ious)} images: bipartition IoU >= 0.99 on {100 * ok.mean():.1f}%, "
-              f"seed component IoU >= 0.99 on {100 * ok_c.mean():.1f}% (target >= 99% of 100); "
-              f"min IoU {min(ious):.4f} / {min(comp_ious):.4f}; max |lambda_2 diff| {max(gaps):.2e}")
-        print(f"  {int((~unique).sum())} of {len(ious)} graphs have a repeated lambda_2 (lambda_3 - lambda_2 <= 1e-9: no "
-              f"unique cut, any solver's answer is arbitrary); on the {int(unique.sum())} others: bipartition "
-              f"agreement {100 * ok[unique].mean() if unique.any() else float('nan'):.1f}%, smallest eigengap "
-              f"{np.min(np.asarray(eigengaps)[unique]) if unique.any() else float('nan'):.2e}")
-        n_const = sum(constant[: len(ious)])
-        print(f"  {n_const} of those graphs are constant (every pair of keys has cosine > tau): the cut keeps the "
-              f"whole image there, the dense solve returns an arbitrary vector")
+        print(f"  degenerate graphs (no unique cut): {int(degen.sum())} of {n_ref} "
+              f"({sum(constant[:n_ref])} constant W, {int((degen & ~np.asarray(constant[:n_ref])).sum())} repeated "
+              f"lambda_2); the solver flags the same images: {bool(np.array_equal(degen, fast_degen[:n_ref]))}")
+        print(f"  partition agreement, all {n_ref} images (degenerate ones: whole image in both, ncut's rule): "
+              f"bipartition IoU >= 0.99 on {int(ok.sum())}/{n_ref} ({100 * ok.mean():.1f}%), seed component on "
+              f"{int(ok_c.sum())}/{n_ref} (target >= 99% of 100); min IoU {min(ious):.4f} / {min(comp_ious):.4f}")
+        print(f"  partition agreement, the {int(well.sum())} non-degenerate images: bipartition "
+              f"{int(ok[well].sum())}/{int(well.sum())}, seed component {int(ok_c[well].sum())}/{int(well.sum())}; "
+              f"smallest eigengap lambda_3 - lambda_2 "
+              f"{np.min(np.asarray(eigengaps)[well]) if well.any() else float('nan'):.2e}; "
+              f"max |lambda_2 diff| {max(np.asarray(gaps)[well]) if well.any() else float('nan'):.2e}")
+        print(f"  against the dense eigenvector without the degenerate rule (arbitrary on degenerate graphs): bipartition "
+              f"{int(raw_ok.sum())}/{n_ref}, seed component {int((np.asarray(raw_comp_ious) >= 0.99).sum())}/{n_ref}")
+        if stale_refs:
+            print(f"  note: {stale_refs} cached references predate the tie rule (split with ties left to rounding); "
+                  f"they are exact wherever the tie rule changes nothing ({len(tie_matters) - sum(tie_matters)} of "
+                  f"{len(tie_matters)} non-degenerate images here)")
     if e2e_t:
         print(f"  end to end (load-free: normalise + features + affinity + cut + box), fp32, fused attention: "
               f"{1 / np.median(e2e_t):.3f} images/s wall, {1 / np.median(e2e_c):.3f} images per CPU-second "
@@ -211,14 +271,17 @@ def main() -> None:
         trained, cfg = load_model(args.checkpoint)
         trained.set_fused_attn(True)
         mean, std = normalization_of(cfg)
-        cl_t, rate_t = corloc_of(trained, subset, mean, std)
+        t = corloc_of(trained, subset, mean, std)
         rand, _ = load_model(args.checkpoint, random_init=True)
         rand.set_fused_attn(True)
-        cl_r, _ = corloc_of(rand, subset, mean, std)
+        r = corloc_of(rand, subset, mean, std)
         spec = trained.spec
         print(f"  CorLoc on {len(subset)} scenes, checkpoint {args.checkpoint} ({spec.arch}, patch {spec.patch_size}, "
-              f"depth {spec.depth}): trained {cl_t:.1f}%, same architecture at random init {cl_r:.1f}% "
-              f"({rate_t:.2f} images/s)")
+              f"depth {spec.depth}, its normalization): trained {t['corloc']:.1f}%, same architecture at random init "
+              f"{r['corloc']:.1f}% ({t['rate']:.2f} images/s)")
+        for label, m in (("trained", t), ("random init", r)):
+            print(f"    {label}: degenerate graphs {m['degenerate']}/{len(subset)}, share of key pairs > tau "
+                  f"median {m['density']:.3f} (min {m['density_min']:.3f})")
     print(f"  peak RSS {peak_rss_mib():.0f} MiB")
 
 

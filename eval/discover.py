@@ -10,9 +10,28 @@ Normalized Cut", CVPR 2022), step by step:
    eps (1e-5); ``D = diag(W 1)``;
 3. the eigenvector ``x`` of the second-smallest eigenvalue of ``(D - W) x = lambda D x``;
 4. bipartition ``x > mean(x)``; the seed is the token with the largest ``|x|``; the partition (and
-   ``x``) is flipped so the seed is foreground;
+   ``x``) is flipped so the seed is foreground (ties, up to rounding, decided as exact arithmetic
+   would: see :func:`bipartition`);
 5. the object is the 4-connected component of the foreground that contains the seed; its box in
    patch units is scaled by the patch size and clipped to the unpadded image.
+
+Degenerate graphs
+-----------------
+The cut is only defined when ``lambda_2`` is a simple eigenvalue. Two cases are not:
+
+* a constant ``W`` (every pair of keys has cosine > tau, so ``W`` is all ones): ``D - W = n (I - 11^T / n)``,
+  every non-trivial eigenvalue is 1 and every vector orthogonal to ``1`` is an eigenvector. Every
+  bipartition has the same normalized-cut value; a dense solver returns whatever vector LAPACK's
+  rounding produces. This happens with randomly initialised ViTs, whose last-block keys share a
+  dominant common direction (see ``benchmarks/bench_ncut.py``), on low-contrast images;
+* a repeated ``lambda_2`` (``lambda_3 - lambda_2 <= GAP_TOL``; e.g. two identical, mutually
+  dissimilar clusters): the eigenvector is any vector of a >= 2-dimensional eigenspace.
+
+There is no cut to report in either case, so :func:`ncut` returns a defined result: no split,
+the whole (unpadded) image as the object (``bipartition`` and ``mask`` all true, ``eigenvector``
+zero), ``degenerate`` set to the reason, and a :class:`DegenerateGraphWarning`. Both solvers
+return ``lambda_3`` (the second eigenpair the dense ``subset_by_index=[1, 2]`` solve computes anyway;
+one more Ritz pair for Lanczos), so the test is the same whichever solver runs.
 
 The eigen-solver
 ----------------
@@ -27,9 +46,10 @@ the problem becomes a standard symmetric one with ``y = D^(1/2) x``::
 trivial cut). Deflating it, ``A' = A - 2 u u^T`` moves that pair to -1, the bottom of A's spectrum
 (which lies in [-1, 1]), so the wanted vector is the *largest* eigenvector of ``A'``: one extremal
 eigenpair of a symmetric matrix, found by implicitly restarted Lanczos (ARPACK through
-``scipy.sparse.linalg.eigsh``, k = 1, deterministic start vector orthogonal to ``u``). Each
-iteration is one dense mat-vec (N^2 multiply-adds, ~12 ms at N = 3,600 in float64); about twenty
-suffice on ViT graphs.
+``scipy.sparse.linalg.eigsh``, deterministic start vector orthogonal to ``u``). Each iteration is
+one dense mat-vec (N^2 multiply-adds, ~3.5 ms at N = 3,600 in float64 here). ``k = 2``: the next
+pair (``lambda_3``) is what tells a unique cut from a repeated ``lambda_2`` (see "Degenerate
+graphs"); it costs about 31 mat-vecs instead of 21 for ``k = 1`` on ViT graphs.
 
 Why not the alternatives: a dense standard solve (torch/LAPACK ``eigh``, even batched or in
 float32) still tridiagonalises the whole matrix, 15-70 s here; LOBPCG would also do, but without a
@@ -49,6 +69,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +89,10 @@ from ssl_distill.models.inspect import last_block_keys, pad_to_patch_multiple
 __all__ = [
     "DENSE_BELOW",
     "EPS",
+    "GAP_TOL",
     "TAU",
+    "TIE_RTOL",
+    "DegenerateGraphWarning",
     "NCutResult",
     "affinity",
     "bipartition",
@@ -78,6 +102,7 @@ __all__ = [
     "mask_box",
     "ncut",
     "prepare_image",
+    "second_eigenpairs",
     "second_eigenvector",
     "seed_component",
     "write_coco_boxes",
@@ -87,11 +112,21 @@ TAU = 0.2
 EPS = 1e-5
 # Graphs up to this many tokens use the dense generalized solve (it is then as fast as Lanczos).
 DENSE_BELOW = 256
+# lambda_3 - lambda_2 at or below this: lambda_2 is repeated, the cut is not unique. Generalized eigenvalues
+# lie in [0, 2]; Lanczos resolves them to ~1e-10 (tol), and on ViT graphs the real gaps seen are >= 1e-3.
+GAP_TOL = 1e-9
+# Relative tolerance below which eigenvector entries count as tied (seed choice, entries at the mean): far above
+# the solvers' rounding (~1e-13 relative here) and far below any difference that carries information.
+TIE_RTOL = 1e-7
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ----------------------------------------------------------------------------------- the cut
+class DegenerateGraphWarning(UserWarning):
+    """The graph has no unique normalized cut (constant ``W`` or repeated ``lambda_2``): whole image kept."""
+
+
 def affinity(keys: Tensor | np.ndarray, tau: float = TAU, eps: float = EPS) -> np.ndarray:
     """(N, d) features -> (N, N) float64 ``W``: 1 where the cosine similarity is > tau, else eps.
 
@@ -103,13 +138,20 @@ def affinity(keys: Tensor | np.ndarray, tau: float = TAU, eps: float = EPS) -> n
     return np.where(sim > tau, 1.0, eps)
 
 
-def _dense_generalized(w: np.ndarray, d: np.ndarray) -> tuple[float, np.ndarray]:
+def _dense_generalized(w: np.ndarray, d: np.ndarray) -> tuple[float, np.ndarray, float]:
     vals, vecs = scipy.linalg.eigh(np.diag(d) - w, np.diag(d), subset_by_index=[1, 2])
-    return float(vals[0]), vecs[:, 0]
+    return float(vals[0]), vecs[:, 0], float(vals[1])
 
 
 def second_eigenvector(w: np.ndarray, method: str = "auto", tol: float = 1e-10) -> tuple[float, np.ndarray]:
-    """The second-smallest eigenpair of ``(D - W) x = lambda D x`` for a symmetric non-negative ``W``.
+    """``(lambda_2, x)`` of :func:`second_eigenpairs` (the cut's eigenpair)."""
+    lam, x, _ = second_eigenpairs(w, method, tol)
+    return lam, x
+
+
+def second_eigenpairs(w: np.ndarray, method: str = "auto", tol: float = 1e-10) -> tuple[float, np.ndarray, float]:
+    """The second-smallest eigenpair of ``(D - W) x = lambda D x`` for a symmetric non-negative ``W``,
+    and the third-smallest eigenvalue (to tell whether the second is simple).
 
     Args:
         w: (N, N) affinities (float64 recommended; not modified).
@@ -119,8 +161,9 @@ def second_eigenvector(w: np.ndarray, method: str = "auto", tol: float = 1e-10) 
         tol: Lanczos relative tolerance on the eigenvalue.
 
     Returns:
-        (lambda, x) with ``x`` (N,) float64, D-normalised (``x^T D x = 1``) like scipy's; its sign
-        is arbitrary (the cut fixes it with the seed).
+        (lambda_2, x, lambda_3) with ``x`` (N,) float64, D-normalised (``x^T D x = 1``) like scipy's;
+        its sign is arbitrary (the cut fixes it with the seed). When ``lambda_3 - lambda_2 <= GAP_TOL``
+        ``x`` is one arbitrary vector of a repeated eigenvalue's eigenspace.
     """
     w = np.asarray(w, dtype=np.float64)
     n = w.shape[0]
@@ -147,29 +190,48 @@ def second_eigenvector(w: np.ndarray, method: str = "auto", tol: float = 1e-10) 
     v0 = np.random.default_rng(0).standard_normal(n)
     v0 -= u * (u @ v0)
     try:
-        # 20 Lanczos vectors per restart: on ViT-S/8 graphs (3,600 tokens) ARPACK converges to 1e-10
-        # within the first cycle (21 mat-vecs); harder spectra restart.
-        mu, y = scipy.sparse.linalg.eigsh(op, k=1, which="LA", v0=v0, tol=tol, ncv=min(n - 1, 20), maxiter=50 * n)
+        # The two largest eigenpairs of A' (lambda_2 and lambda_3); 30 Lanczos vectors per restart: on
+        # ViT-S/8 graphs (3,600 tokens) ARPACK converges to 1e-10 within the first cycle (31 mat-vecs;
+        # 20 vectors need a restart for the second pair, ~38); harder spectra restart.
+        mu, y = scipy.sparse.linalg.eigsh(op, k=2, which="LA", v0=v0, tol=tol, ncv=min(n - 1, 30), maxiter=50 * n)
     except scipy.sparse.linalg.ArpackNoConvergence:
         return _dense_generalized(w, d)
-    x = y[:, 0] * s
+    top = int(np.argmax(mu))
+    x = y[:, top] * s
     x /= math.sqrt(float(x @ (d * x)))
-    return float(1.0 - mu[0]), x
+    return float(1.0 - mu[top]), x, float(1.0 - mu[1 - top])
 
 
-def bipartition(x: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
+def bipartition(x: np.ndarray, rtol: float = TIE_RTOL) -> tuple[np.ndarray, int, np.ndarray]:
     """TokenCut's split of the eigenvector: (foreground (N,) bool, seed index, oriented x).
 
     Foreground is ``x > mean(x)``; the seed is ``argmax |x|``; if the seed falls in the background
     the partition is complemented and ``x`` negated, so the seed is always foreground and the
     returned ``x`` is high on the foreground.
+
+    Ties are decided as exact arithmetic would, not by rounding noise (values within ``rtol`` of
+    the largest, relatively, are ties):
+
+    * the seed: among the entries tied for the largest ``|x|``, the first (``np.argmax``'s rule for
+      exact ties). Eigenvectors made of ``+a`` and ``-a`` on two tokens do occur (two lone tokens of
+      equal degree), and without this the solver's last bits would pick the seed and so the side;
+    * entries equal to the mean belong to neither side; they go to the background. With exact ties
+      TokenCut's ``complement if the seed is background`` would put them in the foreground for one
+      sign of ``x`` and in the background for the other, so the result would depend on the
+      eigenvector's arbitrary sign; and with rounding, on its last bits (hundreds of tokens can sit
+      at the mean when ``x`` is localised on a few tokens).
+
+    Without ties (every real-valued eigenvector of a generic graph) this is TokenCut's rule exactly.
     """
     x = np.asarray(x, dtype=np.float64).ravel()
-    part = x > x.mean()
-    seed = int(np.argmax(np.abs(x)))
-    if not part[seed]:
-        part = ~part
-        x = -x
+    ax = np.abs(x)
+    seed = int(np.flatnonzero(ax >= ax.max() * (1.0 - rtol))[0])
+    mean = float(x.mean())
+    if x[seed] < mean:  # orient: the seed's side is high
+        x, mean = -x, -mean
+    spread = float(np.abs(x - mean).max())
+    part = x > mean + rtol * spread
+    part[seed] = True
     return part, seed, x
 
 
@@ -210,6 +272,8 @@ class NCutResult:
     image_size: tuple[int, int]  # (H, W) unpadded
     patch_size: int
     timings: dict[str, float] = field(default_factory=dict)
+    lambda3: float = float("nan")  # third-smallest generalized eigenvalue
+    degenerate: str | None = None  # why there is no unique cut ("constant graph", "repeated eigenvalue"), else None
 
     def pixel_mask(self) -> np.ndarray:
         """The object mask at pixel resolution, (H, W) bool (nearest upsampling, padding removed)."""
@@ -224,18 +288,31 @@ class NCutResult:
 
 def ncut(w: np.ndarray, grid: tuple[int, int], patch_size: int, image_size: tuple[int, int],
          method: str = "auto") -> NCutResult:
-    """Cut a token graph ``w`` (N = h * w tokens in row-major grid order) and box the seed's object."""
+    """Cut a token graph ``w`` (N = h * w tokens in row-major grid order) and box the seed's object.
+
+    A graph without a unique cut (constant ``w``, or ``lambda_3 - lambda_2 <= GAP_TOL``) gives the whole
+    image, ``degenerate`` set to the reason, and a :class:`DegenerateGraphWarning`.
+    """
     h, wd = grid
     if w.shape[0] != h * wd:
         raise ValueError(f"affinity has {w.shape[0]} tokens but the grid {h}x{wd} has {h * wd}")
     t0 = time.perf_counter()
+    degenerate = None
     if w.min() == w.max():
         # Every pair equally similar: D - W = n (I - 11^T / n), every non-trivial eigenvalue is 1 and
-        # any vector orthogonal to 1 is an eigenvector: there is no cut. Keep the whole image.
-        lam, x, part, seed = 1.0, np.zeros(h * wd), np.ones(h * wd, dtype=bool), 0
+        # any vector orthogonal to 1 is an eigenvector: there is no cut.
+        lam = lam3 = 1.0
+        degenerate = "constant graph"
     else:
-        lam, x = second_eigenvector(w, method)
+        lam, x, lam3 = second_eigenpairs(w, method)
+        if lam3 - lam <= GAP_TOL:
+            degenerate = "repeated eigenvalue"
+    if degenerate is None:
         part, seed, x = bipartition(x)
+    else:  # no unique cut: the defined answer is no split, the whole image (see the module docstring)
+        warnings.warn(f"normalized cut: {degenerate} (lambda_2 {lam:.3g}, lambda_3 {lam3:.3g}); no unique cut, "
+                      "keeping the whole image", DegenerateGraphWarning, stacklevel=2)
+        x, part, seed = np.zeros(h * wd), np.ones(h * wd, dtype=bool), 0
     t1 = time.perf_counter()
     seed_rc = (seed // wd, seed % wd)
     part2 = part.reshape(h, wd)
@@ -243,7 +320,8 @@ def ncut(w: np.ndarray, grid: tuple[int, int], patch_size: int, image_size: tupl
     box = mask_box(comp, patch_size, image_size)
     return NCutResult(box=box, eigenvalue=lam, eigenvector=x.reshape(h, wd), bipartition=part2, mask=comp,
                       seed=seed_rc, image_size=image_size, patch_size=patch_size,
-                      timings={"solve": t1 - t0, "post": time.perf_counter() - t1})
+                      timings={"solve": t1 - t0, "post": time.perf_counter() - t1}, lambda3=lam3,
+                      degenerate=degenerate)
 
 
 # ----------------------------------------------------------------------------------- images and models
@@ -367,12 +445,14 @@ def discover_images(backbone: nn.Module, image_dir: str | Path, file_names: Sequ
     """Discover one object per image; write ``out_dir/boxes.json`` (+ ``masks/``, ``heatmaps/`` PNGs).
 
     Returns ``{"boxes": {file_name: [x0, y0, x1, y1]}, "boxes_file": path, "seconds": ...,
-    "images_per_s": ...}``. Unreadable images are reported on stderr and skipped.
+    "images_per_s": ..., "degenerate": {file_name: reason}}``. Unreadable images are reported on stderr
+    and skipped. Images whose graph has no unique cut keep the whole image as their box, are marked
+    ``ncut_degenerate`` in the boxes file, and are listed once on stderr (not one warning each).
     """
     from ssl_distill.data.folder import _DECODE_ERRORS, load_rgb
 
     image_dir, out_dir = Path(image_dir), Path(out_dir)
-    entries, boxes = [], {}
+    entries, boxes, degenerate = [], {}, {}
     t0 = time.perf_counter()
     bar = tqdm(file_names, desc="discover", unit="img", disable=(not sys.stderr.isatty()) if progress is None else not progress)
     for name in bar:
@@ -381,22 +461,32 @@ def discover_images(backbone: nn.Module, image_dir: str | Path, file_names: Sequ
         except _DECODE_ERRORS as e:
             print(f"warning: skipping unreadable image {image_dir / name}: {e}", file=sys.stderr)
             continue
-        res = discover_image(backbone, img, tau, eps, method, mean, std, max_side, device, amp_dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DegenerateGraphWarning)  # summarised below
+            res = discover_image(backbone, img, tau, eps, method, mean, std, max_side, device, amp_dtype)
+        if res.degenerate:
+            degenerate[name] = res.degenerate
         if max_side is not None and (img.height, img.width) != res.image_size:  # box back to the original pixels
             fx, fy = img.width / res.image_size[1], img.height / res.image_size[0]
             x0, y0, x1, y1 = res.box
             res.box = (round(x0 * fx), round(y0 * fy), min(round(x1 * fx), img.width), min(round(y1 * fy), img.height))
         boxes[name] = list(res.box)
         entries.append({"file_name": name, "width": img.width, "height": img.height, "box": res.box,
-                        "ncut_eigenvalue": res.eigenvalue})
+                        "ncut_eigenvalue": res.eigenvalue, "ncut_degenerate": res.degenerate})
         if masks:
             save_mask(res, out_dir / "masks" / _png_name(name))
         if heatmaps:
             save_heatmap(res, img, out_dir / "heatmaps" / _png_name(name))
     seconds = time.perf_counter() - t0
-    path = write_coco_boxes(out_dir / "boxes.json", entries, {**(info or {}), "tau": tau, "eps": eps, "solver": method})
+    if degenerate:
+        listed = ", ".join(list(degenerate)[:5]) + (", ..." if len(degenerate) > 5 else "")
+        print(f"warning: {len(degenerate)} of {len(entries)} images have no unique normalized cut (constant graph "
+              f"or repeated eigenvalue); their box is the whole image, marked ncut_degenerate: {listed}",
+              file=sys.stderr)
+    path = write_coco_boxes(out_dir / "boxes.json", entries, {**(info or {}), "tau": tau, "eps": eps, "solver": method,
+                                                               "n_degenerate": len(degenerate)})
     return {"boxes": boxes, "boxes_file": str(path), "seconds": seconds,
-            "images_per_s": len(entries) / seconds if seconds > 0 else float("nan")}
+            "images_per_s": len(entries) / seconds if seconds > 0 else float("nan"), "degenerate": degenerate}
 
 
 # ----------------------------------------------------------------------------------- command line
@@ -465,7 +555,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(res['boxes'])} boxes -> {res['boxes_file']} ({res['images_per_s']:.2f} images/s)")
     if gt is not None:
         cl = corloc(res["boxes"], gt)
-        (out / "corloc.json").write_text(json.dumps({**cl.as_dict(), **info}, indent=1))
+        (out / "corloc.json").write_text(json.dumps({**cl.as_dict(), **info, "n_degenerate": len(res["degenerate"])},
+                                                    indent=1))
         print(f"CorLoc {100 * cl.corloc:.2f}% ({cl.n_hits}/{cl.n_images} images) -> {out / 'corloc.json'}")
     return 0
 

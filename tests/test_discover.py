@@ -14,13 +14,17 @@ from scenes import make_scenes, tiny_checkpoint, write_coco, write_voc
 from ssl_distill.eval.corloc import read_coco
 from ssl_distill.eval.discover import (
     EPS,
+    GAP_TOL,
+    DegenerateGraphWarning,
     affinity,
     bipartition,
     discover_image,
+    discover_images,
     main,
     mask_box,
     ncut,
     prepare_image,
+    second_eigenpairs,
     second_eigenvector,
     seed_component,
     write_coco_boxes,
@@ -48,6 +52,8 @@ def test_two_clusters_known_answer(method):
     d = W.sum(1)
     assert x @ (d * x) == pytest.approx(1.0)
     res = ncut(W, (h, w), 8, (h * 8, w * 8), method)
+    # a simple lambda_2: not degenerate; lambda_3 = 1 (the only other eigenvalue of a two-block graph)
+    assert res.degenerate is None and res.lambda3 == pytest.approx(1.0, abs=1e-6)
     # the seed (largest |x|) lies in the smaller-volume cluster, which becomes the foreground
     np.testing.assert_array_equal(res.bipartition, fg)
     np.testing.assert_array_equal(res.mask, fg)
@@ -66,6 +72,26 @@ def test_flip_rule():
     part3, seed3, xo3 = bipartition(np.array([0.0, 0.1, 0.2, 3.0]))  # seed already foreground: no flip
     assert seed3 == 3 and part3.tolist() == [False, False, False, True]
     np.testing.assert_array_equal(xo3, [0.0, 0.1, 0.2, 3.0])
+
+
+def test_ties_are_decided_as_in_exact_arithmetic():
+    # an eigenvector localised on two lone tokens, +a and -a, every other entry at the mean (0): the
+    # seed is the first of the tied |x| (argmax's rule), the tokens at the mean are background, and
+    # neither the sign of x nor rounding noise changes the answer
+    x = np.zeros(12)
+    x[3], x[8] = 0.25, -0.25
+    for sign in (1.0, -1.0):
+        part, seed, xo = bipartition(sign * x)
+        assert seed == 3 and part.tolist() == [i == 3 for i in range(12)] and xo[3] > 0
+    noise = np.random.default_rng(0).normal(0.0, 1e-15, 12)
+    for trial in range(20):
+        noisy = (x + np.roll(noise, trial)) * (1.0 if trial % 2 else -1.0)
+        part, seed, _ = bipartition(noisy)
+        assert seed == 3 and part.tolist() == [i == 3 for i in range(12)]
+    # without ties, TokenCut's rule unchanged: complement when the seed is below the mean
+    y = np.array([-5.0, 1.0, 1.0 + 1e-6, 1.0, 2.0])
+    part, seed, _ = bipartition(y)
+    assert seed == 0 and part.tolist() == [True, False, False, False, False]
 
 
 def test_component_rule_is_four_connected():
@@ -125,18 +151,74 @@ def test_lanczos_matches_the_dense_generalized_solve():
         assert set(np.unique(W)) == {EPS, 1.0}
         d = W.sum(1)
         vals, vecs = scipy.linalg.eigh(np.diag(d) - W, np.diag(d), subset_by_index=[1, 2])
-        lam, x = second_eigenvector(W, "lanczos")
+        lam, x, lam3 = second_eigenpairs(W, "lanczos")
         assert lam == pytest.approx(vals[0], rel=1e-8, abs=1e-10)
+        assert lam3 == pytest.approx(vals[1], rel=1e-8, abs=1e-10) and lam3 - lam > GAP_TOL
         assert abs(x @ (d * vecs[:, 0])) == pytest.approx(1.0, abs=1e-8)  # same vector up to sign
         a, b = ncut(W, (h, w), 8, (160, 160), "lanczos"), ncut(W, (h, w), 8, (160, 160), "dense")
+        assert a.degenerate is None and b.degenerate is None
         np.testing.assert_array_equal(a.bipartition, b.bipartition)
         np.testing.assert_array_equal(a.mask, b.mask)
         assert a.box == b.box
 
 
-def test_constant_graph_keeps_the_whole_image():
-    res = ncut(np.ones((12, 12)), (3, 4), 8, (20, 30))
-    assert res.mask.all() and res.box == (0, 0, 30, 20)
+@pytest.mark.parametrize("method", ["dense", "lanczos"])
+def test_constant_graph_keeps_the_whole_image(method):
+    # all pairs above tau: every vector orthogonal to 1 is an eigenvector, no cut exists
+    with pytest.warns(DegenerateGraphWarning, match="constant graph"):
+        res = ncut(np.ones((12, 12)), (3, 4), 8, (20, 30), method)
+    assert res.degenerate == "constant graph"
+    assert res.mask.all() and res.bipartition.all() and res.box == (0, 0, 30, 20)
+    assert not res.eigenvector.any() and res.eigenvalue == res.lambda3 == 1.0
+
+
+@pytest.mark.parametrize("method", ["dense", "lanczos"])
+def test_repeated_second_eigenvalue_keeps_the_whole_image(method):
+    # three equal, mutually dissimilar clusters: lambda_2 = lambda_3 = 3 eps / (1 + 2 eps), a 2-D eigenspace;
+    # any split of it is as good as another, so the cut is undefined
+    h, w = 12, 15
+    labels = np.repeat([0, 1, 2], h * w // 3)
+    W = np.where(labels[:, None] == labels[None, :], 1.0, EPS)
+    lam, _, lam3 = second_eigenpairs(W, method)
+    assert lam == pytest.approx(3 * EPS * 60 / (60 + 120 * EPS), rel=1e-6) and abs(lam3 - lam) <= GAP_TOL
+    with pytest.warns(DegenerateGraphWarning, match="repeated eigenvalue"):
+        res = ncut(W, (h, w), 8, (h * 8 - 3, w * 8 - 5), method)
+    assert res.degenerate == "repeated eigenvalue"
+    assert res.mask.all() and res.box == (0, 0, w * 8 - 5, h * 8 - 3) and not res.eigenvector.any()
+    # break the symmetry (one cluster a token smaller): a unique cut again, both solvers agree
+    labels[0] = 1
+    W = np.where(labels[:, None] == labels[None, :], 1.0, EPS)
+    a, b = ncut(W, (h, w), 8, (h * 8, w * 8), "lanczos"), ncut(W, (h, w), 8, (h * 8, w * 8), "dense")
+    assert a.degenerate is None and b.degenerate is None and a.lambda3 - a.eigenvalue > GAP_TOL
+    np.testing.assert_array_equal(a.bipartition, b.bipartition)
+
+
+def test_nearly_constant_graph_is_cut():
+    # all ones but two tokens dissimilar to a handful of others (as random-init ViT graphs often are):
+    # not degenerate, and the cut separates what differs; both solvers agree
+    h, w = 16, 18
+    W = np.ones((h * w, h * w))
+    for t in (40, 41):
+        W[t, 100:106] = W[100:106, t] = EPS
+    a, b = ncut(W, (h, w), 8, (h * 8, w * 8), "lanczos"), ncut(W, (h, w), 8, (h * 8, w * 8), "dense")
+    assert a.degenerate is None and b.degenerate is None
+    np.testing.assert_array_equal(a.bipartition, b.bipartition)
+    assert not a.bipartition.all()
+
+
+def test_discover_images_marks_degenerate_images(tmp_path, capsys):
+    # a uniform image through a random-init ViT: every key pair is above tau (constant graph)
+    torch.manual_seed(0)
+    bb = ViTBackbone(BackboneSpec(arch="vit_tiny", patch_size=8, img_size=32, depth=2)).eval()
+    Image.new("RGB", (48, 40), (128, 128, 128)).save(tmp_path / "flat.png")
+    Image.fromarray(make_scenes(1, seed=5, size=(70, 90))[0].image).save(tmp_path / "scene.png")
+    res = discover_images(bb, tmp_path, ["flat.png", "scene.png"], tmp_path / "out")
+    assert res["degenerate"] == {"flat.png": "constant graph"}
+    assert res["boxes"]["flat.png"] == [0, 0, 48, 40]
+    assert "1 of 2 images have no unique normalized cut" in capsys.readouterr().err
+    data = json.loads((tmp_path / "out" / "boxes.json").read_text())
+    assert [a["ncut_degenerate"] for a in data["annotations"]] == ["constant graph", None]
+    assert data["info"]["n_degenerate"] == 1
 
 
 def test_discover_image_and_coco_boxes_file(tmp_path):
