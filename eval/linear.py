@@ -365,6 +365,7 @@ def fast_probe(train: FeatureSet, test: FeatureSet, embed_dim: int, max_blocks: 
     best_i = max(range(len(rows)), key=lambda i: (rows[i]["holdout_top1"], rows[i]["holdout_top5"], -i))
     best = rows[best_i]
     pred = test_logits[:, best_i].argmax(dim=1)
+    lr_values = sorted({h.lr for h in heads})
     per_class = []
     for c in range(num_classes):
         mask = test_y == c
@@ -373,6 +374,7 @@ def fast_probe(train: FeatureSet, test: FeatureSet, embed_dim: int, max_blocks: 
         "mode": "fast", "selection": "held-out split of train", "best": best,
         "top1": best["test_top1"], "top5": best["test_top5"], "per_class": per_class,
         "grid": rows, "n_heads": len(heads), "epochs": epochs, "iterations": epochs * steps_per_epoch,
+        "best_lr_at_grid_edge": grid_edge(best["lr"], lr_values),
         "batch_size": batch_size, "standardize": standardize,
         "n_train": int(train_idx.numel()), "n_holdout": int(held_idx.numel()), "n_test": int(test_y.numel()),
         "holdout_fraction": holdout, "compute": compute, "seconds_train": t_train,
@@ -411,14 +413,25 @@ def logreg_probe(train: FeatureSet, test: FeatureSet, cs: Sequence[float] = (0.0
         rows.append({"C": c, "holdout_top1": h1, "holdout_top5": h5, "iterations": int(np.max(clf.n_iter_)),
                      "converged": converged})
     best = max(rows, key=lambda r: (r["holdout_top1"], r["holdout_top5"]))
+    edge = grid_edge(best["C"], sorted(cs))
     scaler, clf, converged = fit(best["C"], np.arange(len(y)))
     proba = torch.from_numpy(clf.predict_proba(scaler.transform(x_test)))
     t1, t5 = topk_accuracy(proba, torch.from_numpy(_remap(clf.classes_, y_test)))
     return {"mode": "logreg", "selection": "held-out split of train, then refit on all of train",
             "best": dict(best, test_top1=t1, test_top5=t5, refit_converged=converged), "top1": t1, "top5": t5,
-            "grid": rows,
+            "grid": rows, "best_C_at_grid_edge": edge,
             "n_train": int(len(y)), "n_holdout": int(len(held_idx)), "n_test": int(len(y_test)),
             "seconds_train": time.perf_counter() - t0}
+
+
+def grid_edge(value: float, grid: Sequence[float]) -> str | None:
+    """``"high"`` / ``"low"`` when ``value`` is the largest / smallest of a grid of several values, else None.
+
+    A selected hyper-parameter on the edge of its grid means the optimum may lie outside it.
+    """
+    if len(grid) < 2:
+        return None
+    return "high" if value == max(grid) else "low" if value == min(grid) else None
 
 
 def _remap(classes: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -804,8 +817,15 @@ def run(args: argparse.Namespace) -> int:
         b = res["best"]
         print(f"linear (fast, {res['n_heads']} heads): best {b['name']} (held-out top-1 {b['holdout_top1']:.2f}%) "
               f"-> test top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%")
+        if res["best_lr_at_grid_edge"]:
+            print(f"note: the chosen lr is the {'largest' if res['best_lr_at_grid_edge'] == 'high' else 'smallest'} "
+                  "of the grid; the optimum may lie outside it (--lrs to extend it; --standardize conditions SGD)")
     elif args.mode == "logreg":
         print(f"linear (logreg, C={res['best']['C']:g}): test top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%")
+        if res["best_C_at_grid_edge"] or not res["best"]["refit_converged"]:
+            print(f"note: C={res['best']['C']:g} " + ("is on the edge of the --cs grid" if res["best_C_at_grid_edge"]
+                                                      else "was selected") +
+                  ("" if res["best"]["refit_converged"] else f"; the refit did not converge in --max-iter {args.max_iter}"))
     elif res["complete"]:
         print(f"linear (faithful, {res['epochs']} epochs): val top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}% "
               f"(best over epochs {res['best_top1_over_epochs']:.2f}%)")

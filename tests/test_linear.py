@@ -136,6 +136,19 @@ def test_logreg_probe() -> None:
     res = L.logreg_probe(synthetic(300, 4), synthetic(100, 5), cs=(0.01, 1.0), holdout=0.2)
     assert res["top1"] > 90 and {r["C"] for r in res["grid"]} == {0.01, 1.0}
     assert res["n_train"] == 300
+    assert res["best_C_at_grid_edge"] == L.grid_edge(res["best"]["C"], [0.01, 1.0]) is not None
+
+
+def test_selection_on_the_grid_edge_is_flagged() -> None:
+    assert L.grid_edge(0.1, L.LR_GRID) == "high" and L.grid_edge(1e-5, L.LR_GRID) == "low"
+    assert L.grid_edge(1e-3, L.LR_GRID) is None and L.grid_edge(0.1, [0.1]) is None
+    train, test = synthetic(400, 6), synthetic(100, 7)
+    kw = dict(epochs=2, batch_size=32, holdout=0.2)
+    # learning rates far too small to train in 2 epochs: the largest one wins, on the edge of the grid
+    low = L.fast_probe(train, test, D, 4, heads=L.head_grid((1,), (True,), (1e-6, 1e-5, 1e-4)), **kw)
+    assert low["best"]["lr"] == 1e-4 and low["best_lr_at_grid_edge"] == "high"
+    mid = L.fast_probe(train, test, D, 4, heads=L.head_grid((1,), (True,), (1e-2, 1e-1, 1e2)), **kw)
+    assert mid["best"]["lr"] != 1e2 and mid["best_lr_at_grid_edge"] in (None, "low")
 
 
 def test_random_resized_crop_flip_is_a_function_of_the_seed() -> None:
