@@ -126,6 +126,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="wait for the job and print its last log record")
 
 
+def parse_slurm_args(items: list[str]) -> dict[str, str]:
+    """``["mail_type=END", ...]`` -> ``{"mail_type": "END", ...}`` (extra sbatch options)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--slurm-arg expects KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
 def build_executor(args: argparse.Namespace, folder: Path, name: str) -> Any:
     """A submitit AutoExecutor for SLURM (or the local executor with ``--local``)."""
     import submitit
@@ -144,12 +155,7 @@ def build_executor(args: argparse.Namespace, folder: Path, name: str) -> Any:
     if args.mem_gb:
         params["mem_gb"] = args.mem_gb
     if not args.local:
-        extra: dict[str, Any] = {"requeue": True}
-        for item in args.slurm_arg:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise ValueError(f"--slurm-arg expects KEY=VALUE, got {item!r}")
-            extra[key] = value
+        extra: dict[str, Any] = {"requeue": True, **parse_slurm_args(args.slurm_arg)}
         params.update(
             slurm_partition=args.partition, slurm_signal_delay_s=args.signal_delay,
             # a task that exits with an error takes the others down at once, instead of at their
@@ -164,6 +170,7 @@ def build_executor(args: argparse.Namespace, folder: Path, name: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    parse_slurm_args(args.slurm_arg)  # every argument is checked before anything is written
     overrides = list(args.overrides)
     if args.max_requeues is not None:
         overrides.append(f"run.max_requeues={args.max_requeues}")

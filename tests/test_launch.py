@@ -191,3 +191,11 @@ def test_submit_rejects_a_config_typo_before_queueing(tmp_path):
     res = subprocess.run([sys.executable, "-m", "ssl_distill.cli", "submit", str(CONFIG), "optim.lrr=0.1", "--local"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert res.returncode == 1 and "optim.lr" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_submit_rejects_a_malformed_sbatch_option_and_writes_nothing(tmp_path):
+    out = tmp_path / "never"
+    res = subprocess.run([sys.executable, "-m", "ssl_distill.cli", "submit", str(CONFIG), f"run.output_dir={out}",
+                          "--slurm-arg", "mail_type"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 1 and "--slurm-arg expects KEY=VALUE, got 'mail_type'" in res.stderr
+    assert not out.exists()
