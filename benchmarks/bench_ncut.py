@@ -26,7 +26,10 @@ bits) and dense result are kept, keyed by the graph's hash: run once with ``--de
 (and skip the features of all but the first ``--e2e-images``).
 
     python benchmarks/bench_ncut.py [--n-images 100] [--dense-subset 10] [--cache /tmp/ncut_cache]
-                                    [--checkpoint RUN_DIR_OR_FILE] [--e2e-images 5]
+                                    [--checkpoint RUN_DIR_OR_FILE] [--e2e-images 5] [--random-init-seeds 1]
+
+``--dense-subset 0`` skips the dense reference (CorLoc only). Scenes for pretraining on the same kind
+(other seeds, unlabeled): ``benchmarks/make_scene_folder.py``.
 """
 from __future__ import annotations
 
@@ -139,6 +142,8 @@ def main() -> None:
     ap.add_argument("--cache", help="folder keeping graphs and dense results between runs")
     ap.add_argument("--checkpoint", help="trained checkpoint / run dir: also report its CorLoc on the scenes")
     ap.add_argument("--corloc-images", type=int, default=None, help="scenes used for the checkpoint CorLoc (default all)")
+    ap.add_argument("--random-init-seeds", type=int, default=1,
+                    help="with --checkpoint: random inits of its architecture (seeds run seed + 0..N-1) to average")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     print(hardware_line())
@@ -272,13 +277,21 @@ def main() -> None:
         trained.set_fused_attn(True)
         mean, std = normalization_of(cfg)
         t = corloc_of(trained, subset, mean, std)
-        rand, _ = load_model(args.checkpoint, random_init=True)
-        rand.set_fused_attn(True)
-        r = corloc_of(rand, subset, mean, std)
+        run_seed = getattr(getattr(cfg, "run", None), "seed", 0)
+        rands = []
+        for k in range(max(args.random_init_seeds, 1)):
+            rand, _ = load_model(args.checkpoint, random_init=True, seed=run_seed + k)
+            rand.set_fused_attn(True)
+            rands.append(corloc_of(rand, subset, mean, std))
+        r = rands[0]
         spec = trained.spec
         print(f"  CorLoc on {len(subset)} scenes, checkpoint {args.checkpoint} ({spec.arch}, patch {spec.patch_size}, "
               f"depth {spec.depth}, its normalization): trained {t['corloc']:.1f}%, same architecture at random init "
               f"{r['corloc']:.1f}% ({t['rate']:.2f} images/s)")
+        if len(rands) > 1:
+            cls = np.asarray([m["corloc"] for m in rands])
+            print(f"    random init over {len(rands)} seeds ({run_seed}..{run_seed + len(rands) - 1}): mean {cls.mean():.1f}%, "
+                  f"min {cls.min():.1f}%, max {cls.max():.1f}% ({', '.join(f'{c:.0f}' for c in cls)})")
         for label, m in (("trained", t), ("random init", r)):
             print(f"    {label}: degenerate graphs {m['degenerate']}/{len(subset)}, share of key pairs > tau "
                   f"median {m['density']:.3f} (min {m['density_min']:.3f})")
