@@ -491,7 +491,7 @@ def discover_images(backbone: nn.Module, image_dir: str | Path, file_names: Sequ
 
 # ----------------------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="ssl-distill checkpoint file or run directory")
+    parser.add_argument("checkpoint", help="run directory, checkpoint file, or official DINO / iBOT / DINOv2 file")
     parser.add_argument("--images", help="image folder (default: JPEGImages/ of --voc; needed with --coco or alone)")
     gt = parser.add_mutually_exclusive_group()
     gt.add_argument("--voc", help="Pascal VOC folder: discover on its split and report CorLoc")

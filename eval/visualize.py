@@ -314,7 +314,7 @@ def visualize_images(backbone: nn.Module, inputs: Sequence[str | Path], out_dir:
 
 # ----------------------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="ssl-distill checkpoint file or run directory")
+    parser.add_argument("checkpoint", help="run directory, checkpoint file, or official DINO / iBOT / DINOv2 file")
     parser.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     parser.add_argument("--out", help="output folder (default: <run dir>/attention[_random_init])")
     parser.add_argument("--threshold", type=float, default=0.6,
