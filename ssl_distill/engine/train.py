@@ -398,7 +398,7 @@ class Trainer:
                 if end_of_epoch:
                     st.epoch, st.batch = st.epoch + 1, 0
                 request = signals.poll()
-                if request:  # checkpoint this step and leave, whatever the schedule says
+                if request and st.step < stop_at:  # checkpoint this step and leave (the last step just ends)
                     bar.close()
                     return self._stop(request, window, t_window, images_per_step, last)
                 if end_of_epoch or st.step % cfg.run.checkpoint_every == 0 or st.step == stop_at:
