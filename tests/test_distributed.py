@@ -171,3 +171,19 @@ def test_a_failing_rank_fails_the_run_with_its_error(train_dir, tmp_path):
     assert "rank 1: training failed at step 7: RuntimeError: injected failure on rank 1" in res.stdout + res.stderr
     ckpt = load_file(tmp_path / "crash" / "checkpoint.pth")  # the last good checkpoint is intact
     assert ckpt["step"] == 6  # checkpoint_every=3
+
+
+def test_a_signal_during_the_last_step_lets_the_run_finish(train_dir, tmp_path, monkeypatch):
+    trainer = Trainer(load_config(CONFIG, tiny_overrides(train_dir, tmp_path)))
+    real_step = trainer.train_step
+
+    def step_and_signal(crops, step):
+        out = real_step(crops, step)
+        if step == trainer.total_steps - 1:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return out
+
+    monkeypatch.setattr(trainer, "train_step", step_and_signal)
+    last = trainer.fit()
+    assert "stopped" not in last and last["step"] == trainer.total_steps
+    assert load_file(tmp_path / "checkpoint.pth")["requeues"] == 0
