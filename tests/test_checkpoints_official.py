@@ -157,6 +157,19 @@ def images(size: int, n: int = 2, seed: int = 0) -> Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def assert_matches_timm(loaded, sd: dict[str, torch.Tensor], name: str, size: int, **kwargs) -> None:
+    """timm's own DINOv2 model ``name``, filled by timm's converter from ``sd``, gives our features."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    ref = timm.create_model(name, pretrained=False, img_size=size, embed_dim=WIDTH, depth=2, num_heads=HEADS,
+                            num_classes=0, **kwargs).eval()
+    ref.load_state_dict(checkpoint_filter_fn(dict(sd), ref))
+    x = images(size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.backbone.vit.forward_features(x), ref.forward_features(x),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def check_features(loaded, sd: dict[str, Tensor], size: int, n_reg: int = 0, **ref_kw) -> None:
     x = images(size)
     with torch.no_grad():
@@ -279,15 +292,7 @@ def test_dinov2_registers(tmp_path: Path) -> None:
     check_features(loaded, sd, 70, n_reg=4, offset=0.0, antialias=True)
     check_features(loaded, sd, 168, n_reg=4, offset=0.0, antialias=True)
     # timm's own DINOv2 converter gives the same features at the stored size
-    ref = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=112, embed_dim=WIDTH,
-                            depth=2, num_heads=HEADS, num_classes=0).eval()
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    ref.load_state_dict(checkpoint_filter_fn(dict(sd), ref))
-    x = images(112)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.backbone.vit.forward_features(x), ref.forward_features(x),
-                                   rtol=1e-5, atol=1e-5)
+    assert_matches_timm(loaded, sd, "vit_small_patch14_reg4_dinov2", 112)
 
 
 def test_dinov2_chunked_training_outputs(tmp_path: Path) -> None:
@@ -316,15 +321,7 @@ def test_dinov2_giant_swiglu(tmp_path: Path) -> None:
     assert loaded.spec.mlp_layer == "swiglu" and loaded.spec.mlp_hidden() == 2 * hidden
     check_features(loaded, sd, 56)
     check_features(loaded, sd, 28)
-    ref = timm.create_model("vit_giant_patch14_dinov2", pretrained=False, img_size=56, embed_dim=WIDTH, depth=2,
-                            num_heads=HEADS, mlp_ratio=2 * hidden / WIDTH + 1e-4, num_classes=0).eval()
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    ref.load_state_dict(checkpoint_filter_fn(dict(sd), ref))
-    x = images(56)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.backbone.vit.forward_features(x), ref.forward_features(x),
-                                   rtol=1e-5, atol=1e-5)
+    assert_matches_timm(loaded, sd, "vit_giant_patch14_dinov2", 56, mlp_ratio=2 * hidden / WIDTH + 1e-4)
 
 
 def test_intermediate_layers_match_reference(tmp_path: Path) -> None:

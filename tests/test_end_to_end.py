@@ -52,6 +52,13 @@ def folders(tmp_path_factory):
 CONFIG = ROOT / "configs" / "dino_tiny_fmnist.yaml"
 
 
+def assert_same_teacher_and_center(a: dict, b: dict) -> None:
+    """Two training checkpoints hold bit-identical teachers and DINO centers."""
+    for key in a["teacher"]:
+        assert torch.equal(a["teacher"][key], b["teacher"][key]), key
+    assert torch.equal(a["loss"]["center"], b["loss"]["center"])
+
+
 @pytest.mark.slow
 def test_interrupted_run_resumes_bit_identically_and_evaluates(folders, tmp_path):
     train_dir, val_dir = folders
@@ -69,9 +76,7 @@ def test_interrupted_run_resumes_bit_identically_and_evaluates(folders, tmp_path
 
     a, b = load_file(full / "checkpoint.pth"), load_file(part / "checkpoint.pth")
     assert a["step"] == b["step"] == 12
-    for key in a["teacher"]:
-        assert torch.equal(a["teacher"][key], b["teacher"][key]), key
-    torch.testing.assert_close(a["loss"]["center"], b["loss"]["center"], rtol=0, atol=0)
+    assert_same_teacher_and_center(a, b)
     log = [json.loads(line) for line in (part / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 12 and {"loss", "lr", "wd", "momentum", "teacher_temp", "teacher_entropy",
                                       "teacher_kl_uniform", "images_per_s"} <= set(log[-1])

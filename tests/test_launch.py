@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from ssl_distill.engine.checkpoint import load_file
 
-from test_end_to_end import CONFIG, make_folder, tiny_overrides
+from test_end_to_end import CONFIG, assert_same_teacher_and_center, make_folder, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
@@ -105,6 +104,17 @@ def wait_for_step(out: Path, job_id: str, step: int, timeout: float = 300) -> in
     raise AssertionError(f"no step {step} in {out / 'log.jsonl'} after {timeout} s")
 
 
+def interrupted(train_dir: Path, out: Path, *scancel_flags: str) -> tuple[str, int, dict[str, str]]:
+    """Submit, let 10 steps finish, ``scancel`` with ``scancel_flags``, wait for the end.
+
+    Returns (job id, last step logged before the signal, final ``scontrol show job`` fields).
+    """
+    job = submit(train_dir, out)
+    done = wait_for_step(out, job, 10)
+    subprocess.run(["scancel", *scancel_flags, job], check=True)
+    return job, done, wait_final(job)
+
+
 def task_log(out: Path, job_id: str, task: int, ext: str = "out") -> str:
     return (out / "submitit" / f"{job_id}_{task}_log.{ext}").read_text()
 
@@ -132,10 +142,7 @@ def test_two_task_job_trains_to_the_end(uninterrupted):
 @pytest.mark.slow
 def test_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_one(uninterrupted, train_dir, tmp_path):
     out = tmp_path / "preempted"
-    job = submit(train_dir, out)
-    done = wait_for_step(out, job, 10)
-    subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what SLURM sends before a time limit
-    info = wait_final(job)
+    job, done, info = interrupted(train_dir, out, "--signal=USR2")  # what SLURM sends before a time limit
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
     stdout, stderr = task_log(out, job, 0), task_log(out, job, 0, "err")
     stopped = int(re.search(r"stopped at step (\d+) \(requeue\)", stderr).group(1))
@@ -144,9 +151,7 @@ def test_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_one(u
     assert f"requeued job {job}" in stderr
     a, b = load_file(uninterrupted / "checkpoint.pth"), load_file(out / "checkpoint.pth")
     assert b["step"] == STEPS and b["requeues"] == 1
-    for key in a["teacher"]:
-        assert torch.equal(a["teacher"][key], b["teacher"][key]), key
-    assert torch.equal(a["loss"]["center"], b["loss"]["center"])
+    assert_same_teacher_and_center(a, b)
 
 
 @pytest.mark.slurm
@@ -165,10 +170,7 @@ def test_a_crashing_rank_fails_the_job_once(slurm, train_dir, tmp_path):
 @pytest.mark.slow
 def test_a_cancelled_job_saves_its_step_and_is_not_requeued(slurm, train_dir, tmp_path):
     out = tmp_path / "cancelled"
-    job = submit(train_dir, out)
-    done = wait_for_step(out, job, 10)
-    subprocess.run(["scancel", job], check=True)
-    info = wait_final(job)
+    job, done, info = interrupted(train_dir, out)
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info
     time.sleep(2)
     stopped = int(re.search(r"stopped at step (\d+) \(stop\)", task_log(out, job, 0, "err")).group(1))

@@ -51,7 +51,7 @@ def expand_nodelist(text: str) -> list[str]:
     names: list[str] = []
     for item in _split_top_level(text.strip()):
         parts = _BRACKETS.split(item)  # literal, group, literal, group, ..., literal
-        if "[" in item and len(parts) == 1 or any("[" in p or "]" in p for p in parts[::2]):
+        if any("[" in p or "]" in p for p in parts[::2]):  # unbalanced or nested brackets
             raise ValueError(f"cannot parse SLURM node list {text!r} (item {item!r})")
         expanded = [parts[0]]
         for group, literal in zip(parts[1::2], parts[2::2]):
