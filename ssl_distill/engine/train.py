@@ -25,9 +25,9 @@ from ..objectives import DINOLoss
 from . import distributed as du
 from .checkpoint import FORMAT, LATEST, atomic_save, load_file, load_state_strict, rng_state, set_rng_state
 from .ema import ema_update
-from .stop import NAMES, REQUEUE, StopSignals
 from .monitor import CollapseMonitor, JsonlLogger
 from .schedules import cosine_schedule, frozen_last_layer, linear_scaled_lr, teacher_temp_schedule
+from .stop import NAMES, REQUEUE, StopSignals
 
 
 class NonFiniteLossError(RuntimeError):
@@ -182,7 +182,6 @@ class Trainer:
             # torch's SyncBatchNorm has no CPU kernel, so CPU processes keep per-process statistics
             self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
             self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
-            self.student_ddp = self.student
         if self.world > 1:
             self.student_ddp = DistributedDataParallel(
                 self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None
