@@ -331,7 +331,9 @@ class BadImageCounter:
         if self.seen and self.fraction > self.max_bad_fraction:
             raise DataError(f"{self.bad} of {self.seen} images were unreadable and substituted "
                             f"({self.fraction:.2%} > threshold {self.max_bad_fraction:.2%}); "
-                            "see the BadImageWarning messages for the files.")
+                            "the BadImageWarning messages name the files: replace or repair them (the run keeps "
+                            "its file list, so deleting one does not help) or raise data.max_bad_fraction, then "
+                            "run the same command to resume from the last checkpoint.")
 
     def update(self, n_bad: int, n_seen: int) -> None:
         self.bad += int(n_bad)
