@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ssl_distill.config import load_config
-from ssl_distill.engine.checkpoint import load_file
+from ssl_distill.engine.checkpoint import CheckpointError, load_file
 from ssl_distill.engine.train import NonFiniteLossError, Trainer, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,3 +150,13 @@ def test_corrupt_images_are_skipped_named_counted_and_abort_above_one_percent(fo
             train(cfg)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["bad_images"] >= 1
+
+
+def test_resuming_with_another_model_names_the_keys_and_the_fix(folders, tmp_path):
+    train_dir, _ = folders
+    over = tiny_overrides(train_dir, tmp_path) + ["run.stop_at_step=2"]
+    train(load_config(CONFIG, over))
+    before = (tmp_path / "checkpoint.pth").read_bytes()
+    with pytest.raises(CheckpointError, match=r"missing keys \['backbone\.vit\.blocks\.2\..*holds another model.*--fresh"):
+        Trainer(load_config(CONFIG, over + ["model.depth=3"]))
+    assert (tmp_path / "checkpoint.pth").read_bytes() == before  # nothing lost

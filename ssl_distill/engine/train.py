@@ -23,7 +23,9 @@ from ..data.loader import build_train_loader
 from ..models import DINOHead, MultiCropModel, ViTBackbone, default_fused_attn
 from ..objectives import DINOLoss
 from . import distributed as du
-from .checkpoint import FORMAT, LATEST, atomic_save, load_file, load_state_strict, rng_state, set_rng_state
+from .checkpoint import (
+    FORMAT, LATEST, CheckpointError, atomic_save, load_file, load_state_strict, rng_state, set_rng_state,
+)
 from .ema import ema_update
 from .monitor import CollapseMonitor, JsonlLogger
 from .schedules import cosine_schedule, frozen_last_layer, linear_scaled_lr, teacher_temp_schedule
@@ -271,8 +273,13 @@ class Trainer:
         diff = config_diff(ckpt["config"], config_to_dict(self.cfg))
         if diff and du.is_main():
             print("note: config differs from the checkpoint's:\n  " + "\n  ".join(diff))
-        load_state_strict(self.student, ckpt["student"], f"{path}: student")
-        load_state_strict(self.teacher, ckpt["teacher"], f"{path}: teacher")
+        try:
+            load_state_strict(self.student, ckpt["student"], f"{path}: student")
+            load_state_strict(self.teacher, ckpt["teacher"], f"{path}: teacher")
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}. The run directory holds another model: resume with its config "
+                                  f"({self.out / 'config.yaml'}), or use another run.output_dir (or --fresh, "
+                                  "which discards the checkpoint) to start a new run") from e
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.loss_fn.load_state_dict(ckpt["loss"])
         if self.scaler is not None and ckpt.get("scaler"):
