@@ -30,6 +30,8 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 
+from common import hardware_line
+
 from ssl_distill.config import CropsConfig
 from ssl_distill.data.fashion_mnist import DEFAULT_SOURCE, build_fashion_mnist_folders
 from ssl_distill.data.folder import FileList, ImageFolderDataset, load_rgb, scan_image_folder
@@ -144,6 +146,7 @@ def main() -> None:
     parser.add_argument("--images-b", type=int, default=1024, help="images per measurement, Fashion-MNIST crops")
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
+    print(hardware_line())  # the machine's ceiling; the pipelines below run on one thread, as a data worker does
     torch.set_num_threads(1)
     random.seed(0)
     torch.manual_seed(0)
