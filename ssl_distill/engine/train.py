@@ -20,7 +20,7 @@ from ..checkpoints import spec_from_config
 from ..config import Config, config_diff, config_to_dict, save_config
 from ..data.folder import BadImageCounter
 from ..data.loader import build_train_loader
-from ..models import DINOHead, MultiCropModel, ViTBackbone, default_fused_attn
+from ..models import DINOHead, MultiCropModel, SyncBatchNorm1d, ViTBackbone, default_fused_attn
 from ..objectives import DINOLoss
 from . import distributed as du
 from .checkpoint import (
@@ -179,11 +179,12 @@ class Trainer:
         self.student.backbone.set_fused_attn(fused)
         self.teacher.backbone.set_fused_attn(fused)
         self.student_ddp: nn.Module = self.student
-        if self.world > 1 and cfg.model.use_bn_in_head and self.device.type == "cuda":
-            # batch statistics over the global batch, as DINO (SyncBatchNorm in both networks);
-            # torch's SyncBatchNorm has no CPU kernel, so CPU processes keep per-process statistics
-            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
-            self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
+        if self.world > 1 and cfg.model.use_bn_in_head:
+            # batch statistics over the global batch in both networks, as DINO: torch's SyncBatchNorm
+            # on CUDA; it has no CPU kernel, so CPU processes all-reduce the statistics themselves
+            convert = nn.SyncBatchNorm.convert_sync_batchnorm if self.device.type == "cuda" else SyncBatchNorm1d.convert
+            self.student = convert(self.student)
+            self.teacher = convert(self.teacher)
         if self.world > 1:
             self.student_ddp = DistributedDataParallel(
                 self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None
@@ -255,13 +256,22 @@ class Trainer:
         du.barrier()
 
     def _check_teachers_agree(self) -> None:
+        """Every rank holds the same teacher parameters, buffers (BatchNorm running statistics) and
+        DINO center; compared through (sum, sum of squares) in float64 of each of the three parts."""
+
+        def digest(tensors: list[torch.Tensor]) -> tuple[float, float]:
+            t = [x.detach().double() for x in tensors]
+            return float(sum(x.sum() for x in t)), float(sum((x * x).sum() for x in t))
+
         with torch.no_grad():
-            params = [p.detach().double() for p in self.teacher.parameters()]
-            digest = (float(sum(p.sum() for p in params)), float(sum((p * p).sum() for p in params)))
-        digests = du.gather_objects(digest)
-        if any(d != digests[0] for d in digests):
-            raise RuntimeError(f"teacher weights differ across ranks at step {self.state.step} "
-                               f"(sum, sum of squares per rank: {digests}); refusing to checkpoint")
+            mine = {"parameters": digest(list(self.teacher.parameters())),
+                    "buffers": digest(list(self.teacher.buffers())),
+                    "center": digest([self.loss_fn.center])}
+        digests = du.gather_objects(mine)
+        differ = [k for k in mine if any(d[k] != digests[0][k] for d in digests)]
+        if differ:
+            raise RuntimeError(f"teacher {' and '.join(differ)} differ across ranks at step {self.state.step} "
+                               f"((sum, sum of squares) per rank: {digests}); refusing to checkpoint")
 
     def _resume(self, path: Path) -> None:
         ckpt = load_file(path)

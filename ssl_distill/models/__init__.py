@@ -2,6 +2,7 @@
 from .backbone import VIT_SIZES, BackboneSpec, ViTBackbone, default_fused_attn
 from .heads import DINOHead, WeightNormLinear
 from .multicrop import MultiCropModel, group_by_resolution
+from .sync_bn import SyncBatchNorm1d
 
 __all__ = [
     "VIT_SIZES",
@@ -12,4 +13,5 @@ __all__ = [
     "WeightNormLinear",
     "MultiCropModel",
     "group_by_resolution",
+    "SyncBatchNorm1d",
 ]
