@@ -12,10 +12,11 @@ Feature layouts (:class:`FeatureSpec`), all taken after the final LayerNorm:
   linear weights apply unchanged.
 
 :func:`extract_folder` runs a backbone over a labeled image folder (``EvalTransform``: resize the
-shorter side, center crop, normalize), optionally under bf16 / fp16 autocast, and caches the result
-on disk, keyed by a hash of the weights, the feature layout, the image settings, the precision and the
-folder's file list (names, labels, sizes, modification times): a changed checkpoint or data set
-extracts again, an unchanged one is read back.
+shorter side, center crop, normalize) in fp32 by default, as DINO's evaluations (``bf16`` is the fast
+option, see :func:`prepare_inference`), and caches the result on disk, keyed by a hash of the weights,
+the feature layout, the image settings, the precision and the folder's file list (names, labels,
+sizes, modification times): a changed checkpoint or data set extracts again, an unchanged one is
+read back.
 
 The low-level loop, :func:`extract_features`:
 
@@ -349,7 +350,7 @@ def extract_folder(
     settings: ImageSettings = ImageSettings(),
     *,
     device: str | torch.device = "cpu",
-    precision: str = "bf16",
+    precision: str = "fp32",
     batch_size: int = 128,
     num_workers: int = 2,
     dtype: torch.dtype = torch.float32,
@@ -362,7 +363,8 @@ def extract_folder(
     Args:
         extractor: backbone + layout; put on ``device`` here.
         folder: ``root/<class>/<image>``.
-        precision: ``fp32``, ``bf16`` (autocast, CPU or CUDA) or ``fp16`` (CUDA).
+        precision: ``fp32`` (default, as DINO's eval_knn / eval_linear), ``bf16`` (CPU: a bfloat16 copy of
+            the model, about 2x faster; CUDA: autocast) or ``fp16`` (CUDA autocast). Part of the cache key.
         dtype: storage dtype of the features: ``torch.float32`` or ``torch.float16``.
         cache_dir: where ``<folder name>-<key>.pt`` files live; None disables caching.
         weights_key: fingerprint of the weights if already known (default: hashed here).

@@ -28,6 +28,10 @@ Modes
 ``logreg``, scikit-learn ``LogisticRegression`` (L-BFGS, multinomial) on standardized cached features:
     the inverse regularisation ``C`` is picked on the held-out split, then refit on the whole train
     set. For small data sets.
+
+Precision: features are extracted in fp32 by default, as DINO's eval_linear.py (``--precision bf16``, or the
+run's ``knn.precision``, is the fast option), and the heads train in fp32 as DINO's / DINOv2's heads do
+(the fast grid's ``--head-precision bf16`` opts in to bfloat16 GEMMs). Both are written into the results.
 """
 from __future__ import annotations
 
@@ -322,11 +326,11 @@ def default_head_compute(device: str | torch.device) -> str:
 def fast_probe(train: FeatureSet, test: FeatureSet, embed_dim: int, max_blocks: int,
                heads: Sequence[HeadSpec] | None = None, epochs: int | None = None, batch_size: int = 256,
                holdout: float = 0.1, seed: int = 0, device: str | torch.device = "cpu",
-               compute: str = "auto", standardize: bool = False, log_every: int = 0) -> dict[str, Any]:
+               compute: str = "fp32", standardize: bool = False, log_every: int = 0) -> dict[str, Any]:
     """Train the head grid on ``train`` (minus the held-out split), pick on held-out, report on ``test``.
 
     ``epochs``: None gives DINOv2's schedule length, 12,500 iterations (at least 10 epochs).
-    ``compute``: ``"fp32"``, ``"bf16"`` or ``"auto"`` (:func:`default_head_compute`).
+    ``compute``: ``"fp32"`` (default, as DINOv2's heads), ``"bf16"`` or ``"auto"`` (:func:`default_head_compute`).
     ``standardize``: z-score every feature with the training split's mean and std first (not in
     DINOv2's protocol; same hypothesis class, better conditioned SGD; off by default).
 
@@ -502,7 +506,7 @@ def _evaluate_head(extractor: nn.Module, head: nn.Linear, loader: Any, device: t
 
 def faithful_probe(extractor: FeatureExtractor, train_dir: str | Path, val_dir: str | Path, out_dir: str | Path,
                    settings: ImageSettings, *, epochs: int = 100, lr: float = 0.001, batch_size: int = 128,
-                   num_workers: int = 2, device: str | torch.device = "cpu", precision: str = "bf16",
+                   num_workers: int = 2, device: str | torch.device = "cpu", precision: str = "fp32",
                    seed: int = 0, val_freq: int = 1, checkpoint_every: int = 0,
                    stop_after_steps: int | None = None, identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """DINO's linear evaluation (see the module docstring); resumes from ``out_dir/linear_checkpoint.pth``.
@@ -556,6 +560,7 @@ def faithful_probe(extractor: FeatureExtractor, train_dir: str | Path, val_dir: 
     transform = RandomResizedCropFlip(settings.image_size, mean=settings.mean, std=settings.std)
     dataset = ImageFolderDataset(train_files, transform)
     sampler = EpochSampler(len(train_files), seed, drop_last=False, batch_size=batch_size)
+    n_batches = -(-len(train_files) // batch_size)  # the loader keeps the last partial batch
     from ssl_distill.data.loader import build_eval_loader
 
     val_loader = build_eval_loader(val_files.root, settings.image_size, settings.resize_size, batch_size,
@@ -565,13 +570,20 @@ def faithful_probe(extractor: FeatureExtractor, train_dir: str | Path, val_dir: 
     head.train()
     t0 = time.perf_counter()
     stopped = False
-    while state["epoch"] < epochs and not stopped:
+
+    def remaining_batches() -> Any:
+        """This epoch's batches from ``state["batch"]`` on; none when a checkpoint written on the epoch's
+        last step resumes (only the epoch's end, scheduler step and validation, is left to run)."""
+        if state["batch"] >= n_batches:
+            return ()
         sampler.set_epoch(state["epoch"])
-        sampler.set_start_batch(min(state["batch"], sampler.batches_per_epoch))
-        loader = torch.utils.data.DataLoader(
+        sampler.set_start_batch(state["batch"])
+        return torch.utils.data.DataLoader(
             dataset, batch_sampler=torch.utils.data.BatchSampler(sampler, batch_size, drop_last=False),
             collate_fn=collate_eval, num_workers=num_workers, pin_memory=device.type == "cuda")
-        for batch in loader:
+
+    while state["epoch"] < epochs and not stopped:
+        for batch in remaining_batches():
             x = batch["image"].to(device, non_blocking=True)
             y = batch["label"].to(device)
             with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
@@ -582,22 +594,26 @@ def faithful_probe(extractor: FeatureExtractor, train_dir: str | Path, val_dir: 
             optimizer.step()
             state["batch"] += 1
             state["step"] += 1
+            if state["batch"] == n_batches:  # the epoch's last batch: its loss goes into the history
+                state["train_loss"] = float(loss.detach())
             if checkpoint_every and state["step"] % checkpoint_every == 0:
                 save()
             if stop_after_steps is not None and state["step"] >= stop_after_steps:
                 stopped = True
                 break
-        if stopped and state["batch"] < -(-len(train_files) // batch_size):
+        if stopped and state["batch"] < n_batches:
             save()
             break
-        scheduler.step()
+        with warnings.catch_warnings():  # resumed at an epoch's end, no optimizer.step() has run in this process
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
+            scheduler.step()
         state["epoch"] += 1
         state["batch"] = 0
         if state["epoch"] % val_freq == 0 or state["epoch"] == epochs:
             top1, top5, vloss = _evaluate_head(model, head, val_loader, device, amp)
             state["best_top1"] = max(state["best_top1"], top1)
             state["history"].append({"epoch": state["epoch"], "top1": top1, "top5": top5, "val_loss": vloss,
-                                     "train_loss": float(loss.detach()), "lr": optimizer.param_groups[0]["lr"]})
+                                     "train_loss": state.get("train_loss"), "lr": optimizer.param_groups[0]["lr"]})
             print(f"[linear] epoch {state['epoch']}/{epochs}: val top-1 {top1:.2f}% top-5 {top5:.2f}% "
                   f"(best top-1 {state['best_top1']:.2f}%)", flush=True)
         save()
@@ -630,7 +646,7 @@ class ExtractOptions:
     std: tuple[float, float, float] | None = None
     batch_size: int = 128
     num_workers: int = 2
-    precision: str = "bf16"
+    precision: str | None = None  # fp32 | bf16 | fp16; None: the run's knn.precision (fp32 by default)
     device: str = "auto"
     feature_dtype: str = "float32"
     cache_dir: str | None = None  # "" disables the cache; None: <out dir>/features
@@ -684,16 +700,17 @@ def linear_on_checkpoint(checkpoint: str | Path, train_dir: str | Path | None = 
     settings = _image_settings(loaded, opts)
     device = _resolve_device(opts.device)
     dtype = {"float32": torch.float32, "float16": torch.float16}[opts.feature_dtype]
+    precision = opts.precision or loaded.config.knn.precision
     backbone = loaded.backbone
     header = {"checkpoint": loaded.describe(), "train_dir": str(train_dir), "val_dir": str(val_dir),
-              "image": dataclasses.asdict(settings), "precision": opts.precision}
+              "image": dataclasses.asdict(settings), "precision": precision}
 
     def features(spec: FeatureSpec) -> tuple[FeatureSet, FeatureSet]:
         from .features import backbone_fingerprint
 
         extractor = FeatureExtractor(backbone, spec)
         weights = backbone_fingerprint(backbone) if cache_dir is not None else None
-        sets = [extract_folder(extractor, d, settings, device=device, precision=opts.precision,
+        sets = [extract_folder(extractor, d, settings, device=device, precision=precision,
                                batch_size=opts.batch_size, num_workers=opts.num_workers, dtype=dtype,
                                cache_dir=cache_dir, weights_key=weights) for d in (train_dir, val_dir)]
         if sets[0].classes != sets[1].classes:
@@ -727,7 +744,7 @@ def linear_on_checkpoint(checkpoint: str | Path, train_dir: str | Path | None = 
                     "val": str(val_dir)}
         res = faithful_probe(FeatureExtractor(backbone, spec), train_dir, val_dir,
                              out.with_name(out.stem + "_run"), settings, batch_size=opts.batch_size,
-                             num_workers=opts.num_workers, device=device, precision=opts.precision,
+                             num_workers=opts.num_workers, device=device, precision=precision,
                              identity=identity, **mode_kwargs)
     res = {**header, **res, "seconds_total": time.perf_counter() - t0}
     write_results(res, out)
@@ -762,7 +779,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--std", type=float, nargs=3, default=None)
     g.add_argument("--batch-size", type=int, default=128, help="images per forward pass (faithful: per SGD step)")
     g.add_argument("--num-workers", type=int, default=2)
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="feature extraction (default: the run's knn.precision, fp32 as DINO; bf16: ~2x faster on CPU)")
     g.add_argument("--device", default="auto")
     g.add_argument("--feature-dtype", choices=["float32", "float16"], default="float32")
     g.add_argument("--cache-dir", default=None, help="feature cache (default: <out dir>/features)")
@@ -772,8 +790,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--lrs", type=float, nargs="+", default=list(LR_GRID), help="base lrs (scaled by batch/256)")
     f.add_argument("--head-batch-size", type=int, default=256, help="SGD batch of the heads (lrs scale by batch / 256)")
     f.add_argument("--holdout", type=float, default=0.1, help="share of train held out for head selection")
-    f.add_argument("--head-precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="GEMMs of the head grid (auto: bf16 on CUDA and on CPUs with native bf16, else fp32)")
+    f.add_argument("--head-precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                   help="GEMMs of the head grid: fp32 (default, as DINO's / DINOv2's heads), bf16 (faster, "
+                        "opt-in), auto (bf16 on CUDA and on CPUs with native bf16, else fp32)")
     f.add_argument("--epochs", type=int, default=None,
                    help="fast: DINOv2's 12,500 iterations, at least 10 epochs; faithful: 100")
     f.add_argument("--standardize", action="store_true",

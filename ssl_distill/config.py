@@ -119,6 +119,12 @@ class KnnConfig:
     temperature: float = 0.07
     batch_size: int = 128
     num_workers: int = 2
+    precision: str = "fp32"  # feature extraction: fp32 (as DINO's eval_knn / eval_linear) | bf16 (fast) | fp16 (CUDA)
+
+    def __post_init__(self) -> None:
+        # checked here, not in validate(): evaluations read a run's config without validate()
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"knn.precision must be fp32, bf16 or fp16, got {self.precision!r}")
 
 
 @dataclass

@@ -261,7 +261,18 @@ def test_command_line_on_a_scene_dataset(tmp_path, layout, capsys):
     names = [im["file_name"] for im in boxes["images"]]
     assert len(names) == 3 and len(boxes["annotations"]) == 3
     result = json.loads((out / "corloc.json").read_text())
-    assert result["n_images"] == 3 and 0.0 <= result["corloc"] <= 1.0 and result["which"] == "random_init"
+    assert result["n_images"] == 3 and result["which"] == "random_init" and result["precision"] == "fp32"
+    # CorLoc recomputed here from the written boxes and the scenes' true boxes (pixel edges)
+    best = {}
+    for name, s, ann in zip(names, sc, boxes["annotations"]):
+        x, y, w, h = ann["bbox"]
+        ious = []
+        for x0, y0, x1, y1 in s.boxes:
+            inter = max(0, min(x + w, x1) - max(x, x0)) * max(0, min(y + h, y1) - max(y, y0))
+            ious.append(inter / (w * h + (x1 - x0) * (y1 - y0) - inter))
+        best[name] = max(ious)
+    assert result["best_iou"] == pytest.approx(best)
+    assert result["n_hits"] == sum(v >= 0.5 for v in best.values()) and result["corloc"] == result["n_hits"] / 3
     for name, s in zip(names, sc):
         stem = name.rsplit(".", 1)[0]
         mask = np.asarray(Image.open(out / "masks" / f"{stem}.png"))

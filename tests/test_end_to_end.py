@@ -90,7 +90,8 @@ def test_interrupted_run_resumes_bit_identically_and_evaluates(folders, tmp_path
     )
     assert out.returncode == 0, out.stderr
     res = json.loads((part / "knn.json").read_text())
-    assert set(res["accuracy"]) == {"k=3", "k=5"} and 0 <= res["accuracy"]["k=3"]["top1"] <= 100
+    assert set(res["accuracy"]) == {"k=3", "k=5"} and res["precision"] == "fp32"
+    assert res["accuracy"]["k=3"]["top1"] >= 87.5  # stripe orientation; chance is 50%: at most 1 of 8 wrong
     assert "k=3: top-1" in out.stdout
 
 

@@ -303,5 +303,101 @@ def test_knn_on_official_checkpoint_with_layouts_temperatures_and_cache(tmp_path
         "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "knn_cli.json")])
     assert args.func(args) == 0
     cli_res = json.loads((tmp_path / "knn_cli.json").read_text())
-    assert cli_res["details"]["features_cached"] == [False, False]  # bf16 (the CLI default), not fp32: new entries
-    assert set(cli_res["accuracy"]) == set(res["accuracy"]) and cli_res["feature_dtype"] == "float16"
+    assert cli_res["details"]["features_cached"] == [True, True]  # fp32, the CLI default too: the same entries
+    assert cli_res["accuracy"] == res["accuracy"] and cli_res["feature_dtype"] == "float16"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Precision of the evaluation: fp32 by default (DINO's eval_knn.py), bf16 the fast option
+# ----------------------------------------------------------------------------------------------------
+KNN_OVERRIDES = ["knn.image_size=16", "knn.resize_size=16", "knn.ks=[3]", "knn.num_workers=0"]
+
+
+def _three_class_folders(root) -> None:
+    """root/{train,val}/c{0,1,2}/*.png: 16 x 16 noise images of three brightness levels."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for c in range(3):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                img = rng.normal(40 + 70 * c, 20, (16, 16, 3)).clip(0, 255).astype(np.uint8)
+                Image.fromarray(img).save(root / split / f"c{c}" / f"{i}.png")
+
+
+def _cached_features(cache_dir, split: str) -> Tensor:
+    (file,) = cache_dir.glob(f"{split}-*.pt")
+    return torch.load(file, weights_only=True)["features"]
+
+
+def _extract(checkpoint, folder, precision: str) -> Tensor:
+    """Features of ``folder`` as knn_on_checkpoint extracts them (its image settings), at ``precision``."""
+    from ssl_distill.checkpoints import load_any_backbone
+    from ssl_distill.eval.features import FeatureExtractor, ImageSettings, extract_folder
+
+    loaded = load_any_backbone(checkpoint, "teacher")
+    crops = loaded.config.data.crops
+    settings = ImageSettings(16, 16, tuple(crops.mean), tuple(crops.std))
+    return extract_folder(FeatureExtractor(loaded.backbone), folder, settings, precision=precision,
+                          batch_size=loaded.config.knn.batch_size, num_workers=0).features
+
+
+def test_knn_extracts_fp32_features_by_default_and_records_the_precision(tmp_path) -> None:
+    from ssl_distill.eval.evaluate import knn_on_checkpoint
+    from ssl_distill.models import BackboneSpec, ViTBackbone
+
+    _three_class_folders(tmp_path)
+    torch.manual_seed(0)
+    bb = ViTBackbone(BackboneSpec(arch="vit_tiny", patch_size=8, img_size=16, depth=2))
+    ckpt = tmp_path / "dino_like.pth"
+    torch.save(bb.vit.state_dict(), ckpt)
+    res = knn_on_checkpoint(ckpt, str(tmp_path / "train"), str(tmp_path / "val"), overrides=KNN_OVERRIDES,
+                            out=tmp_path / "knn.json", cache_dir=tmp_path / "cache")
+    assert res["precision"] == "fp32" and json.loads((tmp_path / "knn.json").read_text())["precision"] == "fp32"
+    fp32 = {s: _extract(ckpt, tmp_path / s, "fp32") for s in ("train", "val")}
+    bf16 = _extract(ckpt, tmp_path / "train", "bf16")
+    assert not torch.equal(fp32["train"], bf16)  # the two precisions are distinguishable here
+    for split in ("train", "val"):  # the features the evaluation used are exactly fp32 ones
+        assert torch.equal(_cached_features(tmp_path / "cache", split), fp32[split])
+    labels = torch.arange(3).repeat_interleave(8), torch.arange(3).repeat_interleave(4)
+    ref = knn_classify(fp32["train"], labels[0], fp32["val"], labels[1], ks=(3,))
+    assert res["accuracy"]["k=3"] == {"top1": ref["k=3"]["top1"], "top5": ref["k=3"]["top5"]}
+
+
+def test_knn_precision_from_the_run_config_overridden_by_the_command_line(tmp_path) -> None:
+    from pathlib import Path
+
+    from ssl_distill.cli import build_parser
+    from ssl_distill.config import ConfigError, config_to_dict, load_config
+    from ssl_distill.engine.checkpoint import FORMAT, atomic_save
+    from ssl_distill.engine.train import build_model
+    from ssl_distill.eval.evaluate import knn_on_checkpoint
+
+    with pytest.raises(ConfigError, match="knn.precision must be fp32, bf16 or fp16"):
+        load_config(None, ["knn.precision=fp64"])
+    _three_class_folders(tmp_path)
+    config = Path(__file__).resolve().parents[1] / "configs" / "dino_tiny_fmnist.yaml"
+    cfg = load_config(config, [
+        "model.depth=2", "model.patch_size=8", "model.img_size=16", "model.out_dim=32", "model.hidden_dim=16",
+        "model.bottleneck_dim=8", "data.crops.global_size=16", "data.crops.local_size=8", "knn.precision=bf16",
+        f"knn.train_dir={tmp_path / 'train'}", f"knn.val_dir={tmp_path / 'val'}"])
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    atomic_save({"format": FORMAT, "teacher": build_model(cfg, 0.0).state_dict(),
+                 "student": build_model(cfg, 0.0).state_dict(), "config": config_to_dict(cfg)}, run / "checkpoint.pth")
+
+    # the run's knn.precision (bf16) is honoured...
+    res = knn_on_checkpoint(run, overrides=KNN_OVERRIDES, cache_dir=tmp_path / "cache")
+    assert res["precision"] == "bf16" and json.loads((run / "knn.json").read_text())["precision"] == "bf16"
+    assert torch.equal(_cached_features(tmp_path / "cache", "train"), _extract(run, tmp_path / "train", "bf16"))
+    # ...a knn.precision override and --precision replace it
+    assert knn_on_checkpoint(run, overrides=[*KNN_OVERRIDES, "knn.precision=fp32"])["precision"] == "fp32"
+    with pytest.raises(ConfigError, match="knn.precision"):
+        knn_on_checkpoint(run, overrides=[*KNN_OVERRIDES, "knn.precision=half"])
+    for flag in ("fp32", "bf16"):
+        args = build_parser().parse_args(["knn", str(run), *KNN_OVERRIDES, "--precision", flag,
+                                          "--out", str(tmp_path / f"{flag}.json")])
+        assert args.func(args) == 0
+        assert json.loads((tmp_path / f"{flag}.json").read_text())["precision"] == flag

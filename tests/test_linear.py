@@ -206,8 +206,14 @@ def test_fast_and_logreg_from_the_command_line(setup: dict[str, Path], capsys: p
     res = json.loads((setup["run"] / "linear_fast.json").read_text())
     assert res["n_heads"] == 52 and res["checkpoint"]["format"] == "ssl-distill"
     assert {r["blocks"] for r in res["grid"]} == {1, 2}  # depth 2: "last 4" becomes the last 2
-    assert res["image"]["image_size"] == 16 and 0 <= res["top1"] <= 100 and not res["features"]["train"]["cached"]
-    assert Path(res["best_head_file"]).is_file()
+    assert res["image"]["image_size"] == 16 and not res["features"]["train"]["cached"]
+    # the reported top-1 is the saved best head's accuracy on the (cached) test features, recomputed here
+    head = torch.load(res["best_head_file"], weights_only=True)
+    test = torch.load(res["features"]["test"]["cache_file"], weights_only=True)
+    start, stop = head["columns"]
+    pred = (test["features"][:, start:stop].float() @ head["weight"].t() + head["bias"]).argmax(dim=1)
+    assert res["n_test"] == 16 and res["top1"] == pytest.approx(100.0 * int((pred == test["labels"]).sum()) / 16)
+    assert res["top1"] == res["best"]["test_top1"] and head["head"]["lr"] == res["best"]["lr"]
     assert "test top-1" in capsys.readouterr().out
     assert cli(setup["run"], *common, "--epochs", "3", "--head-batch-size", "8", "--holdout", "0.25",
                "--out", setup["base"] / "again.json", "--cache-dir", setup["run"] / "features") == 0
@@ -241,6 +247,62 @@ def test_faithful_mode_resumes_to_the_same_head(setup: dict[str, Path]) -> None:
     # other settings refuse to resume the same run
     with pytest.raises(Exception, match="other settings"):
         cli(setup["run"], *common[:-2], "--lr", "0.1", "--out", part, "--epochs", "3")
+
+
+class Interrupted(Exception):
+    """Stands for the process being killed at that point."""
+
+
+@pytest.mark.parametrize("batch_size", [8, 16])  # 40 train images: 5 full batches / 2 full and a partial one of 8
+def test_faithful_resume_after_the_epochs_last_step_checkpoint_is_exact(setup: dict[str, Path], batch_size: int,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    steps = -(-40 // batch_size)  # per epoch: the loader keeps the last partial batch
+    common = ["--train", setup["train"], "--val", setup["val"], "--num-workers", "0", "--precision", "fp32",
+              "--mode", "faithful", "--epochs", "2", "--batch-size", str(batch_size), "--n-last-blocks", "2",
+              "--lr", "0.5", "--checkpoint-every", str(steps)]
+    full, part = setup["base"] / f"edge_full{batch_size}.json", setup["base"] / f"edge_part{batch_size}.json"
+    assert cli(setup["run"], *common, "--out", full) == 0
+    # killed during epoch 0's validation, after the checkpoint written on that epoch's last step
+    evaluate = L._evaluate_head
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise Interrupted
+
+    monkeypatch.setattr(L, "_evaluate_head", killed)
+    with pytest.raises(Interrupted):
+        cli(setup["run"], *common, "--out", part)
+    state = torch.load(part.with_name(part.stem + "_run") / "linear_checkpoint.pth", weights_only=True)["state"]
+    assert (state["epoch"], state["batch"], state["step"], state["history"]) == (0, steps, steps, [])
+    monkeypatch.setattr(L, "_evaluate_head", evaluate)
+    assert cli(setup["run"], *common, "--out", part) == 0  # the same command resumes
+
+    res, res_p = json.loads(full.read_text()), json.loads(part.read_text())
+    assert res_p["complete"] and res_p["step"] == res["step"] == 2 * steps
+    assert res_p["history"] == res["history"]  # every epoch's val top-1 / top-5 / loss, train loss and lr
+    assert (res_p["top1"], res_p["top5"], res_p["best_top1_over_epochs"]) == (
+        res["top1"], res["top5"], res["best_top1_over_epochs"])
+    a = torch.load(full.with_name(full.stem + "_run") / "linear_head.pth", weights_only=True)
+    b = torch.load(part.with_name(part.stem + "_run") / "linear_head.pth", weights_only=True)
+    assert torch.equal(a["weight"], b["weight"]) and torch.equal(a["bias"], b["bias"])
+
+
+def test_linear_defaults_to_fp32_features_and_heads_and_records_them(setup: dict[str, Path]) -> None:
+    common = ["--train", setup["train"], "--val", setup["val"], "--num-workers", "0", "--no-cache"]
+    fast = ["--epochs", "1", "--blocks", "1", "--lrs", "0.01", "--head-batch-size", "8", "--holdout", "0.25"]
+    out = setup["base"] / "precision.json"
+    assert cli(setup["run"], *common, *fast, "--out", out) == 0
+    res = json.loads(out.read_text())
+    assert (res["precision"], res["compute"]) == ("fp32", "fp32")  # features as DINO's eval_linear, heads as DINOv2's
+    assert cli(setup["run"], *common, *fast, "--precision", "bf16", "--head-precision", "bf16", "--out", out) == 0
+    res = json.loads(out.read_text())
+    assert (res["precision"], res["compute"]) == ("bf16", "bf16")
+    faithful = setup["base"] / "precision_faithful.json"
+    assert cli(setup["run"], *common, "--mode", "faithful", "--epochs", "1", "--batch-size", "40",
+               "--out", faithful) == 0
+    res = json.loads(faithful.read_text())
+    assert res["complete"] and res["precision"] == "fp32"
+    run_dir = faithful.with_name(faithful.stem + "_run")
+    assert torch.load(run_dir / "linear_checkpoint.pth", weights_only=True)["settings"]["precision"] == "fp32"
 
 
 def test_python_m_entry_point(setup: dict[str, Path]) -> None:
