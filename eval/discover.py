@@ -517,7 +517,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ssl_distill.data.folder import scan_image_folder
     from ssl_distill.engine.checkpoint import find_checkpoint
-    from ssl_distill.engine.train import resolve_device
+    from ssl_distill.runtime import resolve_device
 
     from .corloc import corloc, read_ground_truth
 
@@ -539,7 +539,7 @@ def run(args: argparse.Namespace) -> int:
         if gt is not None:
             gt = {n: gt[n] for n in names}
     backbone, cfg = load_model(args.checkpoint, args.which, args.random_init)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, key="--device")
     backbone.to(device)
     if hasattr(backbone, "set_fused_attn"):
         backbone.set_fused_attn(True)  # inference only: the fused kernel is the fastest forward here

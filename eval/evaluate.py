@@ -11,7 +11,7 @@ import torch
 from ssl_distill.checkpoints import load_any_backbone, spec_from_config
 from ssl_distill.config import ConfigError, KnnConfig, apply_overrides, config_from_dict, config_to_dict
 from ssl_distill.data.folder import DataError, scan_image_folder
-from ssl_distill.engine.train import resolve_device
+from ssl_distill.runtime import resolve_device
 from ssl_distill.models import ViTBackbone
 
 from .features import FeatureExtractor, FeatureSpec, ImageSettings, backbone_fingerprint, extract_folder
@@ -80,7 +80,7 @@ def knn_on_checkpoint(
         )
     spec = features or FeatureSpec()
     temps = [float(t) for t in temperatures] if temperatures else [float(knn.temperature)]
-    dev = resolve_device(device)
+    dev = resolve_device(device, key="device")
     crops = cfg.data.crops
     settings = ImageSettings(knn.image_size, knn.resize_size, tuple(crops.mean), tuple(crops.std))
     extractor = FeatureExtractor(backbone, spec)

@@ -56,6 +56,7 @@ from ssl_distill.checkpoints import LoadedBackbone, load_any_backbone
 from ssl_distill.data.folder import DataError, ImageFolderDataset, scan_image_folder
 from ssl_distill.data.multicrop import EpochSampler, collate_eval, counter_uniforms, random_resized_crop_box
 from ssl_distill.engine.checkpoint import CheckpointError, atomic_save
+from ssl_distill.runtime import resolve_device
 
 from .features import (
     FeatureExtractor,
@@ -663,12 +664,6 @@ def _image_settings(loaded: LoadedBackbone, opts: ExtractOptions) -> ImageSettin
                          std=tuple(opts.std or cfg.data.crops.std))
 
 
-def _resolve_device(name: str) -> torch.device:
-    from ssl_distill.engine.train import resolve_device
-
-    return resolve_device(name)
-
-
 def linear_on_checkpoint(checkpoint: str | Path, train_dir: str | Path | None = None,
                          val_dir: str | Path | None = None, mode: str = "fast",
                          out: str | Path | None = None, which: str | None = None, key: str | None = None,
@@ -698,7 +693,7 @@ def linear_on_checkpoint(checkpoint: str | Path, train_dir: str | Path | None = 
     out = Path(out) if out is not None else base / f"linear_{mode}.json"
     cache_dir = None if opts.cache_dir == "" else Path(opts.cache_dir or out.parent / "features")
     settings = _image_settings(loaded, opts)
-    device = _resolve_device(opts.device)
+    device = resolve_device(opts.device, key="--device")
     dtype = {"float32": torch.float32, "float16": torch.float16}[opts.feature_dtype]
     precision = opts.precision or loaded.config.knn.precision
     backbone = loaded.backbone

@@ -330,12 +330,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ssl_distill.engine.train import resolve_device
+    from ssl_distill.runtime import resolve_device
 
     from .discover import load_model, normalization_of
 
     backbone, cfg = load_model(args.checkpoint, args.which, args.random_init)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, key="--device")
     backbone.to(device)
     mean, std = normalization_of(cfg)
     out = Path(args.out) if args.out else None

@@ -133,7 +133,7 @@ def read_checkpoint(path: str | Path) -> tuple[Any, dict[str, str]]:
     except pickle.UnpicklingError as e:
         wanted = _pickle_globals(path)
         if wanted is None:
-            raise CheckpointError(f"cannot read checkpoint {path}: not a torch checkpoint ({e})") from e
+            raise unreadable(path, e) from e
         allowed = set(_safe_names())
         refused = [g for g in wanted if g not in allowed]
         what = ", ".join(refused) if refused else "objects outside the weights-only allow-list"

@@ -168,6 +168,25 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in fields(cls)}
 
 
+def _number(value: Any) -> int | float | None:
+    """An int or float from a YAML value; strings are read as Python's ``int()`` / ``float()`` would.
+
+    YAML 1.1 (PyYAML) reads ``1e-4`` and ``1e+4`` as strings (its floats need a dot), so a
+    number in a recipe or an override may arrive as text. Booleans and other types are not numbers.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        for parse in (int, float):
+            try:
+                return parse(value.strip())
+            except ValueError:
+                pass
+    return None
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check / convert a YAML value to the annotated type; error names the key."""
     origin = typing.get_origin(tp)
@@ -197,15 +216,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
+        number = _number(value)
+        if number is None or (isinstance(number, float) and not number.is_integer()):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
+        return int(number)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        number = _number(value)
+        if number is None:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        return float(number)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -307,22 +326,96 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return cfg
 
 
+def _check_range(key: str, value: float, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False, hi_open: bool = False, hint: str = "") -> None:
+    """Raise ConfigError naming ``key`` unless lo (<) <= value (<) <= hi; NaN is never in range."""
+    ok = value == value
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        low = "" if lo is None else f"{lo} {'<' if lo_open else '<='} "
+        high = "" if hi is None else f" {'<' if hi_open else '<='} {hi}"
+        raise ConfigError(f"{key}={value} is out of range: expected {low}{key.rsplit('.', 1)[-1]}{high}{hint}")
+
+
+def _check_interval(key: str, pair: tuple[float, float], lo: float, hi: float | None) -> None:
+    """A (low, high) pair inside (lo, hi] with low <= high."""
+    for v in pair:
+        _check_range(key, v, lo, hi, lo_open=True)
+    if pair[0] > pair[1]:
+        raise ConfigError(f"{key}={list(pair)}: the first value must not exceed the second")
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks that types alone cannot express."""
-    if cfg.run.precision not in ("bf16", "fp16", "fp32"):
-        raise ConfigError(f"run.precision must be bf16, fp16 or fp32, got {cfg.run.precision!r}")
-    if cfg.run.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"run.device must be auto, cpu or cuda, got {cfg.run.device!r}")
-    c = cfg.data.crops
-    if c.n_global < 1:
-        raise ConfigError("data.crops.n_global must be at least 1")
+    """Value ranges and cross-field checks that types alone cannot express.
+
+    Everything here is checked before a folder is scanned, a model built or a file written, so a
+    wrong value costs nothing but its one-line message.
+    """
+    r, d, c, m, o, k = cfg.run, cfg.data, cfg.data.crops, cfg.model, cfg.optim, cfg.knn
+    if r.precision not in ("bf16", "fp16", "fp32"):
+        raise ConfigError(f"run.precision must be bf16, fp16 or fp32, got {r.precision!r}")
+    if r.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"run.device must be auto, cpu or cuda, got {r.device!r}")
+    positive = {
+        "run.log_every": r.log_every, "run.checkpoint_every": r.checkpoint_every,
+        "run.collapse_window": r.collapse_window, "data.batch_size": d.batch_size,
+        "data.crops.n_global": c.n_global, "data.crops.global_size": c.global_size,
+        "data.crops.local_size": c.local_size, "model.patch_size": m.patch_size, "model.img_size": m.img_size,
+        "model.out_dim": m.out_dim, "model.hidden_dim": m.hidden_dim, "model.bottleneck_dim": m.bottleneck_dim,
+        "model.head_layers": m.head_layers, "optim.epochs": o.epochs, "knn.image_size": k.image_size,
+        "knn.resize_size": k.resize_size, "knn.batch_size": k.batch_size,
+    }
+    for key in ("depth", "embed_dim", "num_heads"):
+        if getattr(m, key) is not None:
+            positive[f"model.{key}"] = getattr(m, key)
+    for key, value in positive.items():
+        _check_range(key, value, 1)
+    if r.stop_at_step is not None:
+        _check_range("run.stop_at_step", r.stop_at_step, 1,
+                     hint=" (null trains the whole run; the step count of a stopped run only grows)")
+    for key, value in {"run.keep_every_epochs": r.keep_every_epochs, "run.threads": r.threads,
+                       "run.max_requeues": r.max_requeues, "data.num_workers": d.num_workers,
+                       "data.crops.n_local": c.n_local, "model.reg_tokens": m.reg_tokens,
+                       "knn.num_workers": k.num_workers}.items():
+        _check_range(key, value, 0)
+    _check_range("run.dist_timeout_min", r.dist_timeout_min, 0, lo_open=True)
+    if c.n_global + c.n_local < 2:
+        raise ConfigError(
+            f"data.crops: n_global={c.n_global} and n_local={c.n_local} leave the loss no pair of different "
+            "views (each teacher view is compared only with the student's other views); use n_global >= 2 "
+            "or n_local >= 1")
+    probabilities = {"data.max_bad_fraction": d.max_bad_fraction, "data.crops.flip_p": c.flip_p,
+                     "data.crops.jitter_p": c.jitter_p, "data.crops.grayscale_p": c.grayscale_p,
+                     "data.crops.solarize_p": c.solarize_p, "dino.center_momentum": cfg.dino.center_momentum,
+                     "optim.momentum_teacher": o.momentum_teacher, "optim.momentum_teacher_end": o.momentum_teacher_end}
+    probabilities.update({f"data.crops.blur_p[{i}]": p for i, p in enumerate(c.blur_p)})
+    probabilities.update({f"optim.betas[{i}]": b for i, b in enumerate(o.betas)})
+    for key, value in probabilities.items():
+        _check_range(key, value, 0, 1)
+    _check_range("model.drop_path_rate", m.drop_path_rate, 0, 1, hi_open=True)
+    _check_range("model.mlp_ratio", m.mlp_ratio, 0, lo_open=True)
+    _check_interval("data.crops.global_scale", c.global_scale, 0, 1)
+    _check_interval("data.crops.local_scale", c.local_scale, 0, 1)
+    _check_interval("data.crops.ratio", c.ratio, 0, None)
+    _check_interval("data.crops.blur_sigma", c.blur_sigma, 0, None)
+    for i, v in enumerate(c.std):
+        _check_range(f"data.crops.std[{i}]", v, 0, lo_open=True)
+    for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+        _check_range(f"dino.{key}", getattr(cfg.dino, key), 0, lo_open=True)
+    _check_range("dino.warmup_teacher_temp_epochs", cfg.dino.warmup_teacher_temp_epochs, 0)
+    for key in ("lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad", "freeze_last_layer"):
+        _check_range(f"optim.{key}", getattr(o, key), 0)
+    if not k.ks:
+        raise ConfigError("knn.ks is empty: give at least one number of neighbours, e.g. [20]")
+    for v in k.ks:
+        _check_range("knn.ks", v, 1)
+    _check_range("knn.temperature", k.temperature, 0, lo_open=True)
     for name, size in (("global_size", c.global_size), ("local_size", c.local_size)):
-        if size % cfg.model.patch_size:
-            raise ConfigError(f"data.crops.{name}={size} is not a multiple of model.patch_size={cfg.model.patch_size}")
-    if cfg.data.batch_size < 1:
-        raise ConfigError("data.batch_size must be positive")
-    if cfg.optim.epochs < 1:
-        raise ConfigError("optim.epochs must be positive")
+        if size % m.patch_size:
+            raise ConfigError(f"data.crops.{name}={size} is not a multiple of model.patch_size={m.patch_size}")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

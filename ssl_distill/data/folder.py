@@ -32,7 +32,7 @@ import torch.utils.data
 from PIL import Image
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: symbolic links followed without repeats
 # Consecutive unreadable files tolerated while looking for a substitute before giving up.
 MAX_CONSECUTIVE_BAD = 50
 # Errors that mean "this file is not a readable image" (as opposed to a bug in our code).
@@ -98,14 +98,39 @@ class FileList:
         }
 
 
-def _walk_images(folder: Path, relative_to: Path) -> list[str]:
-    """Relative posix paths of all images below ``folder`` (any depth, hidden entries skipped)."""
+def _inode(path: str | Path) -> tuple[int, int] | None:
+    """(device, inode) of what ``path`` points to, following links; None if it does not resolve."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _walk_images(folder: Path, relative_to: Path, seen: set[tuple[int, int]] | None = None) -> list[str]:
+    """Relative posix paths of all images below ``folder`` (any depth, hidden entries skipped).
+
+    Symbolic links are followed, and each real directory and file is listed once, under the first
+    path that reaches it in sorted order: a link loop, or two links to one folder, cannot repeat
+    images. ``seen`` ((device, inode) pairs, see :func:`_inode`) carries that across calls; a
+    folder in it is not entered through links, but ``folder`` itself is always walked (class folders).
+    """
+    seen = set() if seen is None else seen
     found: list[str] = []
+
+    def first_visit(path: str) -> bool:
+        key = _inode(path)
+        if key is None or key in seen:  # None: a dangling link, nothing to list
+            return False
+        seen.add(key)
+        return True
+
+    first_visit(str(folder))
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".") and first_visit(os.path.join(dirpath, d))]
         base = Path(dirpath)
-        for name in filenames:
-            if is_image_file(name):
+        for name in sorted(filenames):
+            if is_image_file(name) and first_visit(os.path.join(dirpath, name)):
                 found.append((base / name).relative_to(relative_to).as_posix())
     return found
 
@@ -125,8 +150,10 @@ def _scan(root: Path, labeled: bool) -> FileList:
     loose = [e.name for e in os.scandir(root) if e.is_file() and is_image_file(e.name)]
     pairs: list[tuple[str, int]] = []
     empty: list[str] = []
+    # every class folder (and the root) belongs to itself: links into them from elsewhere add nothing
+    seen = {key for key in map(_inode, [root, *(root / name for name in classes)]) if key is not None}
     for index, name in enumerate(classes):
-        found = _walk_images(root / name, root)
+        found = _walk_images(root / name, root, seen)
         if not found:
             empty.append(name)
         pairs.extend((p, index) for p in found)

@@ -13,11 +13,16 @@ FORMAT = "ssl-distill/1"
 LATEST = "checkpoint.pth"
 
 
+def _temporary_name(path: Path, pid: int | str) -> Path:
+    """Where :func:`atomic_save` writes before the rename: ``.<name>.tmp-<pid>`` beside ``path``."""
+    return path.with_name(f".{path.name}.tmp-{pid}")
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temporary_name(path, os.getpid())
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -27,6 +32,22 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_temporaries(folder: Path) -> list[tuple[Path, int]]:
+    """Delete the temporary files of saves that were killed before their rename; returns (path, bytes).
+
+    Call it only where no save is in progress (rank 0, before training starts): a ``kill -9`` in
+    :func:`atomic_save` leaves its ``.<name>.tmp-<pid>`` behind, and repeated preemptions of a
+    large model would fill a quota with them. The checkpoints themselves are never touched.
+    """
+    removed = []
+    for tmp in sorted(folder.glob(_temporary_name(Path("*"), "*").name)):
+        if tmp.is_file():
+            size = tmp.stat().st_size
+            tmp.unlink()
+            removed.append((tmp, size))
+    return removed
 
 
 def rng_state() -> dict[str, Any]:
@@ -81,7 +102,31 @@ def unreadable(path: Path, error: Exception) -> CheckpointError:
     if head[:2] != b"PK" and head[:1] != b"\x80":  # zip archive (torch >= 1.6) or legacy pickle
         return CheckpointError(f"{path} is not a PyTorch checkpoint: it starts with {head!r}, neither a zip "
                                "archive nor a pickle")
-    return CheckpointError(f"cannot read checkpoint {path} (truncated or damaged?): {type(error).__name__}: {error}")
+    reason = (str(error).strip().splitlines() or [""])[0]  # torch's messages run to several paragraphs
+    return CheckpointError(f"cannot read checkpoint {path} (truncated or damaged?): {type(error).__name__}: {reason}")
+
+
+def read_training_checkpoint(path: Path, run_dir: Path) -> dict[str, Any] | None:
+    """The training checkpoint a run in ``run_dir`` resumes from; None when there is none yet.
+
+    Raises CheckpointError, saying how to go on, for a file that ssl-distill did not write (an
+    official DINO checkpoint copied in, another tool's file) or cannot read.
+    """
+    if not path.exists():
+        return None
+    how = (f"move it out of {run_dir}, train into another run.output_dir, or pass --fresh to start over "
+           "(which deletes it)")
+    from ..checkpoints import read_checkpoint  # the allow-list that also opens official DINO / iBOT files
+
+    try:
+        ckpt, _ = read_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; a run resumes from {path.name}, so {how}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path} was not written by ssl-distill training (format {found!r}, expected "
+                              f"{FORMAT!r}), so the run cannot resume from it: {how}")
+    return ckpt
 
 
 def describe_mismatch(

@@ -1,9 +1,9 @@
 """The DINO training loop: one step fits on a screen (cf. DINO's ``train_one_epoch``)."""
 from __future__ import annotations
 
-import contextlib
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -17,14 +17,16 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..checkpoints import spec_from_config
-from ..config import Config, config_diff, config_to_dict, save_config
+from ..config import Config, ConfigError, config_diff, config_to_dict, save_config
 from ..data.folder import BadImageCounter
 from ..data.loader import build_train_loader
 from ..models import DINOHead, MultiCropModel, SyncBatchNorm1d, ViTBackbone, default_fused_attn
 from ..objectives import DINOLoss
+from ..runtime import autocast_context, check_precision, resolve_device
 from . import distributed as du
 from .checkpoint import (
-    FORMAT, LATEST, CheckpointError, atomic_save, load_file, load_state_strict, rng_state, set_rng_state,
+    FORMAT, LATEST, CheckpointError, atomic_save, load_state_strict, read_training_checkpoint,
+    remove_stale_temporaries, rng_state, set_rng_state,
 )
 from .ema import ema_update
 from .monitor import CollapseMonitor, JsonlLogger
@@ -34,25 +36,6 @@ from .stop import NAMES, REQUEUE, StopSignals
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last checkpoint on disk is the last good one."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` | ``cpu`` | ``cuda``; with several processes, ``process_group`` picks the GPU index."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but no CUDA device is available")
-    return torch.device(name)
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU (AMX) and CUDA, fp16 on CUDA, nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise RuntimeError("run.precision=fp16 needs CUDA; use bf16 on CPU")
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def build_model(cfg: Config, drop_path: float) -> MultiCropModel:
@@ -146,13 +129,32 @@ class Trainer:
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = device or resolve_device(cfg.run.device)
+        check_precision(self.device, cfg.run.precision)
         self.world = du.world_size()
         self.rank = du.rank()
         np.random.seed(cfg.run.seed + self.rank)
+        # a checkpoint we cannot resume from stops the run before anything is scanned, built or written
+        resume_from = None if fresh else read_training_checkpoint(self.out / LATEST, self.out)
 
+        created = du.is_main() and not self.out.exists()
         if du.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
+            removed = remove_stale_temporaries(self.out)
+            if removed:
+                print(f"removed {len(removed)} temporary file(s) left in {self.out} by interrupted checkpoint "
+                      f"saves ({sum(size for _, size in removed) / 2**20:.1f} MiB): "
+                      f"{', '.join(path.name for path, _ in removed)}")
         du.barrier()
+        try:
+            self._build(fresh, resume_from)
+        except BaseException:
+            if created:  # a failed start leaves no half-made run directory behind
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
+
+    def _build(self, fresh: bool, resume_from: dict[str, Any] | None) -> None:
+        """Data, schedules, models, optimizer and loss; then the checkpoint's state, if resuming."""
+        cfg = self.cfg
         self.loader, self.sampler = build_train_loader(cfg, self.out / "filelist.json", self.rank, self.world)
         self.iters_per_epoch = self.sampler.batches_per_epoch
         if self.iters_per_epoch == 0:
@@ -205,8 +207,8 @@ class Trainer:
         self.collapse = CollapseMonitor(cfg.model.out_dim, cfg.run.collapse_window)
 
         ckpt_path = self.out / LATEST
-        if ckpt_path.exists() and not fresh:
-            self._resume(ckpt_path)
+        if resume_from is not None:
+            self._resume(resume_from, ckpt_path)
         elif du.is_main():
             if fresh and ckpt_path.exists():
                 ckpt_path.unlink()
@@ -273,10 +275,7 @@ class Trainer:
             raise RuntimeError(f"teacher {' and '.join(differ)} differ across ranks at step {self.state.step} "
                                f"((sum, sum of squares) per rank: {digests}); refusing to checkpoint")
 
-    def _resume(self, path: Path) -> None:
-        ckpt = load_file(path)
-        if ckpt.get("format") != FORMAT:
-            raise RuntimeError(f"{path} is not an ssl-distill training checkpoint (format {ckpt.get('format')!r})")
+    def _resume(self, ckpt: dict[str, Any], path: Path) -> None:
         if ckpt.get("world_size", 1) != self.world:
             print(f"note: resuming a {ckpt['world_size']}-process run with {self.world} process(es); "
                   "the data order of the rest of the epoch changes")
@@ -377,7 +376,7 @@ class Trainer:
 
     def _loop(self, signals: StopSignals) -> dict[str, Any]:
         cfg, st = self.cfg, self.state
-        stop_at = min(cfg.run.stop_at_step or self.total_steps, self.total_steps)
+        stop_at = self.total_steps if cfg.run.stop_at_step is None else min(cfg.run.stop_at_step, self.total_steps)
         if st.batch >= self.iters_per_epoch:
             st.epoch, st.batch = st.epoch + 1, 0
         bar = tqdm(

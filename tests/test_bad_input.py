@@ -1,0 +1,188 @@
+"""Inputs that must end in one sentence naming the fix, before anything is scanned, built or written."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssl_distill.cli import run as cli
+from ssl_distill.config import ConfigError, load_config
+from ssl_distill.data.folder import scan_image_folder
+from ssl_distill.engine.checkpoint import LATEST, CheckpointError, atomic_save, load_file
+from ssl_distill.engine.train import Trainer
+
+from test_end_to_end import CONFIG, make_folder, tiny_overrides
+
+
+def cli_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the command line; it must exit 1 with one line on stderr (no traceback), returned."""
+    with pytest.raises(SystemExit) as e:
+        cli(args)
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+# ---------------------------------------------------------------- numbers as YAML 1.1 reads them
+@pytest.mark.parametrize("text, value", [("1e-4", 1e-4), ("1E+3", 1000.0), ("5e0", 5.0), ("1_0e-1", 1.0)])
+def test_every_float_spelling_is_a_number_in_overrides(text, value):
+    assert load_config(CONFIG, [f"optim.lr={text}"]).optim.lr == value
+
+
+def test_exponents_in_recipe_files_are_numbers(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim:\n  lr: 1e-4\n  min_lr: 1e-6\n  betas: [9e-1, 0.999]\nmodel:\n  depth: 1e1\n")
+    cfg = load_config(recipe)
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.betas, cfg.model.depth) == (1e-4, 1e-6, (0.9, 0.999), 10)
+    assert isinstance(cfg.model.depth, int)
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("model.depth=2.5", "model.depth: expected an integer"),
+    ("optim.lr=1e-4x", "optim.lr: expected a number"),
+    ("optim.lr=true", "optim.lr: expected a number"),
+])
+def test_what_is_not_a_number_is_still_refused(override, expect):
+    with pytest.raises(ConfigError, match=expect):
+        load_config(CONFIG, [override])
+
+
+# ---------------------------------------------------------------- values that used to crash or mislead
+@pytest.mark.parametrize("overrides, expect", [
+    (["run.log_every=0"], "run.log_every=0 is out of range: expected 1 <= log_every"),
+    (["run.checkpoint_every=0"], "run.checkpoint_every=0 is out of range"),
+    (["model.patch_size=0"], "model.patch_size=0 is out of range"),
+    (["run.stop_at_step=0"], r"run.stop_at_step=0 is out of range: expected 1 <= stop_at_step \(null trains"),
+    (["data.crops.n_global=1", "data.crops.n_local=0"], "no pair of different views.*n_local >= 1"),
+    (["dino.teacher_temp=0"], "dino.teacher_temp=0.0 is out of range: expected 0 < teacher_temp"),
+    (["data.crops.local_scale=[0.4,0.05]"], "first value must not exceed the second"),
+    (["data.crops.blur_p=[1.0,1.5,0.5]"], r"data.crops.blur_p\[1\]=1.5 is out of range"),
+    (["optim.momentum_teacher=nan"], "optim.momentum_teacher=nan is out of range"),
+    (["knn.ks=[]"], "knn.ks is empty"),
+])
+def test_out_of_range_values_name_the_key_and_write_nothing(overrides, expect, tmp_path, capsys):
+    out = tmp_path / "run"
+    err = cli_error(["train", str(CONFIG), f"run.output_dir={out}", *overrides], capsys)
+    assert err.startswith("config error: ")
+    assert re.search(expect, err), err
+    assert not out.exists()
+
+
+def test_one_global_view_with_local_views_is_a_valid_layout():
+    cfg = load_config(CONFIG, ["data.crops.n_global=1", "data.crops.n_local=2"])
+    assert (cfg.data.crops.n_global, cfg.data.crops.n_local) == (1, 2)
+
+
+def test_stop_at_step_stops_there(tmp_path):
+    train_dir = make_folder(tmp_path / "train", 8, 0)
+    cfg = load_config(CONFIG, tiny_overrides(train_dir, tmp_path / "run") + ["run.stop_at_step=1"])
+    last = Trainer(cfg).fit()
+    assert last["step"] == 1 and load_file(tmp_path / "run" / LATEST)["step"] == 1
+
+
+# ---------------------------------------------------------------- the machine cannot run the config
+def test_fp16_on_cpu_is_refused_before_the_folder_is_scanned(tmp_path, capsys):
+    out = tmp_path / "run"
+    err = cli_error(["train", str(CONFIG), "run.device=cpu", "run.precision=fp16", f"run.output_dir={out}",
+                     f"data.train_dir={tmp_path / 'no_such_folder'}"], capsys)
+    assert "run.precision=fp16 needs a CUDA GPU" in err and "run.precision=bf16" in err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_refused_before_the_folder_is_scanned(tmp_path, capsys):
+    out = tmp_path / "run"
+    err = cli_error(["train", str(CONFIG), "run.device=cuda", f"run.output_dir={out}",
+                     f"data.train_dir={tmp_path / 'no_such_folder'}"], capsys)
+    assert "run.device=cuda but this machine has no usable CUDA GPU" in err and "run.device=cpu" in err
+    assert not out.exists()
+
+
+def official_dino_checkpoint() -> dict:
+    """What DINO's main_dino.py writes: no format entry, prefixed weights, an argparse.Namespace."""
+    return {"student": {"module.backbone.cls_token": torch.zeros(1, 1, 8)},
+            "teacher": {"backbone.cls_token": torch.zeros(1, 1, 8)},
+            "epoch": 3, "args": argparse.Namespace(arch="vit_small", patch_size=16)}
+
+
+@pytest.mark.parametrize("content", ["official", "garbage"])
+def test_a_checkpoint_ssl_distill_did_not_write_is_named_and_kept(content, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    ckpt = out / LATEST
+    if content == "official":
+        torch.save(official_dino_checkpoint(), ckpt)
+    else:
+        ckpt.write_bytes(b"not a checkpoint at all")
+    before = ckpt.read_bytes()
+    err = cli_error(["train", str(CONFIG), f"run.output_dir={out}", f"data.train_dir={tmp_path / 'missing'}"], capsys)
+    expect = "was not written by ssl-distill training" if content == "official" else "is not a PyTorch checkpoint"
+    assert expect in err and "--fresh" in err and "another run.output_dir" in err, err
+    assert ckpt.read_bytes() == before and sorted(p.name for p in out.iterdir()) == [LATEST]
+
+
+# ---------------------------------------------------------------- run directory hygiene
+def test_a_failed_start_leaves_no_run_directory_but_keeps_an_existing_one(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    new = tmp_path / "new" / "run"
+    with pytest.raises(Exception, match="No images found"):
+        Trainer(load_config(CONFIG, tiny_overrides(empty, new)))
+    assert not new.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    with pytest.raises(Exception, match="No images found"):
+        Trainer(load_config(CONFIG, tiny_overrides(empty, existing)))
+    assert (existing / "notes.txt").read_text() == "mine"
+
+
+def test_stale_temporary_checkpoints_are_removed_at_start(tmp_path, capsys):
+    train_dir = make_folder(tmp_path / "train", 8, 0)
+    out = tmp_path / "run"
+    cfg = load_config(CONFIG, tiny_overrides(train_dir, out) + ["run.stop_at_step=1"])
+    Trainer(cfg).fit()
+    good = load_file(out / LATEST)
+    for pid in (111, 222):  # what a kill -9 during atomic_save leaves behind
+        (out / f".{LATEST}.tmp-{pid}").write_bytes(b"\0" * 4096)
+    (out / ".checkpoint_epoch0001.pth.tmp-333").write_bytes(b"\0")
+    (out / "notes.tmp-444").write_text("not ours")
+    capsys.readouterr()
+    trainer = Trainer(load_config(CONFIG, tiny_overrides(train_dir, out) + ["run.stop_at_step=2"]))
+    said = capsys.readouterr().out
+    assert "removed 3 temporary file(s)" in said and f".{LATEST}.tmp-111" in said
+    assert sorted(p.name for p in out.glob(".*tmp-*")) == []
+    assert (out / "notes.tmp-444").exists()
+    kept = load_file(out / LATEST)
+    assert trainer.state.step == 1 and all(torch.equal(kept["teacher"][k], v) for k, v in good["teacher"].items())
+
+
+def test_atomic_save_leaves_no_temporary_on_success(tmp_path):
+    atomic_save({"x": torch.ones(2)}, tmp_path / "a.pth")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pth"]
+
+
+# ---------------------------------------------------------------- symbolic links
+def test_symbolic_link_loops_list_each_image_once(tmp_path):
+    root = make_folder(tmp_path / "data", 3, 0)  # horizontal/, vertical/, 3 images each
+    os.symlink(root, root / "horizontal" / "loop")  # a loop back to the top
+    os.symlink(root / "vertical", root / "horizontal" / "again")  # a second way into a folder
+    os.symlink(root / "horizontal" / "000.png", root / "vertical" / "alias.png")  # a second name for a file
+    unlabeled = scan_image_folder(root, labeled=False)
+    assert len(unlabeled) == 6 and len(set(unlabeled.paths)) == 6
+    labeled = scan_image_folder(root, labeled=True)
+    assert len(labeled) == 6
+    assert labeled.labels.count(0) == 3 and labeled.labels.count(1) == 3
+
+
+def test_linked_folders_are_followed(tmp_path):
+    real = make_folder(tmp_path / "real", 2, 0)
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(real / "horizontal", root / "linked")
+    assert sorted(scan_image_folder(root, labeled=False).paths) == ["linked/000.png", "linked/001.png"]
