@@ -1,0 +1,113 @@
+"""KoLeo regulariser (Sablayrolles et al., ICLR 2019; DINOv2): a hand-computed circle, equality with a
+literal re-implementation of DINOv2's KoLeoLoss (values and gradients), DINOv2's per-crop use,
+and finite gradients when two rows coincide."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_distill.objectives.koleo import KoLeoLoss, koleo_loss, koleo_loss_per_crop, nearest_neighbours
+
+
+class OfficialKoLeoLoss(nn.Module):
+    """DINOv2's KoLeoLoss, rewritten literally (its cuda autocast guard as a CPU one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pdist = nn.PairwiseDistance(2, eps=1e-8)
+
+    def pairwise_NNs_inner(self, x):
+        dots = torch.mm(x, x.t())
+        n = x.shape[0]
+        dots.view(-1)[:: (n + 1)].fill_(-1)
+        _, I = torch.max(dots, dim=1)  # noqa: E741
+        return I
+
+    def forward(self, student_output, eps=1e-8):
+        with torch.autocast("cpu", enabled=False):
+            student_output = F.normalize(student_output, eps=eps, p=2, dim=-1)
+            I = self.pairwise_NNs_inner(student_output)  # noqa: E741
+            distances = self.pdist(student_output, student_output[I])
+            return -torch.log(distances + eps).mean()
+
+
+def circle(angles_deg: list[float], radius: float = 1.0) -> torch.Tensor:
+    a = torch.tensor(angles_deg, dtype=torch.float64) * math.pi / 180
+    return radius * torch.stack([a.cos(), a.sin()], dim=1)
+
+
+@pytest.mark.parametrize("radius", [1.0, 0.01, 250.0])
+def test_hand_computed_circle(radius):
+    # unit vectors at 0, 60 and 180 degrees: inner products 0.5 (0-60), -1 (0-180), -0.5 (60-180);
+    # nearest neighbours 0 -> 60, 60 -> 0, 180 -> 60; chord lengths 1, 1, sqrt(3).
+    # loss = -(log 1 + log 1 + log sqrt 3) / 3 = -ln(3) / 6, whatever the radius (rows are normalised)
+    x = circle([0.0, 60.0, 180.0], radius)
+    assert nearest_neighbours(F.normalize(x, dim=-1)).tolist() == [1, 0, 1]
+    assert koleo_loss(x).item() == pytest.approx(-math.log(3) / 6, abs=1e-7)
+
+
+def test_nearest_neighbour_ignores_the_row_itself():
+    x = F.normalize(torch.randn(9, 5, generator=torch.Generator().manual_seed(0)), dim=-1)
+    nn_index = nearest_neighbours(x)
+    assert (nn_index != torch.arange(9)).all()
+    brute = [max((j for j in range(9) if j != i), key=lambda j: float(x[i] @ x[j])) for i in range(9)]
+    assert nn_index.tolist() == brute
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_equals_the_official_code_values_and_gradients(dtype):
+    base = torch.randn(32, 16, generator=torch.Generator().manual_seed(1), dtype=dtype) * 3
+    ours_in = base.clone().requires_grad_()
+    theirs_in = base.clone().requires_grad_()
+    ours = koleo_loss(ours_in)
+    theirs = OfficialKoLeoLoss()(theirs_in)
+    assert torch.equal(ours, theirs)
+    ours.backward()
+    theirs.backward()
+    assert torch.equal(ours_in.grad, theirs_in.grad)
+
+
+def test_per_crop_sum_is_dinov2s_use():
+    tokens = torch.randn(2 * 12, 16, generator=torch.Generator().manual_seed(2))
+    official = OfficialKoLeoLoss()
+    expected = sum(official(p) for p in tokens.chunk(2))
+    assert torch.equal(koleo_loss_per_crop(tokens, n_crops=2), expected)
+    assert torch.equal(KoLeoLoss(n_crops=2)(tokens), expected)
+    assert torch.equal(KoLeoLoss(n_crops=1)(tokens), koleo_loss(tokens))
+
+
+def test_per_crop_never_pairs_the_two_crops_of_one_image():
+    # identical crops of the same images: across crops every row has a copy at distance ~0,
+    # within a crop the neighbours are other images
+    crop = torch.randn(10, 8, generator=torch.Generator().manual_seed(3))
+    tokens = torch.cat([crop, crop])
+    per_crop = koleo_loss_per_crop(tokens, n_crops=2)
+    assert torch.allclose(per_crop, 2 * koleo_loss(crop))
+    assert koleo_loss(tokens) > 15  # -log(sqrt(8) * 1e-8 + 1e-8) = 17.1 for every row
+
+
+def test_coinciding_rows_give_finite_loss_and_gradients():
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(4))
+    x[1] = x[0]
+    x.requires_grad_()
+    loss = koleo_loss(x)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(x.grad).all()
+    # rows 0 and 1 are each other's neighbour at distance ||1e-8 * ones(4)|| = 2e-8
+    # (the other 4 rows contribute -log(d + eps) >= -log(2 + eps) each)
+    lower_bound = (2 * -math.log(2e-8 + 1e-8) - 4 * math.log(2 + 1e-8)) / 6
+    assert loss.item() >= lower_bound - 1e-5
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="at least 2"):
+        koleo_loss(torch.randn(1, 4))
+    with pytest.raises(ValueError, match=r"\(B, D\)"):
+        koleo_loss(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="equal crops"):
+        koleo_loss_per_crop(torch.randn(5, 4), n_crops=2)
