@@ -9,7 +9,12 @@ Pipelines:
             (RandomResizedCrop, flip, ColorJitter p=0.8, grayscale, PIL GaussianBlur, solarize,
             ToTensor, Normalize), then the views stacked;
   ours      MultiCropTransform (per-sample geometry) + MultiCropCollate (batched photometry);
-  ours-geom the same with photometric=False (the floor when photometry runs on the GPU).
+  ours-geom the same with photometric=False (the floor when photometry runs on the GPU);
+  ours+mask ours with iBOT's block masks of the global views in the batch (masking.shape=block,
+            ratio 0.3; patch 16 for (a), 7 for (b)).
+
+(c) is the demo itself (configs/dino_tiny_fmnist.yaml: 2 x 28 + 4 x 14, patch 7, batch 128, no
+worker): ours with block masks off vs on, best of 3 alternating runs, and the masks alone.
 
 Modes: "1 proc" = transform + collate in this process on decoded in-memory images, one torch
 thread; "loader w=1" = DataLoader with 1 worker reading the files from disk (decoding included).
@@ -19,6 +24,8 @@ thread; "loader w=1" = DataLoader with 1 worker reading the files from disk (dec
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import random
 import shutil
 import tempfile
@@ -32,10 +39,12 @@ from torchvision import transforms as T
 
 from common import hardware_line
 
-from ssl_distill.config import CropsConfig
+from ssl_distill.config import CropsConfig, MaskingConfig, load_config
 from ssl_distill.data.fashion_mnist import DEFAULT_SOURCE, build_fashion_mnist_folders
 from ssl_distill.data.folder import FileList, ImageFolderDataset, load_rgb, scan_image_folder
-from ssl_distill.data.multicrop import MultiCropCollate, MultiCropTransform
+from ssl_distill.data.masking import BatchMasking, build_masking
+from ssl_distill.data.multicrop import MultiCropCollate, MultiCropTransform, sample_seed
+from ssl_distill.demo import DEFAULT_CONFIG
 
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png"]
 
@@ -125,19 +134,55 @@ def rate_loader(files: FileList, transform: Callable, collate: Callable, n: int,
 
 
 def bench(name: str, crops: CropsConfig, images: list[Image.Image], files: FileList, n: int, batch: int,
-          rows: list[tuple[str, str, str, float]]) -> None:
+          rows: list[tuple[str, str, str, float]], patch: int) -> float:
+    """Appends (crops, pipeline, mode, images/s) rows; returns the block masks' own cost in us/img."""
+    masks = build_masking(MaskingConfig(shape="block"), crops.global_size, patch, crops.n_global)
     pipelines = {
         "baseline": (BaselineDINO(crops), baseline_collate),
         "ours": (MultiCropTransform(crops), MultiCropCollate(crops)),
         "ours-geom": (MultiCropTransform(crops), MultiCropCollate(crops, photometric=False)),
+        "ours+mask": (MultiCropTransform(crops), MultiCropCollate(crops, masking=masks)),
     }
     for pname, (transform, collate) in pipelines.items():
         rows.append((name, pname, "1 proc", rate_in_process(images, transform, collate, n, batch)))
         print(f"  {name:8s} {pname:10s} 1 proc      {rows[-1][3]:8.1f} img/s", flush=True)
-    for pname in ("baseline", "ours"):
+    for pname in ("baseline", "ours", "ours+mask"):
         transform, collate = pipelines[pname]
         rows.append((name, pname, "loader w=1", rate_loader(files, transform, collate, n, batch)))
         print(f"  {name:8s} {pname:10s} loader w=1  {rows[-1][3]:8.1f} img/s", flush=True)
+    return mask_us_per_image(masks, max(n, 512), batch)
+
+
+def mask_us_per_image(masks: BatchMasking, n: int, batch: int) -> float:
+    """Microseconds per image to draw the masks of all global views, in batches (best of 3)."""
+    seeds = [sample_seed(0, 0, i) for i in range(n)]
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for start in range(0, n, batch):
+            masks(seeds[start : start + batch])
+        best = min(best, (time.perf_counter() - t0) / n * 1e6)
+    return best
+
+
+def bench_demo_masks(images: list[Image.Image], n: int) -> str:
+    """The demo's pipeline with iBOT block masks off / on (best of 3, alternating), and the masks alone."""
+    cfg = load_config(DEFAULT_CONFIG)
+    crops, batch, masking = cfg.data.crops, cfg.data.batch_size, dataclasses.replace(cfg.masking, shape="block")
+    masks = build_masking(masking, crops.global_size, cfg.model.patch_size, crops.n_global)
+    transform = MultiCropTransform(crops)
+    collates = {"off": MultiCropCollate(crops), "on": MultiCropCollate(crops, masking=masks)}
+    best = {k: 0.0 for k in collates}
+    for _ in range(3):
+        for k, collate in collates.items():
+            best[k] = max(best[k], rate_in_process(images, transform, collate, n, batch))
+    alone_us = mask_us_per_image(masks, n, batch)
+    grid = crops.global_size // cfg.model.patch_size
+    views = f"{crops.n_global}x{crops.global_size} + {crops.n_local}x{crops.local_size}"
+    return (f"(c) demo ({DEFAULT_CONFIG.name}: {views}, "
+            f"patch {cfg.model.patch_size}, batch {batch}, 1 proc): masks off {best['off']:.1f} img/s, block masks on "
+            f"{best['on']:.1f} img/s ({100 * (best['on'] / best['off'] - 1):+.1f}%); the masks alone "
+            f"{alone_us:.1f} us/img ({crops.n_global} views of {grid}x{grid} patches, ratio {masking.pred_ratio[0]})")
 
 
 def main() -> None:
@@ -161,14 +206,17 @@ def main() -> None:
         images = [load_rgb(photos.abspath(i)) for i in range(len(photos))]
         print(f"(a) ViT-S crops 2x224 + 10x96 on {len(images)} scikit-image photos "
               f"({', '.join(f'{w}x{h}' for w, h in (im.size for im in images))}), batch {args.batch}")
-        bench("vits", CropsConfig(), images, photos, args.images_a, args.batch, rows)
+        mask_us = {}
+        mask_us["vits"] = bench("vits", CropsConfig(), images, photos, args.images_a, args.batch, rows, patch=16)
 
         fm_root = build_fashion_mnist_folders(Path(tmp) / "fmnist", DEFAULT_SOURCE, limit_per_class=100)
         fm_files = scan_image_folder(fm_root / "train", labeled=True)
         fm_images = [load_rgb(fm_files.abspath(i)) for i in range(len(fm_files))]
         fm_crops = CropsConfig(global_size=28, local_size=14, n_local=6)
         print(f"(b) Fashion-MNIST crops 2x28 + 6x14 on {len(fm_images)} training images, batch {args.batch * 4}")
-        bench("fmnist", fm_crops, fm_images, fm_files, args.images_b, args.batch * 4, rows)
+        mask_us["fmnist"] = bench("fmnist", fm_crops, fm_images, fm_files, args.images_b, args.batch * 4, rows, patch=7)
+        demo_line = bench_demo_masks(fm_images, args.images_b)
+        print(demo_line, flush=True)
 
     rate = {(c, p, m): r for c, p, m, r in rows}
     for c in ("vits", "fmnist"):
@@ -177,6 +225,9 @@ def main() -> None:
         ours_ms = 1e3 / rate[(c, "ours", "1 proc")] - floor
         print(f"{c}: geometry (crop+resize+flip, ours-geom) {floor:.2f} ms/img, taken as equal in both; photometric ops "
               f"baseline {base_ms:.2f} vs ours {ours_ms:.2f} ms/img ({base_ms / ours_ms:.1f}x)")
+        share = mask_us[c] * rate[(c, "ours", "1 proc")] / 1e4
+        print(f"{c}: iBOT block masks alone {mask_us[c]:.1f} us/img, {share:.1f}% of ours (1 proc)")
+    print(demo_line)
     print("\n| crops  | pipeline  | mode       | images/s | vs baseline |")
     print("|--------|-----------|------------|---------:|------------:|")
     base = {(c, m): r for c, p, m, r in rows if p == "baseline"}

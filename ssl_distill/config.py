@@ -148,6 +148,27 @@ class RunConfig:
 
 
 @dataclass
+class MaskingConfig:
+    """Masks for masked image modeling, drawn with the batch (iBOT, Zhou et al. ICLR 2022, loader.py).
+
+    ``shape``: ``none`` (no masks from the data: DINO), ``block`` (BEiT's block-wise masking, as iBOT
+    by default) or ``random`` (exactly ``int(ratio * h * w)`` patches). Each global view of each image
+    picks one entry of ``pred_ratio`` uniformly, then a ratio uniform in ``pred_ratio[i] +-
+    pred_ratio_var[i]`` (a single ``pred_ratio_var`` applies to every entry, as in iBOT). Nothing is
+    masked before epoch ``pred_start_epoch``. Local views are never masked.
+    """
+
+    shape: str = "none"  # none | block | random
+    pred_ratio: tuple[float, ...] = (0.3,)
+    pred_ratio_var: tuple[float, ...] = (0.0,)
+    pred_aspect_ratio: tuple[float, float] = (0.3, 1.0 / 0.3)  # block height / width, log-uniform
+    pred_start_epoch: float = 0
+    min_block_patches: int | None = None  # smallest block target; None = iBOT's (min(h, w) // 3) ** 2
+    max_block_patches: int | None = None  # largest block target (BEiT's max_num_patches); None = no cap, as iBOT
+    # AttMask (attention-guided masking) fields go here: masking.attmask, masking.masking_prob.
+
+
+@dataclass
 class Config:
     """A whole recipe: one YAML file in configs/ maps onto this."""
 
@@ -157,6 +178,7 @@ class Config:
     dino: DinoLossConfig = field(default_factory=DinoLossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
 
 
 class ConfigError(ValueError):
@@ -348,6 +370,31 @@ def _check_interval(key: str, pair: tuple[float, float], lo: float, hi: float | 
         raise ConfigError(f"{key}={list(pair)}: the first value must not exceed the second")
 
 
+def _check_masking(mk: MaskingConfig) -> None:
+    """masking.*: a known shape, ratios and ratio +- var in [0, 1), var lists that fit the ratio list."""
+    if mk.shape not in ("none", "block", "random"):
+        raise ConfigError(f"masking.shape must be none, block or random, got {mk.shape!r}")
+    why = "; a ratio is the fraction of a global view's patches to mask, and masking all of them leaves nothing to see"
+    if not mk.pred_ratio:
+        raise ConfigError("masking.pred_ratio is empty: give at least one ratio, e.g. [0.3]")
+    if len(mk.pred_ratio_var) not in (1, len(mk.pred_ratio)):
+        raise ConfigError(f"masking.pred_ratio_var has {len(mk.pred_ratio_var)} entries for {len(mk.pred_ratio)} "
+                          "pred_ratio entries: give one per ratio, or a single one for all (as iBOT)")
+    variances = mk.pred_ratio_var * len(mk.pred_ratio) if len(mk.pred_ratio_var) == 1 else mk.pred_ratio_var
+    for i, (ratio, var) in enumerate(zip(mk.pred_ratio, variances)):
+        _check_range(f"masking.pred_ratio[{i}]", ratio, 0, 1, hi_open=True, hint=why)
+        _check_range(f"masking.pred_ratio_var[{i}]", var, 0)
+        if ratio - var < 0 or ratio + var >= 1:
+            raise ConfigError(
+                f"masking.pred_ratio[{i}]={ratio} with pred_ratio_var={var} draws ratios in [{ratio - var:g}, "
+                f"{ratio + var:g}], outside [0, 1): the variation must satisfy var <= ratio and ratio + var < 1")
+    _check_interval("masking.pred_aspect_ratio", mk.pred_aspect_ratio, 0, None)
+    _check_range("masking.pred_start_epoch", mk.pred_start_epoch, 0)
+    for key in ("min_block_patches", "max_block_patches"):
+        if getattr(mk, key) is not None:
+            _check_range(f"masking.{key}", getattr(mk, key), 1)
+
+
 def validate(cfg: Config) -> None:
     """Value ranges and cross-field checks that types alone cannot express.
 
@@ -416,6 +463,7 @@ def validate(cfg: Config) -> None:
     for name, size in (("global_size", c.global_size), ("local_size", c.local_size)):
         if size % m.patch_size:
             raise ConfigError(f"data.crops.{name}={size} is not a multiple of model.patch_size={m.patch_size}")
+    _check_masking(cfg.masking)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -1,4 +1,4 @@
-"""Data: image folders, robust loading, DINO multi-crop views, the epoch sampler.
+"""Data: image folders, robust loading, DINO multi-crop views, iBOT masks, the epoch sampler.
 
 Fashion-MNIST helpers live in :mod:`ssl_distill.data.fashion_mnist` (not imported here so that
 ``python -m ssl_distill.data.fashion_mnist`` runs cleanly).
@@ -13,6 +13,7 @@ from ssl_distill.data.folder import (
     load_rgb,
     scan_image_folder,
 )
+from ssl_distill.data.masking import BatchMasking, MaskingGenerator, build_masking
 from ssl_distill.data.multicrop import (
     EpochSampler,
     EvalTransform,
@@ -26,14 +27,17 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "BadImageCounter",
     "BadImageWarning",
+    "BatchMasking",
     "DataError",
     "EpochSampler",
     "EvalTransform",
     "FileList",
     "ImageFolderDataset",
+    "MaskingGenerator",
     "MultiCropCollate",
     "MultiCropTransform",
     "PhotometricAugment",
+    "build_masking",
     "collate_eval",
     "load_rgb",
     "scan_image_folder",

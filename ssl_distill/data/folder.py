@@ -283,14 +283,16 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Images of a :class:`FileList`, with per-sample seeds and corrupt-file substitution.
 
-    ``dataset[item]`` with ``item`` an ``int`` index or an ``(index, seed)`` tuple (as yielded by
-    :class:`ssl_distill.data.multicrop.EpochSampler`; a bare int uses ``seed = index``) returns::
+    ``dataset[item]`` with ``item`` an ``int`` index, an ``(index, seed)`` or an ``(index, seed,
+    epoch)`` tuple (as yielded by :class:`ssl_distill.data.multicrop.EpochSampler`; a bare int uses
+    ``seed = index``) returns::
 
         {"image": transform(img, seed) (or the PIL image when transform is None),
          "label": int   # label of the file actually returned (a substitute's label if substituted)
          "index": int   # the requested index
          "bad":   int   # unreadable files skipped for this sample (0 normally)
-         "seed":  int}  # the seed given to the transform (the batched collate needs it)
+         "seed":  int   # the seed given to the transform (the batched collate needs it)
+         "epoch": int}  # only when the item carries one (the batch masks need it)
     """
 
     def __init__(self, files: FileList, transform: Callable[[Image.Image, int], Any] | None) -> None:
@@ -321,7 +323,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         raise DataError(f"{attempts} consecutive unreadable images starting at {self.files.abspath(index)} "
                         f"(folder {self.files.root}); the data looks broken.")
 
-    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+    def __getitem__(self, item: int | tuple[int, int] | tuple[int, int, int]) -> dict[str, Any]:
         if isinstance(item, tuple):
             index, seed = int(item[0]), int(item[1])
         else:
@@ -331,7 +333,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {len(self.files)} images")
         img, used, bad = self._load_with_fallback(index)
         image = self.transform(img, seed) if self.transform is not None else img
-        return {"image": image, "label": int(self.files.labels[used]), "index": index, "bad": bad, "seed": seed}
+        out = {"image": image, "label": int(self.files.labels[used]), "index": index, "bad": bad, "seed": seed}
+        if isinstance(item, tuple) and len(item) > 2:
+            out["epoch"] = int(item[2])
+        return out
 
 
 class BadImageCounter:

@@ -7,6 +7,7 @@ import torch
 
 from ..config import Config
 from .folder import ImageFolderDataset, scan_image_folder
+from .masking import build_masking
 from .multicrop import EpochSampler, EvalTransform, MultiCropCollate, MultiCropTransform, collate_eval
 
 
@@ -18,18 +19,22 @@ def build_train_loader(
     The sampler fixes the data order per (seed, epoch) and each sample's augmentation per
     (seed, epoch, index); the loader gets its own generator so that creating an iterator never
     consumes the global torch RNG (drop-path draws from it; resuming stays bit-identical).
+    With ``cfg.masking.shape != "none"`` each batch also has iBOT's ``"masks"`` of the global views
+    (:mod:`ssl_distill.data.masking`), keyed the same way; the sampler then passes the epoch along.
     """
     files = scan_image_folder(cfg.data.train_dir, labeled=False, cache_file=cache_file)
     crops = cfg.data.crops
     dataset = ImageFolderDataset(files, MultiCropTransform(crops))
+    masking = build_masking(cfg.masking, crops.global_size, cfg.model.patch_size, crops.n_global)
     sampler = EpochSampler(
-        len(files), cfg.run.seed, rank, world_size, drop_last=True, batch_size=cfg.data.batch_size
+        len(files), cfg.run.seed, rank, world_size, drop_last=True, batch_size=cfg.data.batch_size,
+        with_epoch=masking is not None,
     )
     workers = cfg.data.num_workers
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=torch.utils.data.BatchSampler(sampler, cfg.data.batch_size, drop_last=True),
-        collate_fn=MultiCropCollate(crops),
+        collate_fn=MultiCropCollate(crops, masking=masking),
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,

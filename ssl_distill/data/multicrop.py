@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ssl_distill.config import CropsConfig
+
+if TYPE_CHECKING:
+    from ssl_distill.data.masking import BatchMasking
 
 _MASK64 = (1 << 64) - 1
 _MASK63 = (1 << 63) - 1
@@ -542,12 +545,18 @@ class MultiCropCollate:
         {"crops": list of n_global + n_local float32 (B, 3, s, s) normalized tensors, globals first
                   (uint8 un-augmented views when photometric=False),
          "label": LongTensor (B,), "index": LongTensor (B,), "seed": LongTensor (B,),
-         "bad": int (sum over the batch)}
+         "bad": int (sum over the batch),
+         "masks": list of n_global bool (B, h * w), True = masked   # only with ``masking``}
+
+    ``masking`` (:func:`ssl_distill.data.masking.build_masking`) draws iBOT's masks of the global
+    views from the sample seeds (and the samples' ``"epoch"``, for ``pred_start_epoch``); it draws
+    on streams of its own, so the crops are the same with or without it.
     """
 
-    def __init__(self, crops: CropsConfig, photometric: bool = True) -> None:
+    def __init__(self, crops: CropsConfig, photometric: bool = True, masking: BatchMasking | None = None) -> None:
         self.n_views = len(view_specs(crops))
         self.photometric = PhotometricAugment(crops) if photometric else None
+        self.masking = masking
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not samples:
@@ -564,7 +573,11 @@ class MultiCropCollate:
             out = _new_output((len(samples), *first.shape), first.dtype, first.device) if self.photometric is None else None
             views.append(torch.stack([s["image"][v] for s in samples], out=out))
         crops = self.photometric(views, seeds) if self.photometric is not None else views
-        return {"crops": crops, **_meta(samples), "seed": torch.tensor([x & _MASK63 for x in seeds], dtype=torch.long)}
+        out = {"crops": crops, **_meta(samples), "seed": torch.tensor([x & _MASK63 for x in seeds], dtype=torch.long)}
+        if self.masking is not None:
+            epochs = [s["epoch"] for s in samples] if all("epoch" in s for s in samples) else None
+            out["masks"] = self.masking(seeds, epochs)
+        return out
 
 
 class EvalTransform:
@@ -611,7 +624,9 @@ def collate_eval(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 class EpochSampler(torch.utils.data.Sampler):
     """Seeded per-epoch shuffling, sharded over ranks, resumable mid-epoch.
 
-    Yields ``(index, sample_seed)`` tuples (``ImageFolderDataset`` accepts them). Epoch ``e``
+    Yields ``(index, sample_seed)`` tuples, or ``(index, sample_seed, epoch)`` with
+    ``with_epoch=True`` (``ImageFolderDataset`` accepts both; the epoch rides along with each index
+    so that workers, persistent or not, see the current one). Epoch ``e``
     shuffles with ``torch.randperm(n, generator=seeded(seed + e))``; the permutation is trimmed
     (``drop_last=True``) or padded by wrapping (``drop_last=False``) to a multiple of
     ``world_size`` and rank ``r`` takes positions ``r, r + world_size, ...`` (as
@@ -625,7 +640,7 @@ class EpochSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1, drop_last: bool = True, *,
-                 batch_size: int) -> None:
+                 batch_size: int, with_epoch: bool = False) -> None:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -634,6 +649,7 @@ class EpochSampler(torch.utils.data.Sampler):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.n, self.seed, self.rank, self.world_size = int(n), int(seed), int(rank), int(world_size)
         self.drop_last, self.batch_size = bool(drop_last), int(batch_size)
+        self.with_epoch = bool(with_epoch)
         self.per_rank = n // world_size if drop_last else -(-n // world_size)
         if self.per_rank < 1:
             raise ValueError(f"{n} samples cannot be split over {world_size} ranks with drop_last=True")
@@ -668,6 +684,8 @@ class EpochSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.per_rank - self.start_batch * self.batch_size
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int] | tuple[int, int, int]]:
         idx = self.indices()[self.start_batch * self.batch_size :]
+        if self.with_epoch:
+            return iter(zip(idx.tolist(), _sample_seeds(self.seed, self.epoch, idx), [self.epoch] * len(idx)))
         return iter(zip(idx.tolist(), _sample_seeds(self.seed, self.epoch, idx)))
