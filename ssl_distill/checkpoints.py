@@ -513,9 +513,10 @@ def _load_ours(file: Path, ckpt: dict[str, Any], which: str) -> LoadedBackbone:
     from .engine.checkpoint import load_state_strict
 
     state = strip_prefix(ckpt[which], "backbone.")
+    dropped = [k for k in MASK_TOKENS if state.pop(k, None) is not None]  # iBOT's mask token: training only
     load_state_strict(backbone, state, f"{file}: {which} backbone")
-    return LoadedBackbone(_freeze(backbone), cfg, file, "ssl-distill", which, "backbone.", [],
-                          len(ckpt[which]) - len(state))
+    return LoadedBackbone(_freeze(backbone), cfg, file, "ssl-distill", which, "backbone.", dropped,
+                          len(ckpt[which]) - len(state) - len(dropped))
 
 
 def load_backbone(path: str | Path, which: str = "teacher", key: str | None = None,

@@ -86,8 +86,29 @@ class DinoLossConfig:
     student_temp: float = 0.1
     teacher_temp: float = 0.04
     warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: float = 0
+    warmup_teacher_temp_epochs: float = 0  # also the patch term's warmup, as iBOT
     center_momentum: float = 0.9
+    weight: float = 1.0  # the [CLS] term's weight (iBOT's lambda1)
+    centering: str = "ema"  # ema (DINO, iBOT) | sinkhorn_knopp (DINOv2, 3 iterations)
+    koleo_weight: float = 0.0  # DINOv2's KoLeo regularizer on the student's CLS features (0.1 in DINOv2)
+
+
+@dataclass
+class IbotConfig:
+    """iBOT's masked patch term (Zhou et al. 2022): off while ``weight`` is 0 (a DINO run).
+
+    The masks come from the ``masking`` section; the head is the CLS head (``shared_head``, as the
+    released recipes) or a separate patch head with ``patch_out_dim`` prototypes (DINOv2's separate
+    iBOT head: its own MLP and last layer, in student and teacher).
+    """
+
+    weight: float = 0.0  # lambda2; 1.0 in iBOT's recipes
+    teacher_temp: float = 0.07  # iBOT's teacher_patch_temp
+    warmup_teacher_temp: float = 0.04  # iBOT's warmup_teacher_patch_temp (warmup epochs: dino's)
+    center_momentum: float = 0.9  # iBOT's center_momentum2
+    centering: str = "ema"  # ema (iBOT) | sinkhorn_knopp (DINOv2)
+    shared_head: bool = True
+    patch_out_dim: int = 8192  # prototypes of the separate patch head (shared_head false)
 
 
 @dataclass
@@ -165,7 +186,10 @@ class MaskingConfig:
     pred_start_epoch: float = 0
     min_block_patches: int | None = None  # smallest block target; None = iBOT's (min(h, w) // 3) ** 2
     max_block_patches: int | None = None  # largest block target (BEiT's max_num_patches); None = no cap, as iBOT
-    # AttMask (attention-guided masking) fields go here: masking.attmask, masking.masking_prob.
+    # AttMask (Kakogeorgiou et al. ECCV 2022): masks from the teacher's last-block CLS attention instead
+    # of the data; one ratio per batch from pred_ratio / pred_ratio_var, each view masked with masking_prob
+    attmask: str = "none"  # none | high | low | hint
+    masking_prob: float = 0.5
 
 
 @dataclass
@@ -179,6 +203,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
+    ibot: IbotConfig = field(default_factory=IbotConfig)
 
 
 class ConfigError(ValueError):
@@ -226,10 +251,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
     if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            if not isinstance(value, (list, tuple)):  # one value for a list of any length: [value]
+                value = [value]
+            return tuple(_coerce(v, args[0], key) for v in value)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], key) for v in value)
         if len(value) != len(args):
             raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}: {value!r}")
         return tuple(_coerce(v, a, key) for v, a in zip(value, args))
@@ -374,6 +401,12 @@ def _check_masking(mk: MaskingConfig) -> None:
     """masking.*: a known shape, ratios and ratio +- var in [0, 1), var lists that fit the ratio list."""
     if mk.shape not in ("none", "block", "random"):
         raise ConfigError(f"masking.shape must be none, block or random, got {mk.shape!r}")
+    if mk.attmask not in ("none", "high", "low", "hint"):
+        raise ConfigError(f"masking.attmask must be none, high, low or hint, got {mk.attmask!r}")
+    if mk.attmask != "none" and mk.shape != "none":
+        raise ConfigError(f"masking.attmask={mk.attmask} builds the masks from the teacher's attention, and "
+                          f"masking.shape={mk.shape} from the data: choose one (set masking.shape=none for AttMask)")
+    _check_range("masking.masking_prob", mk.masking_prob, 0, 1)
     why = "; a ratio is the fraction of a global view's patches to mask, and masking all of them leaves nothing to see"
     if not mk.pred_ratio:
         raise ConfigError("masking.pred_ratio is empty: give at least one ratio, e.g. [0.3]")
@@ -393,6 +426,28 @@ def _check_masking(mk: MaskingConfig) -> None:
     for key in ("min_block_patches", "max_block_patches"):
         if getattr(mk, key) is not None:
             _check_range(f"masking.{key}", getattr(mk, key), 1)
+
+
+def _check_objectives(cfg: Config) -> None:
+    """Weights, temperatures and centering of the objectives, and masks only where a masked term reads them."""
+    d, p, mk = cfg.dino, cfg.ibot, cfg.masking
+    for key, value in {"dino.weight": d.weight, "dino.koleo_weight": d.koleo_weight, "ibot.weight": p.weight}.items():
+        _check_range(key, value, 0)
+    for key in ("teacher_temp", "warmup_teacher_temp"):
+        _check_range(f"ibot.{key}", getattr(p, key), 0, lo_open=True)
+    _check_range("ibot.center_momentum", p.center_momentum, 0, 1)
+    _check_range("ibot.patch_out_dim", p.patch_out_dim, 1)
+    for key, value in (("dino.centering", d.centering), ("ibot.centering", p.centering)):
+        if value not in ("ema", "sinkhorn_knopp"):
+            raise ConfigError(f"{key} must be ema (DINO, iBOT) or sinkhorn_knopp (DINOv2), got {value!r}")
+    masked = mk.attmask != "none" or mk.shape != "none"
+    if p.weight > 0 and not masked:
+        raise ConfigError("ibot.weight > 0 trains on masked patches, but nothing masks them: set masking.shape "
+                          "(block or random, as iBOT) or masking.attmask (high, low or hint, as AttMask)")
+    if masked and p.weight == 0:
+        what = f"masking.attmask={mk.attmask}" if mk.attmask != "none" else f"masking.shape={mk.shape}"
+        raise ConfigError(f"{what} masks patches for a masked-image objective, but ibot.weight=0 turns that "
+                          "objective off: set ibot.weight (1.0 in iBOT and AttMask), or masking to none for DINO")
 
 
 def validate(cfg: Config) -> None:
@@ -464,6 +519,7 @@ def validate(cfg: Config) -> None:
         if size % m.patch_size:
             raise ConfigError(f"data.crops.{name}={size} is not a multiple of model.patch_size={m.patch_size}")
     _check_masking(cfg.masking)
+    _check_objectives(cfg)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

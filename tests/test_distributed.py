@@ -98,8 +98,8 @@ def test_signal_checkpoints_the_finished_step_and_resume_is_exact(train_dir, tmp
     trainer = Trainer(load_config(CONFIG, over))
     real_step = trainer.train_step
 
-    def step_and_signal(crops, step):
-        out = real_step(crops, step)
+    def step_and_signal(crops, step, *masks):
+        out = real_step(crops, step, *masks)
         if step == 5:
             os.kill(os.getpid(), signal.SIGUSR2)
         return out
@@ -119,8 +119,8 @@ def test_requeue_limit_is_reported(train_dir, tmp_path, monkeypatch):
     trainer = Trainer(load_config(CONFIG, tiny_overrides(train_dir, tmp_path) + ["run.max_requeues=0"]))
     real_step = trainer.train_step
 
-    def step_and_signal(crops, step):
-        out = real_step(crops, step)
+    def step_and_signal(crops, step, *masks):
+        out = real_step(crops, step, *masks)
         os.kill(os.getpid(), signal.SIGUSR2)
         return out
 
@@ -175,8 +175,8 @@ def test_a_signal_during_the_last_step_lets_the_run_finish(train_dir, tmp_path, 
     trainer = Trainer(load_config(CONFIG, tiny_overrides(train_dir, tmp_path)))
     real_step = trainer.train_step
 
-    def step_and_signal(crops, step):
-        out = real_step(crops, step)
+    def step_and_signal(crops, step, *masks):
+        out = real_step(crops, step, *masks)
         if step == trainer.total_steps - 1:
             os.kill(os.getpid(), signal.SIGUSR2)
         return out

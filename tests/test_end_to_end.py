@@ -99,7 +99,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(folders, t
     train_dir, _ = folders
     cfg = load_config(CONFIG, tiny_overrides(train_dir, tmp_path / "nan"))
     trainer = Trainer(cfg)
-    original = trainer.loss_fn.forward
+    original = trainer.objectives[0].forward  # the DINO term
     calls = {"n": 0}
 
     def poisoned(student_out, teacher_out, temp):
@@ -109,7 +109,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(folders, t
             out["dino"] = out["dino"] * float("nan")
         return out
 
-    trainer.loss_fn.forward = poisoned
+    trainer.objectives[0].forward = poisoned
     with pytest.raises(NonFiniteLossError, match=r"step 4: dino=nan \(lr=.*teacher_temp=.*checkpoint"):
         trainer.fit()
     ck = load_file(tmp_path / "nan" / "checkpoint.pth")

@@ -71,6 +71,6 @@ def test_multicrop_groups_and_matches_per_crop_forward():
     torch.manual_seed(0)
     model = MultiCropModel(ViTBackbone(TINY), DINOHead(192, 50, hidden_dim=32, bottleneck_dim=16)).eval()
     out = model(crops)
-    assert out.shape == (8, 50)
+    assert out["cls"].shape == (8, 50) and out["cls_feat"].shape == (8, 192)
     per_crop = torch.cat([model.head(model.backbone(c)) for c in crops])
-    torch.testing.assert_close(out, per_crop, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["cls"], per_crop, rtol=1e-4, atol=1e-5)

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
+
+from ..config import Config
 
 
 def cosine_schedule(
@@ -30,16 +33,21 @@ def cosine_schedule(
 
 
 def teacher_temp_schedule(
-    warmup_temp: float, temp: float, warmup_epochs: float, epochs: int, iters_per_epoch: int
+    warmup_temp: float, temp: float, warmup_epochs: float, epochs: int, iters_per_epoch: int,
+    start_epochs: float = 0,
 ) -> np.ndarray:
     """Linear warmup of the teacher temperature, then constant (Caron et al. 2021, Sec. 4.3).
 
     Per iteration rather than DINO's per-epoch steps (deliberate: short CPU runs of a few epochs
     would otherwise jump in one or two steps); it reaches ``temp`` when warmup ends, as DINO.
+    ``start_epochs`` holds ``warmup_temp`` that long before the warmup begins (iBOT's patch
+    temperature with ``pred_start_epoch``).
     """
     total = epochs * iters_per_epoch
-    warm = min(int(round(warmup_epochs * iters_per_epoch)), total)
-    return np.concatenate((np.linspace(warmup_temp, temp, warm, endpoint=False), np.full(total - warm, temp)))
+    hold = min(int(round(start_epochs * iters_per_epoch)), total)
+    warm = min(int(round(warmup_epochs * iters_per_epoch)), total - hold)
+    return np.concatenate((np.full(hold, warmup_temp), np.linspace(warmup_temp, temp, warm, endpoint=False),
+                           np.full(total - hold - warm, temp)))
 
 
 def linear_scaled_lr(base_lr: float, total_batch: int) -> float:
@@ -50,3 +58,35 @@ def linear_scaled_lr(base_lr: float, total_batch: int) -> float:
 def frozen_last_layer(step: int, iters_per_epoch: int, freeze_epochs: float) -> bool:
     """True while the head's last layer is kept fixed (DINO's ``cancel_gradients_last_layer``)."""
     return step < math.ceil(freeze_epochs * iters_per_epoch)
+
+
+@dataclass
+class Schedules:
+    """Per-iteration values for the whole run (arrays of length epochs * iters_per_epoch)."""
+
+    lr: np.ndarray
+    wd: np.ndarray
+    momentum: np.ndarray
+    teacher_temp: np.ndarray
+    patch_teacher_temp: np.ndarray
+    iters_per_epoch: int
+    freeze_last_layer: float
+
+    @classmethod
+    def from_config(cls, cfg: Config, iters_per_epoch: int, world: int) -> "Schedules":
+        o, d, p = cfg.optim, cfg.dino, cfg.ibot
+        base_lr = linear_scaled_lr(o.lr, cfg.data.batch_size * world)
+        return cls(
+            lr=cosine_schedule(base_lr, o.min_lr, o.epochs, iters_per_epoch, o.warmup_epochs),
+            wd=cosine_schedule(o.weight_decay, o.weight_decay_end, o.epochs, iters_per_epoch),
+            momentum=cosine_schedule(o.momentum_teacher, o.momentum_teacher_end, o.epochs, iters_per_epoch),
+            teacher_temp=teacher_temp_schedule(
+                d.warmup_teacher_temp, d.teacher_temp, d.warmup_teacher_temp_epochs, o.epochs, iters_per_epoch
+            ),
+            patch_teacher_temp=teacher_temp_schedule(
+                p.warmup_teacher_temp, p.teacher_temp, d.warmup_teacher_temp_epochs, o.epochs, iters_per_epoch,
+                start_epochs=cfg.masking.pred_start_epoch,
+            ),
+            iters_per_epoch=iters_per_epoch,
+            freeze_last_layer=o.freeze_last_layer,
+        )

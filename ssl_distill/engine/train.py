@@ -16,42 +16,27 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..checkpoints import spec_from_config
-from ..config import Config, ConfigError, config_diff, config_to_dict, save_config
+from ..config import Config, config_diff, config_from_dict, config_to_dict, save_config
 from ..data.folder import BadImageCounter
 from ..data.loader import build_train_loader
-from ..models import DINOHead, MultiCropModel, SyncBatchNorm1d, ViTBackbone, default_fused_attn
-from ..objectives import DINOLoss
+from ..models import SyncBatchNorm1d, default_fused_attn
+from ..objectives import StepState
 from ..runtime import autocast_context, check_precision, resolve_device
 from . import distributed as du
 from .checkpoint import (
-    FORMAT, LATEST, CheckpointError, atomic_save, load_state_strict, read_training_checkpoint,
+    FORMAT, LATEST, CheckpointError, atomic_save, describe_mismatch, load_state_strict, read_training_checkpoint,
     remove_stale_temporaries, rng_state, set_rng_state,
 )
 from .ema import ema_update
 from .monitor import CollapseMonitor, JsonlLogger
-from .schedules import cosine_schedule, frozen_last_layer, linear_scaled_lr, teacher_temp_schedule
+from .build import build_model, build_objectives, uses_patches
+from .masks import StepMasks
+from .schedules import Schedules, frozen_last_layer
 from .stop import NAMES, REQUEUE, StopSignals
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last checkpoint on disk is the last good one."""
-
-
-def build_model(cfg: Config, drop_path: float) -> MultiCropModel:
-    """Backbone + DINO head from the config."""
-    backbone = ViTBackbone(spec_from_config(cfg, drop_path))
-    m = cfg.model
-    head = DINOHead(
-        backbone.embed_dim,
-        m.out_dim,
-        hidden_dim=m.hidden_dim,
-        bottleneck_dim=m.bottleneck_dim,
-        nlayers=m.head_layers,
-        use_bn=m.use_bn_in_head,
-        norm_last_layer=m.norm_last_layer,
-    )
-    return MultiCropModel(backbone, head)
 
 
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -77,33 +62,6 @@ def clip_gradients_per_param(params: list[nn.Parameter], clip: float) -> torch.T
     coefs = (clip / (norms + 1e-6)).clamp(max=1.0)
     torch._foreach_mul_(grads, list(coefs.to(grads[0].dtype).unbind()))
     return norms
-
-
-@dataclass
-class Schedules:
-    """Per-iteration values for the whole run."""
-
-    lr: np.ndarray
-    wd: np.ndarray
-    momentum: np.ndarray
-    teacher_temp: np.ndarray
-    iters_per_epoch: int
-    freeze_last_layer: float
-
-    @classmethod
-    def from_config(cls, cfg: Config, iters_per_epoch: int, world: int) -> "Schedules":
-        o, d = cfg.optim, cfg.dino
-        base_lr = linear_scaled_lr(o.lr, cfg.data.batch_size * world)
-        return cls(
-            lr=cosine_schedule(base_lr, o.min_lr, o.epochs, iters_per_epoch, o.warmup_epochs),
-            wd=cosine_schedule(o.weight_decay, o.weight_decay_end, o.epochs, iters_per_epoch),
-            momentum=cosine_schedule(o.momentum_teacher, o.momentum_teacher_end, o.epochs, iters_per_epoch),
-            teacher_temp=teacher_temp_schedule(
-                d.warmup_teacher_temp, d.teacher_temp, d.warmup_teacher_temp_epochs, o.epochs, iters_per_epoch
-            ),
-            iters_per_epoch=iters_per_epoch,
-            freeze_last_layer=o.freeze_last_layer,
-        )
 
 
 @dataclass
@@ -193,11 +151,11 @@ class Trainer:
             )
         torch.manual_seed(cfg.run.seed + self.rank)  # drop-path draws differ per rank, as DINO's per-rank seeds
 
-        c = cfg.data.crops
-        self.n_crops = c.n_global + c.n_local
-        self.loss_fn = DINOLoss(
-            cfg.model.out_dim, self.n_crops, c.n_global, cfg.dino.student_temp, cfg.dino.center_momentum
-        ).to(self.device)
+        self.n_global = cfg.data.crops.n_global
+        self.patches = uses_patches(cfg)
+        self.masks = StepMasks(cfg, self.rank)
+        self.objectives = build_objectives(cfg).to(self.device)
+        self.loss_terms = [name for o in self.objectives for name in o.loss_terms]
         self.optimizer = torch.optim.AdamW(param_groups(self.student), betas=cfg.optim.betas)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.run.precision == "fp16" else None
         self.trainable = [p for p in self.student.parameters() if p.requires_grad]
@@ -228,7 +186,7 @@ class Trainer:
             "student": self.student.state_dict(),
             "teacher": self.teacher.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "loss": self.loss_fn.state_dict(),
+            "loss": self.objective_state(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "step": self.state.step,
             "epoch": self.state.epoch,
@@ -268,18 +226,35 @@ class Trainer:
         with torch.no_grad():
             mine = {"parameters": digest(list(self.teacher.parameters())),
                     "buffers": digest(list(self.teacher.buffers())),
-                    "center": digest([self.loss_fn.center])}
+                    "centers": digest(list(self.objectives.buffers()))}
         digests = du.gather_objects(mine)
         differ = [k for k in mine if any(d[k] != digests[0][k] for d in digests)]
         if differ:
             raise RuntimeError(f"teacher {' and '.join(differ)} differ across ranks at step {self.state.step} "
                                f"((sum, sum of squares) per rank: {digests}); refusing to checkpoint")
 
+    def objective_state(self) -> dict[str, torch.Tensor]:
+        """Every objective's buffers (centers) in one flat dict: each buffer name is unique
+        (``center``, ``patch_center`` ...), so a DINO checkpoint holds ``{"center": ...}`` as always."""
+        state: dict[str, torch.Tensor] = {}
+        for objective in self.objectives:
+            state.update(objective.state_dict())
+        return state
+
+    def load_objective_state(self, state: dict[str, torch.Tensor], path: Path) -> None:
+        """The inverse of :meth:`objective_state`; names the buffers that do not match."""
+        problem = describe_mismatch(self.objective_state(), state)
+        if problem:
+            raise CheckpointError(f"{path}: the objectives' buffers do not fit this config: {problem}")
+        for objective in self.objectives:
+            objective.load_state_dict({k: state[k] for k in objective.state_dict()})
+
     def _resume(self, ckpt: dict[str, Any], path: Path) -> None:
         if ckpt.get("world_size", 1) != self.world:
             print(f"note: resuming a {ckpt['world_size']}-process run with {self.world} process(es); "
                   "the data order of the rest of the epoch changes")
-        diff = config_diff(ckpt["config"], config_to_dict(self.cfg))
+        # the checkpoint's config with today's defaults for sections it predates, so only real changes show
+        diff = config_diff(config_to_dict(config_from_dict(ckpt["config"])), config_to_dict(self.cfg))
         if diff and du.is_main():
             print("note: config differs from the checkpoint's:\n  " + "\n  ".join(diff))
         try:
@@ -290,7 +265,7 @@ class Trainer:
                                   f"({self.out / 'config.yaml'}), or use another run.output_dir (or --fresh, "
                                   "which discards the checkpoint) to start a new run") from e
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.loss_fn.load_state_dict(ckpt["loss"])
+        self.load_objective_state(ckpt["loss"], path)
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = RunState(
@@ -304,24 +279,35 @@ class Trainer:
             print(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, batch {self.state.batch})")
 
     # ------------------------------------------------------------------ one iteration
-    def train_step(self, crops: list[torch.Tensor], step: int) -> dict[str, float]:
-        """One DINO iteration: teacher on global views, student on all, loss, update, EMA."""
-        lr, wd = float(self.sched.lr[step]), float(self.sched.wd[step])
-        temp, momentum = float(self.sched.teacher_temp[step]), float(self.sched.momentum[step])
+    def step_state(self, step: int) -> StepState:
+        """The schedule values the objectives see at ``step``."""
+        return StepState(step=step, epoch=step / self.iters_per_epoch,
+                         teacher_temp=float(self.sched.teacher_temp[step]),
+                         patch_teacher_temp=float(self.sched.patch_teacher_temp[step]))
+
+    def train_step(self, crops: list[torch.Tensor], step: int,
+                   data_masks: list[torch.Tensor] | None = None) -> dict[str, float]:
+        """One iteration for every objective (cf. DINO's ``train_one_epoch``, iBOT's, DINOv2's):
+        teacher outputs -> masks -> student outputs -> objectives' terms -> update -> EMA."""
+        lr, wd, momentum = float(self.sched.lr[step]), float(self.sched.wd[step]), float(self.sched.momentum[step])
         for i, group in enumerate(self.optimizer.param_groups):
             group["lr"] = lr
             if i == 0:  # only the regularised group
                 group["weight_decay"] = wd
+        state = self.step_state(step)
 
-        n_global = self.cfg.data.crops.n_global
         with autocast_context(self.device, self.cfg.run.precision):
-            teacher_out = self.teacher(crops[:n_global])
-            student_out = self.student_ddp(crops)
-        terms = self.loss_fn(student_out, teacher_out, temp)
-        loss = terms["dino"]
+            teacher_out = self.teacher(crops[: self.n_global], patches="all" if self.patches else None,
+                                       cls_attention=self.masks.needs_attention)
+            masks = self.masks(data_masks, teacher_out, state)  # None without a patch objective
+            student_out = self.student_ddp(crops, masks=masks, patches="masked" if self.patches else None)
+        terms = [objective.terms(student_out, teacher_out, masks, state) for objective in self.objectives]
+        loss = sum(t.pop("loss") for t in terms)
+        logged = {k: float(v.detach()) for t in terms for k, v in t.items()}
         if not math.isfinite(loss.item()):
+            values = ", ".join(f"{k}={logged[k]:.4g}" for k in self.loss_terms)
             raise NonFiniteLossError(
-                f"non-finite loss at step {step}: dino={loss.item()} (lr={lr:.3g}, teacher_temp={temp:.4g}, "
+                f"non-finite loss at step {step}: {values} (lr={lr:.3g}, teacher_temp={state.teacher_temp:.4g}, "
                 f"wd={wd:.3g}); training stopped, the last good checkpoint is {self.out / LATEST}"
             )
 
@@ -344,16 +330,11 @@ class Trainer:
         else:
             self.optimizer.step()
         ema_update(self.teacher, self.student, momentum)
-        return {
-            "loss": loss.item(),
-            "dino": loss.item(),
-            "lr": lr,
-            "wd": wd,
-            "momentum": momentum,
-            "teacher_temp": temp,
-            "teacher_entropy": terms["teacher_entropy"].item(),
-            "teacher_kl_uniform": terms["teacher_kl_uniform"].item(),
-        }
+        record = {"loss": loss.item(), **logged, "lr": lr, "wd": wd, "momentum": momentum,
+                  "teacher_temp": state.teacher_temp}
+        if self.patches:
+            record["patch_teacher_temp"] = state.patch_teacher_temp
+        return record
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
@@ -399,7 +380,8 @@ class Trainer:
                     raise RuntimeError(f"injected failure on rank {self.rank} at step {step} (SSL_DISTILL_FAIL_AT)")
                 crops = [c.to(self.device, non_blocking=True) for c in batch["crops"]]
                 self.bad.update(int(batch["bad"]), len(batch["index"]))
-                stats = self.train_step(crops, step)
+                masks = batch.get("masks")
+                stats = self.train_step(crops, step, None if masks is None else [m.to(self.device) for m in masks])
                 st.step += 1
                 st.batch += 1
                 window.append(stats)

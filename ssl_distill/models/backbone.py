@@ -160,8 +160,12 @@ class ViTBackbone(nn.Module):
     ``n`` blocks.
     """
 
-    def __init__(self, spec: BackboneSpec, init_weights: bool = True) -> None:
-        """``init_weights=False`` skips the random initialisation (the weights are loaded right after)."""
+    def __init__(self, spec: BackboneSpec, init_weights: bool = True, mask_token: bool = False) -> None:
+        """``init_weights=False`` skips the random initialisation (the weights are loaded right after).
+
+        ``mask_token`` adds iBOT's learned ``masked_embed`` (1, D), zero-initialised as iBOT, which
+        replaces the patch embeddings of masked positions (see :meth:`forward_tokens`).
+        """
         super().__init__()
         self.spec = spec
         kwargs = spec.timm_kwargs()
@@ -176,6 +180,7 @@ class ViTBackbone(nn.Module):
         self.patch_size = spec.patch_size
         self.num_prefix_tokens = self.vit.num_prefix_tokens
         self.num_reg_tokens = spec.reg_tokens
+        self.masked_embed = nn.Parameter(torch.zeros(1, self.embed_dim)) if mask_token else None
 
     def set_fused_attn(self, fused: bool) -> None:
         """Choose the fused SDPA kernel (fast on CUDA) or the plain matmul-softmax path (fast on CPU)."""
@@ -188,12 +193,50 @@ class ViTBackbone(nn.Module):
             out["reg"] = tokens[:, 1 : self.num_prefix_tokens]
         return out
 
-    def forward_tokens(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, 3, H, W) -> {"cls": (B, D), "patch": (B, H/p * W/p, D)}, both after the final norm.
+    def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                       cls_attention: bool = False) -> dict[str, torch.Tensor]:
+        """(B, 3, H, W) -> {"cls": (B, D), "patch": (B, P, D)}, both after the final norm; P = H/p * W/p.
 
         Models with register tokens also return ``"reg"``: (B, R, D).
+
+        Args:
+            mask: (B, P) bool, True where the patch embedding is replaced by ``masked_embed`` before
+                the position embedding is added (iBOT, Zhou et al. 2022, Sec. 3.2); needs ``mask_token``.
+            cls_attention: also return ``"cls_attention"`` (B, P): the last block's attention of the
+                CLS query over the patches, averaged over heads (AttMask, Kakogeorgiou et al. 2022,
+                Sec. 3.2), from this same forward. Only the CLS row is computed: one extra key
+                projection of the last block's input, no attention matrix is kept.
         """
-        return self._split(self.vit.forward_features(x))
+        v = self.vit
+        if mask is None and not cls_attention:
+            return self._split(v.forward_features(x))
+        h = v.patch_embed(x)  # (B, H/p, W/p, D): dynamic image size keeps the grid
+        if mask is not None:
+            if self.masked_embed is None:
+                raise ValueError("a patch mask needs a backbone built with mask_token=True")
+            h = torch.where(mask.view(*h.shape[:-1], 1), self.masked_embed.to(h.dtype), h)
+        h = v.norm_pre(v.patch_drop(v._pos_embed(h)))
+        for blk in v.blocks[:-1]:
+            h = blk(h)
+        attention = self._cls_attention(v.blocks[-1], h) if cls_attention else None
+        out = self._split(v.norm(v.blocks[-1](h)))
+        if attention is not None:
+            out["cls_attention"] = attention
+        return out
+
+    def _cls_attention(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) input of ``block`` -> (B, P) its CLS -> patch attention, mean over heads."""
+        attn = block.attn
+        x = block.norm1(h)
+        d = attn.num_heads * attn.head_dim
+        w, b = attn.qkv.weight, attn.qkv.bias
+        q = F.linear(x[:, :1], w[:d], None if b is None else b[:d])  # (B, 1, D) the CLS query only
+        k = F.linear(x, w[d : 2 * d], None if b is None else b[d : 2 * d])  # (B, T, D)
+        bsz, t, _ = x.shape
+        q = attn.q_norm(q.view(bsz, 1, attn.num_heads, attn.head_dim).transpose(1, 2))
+        k = attn.k_norm(k.view(bsz, t, attn.num_heads, attn.head_dim).transpose(1, 2))
+        weights = ((q * attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)  # (B, heads, 1, T)
+        return weights[:, :, 0, self.num_prefix_tokens :].mean(dim=1)
 
     def get_intermediate_layers(self, x: torch.Tensor, n: int = 1, norm: bool = True) -> list[torch.Tensor]:
         """Token sequences (B, T, D) output by the last ``n`` blocks, oldest first (DINO's method).

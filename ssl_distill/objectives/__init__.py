@@ -1,4 +1,7 @@
-"""Self-distillation objectives, one module each."""
+"""Self-distillation objectives, one module each (see ``base.py`` for the interface)."""
+from .base import Objective, StepState
 from .dino import DINOLoss, teacher_statistics
+from .ibot import PatchLoss
+from .koleo import KoLeoLoss
 
-__all__ = ["DINOLoss", "teacher_statistics"]
+__all__ = ["Objective", "StepState", "DINOLoss", "PatchLoss", "KoLeoLoss", "teacher_statistics"]

@@ -5,6 +5,10 @@ the teacher distribution is P_t = softmax((g_t(x) - c) / tau_t) on the global vi
 student's is P_s = softmax(g_s(x') / tau_s) on all views, and the loss is the cross-entropy
 H(P_t(x), P_s(x')) averaged over every (teacher view, student view) pair of *different* views.
 The center c is an EMA of the teacher's batch mean (Eq. 4), updated after the loss.
+
+With ``centering="sinkhorn_knopp"`` the teacher distribution is DINOv2's Sinkhorn-Knopp assignment
+instead (Oquab et al. 2024, Sec. 4; :func:`~ssl_distill.objectives.centering.sinkhorn_knopp`) and
+the center is not used. iBOT's [CLS] term (Zhou et al. 2022, Eq. 3, weight lambda1) is this loss.
 """
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from .base import StepState
+from .centering import sinkhorn_knopp
 
 
 class DINOLoss(nn.Module):
@@ -25,7 +32,11 @@ class DINOLoss(nn.Module):
         n_global: number of teacher (global) views.
         student_temp: tau_s (0.1 in the paper).
         center_momentum: m in c <- m c + (1 - m) mean(teacher) (0.9 in the paper).
+        weight: the term's weight in the total loss (iBOT's lambda1; 1 for DINO).
+        centering: ``"ema"`` (DINO, iBOT) or ``"sinkhorn_knopp"`` (DINOv2, 3 iterations).
     """
+
+    loss_terms = ("dino",)
 
     def __init__(
         self,
@@ -34,14 +45,32 @@ class DINOLoss(nn.Module):
         n_global: int = 2,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
+        weight: float = 1.0,
+        centering: str = "ema",
     ) -> None:
         super().__init__()
+        if centering not in ("ema", "sinkhorn_knopp"):
+            raise ValueError(f"centering must be 'ema' or 'sinkhorn_knopp', got {centering!r}")
         self.out_dim = out_dim
         self.n_crops = n_crops
         self.n_global = n_global
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        self.weight = weight
+        self.centering = centering
         self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def terms(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
+              masks: torch.Tensor | None, state: StepState) -> dict[str, torch.Tensor]:
+        """The step's interface (see :mod:`~ssl_distill.objectives.base`): CLS logits of all views."""
+        out = self(student["cls"], teacher["cls"], state.teacher_temp)
+        return {"loss": out["dino"] * self.weight, **out}
+
+    def teacher_probabilities(self, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """P_t (G*B, K): centered and sharpened softmax, or the Sinkhorn-Knopp assignment."""
+        if self.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(teacher_out, teacher_temp)
+        return F.softmax((teacher_out - self.center) / teacher_temp, dim=-1).detach()
 
     def forward(
         self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float
@@ -60,7 +89,7 @@ class DINOLoss(nn.Module):
         teacher_out = teacher_out.float()
         k = student_out.shape[-1]
         student_logp = F.log_softmax(student_out / self.student_temp, dim=-1).view(self.n_crops, -1, k)
-        teacher_p = F.softmax((teacher_out - self.center) / teacher_temp, dim=-1).detach()
+        teacher_p = self.teacher_probabilities(teacher_out, teacher_temp)
         teacher_chunks = teacher_p.chunk(self.n_global)
 
         # sum_{v != i} H(q_i, p_v) = -<q_i, S - log p_i> with S = sum_v log p_v: the same terms as
@@ -76,7 +105,8 @@ class DINOLoss(nn.Module):
 
         with torch.no_grad():
             stats = teacher_statistics(teacher_p)
-        self.update_center(teacher_out)
+        if self.centering == "ema":
+            self.update_center(teacher_out)
         return {"dino": loss, **stats}
 
     @torch.no_grad()

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import StepState
+
 PAIRWISE_EPS = 1e-8
 
 
@@ -85,11 +87,23 @@ class KoLeoLoss(nn.Module):
         eps: as :func:`koleo_loss`.
     """
 
-    def __init__(self, n_crops: int = 2, eps: float = 1e-8) -> None:
+    loss_terms = ("koleo",)
+
+    def __init__(self, n_crops: int = 2, eps: float = 1e-8, weight: float = 1.0) -> None:
         super().__init__()
         self.n_crops = n_crops
         self.eps = eps
+        self.weight = weight
+
+    def terms(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
+              masks: torch.Tensor | None, state: StepState) -> dict[str, torch.Tensor]:
+        """The step's interface: the student's backbone CLS features of the ``n_crops`` global views
+        (the first rows of ``student["cls_feat"]``), weighted by ``koleo_weight`` (0.1 in DINOv2)."""
+        global_rows = teacher["cls"].shape[0]  # the teacher sees the global views only: n_crops * B rows
+        koleo = self(student["cls_feat"][:global_rows].float())
+        return {"loss": koleo * self.weight, "koleo": koleo}
 
     def forward(self, cls_tokens: torch.Tensor) -> torch.Tensor:
         """(n_crops * B, D) -> scalar."""
         return koleo_loss_per_crop(cls_tokens, self.n_crops, self.eps)
+

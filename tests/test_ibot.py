@@ -1,0 +1,241 @@
+"""Masked-image objectives in the one training step: iBOT's mask token and patch term, AttMask's
+masks from the teacher's attention, DINOv2's extras, and end-to-end runs that stop, resume and evaluate."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssl_distill.config import ConfigError, load_config
+from ssl_distill.data.attmask import attmask, draw_batch_ratio
+from ssl_distill.engine.checkpoint import load_file
+from ssl_distill.engine.masks import StepMasks
+from ssl_distill.engine.train import Trainer, train
+from ssl_distill.models import BackboneSpec, ViTBackbone
+from ssl_distill.objectives import DINOLoss, PatchLoss, StepState
+
+from test_end_to_end import CONFIG, assert_same_teacher_and_center, make_folder, tiny_overrides
+
+IBOT = ["ibot.weight=1", "masking.shape=block", "masking.pred_ratio=[0,0.3]", "masking.pred_ratio_var=[0,0.2]"]
+ATTMASK = ["ibot.weight=1", "masking.attmask=hint", "masking.pred_ratio=0.3", "masking.pred_ratio_var=0.2"]
+DINOV2 = ["ibot.weight=1", "masking.shape=block", "masking.pred_ratio=[0,0.3]", "masking.pred_ratio_var=[0,0.2]",
+          "ibot.shared_head=false", "ibot.patch_out_dim=48", "dino.centering=sinkhorn_knopp",
+          "ibot.centering=sinkhorn_knopp", "dino.koleo_weight=0.1"]
+
+
+# ---------------------------------------------------------------- the mask token
+def test_mask_token_replaces_exactly_the_masked_patch_embeddings():
+    torch.manual_seed(0)
+    backbone = ViTBackbone(BackboneSpec(arch="vit_tiny", depth=2, patch_size=8, img_size=32), mask_token=True).eval()
+    with torch.no_grad():
+        backbone.masked_embed.normal_()
+    x = torch.randn(3, 3, 32, 32)
+    mask = torch.zeros(3, 16, dtype=torch.bool)
+    mask[0, [1, 5, 6]] = True
+    mask[2, 15] = True
+    seen = []
+    hook = backbone.vit.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    backbone.forward_tokens(x)
+    backbone.forward_tokens(x, mask=mask)
+    hook.remove()
+    plain, masked = seen  # (3, 1 + 16, D): CLS then patches, after the position embedding
+    changed = (plain != masked).any(-1)
+    assert torch.equal(changed[:, 1:], mask) and not changed[:, 0].any()
+    # a masked position holds the mask token plus that position's embedding, as iBOT's prepare_tokens
+    pos = backbone.vit.pos_embed[0, 1:]
+    torch.testing.assert_close(masked[0, 1 + 5], backbone.masked_embed[0] + pos[5])
+    with pytest.raises(ValueError, match="mask_token=True"):
+        ViTBackbone(BackboneSpec(arch="vit_tiny", depth=1, patch_size=8, img_size=32)).forward_tokens(x, mask=mask)
+
+
+def test_cls_attention_is_the_last_blocks_cls_row_averaged_over_heads():
+    torch.manual_seed(1)
+    backbone = ViTBackbone(BackboneSpec(arch="vit_tiny", depth=2, patch_size=8, img_size=32)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    inputs = []
+    hook = backbone.vit.blocks[-1].attn.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    out = backbone.forward_tokens(x, cls_attention=True)
+    hook.remove()
+    attn = backbone.vit.blocks[-1].attn
+    b, t, _ = inputs[0].shape
+    q, k, _ = attn.qkv(inputs[0]).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    full = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)  # (B, heads, T, T)
+    torch.testing.assert_close(out["cls_attention"], full[:, :, 0, 1:].mean(1))
+    torch.testing.assert_close(out["cls"], backbone.forward_tokens(x)["cls"])  # the same forward's outputs
+
+
+# ---------------------------------------------------------------- the patch term
+def official_ibot_loss(student_cls, student_patch, teacher_cls, teacher_patch, masks, center, center2, temp, temp2,
+                       ngcrops, ncrops, student_temp=0.1, lambda1=1.0, lambda2=1.0):
+    """main_ibot.py's iBOTLoss.forward and update_center, written out literally (one process)."""
+    s_cls = (student_cls / student_temp).chunk(ncrops)
+    s_patch = (student_patch / student_temp).chunk(ngcrops)
+    t_cls = F.softmax((teacher_cls - center) / temp, dim=-1).chunk(ngcrops)
+    t_patch = F.softmax((teacher_patch - center2) / temp2, dim=-1).chunk(ngcrops)
+    masks = masks.chunk(ngcrops)
+    total1 = total2 = 0
+    n1 = n2 = 0
+    for q in range(len(t_cls)):
+        for v in range(len(s_cls)):
+            if v == q:
+                loss2 = torch.sum(-t_patch[q] * F.log_softmax(s_patch[v], dim=-1), dim=-1)
+                mask = masks[v]
+                loss2 = torch.sum(loss2 * mask.float(), dim=-1) / mask.sum(dim=-1).clamp(min=1.0)
+                total2 += loss2.mean()
+                n2 += 1
+            else:
+                loss1 = torch.sum(-t_cls[q] * F.log_softmax(s_cls[v], dim=-1), dim=-1)
+                total1 += loss1.mean()
+                n1 += 1
+    new_center = center * 0.9 + teacher_cls.sum(0, keepdim=True) / len(teacher_cls) * 0.1
+    new_center2 = center2 * 0.9 + teacher_patch.mean(1).sum(0, keepdim=True) / len(teacher_patch) * 0.1
+    return total1 / n1 * lambda1, total2 / n2 * lambda2, new_center, new_center2
+
+
+def test_patch_and_cls_terms_equal_the_official_ibot_loss_on_identical_tensors():
+    torch.manual_seed(2)
+    g, v, b, p, k = 2, 4, 3, 6, 11
+    masks = torch.rand(g * b, p) < 0.4
+    masks[1] = False  # an image without masked patches adds zero to the patch term
+    student_cls, teacher_cls = torch.randn(v * b, k), torch.randn(g * b, k)
+    student_patch, teacher_patch = torch.randn(g * b, p, k), torch.randn(g * b, p, k)
+    dino = DINOLoss(k, v, g, weight=0.7)
+    patch = PatchLoss(k, weight=1.3)
+    dino.center.copy_(torch.randn(1, k) * 0.1)
+    patch.patch_center.copy_(torch.randn(1, 1, k) * 0.1)
+    c0, c20 = dino.center.clone(), patch.patch_center.clone()
+    state = StepState(step=0, epoch=0.0, teacher_temp=0.05, patch_teacher_temp=0.06)
+    student = {"cls": student_cls, "patch_masked": student_patch[masks]}
+    teacher = {"cls": teacher_cls, "patch": teacher_patch}
+    ours_cls = dino.terms(student, teacher, masks, state)["loss"]
+    ours_patch = patch.terms(student, teacher, masks, state)["loss"]
+    ref_cls, ref_patch, ref_c, ref_c2 = official_ibot_loss(student_cls, student_patch, teacher_cls, teacher_patch,
+                                                           masks, c0, c20, 0.05, 0.06, g, v, lambda1=0.7, lambda2=1.3)
+    torch.testing.assert_close(ours_cls, ref_cls)
+    torch.testing.assert_close(ours_patch, ref_patch)
+    torch.testing.assert_close(dino.center, ref_c)
+    torch.testing.assert_close(patch.patch_center, ref_c2)
+    # what the student predicts at unmasked positions cannot matter: the official loss ignores it too
+    noisy = student_patch + 10 * torch.randn_like(student_patch) * (~masks).unsqueeze(-1)
+    _, ref_noisy, _, _ = official_ibot_loss(student_cls, noisy, teacher_cls, teacher_patch, masks, c0, c20, 0.05,
+                                            0.06, g, v, lambda2=1.3)
+    torch.testing.assert_close(ref_noisy, ref_patch)
+
+
+def test_patch_term_by_hand():
+    """Two images, two patches, K = 2, tau_s = tau_t = 1, zero center: image 0 masks patch 1 only,
+    image 1 masks nothing and adds zero; the loss is the mean over the two images."""
+    loss = PatchLoss(2, student_temp=1.0, center_momentum=0.0)
+    masks = torch.tensor([[False, True], [False, False]])
+    teacher = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0]], [[1.0, 2.0], [3.0, 4.0]]])  # q = (3/4, 1/4) at (0, 1)
+    student = torch.tensor([[0.0, math.log(2.0)]])  # p = (1/3, 2/3) at image 0, patch 1
+    out = loss(student, teacher, masks, teacher_temp=1.0)
+    expected = -(0.75 * math.log(1 / 3) + 0.25 * math.log(2 / 3)) / 1 / 2
+    assert out["patch"].item() == pytest.approx(expected, rel=1e-6)
+    assert out["mask_ratio"].item() == pytest.approx(0.25)
+    # center momentum 0: the center becomes the mean teacher patch token over patches and images
+    torch.testing.assert_close(loss.patch_center[0, 0], teacher.mean(1).mean(0))
+    nothing = loss(student[:0], teacher, torch.zeros(2, 2, dtype=torch.bool), teacher_temp=1.0)
+    assert nothing["patch"].item() == 0.0
+
+
+# ---------------------------------------------------------------- AttMask in the step
+def test_attmask_masks_come_from_the_teachers_attention_and_the_step_key():
+    cfg = load_config(CONFIG, ATTMASK)
+    masks = StepMasks(cfg)
+    attention = torch.rand(6, 16)
+    state = StepState(step=7, epoch=1.5, teacher_temp=0.04, patch_teacher_temp=0.07)
+    got = masks(None, {"cls_attention": attention}, state)
+    g = masks.generator(7)
+    r = draw_batch_ratio(cfg.masking.pred_ratio, cfg.masking.pred_ratio_var, g)
+    r2 = draw_batch_ratio(cfg.masking.pred_ratio, cfg.masking.pred_ratio_var, g)
+    assert torch.equal(got, attmask(attention, r, "hint", masking_prob=0.5, generator=g, hint_ratio=r2))
+    assert torch.equal(got, masks(None, {"cls_attention": attention}, state))  # a resumed run draws the same
+    assert not torch.equal(got, masks(None, {"cls_attention": attention}, StepState(8, 1.5, 0.04, 0.07)))
+    late = StepMasks(load_config(CONFIG, ATTMASK + ["masking.pred_start_epoch=2"]))
+    assert not late(None, {"cls_attention": attention}, state).any()
+
+
+@pytest.mark.parametrize("overrides, expect", [
+    (["masking.attmask=high"], "masking.attmask=high masks patches for a masked-image objective, but ibot.weight=0"),
+    (["ibot.weight=1"], "ibot.weight > 0 trains on masked patches, but nothing masks them"),
+    (["ibot.weight=1", "masking.attmask=high", "masking.shape=block"], "choose one"),
+    (["ibot.weight=1", "masking.attmask=top"], "masking.attmask must be none, high, low or hint"),
+    (["ibot.weight=1", "masking.shape=block", "masking.pred_ratio=1.0"], r"pred_ratio\[0\]=1.0 is out of range"),
+    (["ibot.centering=sk"], "ibot.centering must be ema"),
+])
+def test_inconsistent_masked_configs_are_refused_with_the_reason(overrides, expect):
+    with pytest.raises(ConfigError, match=expect):
+        load_config(CONFIG, overrides)
+
+
+# ---------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    base = tmp_path_factory.mktemp("masked")
+    return make_folder(base / "train", 12, 0), make_folder(base / "val", 4, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, extra", [("ibot", IBOT), ("attmask", ATTMASK), ("dinov2", DINOV2)])
+def test_masked_runs_stop_resume_bit_identically_and_evaluate(name, extra, folders, tmp_path):
+    train_dir, val_dir = folders
+    overrides = extra + ["optim.epochs=2", "optim.warmup_epochs=0.5"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(load_config(CONFIG, tiny_overrides(train_dir, full) + overrides))
+    assert train(load_config(CONFIG, tiny_overrides(train_dir, part) + overrides + ["run.stop_at_step=7"]))["step"] == 7
+    train(load_config(CONFIG, tiny_overrides(train_dir, part) + overrides))
+    a, b = load_file(full / "checkpoint.pth"), load_file(part / "checkpoint.pth")
+    assert a["step"] == b["step"] == 12
+    assert_same_teacher_and_center(a, b)
+    assert set(a["loss"]) == ({"center", "patch_center"})
+    assert torch.equal(a["loss"]["patch_center"], b["loss"]["patch_center"])
+    assert "backbone.masked_embed" in a["student"]
+    assert ("head.last_layer.weight_v" in a["teacher"]) and (("patch_head.mlp.0.weight" in a["teacher"]) == (name == "dinov2"))
+    log = [json.loads(line) for line in (part / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["patch"]) and 0 <= r["mask_ratio"] < 0.5 for r in log)
+    assert any(r["mask_ratio"] > 0 for r in log) and ("koleo" in log[-1]) == (name == "dinov2")
+    out = subprocess.run(
+        [sys.executable, "-m", "ssl_distill.cli", "knn", str(part), "--train", str(train_dir), "--val", str(val_dir),
+         "knn.image_size=32", "knn.resize_size=32", "knn.ks=[3]", "knn.num_workers=0"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads((part / "knn.json").read_text())["accuracy"]["k=3"]["top1"] >= 75.0  # chance: 50%
+
+
+def test_a_dino_checkpoint_from_before_the_masked_objectives_resumes(folders, tmp_path, capsys):
+    """Checkpoints written before the config had ``masking`` / ``ibot`` sections (and the DINO
+    weight / centering / KoLeo keys) resume, and the config note lists no spurious differences."""
+    train_dir, _ = folders
+    out = tmp_path / "run"
+    train(load_config(CONFIG, tiny_overrides(train_dir, out) + ["run.stop_at_step=2"]))
+    ckpt = load_file(out / "checkpoint.pth")
+    for section in ("masking", "ibot"):
+        del ckpt["config"][section]
+    for key in ("weight", "centering", "koleo_weight"):
+        del ckpt["config"]["dino"][key]
+    torch.save(ckpt, out / "checkpoint.pth")
+    capsys.readouterr()
+    trainer = Trainer(load_config(CONFIG, tiny_overrides(train_dir, out) + ["run.stop_at_step=3"]))
+    said = capsys.readouterr().out
+    assert "resumed from" in said and "run.stop_at_step: 2 -> 3" in said
+    assert not any(word in said for word in ("masking", "ibot", "dino."))  # only the real change is listed
+    assert trainer.fit()["step"] == 3
+
+
+def test_the_step_builds_patch_outputs_only_for_masked_objectives(folders, tmp_path):
+    train_dir, _ = folders
+    dino = Trainer(load_config(CONFIG, tiny_overrides(train_dir, tmp_path / "d")))
+    assert not dino.patches and [type(o).__name__ for o in dino.objectives] == ["DINOLoss"]
+    assert dino.student.backbone.masked_embed is None and dino.student.patch_head is None
+    v2 = Trainer(load_config(CONFIG, tiny_overrides(train_dir, tmp_path / "v") + DINOV2))
+    assert [type(o).__name__ for o in v2.objectives] == ["DINOLoss", "PatchLoss", "KoLeoLoss"]
+    assert v2.objectives[1].patch_center.shape == (1, 1, 48) and v2.student.patch_head is not None
+    assert np.isclose(v2.objectives[2].weight, 0.1)
