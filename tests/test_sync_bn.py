@@ -116,8 +116,8 @@ def _train_recording_losses(trainer: Trainer) -> list[float]:
     losses: list[float] = []
     real_step = trainer.train_step
 
-    def step(crops: list[torch.Tensor], i: int) -> dict[str, float]:
-        out = real_step(crops, i)
+    def step(*args: Any, **kwargs: Any) -> dict[str, float]:
+        out = real_step(*args, **kwargs)
         losses.append(out["loss"])
         return out
 

@@ -5,10 +5,10 @@ head has BatchNorm (``use_bn_in_head``), so that the batch statistics, and with 
 not depend on how the global batch is split over processes. torch's SyncBatchNorm has CUDA kernels
 only; :class:`SyncBatchNorm1d` is its counterpart for any backend that can all-reduce CPU tensors:
 
-- forward: every rank all-reduces ``[sum x, sum x^2, count]`` per channel (formed in float64 from a
-  local two-pass mean / variance, so the subtraction ``E[x^2] - E[x]^2`` does not cancel), then
-  normalizes with the global mean and biased variance; running statistics take the global mean
-  and the unbiased global variance, as ``nn.BatchNorm1d`` does on one process.
+- forward: every rank all-reduces ``[sum x, sum x^2, count]`` per channel (formed in float64 from
+  torch's fused local mean / variance, so the subtraction ``E[x^2] - E[x]^2`` does not cancel),
+  then normalizes with the global mean and biased variance; running statistics take the global
+  mean and the unbiased global variance, as ``nn.BatchNorm1d`` does on one process.
 - backward: the gradient of a global-batch normalization wrt the local rows needs the global sums
   of ``dy`` and ``dy * x_hat``; they are all-reduced as one tensor. Weight and bias gradients stay
   local sums (DDP averages them with the other parameters, as for any layer).
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -27,6 +28,11 @@ def _world(group: dist.ProcessGroup | None) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
+
+
+def _opmath(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 (float64 stays): bf16 / fp16 activations are reduced and differentiated in fp32."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 @torch.no_grad()
@@ -41,7 +47,8 @@ def global_moments(x: torch.Tensor, group: dist.ProcessGroup | None) -> tuple[to
     m, c = x.shape
     local = torch.zeros(2 * c + 1, dtype=torch.float64, device=x.device)
     if m > 0:
-        var, mean = torch.var_mean(x.float(), dim=0, unbiased=False)
+        # torch's fused (Welford) CPU kernel; ~20x torch.var_mean(dim=0) on a (384, 2048) batch
+        mean, var = torch.batch_norm_update_stats(_opmath(x), None, None, 0.0)
         mean, var = mean.double(), var.double()
         local[:c] = mean * m
         local[c : 2 * c] = (var + mean * mean) * m
@@ -56,40 +63,42 @@ def global_moments(x: torch.Tensor, group: dist.ProcessGroup | None) -> tuple[to
 
 
 class _GlobalBatchNorm(torch.autograd.Function):
-    """y = (x - mean) * invstd * weight + bias with mean / invstd of the global batch (given)."""
+    """y = (x - mean) / sqrt(var + eps) * weight + bias with the global batch's mean and var (given).
+
+    Both passes run torch's fused eval-mode kernels (statistics as constants) and add what the
+    statistics' dependence on the inputs contributes to the input gradient:
+    ``dx = w * invstd * (dy - mean_N(dy) - x_hat * mean_N(dy * x_hat))`` over the global N rows.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,  # type: ignore[override]
-                mean: torch.Tensor, invstd: torch.Tensor, count: int,
+                mean: torch.Tensor, var: torch.Tensor, eps: float, count: int,
                 group: dist.ProcessGroup | None) -> torch.Tensor:
-        """x (M, C) any float dtype; mean, invstd (C,) float32; returns (M, C) in x's dtype."""
-        x_hat = (x.float() - mean) * invstd
-        y = x_hat
-        if weight is not None:
-            y = y * weight.float()
-        if bias is not None:
-            y = y + bias.float()
-        ctx.save_for_backward(x_hat, invstd, weight)
-        ctx.count, ctx.group, ctx.has_bias, ctx.in_dtype = count, group, bias is not None, x.dtype
-        return y.to(x.dtype)
+        """x (M, C) any float dtype; mean, var (C,) float32; returns (M, C) in x's dtype."""
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.eps, ctx.count, ctx.group = eps, count, group
+        return F.batch_norm(x, mean, var, weight, bias, training=False, eps=eps)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):  # type: ignore[override]
-        x_hat, invstd, weight = ctx.saved_tensors
-        dy = grad_y.float()
-        sums = torch.cat([dy.sum(0), (dy * x_hat).sum(0)])  # (2C,) local [sum dy, sum dy * x_hat]
-        c = x_hat.shape[1]
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[1] and weight is not None:
-            grad_w = sums[c:].clone().to(weight.dtype)
-        if ctx.needs_input_grad[2] and ctx.has_bias:
-            grad_b = sums[:c].clone().to(weight.dtype if weight is not None else dy.dtype)
+        x, weight, mean, var = ctx.saved_tensors
+        xf, dy = _opmath(x), _opmath(grad_y)
+        # eval-mode backward: dy * w * invstd, sum(dy * x_hat), sum(dy) (local rows)
+        dx, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dy, xf, weight, mean, var, None, None, False, ctx.eps, [ctx.needs_input_grad[0], True, True]
+        )
+        grad_w = sum_dy_xhat.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = sum_dy.to(weight.dtype if weight is not None else dy.dtype) if ctx.needs_input_grad[2] else None
         if ctx.needs_input_grad[0]:
+            sums = torch.cat([sum_dy, sum_dy_xhat])  # (2C,), all-reduced to the global sums
             dist.all_reduce(sums, group=ctx.group)
+            c = mean.shape[0]
             mean_dy, mean_dy_xhat = sums[:c] / ctx.count, sums[c:] / ctx.count
-            scale = invstd if weight is None else invstd * weight.float()
-            grad_x = ((dy - mean_dy - x_hat * mean_dy_xhat) * scale).to(ctx.in_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None
+            invstd = torch.rsqrt(var + ctx.eps)
+            a = invstd if weight is None else weight * invstd  # (C,)
+            k = a * invstd * mean_dy_xhat  # dx = dy * a - (x - mean) * k - a * mean_dy
+            dx = dx.addcmul_(xf, k, value=-1.0).add_(mean * k - a * mean_dy).to(x.dtype)
+        return dx, grad_w, grad_b, None, None, None, None, None
 
 
 class SyncBatchNorm1d(nn.BatchNorm1d):
@@ -120,8 +129,9 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
                 self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
                 unbiased = var * (n / (n - 1))
                 self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
-        invstd = torch.rsqrt(var + self.eps).float()
-        y = _GlobalBatchNorm.apply(rows, self.weight, self.bias, mean.float(), invstd, n, self.process_group)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        y = _GlobalBatchNorm.apply(rows, self.weight, self.bias, mean.to(dtype), var.to(dtype), self.eps, n,
+                                   self.process_group)
         return y if x.dim() == 2 else y.reshape(x.shape[0], x.shape[2], c).transpose(1, 2)
 
     @classmethod
