@@ -1,9 +1,13 @@
-"""Training-step throughput of the DINO engine (issue: >= 2.0 images/s for ViT-S/16 on this CPU).
+"""Training-step throughput of the engine, per objective (DINO, iBOT, AttMask) on this CPU.
 
-ViT-S/16, 2 x 224 + 10 x 96 crops, out_dim 65536, batch 8, bf16 autocast, plain attention on CPU;
-beside it the same step in fp32 with the fused attention kernel (what the reference DINO runs on a
-CPU), the model GFLOP/s achieved (FLOPs counted by torch's FlopCounterMode for one full step) and
-the machine's measured fp32 / bf16 GEMM peaks. Usage: python benchmarks/bench_train_step.py [--steps N]
+ViT-S/16, 2 x 224 + 10 x 96 crops, batch 8, bf16 autocast, plain attention on CPU. ``--objectives``
+times the same step with DINO's recipe (out_dim 65536), with iBOT's patch term added on that same head
+(block masks, pred_ratio [0, 0.3] +- [0, 0.2]) and with AttMask-High instead of block masks, then the
+iBOT ViT-S/16 recipe itself (out_dim 8192); targets: iBOT <= 1.3x DINO, AttMask <= 1.05x iBOT.
+Beside the DINO figure, the same step in fp32 with the fused attention kernel (what the reference
+DINO runs on a CPU), the model GFLOP/s achieved (FLOPs counted by torch's FlopCounterMode for one
+full step) and the machine's measured fp32 / bf16 GEMM peaks.
+Usage: python benchmarks/bench_train_step.py [--steps N] [--skip-fp32] [--objectives]
 """
 from __future__ import annotations
 
@@ -39,9 +43,14 @@ def photo_folder(dst: Path) -> Path:
     return dst
 
 
-def measure(cfg_overrides: list[str], data_dir: Path, out_dir: Path, steps: int) -> tuple[float, float]:
+IBOT = ["ibot.weight=1", "masking.shape=block", "masking.pred_ratio=[0,0.3]", "masking.pred_ratio_var=[0,0.2]"]
+ATTMASK = ["ibot.weight=1", "masking.attmask=high", "masking.pred_ratio=0.3", "masking.pred_ratio_var=0.2"]
+
+
+def measure(cfg_overrides: list[str], data_dir: Path, out_dir: Path, steps: int,
+            recipe: str = "dino_vit_small16.yaml") -> tuple[float, float]:
     """Returns (images/s, GFLOP per step) of Trainer.train_step on one real multi-crop batch."""
-    cfg = load_config(ROOT / "configs" / "dino_vit_small16.yaml", [
+    cfg = load_config(ROOT / "configs" / recipe, [
         f"data.train_dir={data_dir}", f"run.output_dir={out_dir}", "data.batch_size=8",
         "data.num_workers=0", "run.progress=false", *cfg_overrides,
     ])
@@ -49,14 +58,15 @@ def measure(cfg_overrides: list[str], data_dir: Path, out_dir: Path, steps: int)
     trainer.sampler.set_epoch(0)
     batch = next(iter(trainer.loader))
     crops = [c.to(trainer.device) for c in batch["crops"]]
-    trainer.train_step(crops, 0)  # warm-up: kernel selection, allocator
+    masks = batch.get("masks")
+    trainer.train_step(crops, 0, masks)  # warm-up: kernel selection, allocator
     with FlopCounterMode(display=False) as counter:
-        trainer.train_step(crops, 1)
+        trainer.train_step(crops, 1, masks)
     gflop = counter.get_total_flops() / 1e9
     best = float("inf")
     for s in range(steps):
         t0 = time.perf_counter()
-        trainer.train_step(crops, 2 + s)
+        trainer.train_step(crops, 2 + s, masks)
         best = min(best, time.perf_counter() - t0)
     return cfg.data.batch_size / best, gflop
 
@@ -65,6 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--skip-fp32", action="store_true")
+    ap.add_argument("--objectives", action="store_true", help="also time iBOT and AttMask on the same step")
     args = ap.parse_args()
     print(hardware_line())
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,6 +90,15 @@ def main() -> None:
             print(f"fp32, fused attention (the reference DINO's CPU path): {ips32:.2f} images/s  "
                   f"({gflop * ips32 / 8:.0f} GFLOP/s achieved; fp32 GEMM peak {fp32_peak:.0f} GFLOP/s)")
             print(f"speed-up {ips / ips32:.1f}x")
+        if args.objectives:
+            ibot, ibot_gflop = measure(["run.precision=bf16", *IBOT], data, Path(tmp) / "ibot", args.steps)
+            att, _ = measure(["run.precision=bf16", *ATTMASK], data, Path(tmp) / "attmask", args.steps)
+            recipe, _ = measure(["run.precision=bf16"], data, Path(tmp) / "ibot_recipe", args.steps,
+                                recipe="ibot_vit_small16.yaml")
+            print(f"iBOT (DINO's head + patch term): {ibot:.2f} images/s, step {ips / ibot:.2f}x DINO's "
+                  f"({ibot_gflop:.0f} GFLOP/step; target <= 1.3x)")
+            print(f"AttMask-High (same head): {att:.2f} images/s, step {ibot / att:.2f}x iBOT's (target <= 1.05x)")
+            print(f"iBOT ViT-S/16 recipe (out_dim 8192): {recipe:.2f} images/s, step {ips / recipe:.2f}x DINO's")
     print(f"target: >= 2.0 images/s; peak RSS {peak_rss_mib():.0f} MiB")
 
 

@@ -239,3 +239,36 @@ def test_the_step_builds_patch_outputs_only_for_masked_objectives(folders, tmp_p
     assert [type(o).__name__ for o in v2.objectives] == ["DINOLoss", "PatchLoss", "KoLeoLoss"]
     assert v2.objectives[1].patch_center.shape == (1, 1, 48) and v2.student.patch_head is not None
     assert np.isclose(v2.objectives[2].weight, 0.1)
+
+
+# ---------------------------------------------------------------- recipes
+def test_masked_recipes_are_the_official_commands():
+    """iBOT README's ViT-S/16 command, AttMask README's ViT-S/16 100-epoch commands, DINOv2's defaults."""
+    ibot = load_config("configs/ibot_vit_small16.yaml")
+    c, m, d, p, mk, o = ibot.data.crops, ibot.model, ibot.dino, ibot.ibot, ibot.masking, ibot.optim
+    assert (c.n_global, c.global_size, c.global_scale, c.n_local, c.local_size, c.local_scale) == (
+        2, 224, (0.25, 1.0), 10, 96, (0.05, 0.25))
+    assert (m.arch, m.patch_size, m.out_dim, m.norm_last_layer, m.drop_path_rate) == ("vit_small", 16, 8192, False, 0.1)
+    assert (d.warmup_teacher_temp, d.teacher_temp, d.warmup_teacher_temp_epochs, d.weight) == (0.04, 0.07, 30, 1.0)
+    assert (p.weight, p.warmup_teacher_temp, p.teacher_temp, p.center_momentum, p.shared_head) == (
+        1.0, 0.04, 0.07, 0.9, True)
+    assert (mk.shape, mk.pred_ratio, mk.pred_ratio_var, mk.pred_start_epoch) == ("block", (0.0, 0.3), (0.0, 0.2), 0)
+    assert (o.epochs, o.lr, o.min_lr, o.warmup_epochs, o.clip_grad, o.freeze_last_layer, o.momentum_teacher) == (
+        800, 0.0005, 1e-6, 10, 3.0, 1, 0.996)
+    assert ibot.data.batch_size * 16 == 1024
+    for path, strategy in (("configs/attmask_vit_small16.yaml", "high"), ("configs/attmask_hint_vit_small16.yaml", "hint")):
+        att = load_config(path)
+        assert (att.masking.shape, att.masking.attmask, att.masking.pred_ratio, att.masking.pred_ratio_var,
+                att.masking.masking_prob) == ("none", strategy, (0.3,), (0.2,), 0.5)
+        assert (att.data.batch_size, att.optim.epochs, att.model.out_dim, att.model.norm_last_layer) == (60, 100, 8192, False)
+        assert (att.data.crops.global_scale, att.data.crops.local_scale, att.data.crops.n_local) == (
+            (0.25, 1.0), (0.05, 0.25), 10)
+        assert (att.dino.teacher_temp, att.dino.warmup_teacher_temp_epochs, att.ibot.shared_head) == (0.07, 30, True)
+    v2 = load_config("configs/dinov2_style_vit_small14.yaml")
+    assert (v2.dino.centering, v2.ibot.centering, v2.dino.koleo_weight, v2.ibot.shared_head) == (
+        "sinkhorn_knopp", "sinkhorn_knopp", 0.1, False)
+    assert (v2.model.patch_size, v2.model.layer_scale, v2.data.crops.local_size, v2.optim.momentum_teacher) == (
+        14, 1e-5, 98, 0.992)
+    for path in ("configs/ibot_tiny_fmnist.yaml", "configs/attmask_tiny_fmnist.yaml"):
+        tiny, demo = load_config(path), load_config("configs/dino_tiny_fmnist.yaml")
+        assert tiny.ibot.weight == 1.0 and tiny.data == demo.data and tiny.model == demo.model and tiny.optim == demo.optim
