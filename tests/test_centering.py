@@ -4,14 +4,14 @@ handling, and 2 gloo processes holding half the rows each against 1 process hold
 from __future__ import annotations
 
 import math
-import socket
-from typing import Any, Callable
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from ssl_distill.objectives.centering import sinkhorn_knopp
+
+from gloo import spawn_gloo
 
 
 def official_sinkhorn_knopp_teacher(teacher_output, teacher_temp, n_iterations=3):
@@ -104,21 +104,6 @@ def test_bad_shapes():
 
 
 # ---------------------------------------------------------------------- 2 gloo processes
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
 def _check_split(rank: int, world: int, s: torch.Tensor, cases: list[tuple[list[int], bool, torch.Tensor]]) -> None:
     for sizes, uneven, reference in cases:
         lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
@@ -135,4 +120,4 @@ def test_two_gloo_processes_match_one_process_on_all_rows():
         ([20, 20], False, reference),  # the [CLS] variant: B = N x world_size
         ([27, 13], True, reference),  # the patch-token variant: B = all-reduced row count
     ]
-    torch.multiprocessing.spawn(_entry, args=(2, _free_port(), _check_split, (s, cases)), nprocs=2, join=True)
+    spawn_gloo(_check_split, s, cases)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -19,28 +18,8 @@ from ssl_distill.engine.checkpoint import load_file
 from ssl_distill.engine.train import Trainer
 from ssl_distill.models import DINOHead, SyncBatchNorm1d
 
+from gloo import spawn_gloo
 from test_end_to_end import CONFIG, make_folder, tiny_overrides
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _gloo_entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn_gloo(fn: Callable[..., None], *args: Any, world: int = 2) -> None:
-    """Run ``fn(rank, world, *args)`` in ``world`` fresh processes joined in a gloo group; an exception
-    (a failed assertion) in any of them fails the caller."""
-    torch.multiprocessing.spawn(_gloo_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
 
 
 # ---------------------------------------------------------------------- the layer
