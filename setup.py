@@ -16,6 +16,7 @@ setup(
         "ssl_distill.objectives",
         "ssl_distill.data",
         "ssl_distill.engine",
+        "ssl_distill.report",
         "ssl_distill.eval",
         "ssl_distill.launch",
     ],

@@ -25,6 +25,9 @@ from xml.etree import ElementTree as ET
 
 import numpy as np
 
+from ssl_distill.cli_args import corloc_arguments as add_arguments  # options: torch-free
+from ssl_distill.errors import AnnotationError  # defined without torch, for the command line; re-exported here
+
 __all__ = [
     "CorLocResult",
     "GroundTruth",
@@ -34,10 +37,6 @@ __all__ = [
     "read_coco",
     "read_voc",
 ]
-
-
-class AnnotationError(ValueError):
-    """A ground-truth or boxes file that cannot be read (message names the file)."""
 
 
 @dataclass
@@ -211,16 +210,6 @@ def read_ground_truth(voc: str | None = None, coco: str | None = None, split: st
     if (voc is None) == (coco is None):
         raise AnnotationError("give exactly one of a VOC folder or a COCO JSON for the ground truth")
     return read_voc(voc, split) if voc is not None else read_coco(coco)  # type: ignore[arg-type]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("boxes", help="predicted boxes (COCO-style JSON, e.g. discovery's boxes.json)")
-    g = parser.add_mutually_exclusive_group(required=True)
-    g.add_argument("--voc", help="Pascal VOC folder with the ground truth")
-    g.add_argument("--coco", help="COCO-style JSON with the ground truth")
-    parser.add_argument("--split", default="trainval", help="VOC ImageSets/Main split (default trainval)")
-    parser.add_argument("--iou", type=float, default=0.5)
-    parser.add_argument("--skip-difficult", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -84,7 +84,10 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ssl_distill.cli_args import discover_arguments as add_arguments  # options: torch-free
 from ssl_distill.models.inspect import last_block_keys, pad_to_patch_multiple
+
+from .constants import EPS, TAU
 
 __all__ = [
     "DENSE_BELOW",
@@ -108,8 +111,6 @@ __all__ = [
     "write_coco_boxes",
 ]
 
-TAU = 0.2
-EPS = 1e-5
 # Graphs up to this many tokens use the dense generalized solve (it is then as fast as Lanczos).
 DENSE_BELOW = 256
 # lambda_3 - lambda_2 at or below this: lambda_2 is repeated, the cut is not unique. Generalized eigenvalues
@@ -490,30 +491,6 @@ def discover_images(backbone: nn.Module, image_dir: str | Path, file_names: Sequ
 
 
 # ----------------------------------------------------------------------------------- command line
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="run directory, checkpoint file, or official DINO / iBOT / DINOv2 file")
-    parser.add_argument("--images", help="image folder (default: JPEGImages/ of --voc; needed with --coco or alone)")
-    gt = parser.add_mutually_exclusive_group()
-    gt.add_argument("--voc", help="Pascal VOC folder: discover on its split and report CorLoc")
-    gt.add_argument("--coco", help="COCO-style JSON: discover on its images and report CorLoc")
-    parser.add_argument("--split", default="trainval", help="VOC ImageSets/Main split (default: trainval)")
-    parser.add_argument("--out", help="output folder (default: <run dir>/discover[_random_init])")
-    parser.add_argument("--masks", action="store_true", help="also write per-image foreground masks (PNG)")
-    parser.add_argument("--heatmaps", action="store_true", help="also write the eigenvector heat maps (PNG)")
-    parser.add_argument("--tau", type=float, default=TAU, help="similarity threshold (default 0.2)")
-    parser.add_argument("--eps", type=float, default=EPS, help="weight of dissimilar pairs (default 1e-5)")
-    parser.add_argument("--solver", default="auto", choices=["auto", "lanczos", "dense"],
-                        help="eigen-solver: Lanczos on the deflated standard form, scipy's dense generalized "
-                             "solve (the reference), or auto (dense up to 256 tokens)")
-    parser.add_argument("--which", default="teacher", choices=["teacher", "student"])
-    parser.add_argument("--random-init", action="store_true", help="same architecture, random weights")
-    parser.add_argument("--max-side", type=int, default=None, help="shrink images whose longer side exceeds this")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N images")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                        help="backbone forward: fp32 (default) or bf16 / fp16 autocast (faster)")
-
-
 def run(args: argparse.Namespace) -> int:
     from ssl_distill.data.folder import scan_image_folder
     from ssl_distill.engine.checkpoint import find_checkpoint

@@ -27,6 +27,7 @@ from typing import Any
 import timm
 
 from ssl_distill.checkpoints import SPEC_METADATA_KEY, LoadedBackbone, load_any_backbone
+from ssl_distill.cli_args import export_arguments as add_arguments  # options: torch-free
 from ssl_distill.engine.checkpoint import atomic_save
 from ssl_distill.models import BackboneSpec
 
@@ -110,17 +111,6 @@ def export_backbone(checkpoint: str | Path, out: str | Path, which: str | None =
     sidecar.write_text(json.dumps(info, indent=2) + "\n")
     info["sidecar"] = str(sidecar)
     return info
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint file (ours or official DINO / iBOT / DINOv2) or run directory")
-    parser.add_argument("out", help="output file: .safetensors (default format) or .pth")
-    parser.add_argument("--which", choices=["teacher", "student"], default=None,
-                        help="teacher (default where a file holds both) or student")
-    parser.add_argument("--key", default=None, help="top-level entry holding the weights (default: detected)")
-    parser.add_argument("--format", dest="fmt", choices=["safetensors", "pth"], default=None,
-                        help="default: from the output suffix")
-    parser.add_argument("--num-heads", type=int, default=None, help="head count, for non-standard widths")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -53,11 +53,13 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ssl_distill.checkpoints import LoadedBackbone, load_any_backbone
+from ssl_distill.cli_args import linear_arguments as add_arguments  # options: torch-free
 from ssl_distill.data.folder import DataError, ImageFolderDataset, scan_image_folder
 from ssl_distill.data.multicrop import EpochSampler, collate_eval, counter_uniforms, random_resized_crop_box
 from ssl_distill.engine.checkpoint import CheckpointError, atomic_save
 from ssl_distill.runtime import resolve_device
 
+from .constants import LR_GRID
 from .features import (
     FeatureExtractor,
     FeatureSet,
@@ -87,8 +89,6 @@ __all__ = [
     "run",
 ]
 
-# DINOv2's linear-evaluation learning rates (eval/linear.py), each scaled by batch / 256
-LR_GRID: tuple[float, ...] = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
 CLASS_STREAM = 7  # counter_uniforms stream of the linear-probe augmentations (training uses 1-3)
 
 
@@ -755,58 +755,6 @@ def _meta(fs: FeatureSet) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``ssl-distill linear``."""
-    p = parser
-    p.add_argument("checkpoint", help="run directory, checkpoint file, or official DINO / iBOT / DINOv2 file")
-    p.add_argument("--train", default=None,
-                   help="labeled train folder, root/<class>/<image> (default: the run's knn.train_dir)")
-    p.add_argument("--val", default=None, help="labeled test folder, same classes (default: the run's knn.val_dir)")
-    p.add_argument("--mode", choices=["fast", "faithful", "logreg"], default="fast")
-    p.add_argument("--out", default=None, help="results JSON (default: <run dir>/linear_<mode>.json)")
-    p.add_argument("--which", choices=["teacher", "student"], default=None)
-    p.add_argument("--key", default=None, help="checkpoint entry holding the weights (default: detected)")
-    p.add_argument("--num-heads", type=int, default=None, help="attention heads, for non-standard widths")
-    g = p.add_argument_group("images and features")
-    g.add_argument("--image-size", type=int, default=None, help="center crop (default: run config, else 224)")
-    g.add_argument("--resize-size", type=int, default=None, help="shorter side before cropping (default 256/224 x)")
-    g.add_argument("--mean", type=float, nargs=3, default=None)
-    g.add_argument("--std", type=float, nargs=3, default=None)
-    g.add_argument("--batch-size", type=int, default=128, help="images per forward pass (faithful: per SGD step)")
-    g.add_argument("--num-workers", type=int, default=2)
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="feature extraction (default: the run's knn.precision, fp32 as DINO; bf16: ~2x faster on CPU)")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--feature-dtype", choices=["float32", "float16"], default="float32")
-    g.add_argument("--cache-dir", default=None, help="feature cache (default: <out dir>/features)")
-    g.add_argument("--no-cache", action="store_true", help="extract every time, write no cache")
-    f = p.add_argument_group("fast mode")
-    f.add_argument("--blocks", type=int, nargs="+", default=[1, 4], help="last-n-block choices of the grid")
-    f.add_argument("--lrs", type=float, nargs="+", default=list(LR_GRID), help="base lrs (scaled by batch/256)")
-    f.add_argument("--head-batch-size", type=int, default=256, help="SGD batch of the heads (lrs scale by batch / 256)")
-    f.add_argument("--holdout", type=float, default=0.1, help="share of train held out for head selection")
-    f.add_argument("--head-precision", choices=["fp32", "bf16", "auto"], default="fp32",
-                   help="GEMMs of the head grid: fp32 (default, as DINO's / DINOv2's heads), bf16 (faster, "
-                        "opt-in), auto (bf16 on CUDA and on CPUs with native bf16, else fp32)")
-    f.add_argument("--epochs", type=int, default=None,
-                   help="fast: DINOv2's 12,500 iterations, at least 10 epochs; faithful: 100")
-    f.add_argument("--standardize", action="store_true",
-                   help="fast: z-score features with train statistics first (not in DINOv2's protocol)")
-    f.add_argument("--seed", type=int, default=0)
-    d = p.add_argument_group("faithful mode (DINO eval_linear)")
-    d.add_argument("--lr", type=float, default=0.001, help="scaled by batch / 256")
-    d.add_argument("--n-last-blocks", type=int, default=None,
-                   help="CLS tokens of the last n blocks (faithful default 4, DINO's ViT-S setting; logreg default 1)")
-    d.add_argument("--avgpool", action="store_true", help="add the mean patch token (DINO ViT-B: n=1 + avgpool)")
-    d.add_argument("--val-freq", type=int, default=1)
-    d.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
-    d.add_argument("--stop-after-steps", type=int, default=None, help="stop (checkpointed) after N steps in total")
-    r = p.add_argument_group("logreg mode")
-    r.add_argument("--cs", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0], help="inverse regularisation grid")
-    r.add_argument("--layout", choices=["cls", "mean", "cls+mean", "cls+mean-dino"], default="cls")
-    r.add_argument("--max-iter", type=int, default=1000)
-
-
 def run(args: argparse.Namespace) -> int:
     opts = ExtractOptions(
         image_size=args.image_size, resize_size=args.resize_size,

@@ -31,6 +31,7 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ssl_distill.cli_args import visualize_arguments as add_arguments  # options: torch-free
 from ssl_distill.models.inspect import inspect_forward
 
 __all__ = [
@@ -313,22 +314,6 @@ def visualize_images(backbone: nn.Module, inputs: Sequence[str | Path], out_dir:
 
 
 # ----------------------------------------------------------------------------------- command line
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="run directory, checkpoint file, or official DINO / iBOT / DINOv2 file")
-    parser.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
-    parser.add_argument("--out", help="output folder (default: <run dir>/attention[_random_init])")
-    parser.add_argument("--threshold", type=float, default=0.6,
-                        help="keep the smallest set of patches holding this fraction of each head's mass (0: off)")
-    parser.add_argument("--rollout", action="store_true", help="also compute attention rollout across all blocks")
-    parser.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"], help="rollout head fusion")
-    parser.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of weakest weights")
-    parser.add_argument("--no-pca", action="store_true", help="skip the PCA of patch features")
-    parser.add_argument("--max-side", type=int, default=None, help="shrink images whose longer side exceeds this")
-    parser.add_argument("--which", default="teacher", choices=["teacher", "student"])
-    parser.add_argument("--random-init", action="store_true", help="same architecture, random weights")
-    parser.add_argument("--device", default="auto")
-
-
 def run(args: argparse.Namespace) -> int:
     from ssl_distill.runtime import resolve_device
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ssl_distill.cli_args import submit_arguments as add_arguments  # options: torch-free
 from ssl_distill.config import Config, load_config
-from ssl_distill.data.folder import DataError
+from ssl_distill.errors import DataError
 
 #: submitit's local executor restarts a job whose task exits with this code (its LOCAL_REQUEUE_RETURN_CODE)
 LOCAL_REQUEUE_EXIT = 144
@@ -99,31 +100,6 @@ class TrainJob:
         import submitit
 
         return submitit.helpers.DelayedSubmission(self)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML recipe, e.g. configs/dino_vit_small16.yaml")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for ssl-distill train")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU; 0: CPU tasks")
-    p.add_argument("--tasks-per-node", type=int, default=None,
-                   help="processes per node (default: --gpus-per-node, or 1 on CPU)")
-    p.add_argument("--cpus-per-task", type=int, default=None, help="also the torch thread count of each task")
-    p.add_argument("--mem-gb", type=float, default=None, help="memory per node")
-    p.add_argument("--partition", default=None)
-    p.add_argument("--account", default=None)
-    p.add_argument("--qos", default=None)
-    p.add_argument("--constraint", default=None)
-    p.add_argument("--exclude", default=None, help="nodes to avoid")
-    p.add_argument("--time", type=int, default=60 * 24, help="time limit in minutes (default 1440)")
-    p.add_argument("--job-name", default=None, help="default: ssl-<output dir name>")
-    p.add_argument("--signal-delay", type=int, default=120,
-                   help="seconds before the time limit at which SLURM sends SIGUSR2 (checkpoint + requeue)")
-    p.add_argument("--max-requeues", type=int, default=None, help="sets run.max_requeues")
-    p.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other sbatch option, e.g. --slurm-arg mail_type=END (repeatable)")
-    p.add_argument("--local", action="store_true", help="run here through submitit's local executor")
-    p.add_argument("--wait", action="store_true", help="wait for the job and print its last log record")
 
 
 def parse_slurm_args(items: list[str]) -> dict[str, str]:

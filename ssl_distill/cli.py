@@ -1,11 +1,20 @@
-"""The ``ssl-distill`` command: train, submit, knn, linear, export, discover, corloc, visualize, demo."""
+"""The ``ssl-distill`` command: train, submit, knn, linear, export, discover, corloc, visualize, demo, report.
+
+Start-up is kept light: the parser and the error handling import no torch, timm or torchvision
+(options in :mod:`ssl_distill.cli_args`, user errors in :mod:`ssl_distill.errors`); a subcommand
+imports what it needs in its handler, so ``--help``, argument errors, ``submit`` and ``report``
+answer in a fraction of a second (``benchmarks/bench_cli.py``; ``tests/test_cli_light.py``).
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import Callable
 
+from . import cli_args
 from .config import ConfigError, load_config
+from .errors import AnnotationError, CheckpointError, DataError, NonFiniteLossError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -51,65 +60,89 @@ def _prepare_fmnist(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(config=args.config, data_dir=args.data, overrides=args.overrides, fresh=args.fresh)
+    run_demo(config=args.config, data_dir=args.data, overrides=args.overrides, fresh=args.fresh,
+             limit_per_class=args.limit_per_class)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ssl-distill", description="Self-distillation pretraining for ViTs")
-    sub = p.add_subparsers(dest="command", required=True)
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
 
-    t = sub.add_parser("train", help="pretrain (resumes automatically from the run directory)")
-    t.add_argument("config", help="YAML recipe, e.g. configs/dino_vit_small16.yaml")
-    t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=0.001")
-    t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
-    t.set_defaults(func=_train)
+    report = write_report(args.runs, out=args.out, names=args.names, dpi=args.dpi)
+    print(report.markdown)
+    print(f"figure: {report.figure}\ntable:  {report.table}")
+    return 0
 
-    k = sub.add_parser("knn", help="weighted k-NN evaluation of a checkpoint or run directory")
-    k.add_argument("checkpoint", help="checkpoint file or run directory")
-    k.add_argument("overrides", nargs="*", help="knn.* overrides, e.g. knn.image_size=28 knn.ks=[20]")
-    k.add_argument("--train", help="labeled train folder (default: the run's knn.train_dir)")
-    k.add_argument("--val", help="labeled val folder (default: the run's knn.val_dir)")
-    k.add_argument("--which", default="teacher", choices=["teacher", "student"])
-    k.add_argument("--random-init", action="store_true", help="evaluate the same architecture at random init")
-    k.add_argument("--out", help="results JSON (default: <run dir>/knn.json)")
-    k.add_argument("--key", help="checkpoint entry holding the weights (official files; default: detected)")
-    k.add_argument("--layout", default="cls", choices=["cls", "mean", "cls+mean", "cls+mean-dino"])
-    k.add_argument("--n-last-blocks", type=int, default=1, help="CLS tokens of the last n blocks")
-    k.add_argument("--temperatures", type=float, nargs="+", help="several T from one search (first: knn.temperature)")
-    k.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="feature extraction (default: the run's knn.precision, fp32 as DINO; bf16: ~2x faster on CPU)")
-    k.add_argument("--fp16-features", action="store_true", help="store features in float16 (half the memory)")
-    k.add_argument("--train-chunk", type=int, help="search the train set in chunks of N (bounded memory)")
-    k.add_argument("--cache-dir", help="re-use features cached here while checkpoint and data are unchanged")
-    k.set_defaults(func=_knn)
 
-    f = sub.add_parser("prepare-fmnist", help="write Fashion-MNIST (Debian dataset-fashion-mnist) as image folders")
-    f.add_argument("out", nargs="?", default="data/fmnist")
-    f.add_argument("--limit-per-class", type=int, default=None)
-    f.set_defaults(func=_prepare_fmnist)
+def _linear(args: argparse.Namespace) -> int:
+    from .eval import linear
 
-    d = sub.add_parser("demo", help="Fashion-MNIST: build folders, k-NN at init, pretrain, k-NN")
-    d.add_argument("overrides", nargs="*")
-    d.add_argument("--config", default=None, help="recipe (default: configs/dino_tiny_fmnist.yaml)")
-    d.add_argument("--data", default="data/fmnist")
-    d.add_argument("--fresh", action="store_true")
-    d.set_defaults(func=_demo)
+    return linear.run(args)
 
-    from .eval import corloc, discover, export, linear, visualize
+
+def _export(args: argparse.Namespace) -> int:
+    from .eval import export
+
+    return export.run(args)
+
+
+def _discover(args: argparse.Namespace) -> int:
+    from .eval import discover
+
+    return discover.run(args)
+
+
+def _corloc(args: argparse.Namespace) -> int:
+    from .eval import corloc
+
+    return corloc.run(args)
+
+
+def _visualize(args: argparse.Namespace) -> int:
+    from .eval import visualize
+
+    return visualize.run(args)
+
+
+def _submit(args: argparse.Namespace) -> int:
     from .launch import submit
 
-    for name, module, text in (
-        ("linear", linear, "linear probe: fast grid on cached features, DINO's faithful protocol, or logistic regression"),
-        ("export", export, "write a clean backbone file (safetensors or state dict) from any supported checkpoint"),
-        ("discover", discover, "normalized-cut object discovery (TokenCut): boxes, masks, heat maps"),
-        ("corloc", corloc, "CorLoc of predicted boxes against VOC or COCO ground truth"),
-        ("visualize", visualize, "attention maps, PCA of patch features and attention rollout"),
-        ("submit", submit, "the train command as a submitit job on SLURM (or --local), with checkpoint + requeue"),
-    ):
+    return submit.run(args)
+
+
+#: (name, help, options, handler) of every subcommand; the options are torch-free (cli_args)
+COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]], ...] = (
+    ("train", "pretrain (resumes automatically from the run directory)", cli_args.train_arguments, _train),
+    ("knn", "weighted k-NN evaluation of a checkpoint or run directory", cli_args.knn_arguments, _knn),
+    ("prepare-fmnist", "write Fashion-MNIST (Debian dataset-fashion-mnist) as image folders",
+     cli_args.prepare_fmnist_arguments, _prepare_fmnist),
+    ("demo", "Fashion-MNIST: build folders, k-NN at init, pretrain (online k-NN), k-NN, report figure",
+     cli_args.demo_arguments, _demo),
+    ("report", "figure (PNG) + Markdown table of one or more runs: losses, collapse monitors, schedules, "
+     "images/s, online k-NN, against step and wall-clock", cli_args.report_arguments, _report),
+    ("linear", "linear probe: fast grid on cached features, DINO's faithful protocol, or logistic regression",
+     cli_args.linear_arguments, _linear),
+    ("export", "write a clean backbone file (safetensors or state dict) from any supported checkpoint",
+     cli_args.export_arguments, _export),
+    ("discover", "normalized-cut object discovery (TokenCut): boxes, masks, heat maps",
+     cli_args.discover_arguments, _discover),
+    ("corloc", "CorLoc of predicted boxes against VOC or COCO ground truth", cli_args.corloc_arguments,
+     _corloc),
+    ("visualize", "attention maps, PCA of patch features and attention rollout", cli_args.visualize_arguments,
+     _visualize),
+    ("submit", "the train command as a submitit job on SLURM (or --local), with checkpoint + requeue",
+     cli_args.submit_arguments, _submit),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; builds without importing torch (see :mod:`ssl_distill.cli_args`)."""
+    p = argparse.ArgumentParser(prog="ssl-distill", description="Self-distillation pretraining for ViTs")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, text, add_arguments, handler in COMMANDS:
         sp = sub.add_parser(name, help=text)
-        module.add_arguments(sp)
-        sp.set_defaults(func=module.run)
+        add_arguments(sp)
+        sp.set_defaults(func=handler)
     return p
 
 
@@ -128,11 +161,6 @@ def run(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if takes_overrides:
         args.overrides = list(args.overrides or []) + extra
-    from .data.folder import DataError
-    from .engine.checkpoint import CheckpointError
-    from .engine.train import NonFiniteLossError
-    from .eval.corloc import AnnotationError
-
     try:
         return args.func(args)
     except ConfigError as e:

@@ -149,6 +149,35 @@ class KnnConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Online k-NN: the teacher evaluated while training runs, on a fixed, seeded subset of a labeled folder.
+
+    Off while both intervals are 0. Evaluations run after step ``n * knn_every_steps`` (or after the
+    step closest to ``n * knn_every_epochs`` epochs), at the run's last step, and before the first
+    step (``knn_at_start``); each writes one ``"kind": "knn"`` record to ``log.jsonl``. The subsets
+    (``knn_train_size`` / ``knn_val_size`` images, 0 = the whole folder) are drawn once with
+    ``knn_seed``; k values and temperature come from the ``knn`` section, as do the folders unless
+    ``knn_train_dir`` / ``knn_val_dir`` are set. Training is not disturbed: the run ends bit-identical
+    to one without online k-NN (see :mod:`ssl_distill.engine.online_knn`).
+    """
+
+    knn_every_epochs: float = 0.0  # 0: off; e.g. 0.5 evaluates twice per epoch
+    knn_every_steps: int = 0  # 0: off; the alternative to knn_every_epochs
+    knn_at_start: bool = True  # also evaluate before the first step (the random-init point of the curve)
+    knn_train_dir: str = ""  # labeled folder; default: knn.train_dir
+    knn_val_dir: str = ""  # labeled folder; default: knn.val_dir
+    knn_train_size: int = 5000  # images drawn from the train folder; 0: all
+    knn_val_size: int = 2000  # images drawn from the val folder; 0: all
+    knn_precision: str = "bf16"  # feature extraction: bf16 (fast) | fp32 | fp16 (CUDA)
+    knn_seed: int = 0  # draws the subsets
+
+    @property
+    def knn_on(self) -> bool:
+        """Whether online k-NN is on (an interval is set)."""
+        return self.knn_every_epochs > 0 or self.knn_every_steps > 0
+
+
+@dataclass
 class RunConfig:
     """Where and how a run executes."""
 
@@ -202,6 +231,7 @@ class Config:
     dino: DinoLossConfig = field(default_factory=DinoLossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     ibot: IbotConfig = field(default_factory=IbotConfig)
 
@@ -450,6 +480,24 @@ def _check_objectives(cfg: Config) -> None:
                           "objective off: set ibot.weight (1.0 in iBOT and AttMask), or masking to none for DINO")
 
 
+def _check_monitor(cfg: Config) -> None:
+    """monitor.*: one interval at most, sizes >= 0, a known precision, labeled folders when it is on."""
+    mo = cfg.monitor
+    _check_range("monitor.knn_every_epochs", mo.knn_every_epochs, 0)
+    for key in ("knn_every_steps", "knn_train_size", "knn_val_size"):
+        _check_range(f"monitor.{key}", getattr(mo, key), 0)
+    if mo.knn_every_epochs > 0 and mo.knn_every_steps > 0:
+        raise ConfigError(f"monitor.knn_every_epochs={mo.knn_every_epochs} and monitor.knn_every_steps="
+                          f"{mo.knn_every_steps} both set the online k-NN interval: set one, the other to 0")
+    if mo.knn_precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"monitor.knn_precision must be fp32, bf16 or fp16, got {mo.knn_precision!r}")
+    if mo.knn_on:
+        for split in ("train", "val"):
+            if not (getattr(mo, f"knn_{split}_dir") or getattr(cfg.knn, f"{split}_dir")):
+                raise ConfigError(f"online k-NN (monitor.knn_every_*) needs a labeled {split} folder: set "
+                                  f"monitor.knn_{split}_dir or knn.{split}_dir")
+
+
 def validate(cfg: Config) -> None:
     """Value ranges and cross-field checks that types alone cannot express.
 
@@ -520,6 +568,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.crops.{name}={size} is not a multiple of model.patch_size={m.patch_size}")
     _check_masking(cfg.masking)
     _check_objectives(cfg)
+    _check_monitor(cfg)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -1,4 +1,9 @@
-"""The README's main job: Fashion-MNIST folders -> k-NN at init -> DINO pretraining -> k-NN."""
+"""The README's main job: Fashion-MNIST folders -> DINO pretraining (online k-NN curve) -> k-NN -> report.
+
+The demo ends by writing ``<run dir>/report.png`` and ``report.md`` (``ssl-distill report`` of its
+run directory); the README's figure, ``docs/demo_report.png``, is that file copied:
+``cp runs/fmnist_demo/report.png docs/demo_report.png``.
+"""
 from __future__ import annotations
 
 import json
@@ -8,17 +13,22 @@ from pathlib import Path
 from .config import config_to_dict, load_config
 from .data.fashion_mnist import build_fashion_mnist_folders
 from .engine.train import train
+from .report import write_report
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dino_tiny_fmnist.yaml"
 
 
 def run_demo(config: str | None = None, data_dir: str = "data/fmnist", overrides: list[str] | None = None,
-             fresh: bool = False) -> dict:
-    """Runs the demo end to end and prints k-NN top-1 at random init and after pretraining."""
+             fresh: bool = False, limit_per_class: int | None = None) -> dict:
+    """Runs the demo end to end: prints the online k-NN curve while pretraining, k-NN top-1 at random init
+    and after pretraining, and writes the report figure and table into the run directory.
+
+    ``limit_per_class`` keeps the first N images of each class in both splits (a quick try-out; the
+    README's figures use all of them)."""
     from ssl_distill.eval.evaluate import knn_on_checkpoint
 
     t0 = time.perf_counter()
-    root = build_fashion_mnist_folders(data_dir)
+    root = build_fashion_mnist_folders(data_dir, limit_per_class=limit_per_class)
     overrides = [
         f"data.train_dir={root / 'train'}",
         f"knn.train_dir={root / 'train'}",
@@ -45,7 +55,11 @@ def run_demo(config: str | None = None, data_dir: str = "data/fmnist", overrides
         "config": config_to_dict(cfg),
     }
     (run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    report = write_report([run_dir])  # after knn.json: the table lists the final k-NN too
+    summary["report"] = str(report.figure)
     print(f"[demo] k-NN top-1 (k=20) on Fashion-MNIST test: random init {k20_init:.2f}%  ->  "
           f"DINO pretrained {k20:.2f}%  ({final['precision']} features; pretraining {t_train / 60:.1f} min, total "
           f"{summary['total_minutes']:.1f} min)")
+    print(f"[demo] report: {report.figure} and {report.table} (the README's figure: "
+          f"cp {report.figure} docs/demo_report.png)")
     return summary

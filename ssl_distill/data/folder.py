@@ -31,6 +31,8 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
+from ..errors import DataError  # defined without torch, for the command line; re-exported here
+
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 _CACHE_VERSION = 2  # 2: symbolic links followed without repeats
 # Consecutive unreadable files tolerated while looking for a substitute before giving up.
@@ -45,10 +47,6 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     zlib.error,
     Image.DecompressionBombError,
 )
-
-
-class DataError(ValueError):
-    """A problem with the data on disk (missing folder, no images, too many corrupt files...)."""
 
 
 class BadImageWarning(UserWarning):

@@ -9,6 +9,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..errors import CheckpointError  # defined without torch, for the command line; re-exported here
+
 FORMAT = "ssl-distill/1"
 LATEST = "checkpoint.pth"
 
@@ -78,10 +80,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit the model."""
 
 
 def load_file(path: str | Path) -> dict[str, Any]:

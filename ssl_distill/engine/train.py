@@ -19,6 +19,7 @@ from tqdm import tqdm
 from ..config import Config, config_diff, config_from_dict, config_to_dict, save_config
 from ..data.folder import BadImageCounter
 from ..data.loader import build_train_loader
+from ..errors import NonFiniteLossError  # defined without torch, for the command line; re-exported here
 from ..models import SyncBatchNorm1d, default_fused_attn
 from ..objectives import StepState
 from ..runtime import autocast_context, check_precision, resolve_device
@@ -29,14 +30,11 @@ from .checkpoint import (
 )
 from .ema import ema_update
 from .monitor import CollapseMonitor, JsonlLogger
+from .online_knn import OnlineKnn
 from .build import build_model, build_objectives, uses_patches
 from .masks import StepMasks
 from .schedules import Schedules, frozen_last_layer
 from .stop import NAMES, REQUEUE, StopSignals
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the last checkpoint on disk is the last good one."""
 
 
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -177,6 +175,7 @@ class Trainer:
             if du.is_main()
             else None
         )
+        self.online_knn = OnlineKnn(cfg, self.out, self.iters_per_epoch, self.total_steps, self.device, self.logger)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_dict(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -371,6 +370,8 @@ class Trainer:
         fail_at = _injected_failure(self.rank)
         self.student.train()
         self.teacher.train()  # no dropout / drop-path in the teacher; matches DINO
+        # online k-NN (monitor section) before the first step; its time stays out of images/s
+        t_window += self.online_knn.maybe_evaluate(st.step, self.teacher.backbone)
         while st.step < stop_at:
             self.sampler.set_epoch(st.epoch)
             self.sampler.set_start_batch(st.batch)
@@ -392,6 +393,7 @@ class Trainer:
                     last = self._log(window, elapsed, images_per_step)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", ep=st.epoch)
                     window, t_window = [], time.perf_counter()
+                t_window += self.online_knn.maybe_evaluate(st.step, self.teacher.backbone)  # after this step
                 if end_of_epoch:
                     st.epoch, st.batch = st.epoch + 1, 0
                 request = signals.poll()

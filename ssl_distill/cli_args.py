@@ -1,0 +1,214 @@
+"""Every subcommand's options, defined without importing torch, timm or torchvision.
+
+``ssl-distill --help``, a subcommand's ``--help``, an argument error and the commands that run no
+model (``submit``, ``report``) then answer in a fraction of a second; :mod:`ssl_distill.cli` imports a
+subcommand's (heavy) module only in its handler. Each ``<name>_arguments(parser)`` adds the options of
+``ssl-distill <name>``; the tools re-export theirs as ``add_arguments``.
+"""
+from __future__ import annotations
+
+import argparse
+
+from ssl_distill.eval.constants import EPS, LR_GRID, TAU
+
+__all__ = [
+    "corloc_arguments", "demo_arguments", "discover_arguments", "export_arguments", "knn_arguments",
+    "linear_arguments", "prepare_fmnist_arguments", "report_arguments", "submit_arguments", "train_arguments",
+    "visualize_arguments",
+]
+
+
+def train_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``ssl-distill train`` (:func:`ssl_distill.engine.train.train`)."""
+    p.add_argument("config", help="YAML recipe, e.g. configs/dino_vit_small16.yaml")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=0.001")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
+
+
+def knn_arguments(k: argparse.ArgumentParser) -> None:
+    """Options of ``ssl-distill knn`` (:func:`ssl_distill.eval.evaluate.knn_on_checkpoint`)."""
+    k.add_argument("checkpoint", help="checkpoint file or run directory")
+    k.add_argument("overrides", nargs="*", help="knn.* overrides, e.g. knn.image_size=28 knn.ks=[20]")
+    k.add_argument("--train", help="labeled train folder (default: the run's knn.train_dir)")
+    k.add_argument("--val", help="labeled val folder (default: the run's knn.val_dir)")
+    k.add_argument("--which", default="teacher", choices=["teacher", "student"])
+    k.add_argument("--random-init", action="store_true", help="evaluate the same architecture at random init")
+    k.add_argument("--out", help="results JSON (default: <run dir>/knn.json)")
+    k.add_argument("--key", help="checkpoint entry holding the weights (official files; default: detected)")
+    k.add_argument("--layout", default="cls", choices=["cls", "mean", "cls+mean", "cls+mean-dino"])
+    k.add_argument("--n-last-blocks", type=int, default=1, help="CLS tokens of the last n blocks")
+    k.add_argument("--temperatures", type=float, nargs="+", help="several T from one search (first: knn.temperature)")
+    k.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="feature extraction (default: the run's knn.precision, fp32 as DINO; bf16: ~2x faster on CPU)")
+    k.add_argument("--fp16-features", action="store_true", help="store features in float16 (half the memory)")
+    k.add_argument("--train-chunk", type=int, help="search the train set in chunks of N (bounded memory)")
+    k.add_argument("--cache-dir", help="re-use features cached here while checkpoint and data are unchanged")
+
+
+def prepare_fmnist_arguments(f: argparse.ArgumentParser) -> None:
+    """Options of ``ssl-distill prepare-fmnist`` (:mod:`ssl_distill.data.fashion_mnist`)."""
+    f.add_argument("out", nargs="?", default="data/fmnist")
+    f.add_argument("--limit-per-class", type=int, default=None)
+
+
+def demo_arguments(d: argparse.ArgumentParser) -> None:
+    """Options of ``ssl-distill demo`` (:func:`ssl_distill.demo.run_demo`)."""
+    d.add_argument("overrides", nargs="*")
+    d.add_argument("--config", default=None, help="recipe (default: configs/dino_tiny_fmnist.yaml)")
+    d.add_argument("--data", default="data/fmnist")
+    d.add_argument("--fresh", action="store_true")
+    d.add_argument("--limit-per-class", type=int, default=None,
+                   help="first N images of each class per split (a quick try-out; default: all)")
+
+
+def report_arguments(r: argparse.ArgumentParser) -> None:
+    """Options of ``ssl-distill report`` (:mod:`ssl_distill.report`)."""
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (finished, running or older)")
+    r.add_argument("--out", default=None,
+                   help="figure file (.png); the Markdown table goes beside it as .md (default: "
+                        "RUN_DIR/report.png for one run, report.png here for several)")
+    r.add_argument("--names", nargs="+", default=None, help="legend names, one per run (default: folder names)")
+    r.add_argument("--dpi", type=int, default=110, help="figure resolution")
+
+
+def linear_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``ssl-distill linear`` (:mod:`ssl_distill.eval.linear`)."""
+    p = parser
+    p.add_argument("checkpoint", help="run directory, checkpoint file, or official DINO / iBOT / DINOv2 file")
+    p.add_argument("--train", default=None,
+                   help="labeled train folder, root/<class>/<image> (default: the run's knn.train_dir)")
+    p.add_argument("--val", default=None, help="labeled test folder, same classes (default: the run's knn.val_dir)")
+    p.add_argument("--mode", choices=["fast", "faithful", "logreg"], default="fast")
+    p.add_argument("--out", default=None, help="results JSON (default: <run dir>/linear_<mode>.json)")
+    p.add_argument("--which", choices=["teacher", "student"], default=None)
+    p.add_argument("--key", default=None, help="checkpoint entry holding the weights (default: detected)")
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads, for non-standard widths")
+    g = p.add_argument_group("images and features")
+    g.add_argument("--image-size", type=int, default=None, help="center crop (default: run config, else 224)")
+    g.add_argument("--resize-size", type=int, default=None, help="shorter side before cropping (default 256/224 x)")
+    g.add_argument("--mean", type=float, nargs=3, default=None)
+    g.add_argument("--std", type=float, nargs=3, default=None)
+    g.add_argument("--batch-size", type=int, default=128, help="images per forward pass (faithful: per SGD step)")
+    g.add_argument("--num-workers", type=int, default=2)
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="feature extraction (default: the run's knn.precision, fp32 as DINO; bf16: ~2x faster on CPU)")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--feature-dtype", choices=["float32", "float16"], default="float32")
+    g.add_argument("--cache-dir", default=None, help="feature cache (default: <out dir>/features)")
+    g.add_argument("--no-cache", action="store_true", help="extract every time, write no cache")
+    f = p.add_argument_group("fast mode")
+    f.add_argument("--blocks", type=int, nargs="+", default=[1, 4], help="last-n-block choices of the grid")
+    f.add_argument("--lrs", type=float, nargs="+", default=list(LR_GRID), help="base lrs (scaled by batch/256)")
+    f.add_argument("--head-batch-size", type=int, default=256, help="SGD batch of the heads (lrs scale by batch / 256)")
+    f.add_argument("--holdout", type=float, default=0.1, help="share of train held out for head selection")
+    f.add_argument("--head-precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                   help="GEMMs of the head grid: fp32 (default, as DINO's / DINOv2's heads), bf16 (faster, "
+                        "opt-in), auto (bf16 on CUDA and on CPUs with native bf16, else fp32)")
+    f.add_argument("--epochs", type=int, default=None,
+                   help="fast: DINOv2's 12,500 iterations, at least 10 epochs; faithful: 100")
+    f.add_argument("--standardize", action="store_true",
+                   help="fast: z-score features with train statistics first (not in DINOv2's protocol)")
+    f.add_argument("--seed", type=int, default=0)
+    d = p.add_argument_group("faithful mode (DINO eval_linear)")
+    d.add_argument("--lr", type=float, default=0.001, help="scaled by batch / 256")
+    d.add_argument("--n-last-blocks", type=int, default=None,
+                   help="CLS tokens of the last n blocks (faithful default 4, DINO's ViT-S setting; logreg default 1)")
+    d.add_argument("--avgpool", action="store_true", help="add the mean patch token (DINO ViT-B: n=1 + avgpool)")
+    d.add_argument("--val-freq", type=int, default=1)
+    d.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
+    d.add_argument("--stop-after-steps", type=int, default=None, help="stop (checkpointed) after N steps in total")
+    r = p.add_argument_group("logreg mode")
+    r.add_argument("--cs", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0], help="inverse regularisation grid")
+    r.add_argument("--layout", choices=["cls", "mean", "cls+mean", "cls+mean-dino"], default="cls")
+    r.add_argument("--max-iter", type=int, default=1000)
+
+
+def discover_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``ssl-distill discover`` (:mod:`ssl_distill.eval.discover`)."""
+    parser.add_argument("checkpoint", help="run directory, checkpoint file, or official DINO / iBOT / DINOv2 file")
+    parser.add_argument("--images", help="image folder (default: JPEGImages/ of --voc; needed with --coco or alone)")
+    gt = parser.add_mutually_exclusive_group()
+    gt.add_argument("--voc", help="Pascal VOC folder: discover on its split and report CorLoc")
+    gt.add_argument("--coco", help="COCO-style JSON: discover on its images and report CorLoc")
+    parser.add_argument("--split", default="trainval", help="VOC ImageSets/Main split (default: trainval)")
+    parser.add_argument("--out", help="output folder (default: <run dir>/discover[_random_init])")
+    parser.add_argument("--masks", action="store_true", help="also write per-image foreground masks (PNG)")
+    parser.add_argument("--heatmaps", action="store_true", help="also write the eigenvector heat maps (PNG)")
+    parser.add_argument("--tau", type=float, default=TAU, help="similarity threshold (default 0.2)")
+    parser.add_argument("--eps", type=float, default=EPS, help="weight of dissimilar pairs (default 1e-5)")
+    parser.add_argument("--solver", default="auto", choices=["auto", "lanczos", "dense"],
+                        help="eigen-solver: Lanczos on the deflated standard form, scipy's dense generalized "
+                             "solve (the reference), or auto (dense up to 256 tokens)")
+    parser.add_argument("--which", default="teacher", choices=["teacher", "student"])
+    parser.add_argument("--random-init", action="store_true", help="same architecture, random weights")
+    parser.add_argument("--max-side", type=int, default=None, help="shrink images whose longer side exceeds this")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N images")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="backbone forward: fp32 (default) or bf16 / fp16 autocast (faster)")
+
+
+def corloc_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``ssl-distill corloc`` (:mod:`ssl_distill.eval.corloc`)."""
+    parser.add_argument("boxes", help="predicted boxes (COCO-style JSON, e.g. discovery's boxes.json)")
+    g = parser.add_mutually_exclusive_group(required=True)
+    g.add_argument("--voc", help="Pascal VOC folder with the ground truth")
+    g.add_argument("--coco", help="COCO-style JSON with the ground truth")
+    parser.add_argument("--split", default="trainval", help="VOC ImageSets/Main split (default trainval)")
+    parser.add_argument("--iou", type=float, default=0.5)
+    parser.add_argument("--skip-difficult", action="store_true")
+
+
+def export_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``ssl-distill export`` (:mod:`ssl_distill.eval.export`)."""
+    parser.add_argument("checkpoint", help="checkpoint file (ours or official DINO / iBOT / DINOv2) or run directory")
+    parser.add_argument("out", help="output file: .safetensors (default format) or .pth")
+    parser.add_argument("--which", choices=["teacher", "student"], default=None,
+                        help="teacher (default where a file holds both) or student")
+    parser.add_argument("--key", default=None, help="top-level entry holding the weights (default: detected)")
+    parser.add_argument("--format", dest="fmt", choices=["safetensors", "pth"], default=None,
+                        help="default: from the output suffix")
+    parser.add_argument("--num-heads", type=int, default=None, help="head count, for non-standard widths")
+
+
+def visualize_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``ssl-distill visualize`` (:mod:`ssl_distill.eval.visualize`)."""
+    parser.add_argument("checkpoint", help="run directory, checkpoint file, or official DINO / iBOT / DINOv2 file")
+    parser.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    parser.add_argument("--out", help="output folder (default: <run dir>/attention[_random_init])")
+    parser.add_argument("--threshold", type=float, default=0.6,
+                        help="keep the smallest set of patches holding this fraction of each head's mass (0: off)")
+    parser.add_argument("--rollout", action="store_true", help="also compute attention rollout across all blocks")
+    parser.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"], help="rollout head fusion")
+    parser.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of weakest weights")
+    parser.add_argument("--no-pca", action="store_true", help="skip the PCA of patch features")
+    parser.add_argument("--max-side", type=int, default=None, help="shrink images whose longer side exceeds this")
+    parser.add_argument("--which", default="teacher", choices=["teacher", "student"])
+    parser.add_argument("--random-init", action="store_true", help="same architecture, random weights")
+    parser.add_argument("--device", default="auto")
+
+
+def submit_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``ssl-distill submit`` (:mod:`ssl_distill.launch.submit`)."""
+    p.add_argument("config", help="YAML recipe, e.g. configs/dino_vit_small16.yaml")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for ssl-distill train")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU; 0: CPU tasks")
+    p.add_argument("--tasks-per-node", type=int, default=None,
+                   help="processes per node (default: --gpus-per-node, or 1 on CPU)")
+    p.add_argument("--cpus-per-task", type=int, default=None, help="also the torch thread count of each task")
+    p.add_argument("--mem-gb", type=float, default=None, help="memory per node")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--qos", default=None)
+    p.add_argument("--constraint", default=None)
+    p.add_argument("--exclude", default=None, help="nodes to avoid")
+    p.add_argument("--time", type=int, default=60 * 24, help="time limit in minutes (default 1440)")
+    p.add_argument("--job-name", default=None, help="default: ssl-<output dir name>")
+    p.add_argument("--signal-delay", type=int, default=120,
+                   help="seconds before the time limit at which SLURM sends SIGUSR2 (checkpoint + requeue)")
+    p.add_argument("--max-requeues", type=int, default=None, help="sets run.max_requeues")
+    p.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch option, e.g. --slurm-arg mail_type=END (repeatable)")
+    p.add_argument("--local", action="store_true", help="run here through submitit's local executor")
+    p.add_argument("--wait", action="store_true", help="wait for the job and print its last log record")

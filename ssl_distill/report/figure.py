@@ -1,0 +1,141 @@
+"""The report figure: one row per quantity, against step (left) and running wall-clock time (right).
+
+Rows: loss terms; the collapse monitors (teacher entropy and KL of the mean teacher output to
+uniform, with log K marked: entropy -> log K is collapse to uniform, KL -> log K collapse to one
+prototype); learning rate and weight decay; EMA momentum and teacher temperature; images/s; online
+k-NN top-1. One colour per run (figure legend), one line style per quantity (panel legend).
+Matplotlib's object API only (no pyplot state), so it draws in any process, display or not.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from .runs import RunData
+
+__all__ = ["ROWS", "draw_report"]
+
+_STYLES = ("-", "--", ":", "-.")
+
+
+def _plot(ax: Axes, run: RunData, key: str, x: str, scale: float, color: str, style: str, label: str,
+          records: str = "train", marker: str | None = None) -> bool:
+    xs, ys = run.series(key, records, x)
+    if not xs:
+        return False
+    xs = [v / scale for v in xs] if x == "seconds" else xs
+    few = len(xs) < 3
+    ax.plot(xs, ys, linestyle=style, color=color, label=label, marker=marker or ("o" if few else None),
+            markersize=4, linewidth=1.4)
+    return True
+
+
+def _loss(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: float) -> list[tuple[str, str]]:
+    styles: dict[str, str] = {}
+    drawn = False
+    for run, color in zip(runs, colors):
+        terms = run.loss_terms()
+        # a single term equals the loss up to its weight: draw the loss alone
+        shown = terms if len([t for t in terms if t != "loss"]) > 1 else [t for t in terms if t == "loss"]
+        for term in shown:
+            style = styles.setdefault(term, _STYLES[len(styles) % len(_STYLES)])
+            drawn |= _plot(ax, run, term, x, scale, color, style, term)
+    ax.set_ylabel("loss")
+    return list(styles.items()) if drawn else []
+
+
+def _collapse(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: float) -> list[tuple[str, str]]:
+    entropy = kl = False
+    for run, color in zip(runs, colors):
+        entropy |= _plot(ax, run, "teacher_entropy", x, scale, color, "-", "teacher entropy")
+        kl |= _plot(ax, run, "teacher_kl_uniform", x, scale, color, "--", "KL(mean teacher || uniform)")
+    if entropy or kl:
+        for k in sorted({r.out_dim for r in runs if r.out_dim and r.out_dim > 1}):
+            ax.axhline(math.log(k), color="0.35", linestyle=":", linewidth=1)
+            ax.annotate(f"log K = {math.log(k):.2f} (K = {k})", (0.005, math.log(k)), xycoords=("axes fraction", "data"),
+                        fontsize=7, color="0.3", va="bottom")
+    ax.set_ylabel("nats")
+    return ([("teacher entropy", "-")] if entropy else []) + ([("KL(mean teacher || uniform)", "--")] if kl else [])
+
+
+def _pair(left: str, right: str, left_label: str, right_label: str
+          ) -> Callable[[Axes, list[RunData], list[str], str, float], list[tuple[str, str]]]:
+    """Two quantities of different scales: ``left`` solid on the left axis, ``right`` dashed on the right."""
+
+    def draw(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: float) -> list[tuple[str, str]]:
+        twin = ax.twinx()
+        twin.ticklabel_format(axis="y", useOffset=False)  # 0.9995, not 1e-5 + 9.99e-1
+        a = b = False
+        for run, color in zip(runs, colors):
+            a |= _plot(ax, run, left, x, scale, color, "-", left_label)
+            b |= _plot(twin, run, right, x, scale, color, "--", right_label)
+        ax.set_ylabel(left_label)
+        if b:
+            twin.set_ylabel(right_label)
+        else:
+            twin.set_yticks([])
+        return ([(left_label, "-")] if a else []) + ([(f"{right_label} (right axis)", "--")] if b else [])
+
+    return draw
+
+
+def _images(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: float) -> list[tuple[str, str]]:
+    drawn = False
+    for run, color in zip(runs, colors):
+        drawn |= _plot(ax, run, "images_per_s", x, scale, color, "-", "images/s")
+    ax.set_ylabel("images/s (training)")
+    return [("images/s", "-")] if drawn else []
+
+
+def _knn(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: float) -> list[tuple[str, str]]:
+    labels: set[str] = set()
+    for run, color in zip(runs, colors):
+        key = run.knn_key()
+        if key is not None and _plot(ax, run, key, x, scale, color, "-", key, records="knn", marker="o"):
+            labels.add(f"top-1, k = {key.rsplit('k', 1)[1]}")
+    ax.set_ylabel("online k-NN top-1 (%)")
+    return [(label, "-") for label in sorted(labels)]
+
+
+#: (title, drawer) of each row
+ROWS: tuple[tuple[str, Callable[[Axes, list[RunData], list[str], str, float], list[tuple[str, str]]]], ...] = (
+    ("loss terms", _loss),
+    ("collapse monitors", _collapse),
+    ("learning rate and weight decay", _pair("lr", "wd", "learning rate", "weight decay")),
+    ("EMA momentum and teacher temperature", _pair("momentum", "teacher_temp", "EMA momentum", "teacher temperature")),
+    ("throughput", _images),
+    ("online k-NN (teacher)", _knn),
+)
+
+
+def draw_report(runs: list[RunData], path: Path, dpi: int = 110) -> Path:
+    """Draw every row of :data:`ROWS` for ``runs`` and save the figure to ``path`` (PNG)."""
+    seconds = [s for r in runs for part in r.seconds.values() for s in part if s is not None]
+    hours = bool(seconds) and max(seconds) >= 7200
+    scale, unit = (3600.0, "hours") if hours else (60.0, "minutes")
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+    fig = Figure(figsize=(14, 3.0 * len(ROWS) + 1.2), dpi=dpi, layout="constrained")
+    axes = fig.subplots(len(ROWS), 2, squeeze=False)
+    for row, (title, draw) in enumerate(ROWS):
+        for col, (x, xlabel) in enumerate((("step", "step"), ("seconds", f"wall-clock ({unit}, pauses removed)"))):
+            ax = axes[row][col]
+            ax.ticklabel_format(axis="y", useOffset=False)
+            styles = draw(ax, runs, colors, x, scale)
+            ax.set_title(f"{title} vs {'step' if x == 'step' else 'wall-clock'}", fontsize=10, loc="left")
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.grid(alpha=0.3)
+            if not styles:
+                ax.text(0.5, 0.5, "no data in the log", transform=ax.transAxes, ha="center", va="center", color="0.5")
+            elif col == 0 and (len(styles) > 1 or len(runs) == 1):
+                handles = [Line2D([], [], color="0.2", linestyle=style) for _, style in styles]
+                ax.legend(handles, [name for name, _ in styles], fontsize=7, loc="best")
+    handles = [Line2D([], [], color=c, linewidth=2.5) for c in colors]
+    fig.legend(handles, [r.name for r in runs], loc="outside upper center", ncols=min(len(runs), 6), fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
