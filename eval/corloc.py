@@ -29,8 +29,10 @@ from ssl_distill.cli_args import corloc_arguments as add_arguments  # options: t
 from ssl_distill.errors import AnnotationError  # defined without torch, for the command line; re-exported here
 
 __all__ = [
+    "AnnotationError",
     "CorLocResult",
     "GroundTruth",
+    "add_arguments",
     "box_iou",
     "corloc",
     "read_boxes_json",

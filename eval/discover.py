@@ -97,6 +97,7 @@ __all__ = [
     "TIE_RTOL",
     "DegenerateGraphWarning",
     "NCutResult",
+    "add_arguments",
     "affinity",
     "bipartition",
     "discover_image",

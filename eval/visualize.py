@@ -36,6 +36,7 @@ from ssl_distill.models.inspect import inspect_forward
 
 __all__ = [
     "AttentionMaps",
+    "add_arguments",
     "colorize",
     "compute_maps",
     "head_colors",

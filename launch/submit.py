@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ssl_distill.cli_args import submit_arguments as add_arguments  # options: torch-free
+from ssl_distill.cli_args import submit_arguments as add_arguments  # noqa: F401  (options: torch-free)
 from ssl_distill.config import Config, load_config
 from ssl_distill.errors import DataError
 
