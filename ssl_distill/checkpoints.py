@@ -148,6 +148,28 @@ def read_checkpoint(path: str | Path) -> tuple[Any, dict[str, str]]:
         raise unreadable(path, e) from e
 
 
+def read_training_checkpoint(path: Path, run_dir: Path) -> dict[str, Any] | None:
+    """The training checkpoint a run in ``run_dir`` resumes from; None when there is none yet.
+
+    Read with :func:`read_checkpoint`'s allow-list, so an official DINO / iBOT file gets a sentence, not
+    an unpickling error. Raises CheckpointError, saying how to go on, for a file that ssl-distill did not write (an
+    official DINO checkpoint copied in, another tool's file) or cannot read.
+    """
+    if not path.exists():
+        return None
+    how = (f"move it out of {run_dir}, train into another run.output_dir, or pass --fresh to start over "
+           "(which deletes it)")
+    try:
+        ckpt, _ = read_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; a run resumes from {path.name}, so {how}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path} was not written by ssl-distill training (format {found!r}, expected "
+                              f"{FORMAT!r}), so the run cannot resume from it: {how}")
+    return ckpt
+
+
 def _pickle_globals(path: Path) -> list[str] | None:
     """Globals a checkpoint's pickle imports (without unpickling it); None if it is no pickle at all."""
     if zipfile.is_zipfile(path):

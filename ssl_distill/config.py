@@ -168,7 +168,7 @@ class MonitorConfig:
     knn_val_dir: str = ""  # labeled folder; default: knn.val_dir
     knn_train_size: int = 5000  # images drawn from the train folder; 0: all
     knn_val_size: int = 2000  # images drawn from the val folder; 0: all
-    knn_precision: str = "bf16"  # feature extraction: bf16 (fast) | fp32 | fp16 (CUDA)
+    knn_precision: str = "bf16"  # feature extraction: bf16 (fast) | fp32 | fp16 (CUDA) | auto (bf16 where faster)
     knn_seed: int = 0  # draws the subsets
 
     @property
@@ -184,7 +184,7 @@ class RunConfig:
     output_dir: str = "runs/dino"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "bf16"  # bf16 (CPU and CUDA) | fp16 (CUDA, with GradScaler) | fp32
+    precision: str = "bf16"  # bf16 (CPU and CUDA) | fp16 (CUDA, with GradScaler) | fp32 | auto (bf16 where faster)
     threads: int = 0  # torch intra-op threads; 0: SLURM_CPUS_PER_TASK under SLURM, else torch's default
     log_every: int = 10  # iterations between JSON log lines
     checkpoint_every: int = 500  # iterations between checkpoints (and at every epoch end)
@@ -489,7 +489,7 @@ def _check_monitor(cfg: Config) -> None:
     if mo.knn_every_epochs > 0 and mo.knn_every_steps > 0:
         raise ConfigError(f"monitor.knn_every_epochs={mo.knn_every_epochs} and monitor.knn_every_steps="
                           f"{mo.knn_every_steps} both set the online k-NN interval: set one, the other to 0")
-    if mo.knn_precision not in ("fp32", "bf16", "fp16"):
+    if mo.knn_precision not in ("fp32", "bf16", "fp16", "auto"):
         raise ConfigError(f"monitor.knn_precision must be fp32, bf16 or fp16, got {mo.knn_precision!r}")
     if mo.knn_on:
         for split in ("train", "val"):
@@ -505,8 +505,8 @@ def validate(cfg: Config) -> None:
     wrong value costs nothing but its one-line message.
     """
     r, d, c, m, o, k = cfg.run, cfg.data, cfg.data.crops, cfg.model, cfg.optim, cfg.knn
-    if r.precision not in ("bf16", "fp16", "fp32"):
-        raise ConfigError(f"run.precision must be bf16, fp16 or fp32, got {r.precision!r}")
+    if r.precision not in ("bf16", "fp16", "fp32", "auto"):
+        raise ConfigError(f"run.precision must be bf16, fp16, fp32 or auto, got {r.precision!r}")
     if r.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"run.device must be auto, cpu or cuda, got {r.device!r}")
     positive = {

@@ -185,3 +185,17 @@ def test_linked_folders_are_followed(tmp_path):
     root.mkdir()
     os.symlink(real / "horizontal", root / "linked")
     assert sorted(scan_image_folder(root, labeled=False).paths) == ["linked/000.png", "linked/001.png"]
+
+
+def test_auto_precision_takes_bf16_only_where_it_is_faster(monkeypatch):
+    from ssl_distill import runtime
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "bf16_is_faster_on_cpu", lambda: False)
+    assert runtime.resolve_precision(cpu, "auto") == "fp32"
+    monkeypatch.setattr(runtime, "bf16_is_faster_on_cpu", lambda: True)
+    assert runtime.resolve_precision(cpu, "auto") == "bf16"
+    assert runtime.resolve_precision(torch.device("cuda"), "auto") == "bf16"
+    assert runtime.resolve_precision(cpu, "fp32") == "fp32" and runtime.resolve_precision(cpu, "bf16") == "bf16"
+    with pytest.raises(ConfigError, match="run.precision must be fp32, bf16, fp16 or auto"):
+        runtime.check_precision(cpu, "half")

@@ -104,29 +104,6 @@ def unreadable(path: Path, error: Exception) -> CheckpointError:
     return CheckpointError(f"cannot read checkpoint {path} (truncated or damaged?): {type(error).__name__}: {reason}")
 
 
-def read_training_checkpoint(path: Path, run_dir: Path) -> dict[str, Any] | None:
-    """The training checkpoint a run in ``run_dir`` resumes from; None when there is none yet.
-
-    Raises CheckpointError, saying how to go on, for a file that ssl-distill did not write (an
-    official DINO checkpoint copied in, another tool's file) or cannot read.
-    """
-    if not path.exists():
-        return None
-    how = (f"move it out of {run_dir}, train into another run.output_dir, or pass --fresh to start over "
-           "(which deletes it)")
-    from ..checkpoints import read_checkpoint  # the allow-list that also opens official DINO / iBOT files
-
-    try:
-        ckpt, _ = read_checkpoint(path)
-    except CheckpointError as e:
-        raise CheckpointError(f"{e}; a run resumes from {path.name}, so {how}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path} was not written by ssl-distill training (format {found!r}, expected "
-                              f"{FORMAT!r}), so the run cannot resume from it: {how}")
-    return ckpt
-
-
 def describe_mismatch(
     own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], name: Callable[[str], str] = lambda k: k
 ) -> str | None:

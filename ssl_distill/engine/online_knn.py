@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..runtime import resolve_precision
 from ..config import Config, ConfigError, MonitorConfig
 from ..data.folder import DataError, FileList, ImageFolderDataset, scan_image_folder
 from ..data.multicrop import EvalTransform, collate_eval
@@ -103,6 +104,7 @@ class OnlineKnn:
                  device: torch.device, logger: JsonlLogger | None) -> None:
         mo, knn = cfg.monitor, cfg.knn
         self.cfg, self.device, self.logger = cfg, device, logger
+        self.precision = resolve_precision(device, mo.knn_precision)  # auto: bf16 where it is faster
         self.iters_per_epoch = iters_per_epoch
         self.steps = evaluation_steps(mo, iters_per_epoch, total_steps)
         self.done: set[int] = set()
@@ -152,7 +154,7 @@ class OnlineKnn:
         transform = EvalTransform(knn.image_size, knn.resize_size, tuple(crops.mean), tuple(crops.std))
         t0 = time.perf_counter()
         with _untouched(backbone):
-            model, amp = prepare_inference(FeatureExtractor(backbone), self.cfg.monitor.knn_precision, self.device)
+            model, amp = prepare_inference(FeatureExtractor(backbone), self.precision, self.device)
             feats = []
             for files in self.subsets:
                 loader = torch.utils.data.DataLoader(
@@ -169,7 +171,7 @@ class OnlineKnn:
             record[f"knn_top1_k{k}"] = acc["top1"]
             record[f"knn_top5_k{k}"] = acc["top5"]
         record.update(knn_seconds=time.perf_counter() - t0, knn_n_train=int(train_x.shape[0]),
-                      knn_n_val=int(val_x.shape[0]), knn_precision=self.cfg.monitor.knn_precision, time=time.time())
+                      knn_n_val=int(val_x.shape[0]), knn_precision=self.precision, time=time.time())
         return record
 
     def summary(self, record: dict[str, Any]) -> str:

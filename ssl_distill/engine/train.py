@@ -16,23 +16,24 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..checkpoints import read_training_checkpoint
 from ..config import Config, config_diff, config_from_dict, config_to_dict, save_config
 from ..data.folder import BadImageCounter
 from ..data.loader import build_train_loader
 from ..errors import NonFiniteLossError  # defined without torch, for the command line; re-exported here
 from ..models import SyncBatchNorm1d, default_fused_attn
 from ..objectives import StepState
-from ..runtime import autocast_context, check_precision, resolve_device
+from ..runtime import autocast_context, check_precision, resolve_device, resolve_precision
 from . import distributed as du
 from .checkpoint import (
-    FORMAT, LATEST, CheckpointError, atomic_save, describe_mismatch, load_state_strict, read_training_checkpoint,
+    FORMAT, LATEST, CheckpointError, atomic_save, describe_mismatch, load_state_strict,
     remove_stale_temporaries, rng_state, set_rng_state,
 )
+from .build import build_model, build_objectives, uses_patches
 from .ema import ema_update
+from .masks import StepMasks
 from .monitor import CollapseMonitor, JsonlLogger
 from .online_knn import OnlineKnn
-from .build import build_model, build_objectives, uses_patches
-from .masks import StepMasks
 from .schedules import Schedules, frozen_last_layer
 from .stop import NAMES, REQUEUE, StopSignals
 
@@ -86,6 +87,10 @@ class Trainer:
             torch.set_num_threads(threads)
         self.device = device or resolve_device(cfg.run.device)
         check_precision(self.device, cfg.run.precision)
+        self.precision = resolve_precision(self.device, cfg.run.precision)
+        if cfg.run.precision == "auto" and du.is_main():
+            print(f"run.precision=auto: {self.precision} (bf16 matmuls are "
+                  f"{'faster' if self.precision == 'bf16' else 'slower'} than fp32 on this {self.device.type})")
         self.world = du.world_size()
         self.rank = du.rank()
         np.random.seed(cfg.run.seed + self.rank)
@@ -295,7 +300,7 @@ class Trainer:
                 group["weight_decay"] = wd
         state = self.step_state(step)
 
-        with autocast_context(self.device, self.cfg.run.precision):
+        with autocast_context(self.device, self.precision):
             teacher_out = self.teacher(crops[: self.n_global], patches="all" if self.patches else None,
                                        cls_attention=self.masks.needs_attention)
             masks = self.masks(data_masks, teacher_out, state)  # None without a patch objective
