@@ -262,21 +262,26 @@ def test_chunked_search_is_exact_and_bounded(dtype: torch.dtype, monkeypatch: py
         assert (res[k]["top1"], res[k]["top5"]) == (ref[k]["top1"], ref[k]["top5"])
 
 
-def test_knn_on_official_checkpoint_with_layouts_temperatures_and_cache(tmp_path) -> None:
+def _three_class_folders(root, n_train: int = 8, n_val: int = 4) -> None:
+    """root/{train,val}/c{0,1,2}/*.png: 16 x 16 noise images of three brightness levels."""
     import numpy as np
     from PIL import Image
 
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in range(3):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                img = rng.normal(40 + 70 * c, 20, (16, 16, 3)).clip(0, 255).astype(np.uint8)
+                Image.fromarray(img).save(root / split / f"c{c}" / f"{i}.png")
+
+
+def test_knn_on_official_checkpoint_with_layouts_temperatures_and_cache(tmp_path) -> None:
     from ssl_distill.eval.evaluate import knn_on_checkpoint
     from ssl_distill.eval.features import FeatureSpec
     from ssl_distill.models import BackboneSpec, ViTBackbone
 
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("val", 6)):
-        for c in range(3):
-            (tmp_path / split / f"c{c}").mkdir(parents=True)
-            for i in range(n):
-                img = rng.normal(40 + 70 * c, 20, (16, 16, 3)).clip(0, 255).astype(np.uint8)
-                Image.fromarray(img).save(tmp_path / split / f"c{c}" / f"{i}.png")
+    _three_class_folders(tmp_path, 12, 6)
     torch.manual_seed(0)
     bb = ViTBackbone(BackboneSpec(arch="vit_tiny", patch_size=8, img_size=16, depth=2))
     torch.save(bb.vit.state_dict(), tmp_path / "dino_like.pth")  # a DINO backbone release: timm names
@@ -311,20 +316,6 @@ def test_knn_on_official_checkpoint_with_layouts_temperatures_and_cache(tmp_path
 # Precision of the evaluation: fp32 by default (DINO's eval_knn.py), bf16 the fast option
 # ----------------------------------------------------------------------------------------------------
 KNN_OVERRIDES = ["knn.image_size=16", "knn.resize_size=16", "knn.ks=[3]", "knn.num_workers=0"]
-
-
-def _three_class_folders(root) -> None:
-    """root/{train,val}/c{0,1,2}/*.png: 16 x 16 noise images of three brightness levels."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 4)):
-        for c in range(3):
-            (root / split / f"c{c}").mkdir(parents=True)
-            for i in range(n):
-                img = rng.normal(40 + 70 * c, 20, (16, 16, 3)).clip(0, 255).astype(np.uint8)
-                Image.fromarray(img).save(root / split / f"c{c}" / f"{i}.png")
 
 
 def _cached_features(cache_dir, split: str) -> Tensor:
