@@ -87,7 +87,8 @@ class Trainer:
             torch.set_num_threads(threads)
         self.device = device or resolve_device(cfg.run.device)
         check_precision(self.device, cfg.run.precision)
-        self.precision = resolve_precision(self.device, cfg.run.precision)
+        # rank 0's choice for every rank: "auto" times matmuls, and ranks must not train in different precisions
+        self.precision = du.gather_objects(resolve_precision(self.device, cfg.run.precision))[0]
         if cfg.run.precision == "auto" and du.is_main():
             print(f"run.precision=auto: {self.precision} (bf16 matmuls are "
                   f"{'faster' if self.precision == 'bf16' else 'slower'} than fp32 on this {self.device.type})")
