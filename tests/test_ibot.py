@@ -112,7 +112,7 @@ def test_patch_and_cls_terms_equal_the_official_ibot_loss_on_identical_tensors()
     c0, c20 = dino.center.clone(), patch.patch_center.clone()
     state = StepState(step=0, epoch=0.0, teacher_temp=0.05, patch_teacher_temp=0.06)
     student = {"cls": student_cls, "patch_masked": student_patch[masks]}
-    teacher = {"cls": teacher_cls, "patch": teacher_patch}
+    teacher = {"cls": teacher_cls, "patch_masked": teacher_patch[masks], "patch_mean": teacher_patch.mean((0, 1))[None]}
     ours_cls = dino.terms(student, teacher, masks, state)["loss"]
     ours_patch = patch.terms(student, teacher, masks, state)["loss"]
     ref_cls, ref_patch, ref_c, ref_c2 = official_ibot_loss(student_cls, student_patch, teacher_cls, teacher_patch,
@@ -128,6 +128,27 @@ def test_patch_and_cls_terms_equal_the_official_ibot_loss_on_identical_tensors()
     torch.testing.assert_close(ref_noisy, ref_patch)
 
 
+def test_teacher_patch_targets_equal_the_head_on_every_patch():
+    """The teacher runs its head's last layer on the masked rows and on the mean bottleneck only: the
+    same logits and center update as iBOT's head applied to every patch, shared or separate head."""
+    from ssl_distill.models import DINOHead, MultiCropModel
+
+    torch.manual_seed(3)
+    backbone = ViTBackbone(BackboneSpec(arch="vit_tiny", patch_size=8, img_size=32, depth=2), mask_token=True)
+    for separate in (False, True):
+        head = DINOHead(192, 50, hidden_dim=64, bottleneck_dim=16, norm_last_layer=False)
+        patch_head = DINOHead(192, 30, hidden_dim=64, bottleneck_dim=16) if separate else None
+        model = MultiCropModel(backbone, head, patch_head).eval()
+        x = torch.randn(4, 3, 32, 32)
+        masks = torch.rand(4, 16) < 0.3
+        with torch.no_grad():
+            out = model([x], patches="targets")
+            got = model.patch_targets(out["patch_z"], masks)
+            full = (patch_head or head)(backbone.forward_tokens(x)["patch"].reshape(64, 192)).view(4, 16, -1)
+        torch.testing.assert_close(got["patch_masked"], full[masks], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["patch_mean"], full.mean((0, 1))[None], rtol=1e-5, atol=1e-6)
+
+
 def test_patch_term_by_hand():
     """Two images, two patches, K = 2, tau_s = tau_t = 1, zero center: image 0 masks patch 1 only,
     image 1 masks nothing and adds zero; the loss is the mean over the two images."""
@@ -135,13 +156,14 @@ def test_patch_term_by_hand():
     masks = torch.tensor([[False, True], [False, False]])
     teacher = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0]], [[1.0, 2.0], [3.0, 4.0]]])  # q = (3/4, 1/4) at (0, 1)
     student = torch.tensor([[0.0, math.log(2.0)]])  # p = (1/3, 2/3) at image 0, patch 1
-    out = loss(student, teacher, masks, teacher_temp=1.0)
+    out = loss(student, teacher[masks], teacher.mean((0, 1))[None], masks, teacher_temp=1.0)
     expected = -(0.75 * math.log(1 / 3) + 0.25 * math.log(2 / 3)) / 1 / 2
     assert out["patch"].item() == pytest.approx(expected, rel=1e-6)
     assert out["mask_ratio"].item() == pytest.approx(0.25)
     # center momentum 0: the center becomes the mean teacher patch token over patches and images
     torch.testing.assert_close(loss.patch_center[0, 0], teacher.mean(1).mean(0))
-    nothing = loss(student[:0], teacher, torch.zeros(2, 2, dtype=torch.bool), teacher_temp=1.0)
+    nothing = loss(student[:0], teacher[:0, 0], teacher.mean((0, 1))[None], torch.zeros(2, 2, dtype=torch.bool),
+                   teacher_temp=1.0)
     assert nothing["patch"].item() == 0.0
 
 

@@ -302,9 +302,11 @@ class Trainer:
         state = self.step_state(step)
 
         with autocast_context(self.device, self.precision):
-            teacher_out = self.teacher(crops[: self.n_global], patches="all" if self.patches else None,
+            teacher_out = self.teacher(crops[: self.n_global], patches="targets" if self.patches else None,
                                        cls_attention=self.masks.needs_attention)
             masks = self.masks(data_masks, teacher_out, state)  # None without a patch objective
+            if masks is not None:
+                teacher_out.update(self.teacher.patch_targets(teacher_out["patch_z"], masks))
             student_out = self.student_ddp(crops, masks=masks, patches="masked" if self.patches else None)
         terms = [objective.terms(student_out, teacher_out, masks, state) for objective in self.objectives]
         loss = sum(t.pop("loss") for t in terms)

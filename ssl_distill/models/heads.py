@@ -114,8 +114,11 @@ class DINOHead(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, in_dim) -> (N, bottleneck_dim): the MLP and the L2 normalisation, before the last layer."""
         x = self.mlp(x)
         eps = 1e-6 if x.dtype == torch.float16 else 1e-12
-        x = F.normalize(x, dim=-1, p=2, eps=eps)
-        return self.last_layer(x)
+        return F.normalize(x, dim=-1, p=2, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(self.project(x))

@@ -26,8 +26,9 @@ class MultiCropModel(nn.Module):
 
     - ``"cls"``: (V*B, K) head logits of the CLS tokens;
     - ``"cls_feat"``: (V*B, D) the backbone's CLS tokens (before the head);
-    - ``"patch"``: (G*B, P, K_p) patch-head logits of every patch of the first resolution group (the
-      G global views), with ``patches="all"``;
+    - ``"patch_z"``: (G*B, P, d) the patch head's normalised bottleneck of every patch of the first
+      resolution group (the G global views), with ``patches="targets"`` (the teacher):
+      :meth:`patch_targets` turns it into logits once the masks are known;
     - ``"patch_masked"``: (M, K_p) patch-head logits of the M masked patches only, in the order of
       ``masks.nonzero()`` (view, image, patch), with ``patches="masked"``: the patch objective reads
       the student only there, so the head runs on those rows alone;
@@ -49,8 +50,8 @@ class MultiCropModel(nn.Module):
                 patches: str | None = None, cls_attention: bool = False) -> dict[str, torch.Tensor]:
         if isinstance(crops, torch.Tensor):
             crops = [crops]
-        if patches not in (None, "all", "masked"):
-            raise ValueError(f"patches must be None, 'all' or 'masked', got {patches!r}")
+        if patches not in (None, "targets", "masked"):
+            raise ValueError(f"patches must be None, 'targets' or 'masked', got {patches!r}")
         if patches == "masked" and masks is None:
             raise ValueError("patches='masked' needs masks")
         out: dict[str, torch.Tensor] = {}
@@ -62,15 +63,31 @@ class MultiCropModel(nn.Module):
                 cls_feats.append(tokens["cls"])
                 if cls_attention:
                     out["cls_attention"] = tokens["cls_attention"]
-                if patches is not None:
-                    patch_head = self.patch_head if self.patch_head is not None else self.head
-                    if patches == "all":
-                        b, p, d = tokens["patch"].shape
-                        out["patch"] = patch_head(tokens["patch"].reshape(b * p, d)).view(b, p, -1)
-                    else:
-                        out["patch_masked"] = patch_head(tokens["patch"][masks])
+                if patches == "targets":
+                    b, p, d = tokens["patch"].shape
+                    out["patch_z"] = self._patch_head.project(tokens["patch"].reshape(b * p, d)).view(b, p, -1)
+                elif patches == "masked":
+                    out["patch_masked"] = self._patch_head(tokens["patch"][masks])
             else:
                 cls_feats.append(self.backbone(x))
         out["cls_feat"] = torch.cat(cls_feats)
         out["cls"] = self.head(out["cls_feat"])
         return out
+
+    @property
+    def _patch_head(self) -> nn.Module:
+        return self.patch_head if self.patch_head is not None else self.head
+
+    def patch_targets(self, patch_z: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The teacher's patch logits that the patch objective reads, from ``patch_z`` (G*B, P, d):
+
+        - ``"patch_masked"``: (M, K_p) logits of the M masked patches, in ``masks.nonzero()`` order;
+        - ``"patch_mean"``: (1, K_p) the mean logit vector over all G*B*P patches (the center's update).
+
+        The head's last layer is linear without bias, so the mean of its outputs is its output of the
+        mean: the (d -> K_p) layer runs on M + 1 rows instead of G*B*P (3,136 at ViT-S/16, 2 x 8 x 224),
+        the same numbers as iBOT's head on every patch up to rounding.
+        """
+        last = self._patch_head.last_layer
+        return {"patch_masked": last(patch_z[masks]),
+                "patch_mean": last(patch_z.flatten(0, 1).float().mean(0, keepdim=True))}

@@ -5,7 +5,7 @@ An objective is a small ``nn.Module`` with a ``terms`` method::
     terms(student, teacher, masks, state) -> {"loss": weighted scalar, "<name>": scalar, ...}
 
 ``student`` / ``teacher`` are the named outputs of :class:`~ssl_distill.models.MultiCropModel`
-(``"cls"``, ``"cls_feat"``, ``"patch"``, ``"patch_masked"`` ...), ``masks`` the (G*B, P) patch
+(``"cls"``, ``"cls_feat"``, ``"patch_masked"``, ``"patch_mean"`` ...), ``masks`` the (G*B, P) patch
 masks of the step (or None), ``state`` the schedule values of this iteration. ``"loss"`` is what
 the step adds to the total (the objective applies its own weight); every other entry is logged,
 detached. Buffers an objective owns (centers) are saved in the checkpoint under their own names.

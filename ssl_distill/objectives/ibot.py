@@ -52,26 +52,28 @@ class PatchLoss(nn.Module):
 
     def terms(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
               masks: torch.Tensor | None, state: StepState) -> dict[str, torch.Tensor]:
-        """The step's interface: the student's masked patch logits against the teacher's patches."""
+        """The step's interface: the student's masked patch logits against the teacher's."""
         if masks is None:
             raise ValueError("the patch objective needs the step's patch masks")
-        out = self(student["patch_masked"], teacher["patch"], masks, state.patch_teacher_temp)
+        out = self(student["patch_masked"], teacher["patch_masked"], teacher["patch_mean"], masks,
+                   state.patch_teacher_temp)
         return {"loss": out["patch"] * self.weight, **out}
 
-    def forward(self, student_masked: torch.Tensor, teacher_patch: torch.Tensor, masks: torch.Tensor,
-                teacher_temp: float) -> dict[str, torch.Tensor]:
+    def forward(self, student_masked: torch.Tensor, teacher_masked: torch.Tensor, teacher_mean: torch.Tensor,
+                masks: torch.Tensor, teacher_temp: float) -> dict[str, torch.Tensor]:
         """Loss over the masked patches; updates the patch center afterwards (EMA centering).
 
         Args:
             student_masked: (M, K) student logits of the M masked patches, in ``masks.nonzero()`` order.
-            teacher_patch: (G*B, P, K) teacher logits of every patch of the G unmasked global views.
+            teacher_masked: (M, K) teacher logits of the same patches of the unmasked global views.
+            teacher_mean: (1, K) the teacher's mean logit vector over every patch of its G*B views
+                (what iBOT's center averages; see :meth:`MultiCropModel.patch_targets`).
             masks: (G*B, P) bool, True where the student's patch was masked; M = masks.sum().
             teacher_temp: the patch teacher temperature of this iteration.
         Returns:
             {"patch": scalar loss, "mask_ratio": fraction of masked patches (detached)}.
         """
-        teacher_patch = teacher_patch.float()
-        teacher_masked = teacher_patch[masks]  # (M, K): only the targets that enter the loss
+        teacher_masked = teacher_masked.float()
         if self.centering == "sinkhorn_knopp":
             targets = sinkhorn_knopp(teacher_masked, teacher_temp, rows_differ_across_ranks=True)
         else:
@@ -82,16 +84,17 @@ class PatchLoss(nn.Module):
         per_image = per_patch.new_zeros(masks.shape[0]).index_add(0, image, per_patch)
         per_image = per_image / masks.sum(-1).clamp(min=1)
         if self.centering == "ema":
-            self.update_center(teacher_patch)
+            self.update_center(teacher_mean)
         return {"patch": per_image.mean(), "mask_ratio": masks.float().mean().detach()}
 
     @torch.no_grad()
-    def update_center(self, teacher_patch: torch.Tensor) -> None:
-        """EMA of the mean teacher patch token over patches and images, all-reduced over ranks."""
-        batch_center = teacher_patch.mean(1).sum(0, keepdim=True)  # (1, K)
+    def update_center(self, teacher_mean: torch.Tensor) -> None:
+        """EMA of the mean teacher patch token over patches and images, averaged over ranks
+        (every rank holds the same number of patches)."""
+        batch_center = teacher_mean.detach().float().reshape(1, -1).clone()  # (1, K)
         world = 1
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_center)
             world = dist.get_world_size()
-        batch_center = batch_center / (len(teacher_patch) * world)
+        batch_center = batch_center / world
         self.patch_center.mul_(self.center_momentum).add_(batch_center.unsqueeze(0) * (1 - self.center_momentum))
