@@ -294,3 +294,27 @@ def test_masked_recipes_are_the_official_commands():
     for path in ("configs/ibot_tiny_fmnist.yaml", "configs/attmask_tiny_fmnist.yaml"):
         tiny, demo = load_config(path), load_config("configs/dino_tiny_fmnist.yaml")
         assert tiny.ibot.weight == 1.0 and tiny.data == demo.data and tiny.model == demo.model and tiny.optim == demo.optim
+
+
+def _patch_center_split(rank: int, world: int, teacher: torch.Tensor, expected: torch.Tensor) -> None:
+    loss = PatchLoss(teacher.shape[-1], center_momentum=0.5)
+    half = teacher.shape[0] // world
+    mine = teacher[rank * half:(rank + 1) * half]
+    masks = torch.zeros(mine.shape[:2], dtype=torch.bool)
+    masks[:, 0] = True
+    loss(mine[masks] * 0, mine[masks], mine.mean((0, 1))[None], masks, teacher_temp=0.07)
+    torch.testing.assert_close(loss.patch_center, expected)
+
+
+def test_patch_center_is_averaged_over_ranks():
+    """2 gloo processes holding half the images each update the patch center as 1 process holding all."""
+    from gloo import spawn_gloo
+
+    torch.manual_seed(4)
+    teacher = torch.randn(6, 5, 7)
+    loss = PatchLoss(7, center_momentum=0.5)
+    masks = torch.zeros(6, 5, dtype=torch.bool)
+    masks[:, 0] = True
+    loss(teacher[masks] * 0, teacher[masks], teacher.mean((0, 1))[None], masks, teacher_temp=0.07)
+    torch.testing.assert_close(loss.patch_center[0, 0], teacher.mean((0, 1)) * 0.5)
+    spawn_gloo(_patch_center_split, teacher, loss.patch_center.clone())
