@@ -27,8 +27,10 @@ global block index: chunk ``c`` pads its list with ``Identity`` modules), ``w12`
 ``gamma_2`` become ``ls1.gamma``/``ls2.gamma``, and DINOv2 registers become timm's ``reg_token`` with the
 class token's position term folded into ``cls_token`` (registers carry no position term in DINOv2). Mask
 tokens (``mask_token``, ``masked_embed``) are only used for masked-image-modelling training; they are
-dropped and reported. Everything else under the backbone prefix must match the model exactly: missing,
-unexpected or mis-shaped keys raise :class:`CheckpointError` listing them.
+dropped and reported. Asked for an ODIS backbone (``obj_token=True``), a file without an [OBJ] token gives
+one initialised from its [CLS] token and [CLS]'s position term, with a printed note. Everything else
+under the backbone prefix must match the model exactly: missing, unexpected or mis-shaped keys raise
+:class:`CheckpointError` listing them.
 
 The architecture (width, depth, patch size, stored image size, registers, layer scale, MLP kind and
 width, qkv bias) is inferred from the weights. The head count is not in the weights: it comes from
@@ -58,7 +60,7 @@ import torch
 
 from .config import Config, ModelConfig, config_from_dict
 from .engine.checkpoint import FORMAT, CheckpointError, describe_mismatch, find_checkpoint, unreadable
-from .models import BackboneSpec, ViTBackbone
+from .models import OBJ_KEYS, BackboneSpec, ViTBackbone, fill_obj_from_cls
 from .models.backbone import VIT_SIZES, arch_for_width, grid_side, standard_heads
 
 __all__ = [
@@ -489,13 +491,16 @@ def _freeze(backbone: ViTBackbone) -> ViTBackbone:
 
 
 def load_any_backbone(path: str | Path, which: str | None = None, key: str | None = None,
-                      **spec_overrides: Any) -> LoadedBackbone:
+                      obj_token: bool = False, **spec_overrides: Any) -> LoadedBackbone:
     """The frozen backbone of any supported checkpoint (see the module docstring).
 
     Args:
         path: a checkpoint file (``.pth`` / ``.pt`` / ``.safetensors``) or an ssl-distill run directory.
         which: ``"teacher"`` (default where both exist, as DINO evaluates) or ``"student"``.
         key: top-level entry holding the weights, when automatic detection is not wanted.
+        obj_token: build an ODIS backbone with an [OBJ] token; a file without one (DINO, iBOT, DINOv2, our
+            non-ODIS runs) initialises it from its [CLS] token (:func:`ssl_distill.models.fill_obj_from_cls`).
+            Our ODIS checkpoints get their [OBJ] token whatever this says.
         spec_overrides: :class:`BackboneSpec` fields to force for official files (e.g. ``num_heads``,
             ``pos_interp``); ``None`` values are ignored.
     """
@@ -505,7 +510,7 @@ def load_any_backbone(path: str | Path, which: str | None = None, key: str | Non
         if key not in (None, "teacher", "student"):
             raise CheckpointError(f"{file} is an ssl-distill checkpoint: key must be 'teacher' or 'student', "
                                   f"got {key!r}")
-        return _load_ours(file, obj, key or which or "teacher")
+        return _load_ours(file, obj, key or which or "teacher", obj_token)
     found = find_backbone_state(obj, which, key)
     ts = to_timm_layout(found.state, found.source)
     if SPEC_METADATA_KEY in meta:  # written by our export: the exact spec, pos_interp included
@@ -517,38 +522,53 @@ def load_any_backbone(path: str | Path, which: str | None = None, key: str | Non
     else:
         spec = infer_spec(ts, found.hints, **spec_overrides)
     try:
-        backbone = ViTBackbone(spec, init_weights=False)
+        backbone = ViTBackbone(spec, init_weights=False, obj_token=obj_token)
     except (ValueError, AssertionError, TypeError) as e:
         raise CheckpointError(f"{file}: cannot build the inferred backbone {spec}: {e}") from e
     _strict_load(backbone, ts, f"{file} [{found.source}{', prefix ' + repr(found.prefix) if found.prefix else ''}]")
+    if obj_token:
+        backbone.init_obj_from_cls()
+        _obj_note(f"{file} [{found.source}]")
     return LoadedBackbone(_freeze(backbone), config_from_spec(spec), file, ts.layout, found.source, found.prefix,
                           ts.dropped, found.ignored)
 
 
-def _load_ours(file: Path, ckpt: dict[str, Any], which: str) -> LoadedBackbone:
+def _obj_note(what: str) -> None:
+    print(f"note: {what} has no [OBJ] token: obj_token starts as its cls_token, obj_pos_embed as the CLS "
+          "position term")
+
+
+def _load_ours(file: Path, ckpt: dict[str, Any], which: str, obj_token: bool = False) -> LoadedBackbone:
     if which not in ("teacher", "student"):
         raise CheckpointError(f"which must be 'teacher' or 'student', got {which!r}")
     if "config" not in ckpt or which not in ckpt:
         raise CheckpointError(f"{file}: ssl-distill checkpoint without 'config' or '{which}'")
     cfg = config_from_dict(ckpt["config"])
-    backbone = ViTBackbone(spec_from_config(cfg), init_weights=False)
     from .engine.checkpoint import load_state_strict
 
     state = strip_prefix(ckpt[which], "backbone.")
+    has_obj = obj_token or any(k in state for k in OBJ_KEYS)  # our ODIS runs keep their [OBJ] token
+    backbone = ViTBackbone(spec_from_config(cfg), init_weights=False, obj_token=has_obj)
     dropped = [k for k in MASK_TOKENS if state.pop(k, None) is not None]  # iBOT's mask token: training only
+    ignored = len(ckpt[which]) - len(state) - len(dropped)
+    try:
+        filled = has_obj and fill_obj_from_cls(state, backbone.vit.no_embed_class)
+    except ValueError as e:
+        raise CheckpointError(f"{file}: {which} backbone: {e}") from e
     load_state_strict(backbone, state, f"{file}: {which} backbone")
-    return LoadedBackbone(_freeze(backbone), cfg, file, "ssl-distill", which, "backbone.", dropped,
-                          len(ckpt[which]) - len(state) - len(dropped))
+    if filled:
+        _obj_note(f"{file} [{which}]")
+    return LoadedBackbone(_freeze(backbone), cfg, file, "ssl-distill", which, "backbone.", dropped, ignored)
 
 
-def load_backbone(path: str | Path, which: str = "teacher", key: str | None = None,
+def load_backbone(path: str | Path, which: str = "teacher", key: str | None = None, obj_token: bool = False,
                   **spec_overrides: Any) -> tuple[ViTBackbone, Config]:
     """The frozen backbone of a checkpoint file or run directory, and its config.
 
     ssl-distill checkpoints return the run's config; official DINO / iBOT / DINOv2 / timm files return a
     default config whose model section describes the inferred architecture. ``which`` is ``teacher``
     (default, as DINO evaluates) or ``student``. Loading is strict: a missing or unexpected backbone key
-    raises CheckpointError naming it.
+    raises CheckpointError naming it (``obj_token``: see :func:`load_any_backbone`).
     """
-    loaded = load_any_backbone(path, which, key, **spec_overrides)
+    loaded = load_any_backbone(path, which, key, obj_token, **spec_overrides)
     return loaded.backbone, loaded.config

@@ -1,14 +1,16 @@
 """Models: the timm ViT backbone wrapper, projection heads, and the multi-crop wrapper."""
-from .backbone import VIT_SIZES, BackboneSpec, ViTBackbone, default_fused_attn
+from .backbone import OBJ_KEYS, VIT_SIZES, BackboneSpec, ViTBackbone, default_fused_attn, fill_obj_from_cls
 from .heads import DINOHead, WeightNormLinear
 from .multicrop import MultiCropModel, group_by_resolution
 from .sync_bn import SyncBatchNorm1d
 
 __all__ = [
+    "OBJ_KEYS",
     "VIT_SIZES",
     "BackboneSpec",
     "ViTBackbone",
     "default_fused_attn",
+    "fill_obj_from_cls",
     "DINOHead",
     "WeightNormLinear",
     "MultiCropModel",

@@ -22,6 +22,18 @@ Position-embedding interpolation for other input sizes (``BackboneSpec.pos_inter
 - ``"dino"``: DINO / iBOT / DINOv2 (no registers) ``interpolate_pos_encoding``: bicubic without
   antialiasing, driven by the scale factor ``(grid + 0.1) / stored_grid``; the stored embedding is used
   unchanged at its own grid size. Needed to reproduce those models' features at, e.g., 224 px.
+
+ODIS's [OBJ] token (Hızlı, Yıldız, Marttinen 2025, "Object-level Self-Distillation for Vision
+Pretraining", arXiv 2506.05409, Sec. 3: object token with masked attention), with ``obj_token=True``:
+
+- layout ``[CLS, OBJ, registers..., patches]``; the [OBJ] token is the learned ``obj_token`` plus its own
+  learned position term ``obj_pos_embed`` (both (1, 1, D)), inserted after timm's position embedding;
+- at every block the [OBJ] query attends only to itself, [CLS] and the patches inside its view's object
+  mask (never to registers); CLS, register and patch queries do not attend to the [OBJ] key, so their
+  outputs equal those of the same weights without [OBJ] (DINO / iBOT terms and checkpoints unchanged);
+- one additive attention mask (0 / -inf, (B, 1, T, T)) per forward, built once and given to every
+  block (``Block(x, attn_mask=...)``): the fused SDPA kernel and timm's matmul-softmax path both add it
+  to the logits before the softmax, so masked keys get exactly zero weight.
 """
 from __future__ import annotations
 
@@ -47,6 +59,7 @@ VIT_SIZES: dict[str, tuple[int, int, int]] = {
 }
 MLP_LAYERS = ("mlp", "swiglu")
 POS_INTERP = ("timm", "dino")
+OBJ_KEYS = ("obj_token", "obj_pos_embed")  # the [OBJ] parameters of ViTBackbone (outside ``vit``)
 
 
 @dataclass
@@ -151,20 +164,74 @@ class _VisionTransformer(VisionTransformer):
         return self.pos_drop(x)
 
 
+def obj_init_from_cls(cls_token: torch.Tensor, pos_embed: torch.Tensor | None,
+                      no_embed_class: bool) -> dict[str, torch.Tensor]:
+    """``obj_token`` and ``obj_pos_embed`` (each (1, 1, D)) copied from a ViT's class token.
+
+    The [OBJ] token starts as [CLS] and its position term as [CLS]'s (``pos_embed[:, :1]``); models whose
+    position embedding covers the patches only (``no_embed_class``: the class token carries its own
+    position) give a zero position term. Used to start ODIS from a DINO / iBOT checkpoint.
+    """
+    token = cls_token.detach().clone().reshape(1, 1, -1)
+    if no_embed_class or pos_embed is None:
+        pos = torch.zeros_like(token)
+    else:
+        pos = pos_embed.detach()[:, :1].clone()
+    return {"obj_token": token, "obj_pos_embed": pos}
+
+
+def fill_obj_from_cls(state: dict[str, torch.Tensor], no_embed_class: bool, prefix: str = "") -> bool:
+    """Add ``{prefix}obj_token`` / ``{prefix}obj_pos_embed`` to a ViTBackbone state dict that lacks them.
+
+    Taken from ``{prefix}vit.cls_token`` / ``{prefix}vit.pos_embed`` (:func:`obj_init_from_cls`), so a
+    checkpoint of a backbone without [OBJ] loads strictly into one with it. Returns whether it added them;
+    a state holding only one of the two raises ValueError.
+    """
+    present = [k for k in OBJ_KEYS if prefix + k in state]
+    if len(present) == len(OBJ_KEYS):
+        return False
+    if present:
+        missing = next(prefix + k for k in OBJ_KEYS if k not in present)
+        raise ValueError(f"state dict has {prefix + present[0]} but no {missing}: an [OBJ] token needs both")
+    if prefix + "vit.cls_token" not in state:
+        raise ValueError(f"no {prefix}vit.cls_token to initialise the [OBJ] token from")
+    init = obj_init_from_cls(state[prefix + "vit.cls_token"], state.get(prefix + "vit.pos_embed"), no_embed_class)
+    state.update({prefix + k: v for k, v in init.items()})
+    return True
+
+
+def _attention_dtype(h: torch.Tensor) -> torch.dtype:
+    """dtype of the attention logits the blocks will compute from ``h`` (autocast's when it is on)."""
+    device = h.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return h.dtype
+
+
 class ViTBackbone(nn.Module):
     """timm ViT returning named tokens for batches of same-size crops.
 
     ``forward(x)`` with ``x`` of shape (B, 3, H, W), H and W multiples of the patch size, returns the
     CLS token after the final norm, shape (B, D). ``forward_tokens`` also returns the patch tokens (and
-    the register tokens when the model has some); ``get_intermediate_layers`` the tokens of the last
-    ``n`` blocks.
+    the register tokens when the model has some, the [OBJ] token when it has one);
+    ``get_intermediate_layers`` the tokens of the last ``n`` blocks.
+
+    With ``obj_token=True`` (ODIS, see the module docstring) the token sequence is
+    ``[CLS, OBJ, registers..., patches]`` and ``num_prefix_tokens`` counts the [OBJ] token.
+    CLS and patch queries do not attend to [OBJ] (the ODIS sources only restrict the [OBJ] query;
+    "CLS and patch queries attend as usual" is read as "as in the model without [OBJ]").
     """
 
-    def __init__(self, spec: BackboneSpec, init_weights: bool = True, mask_token: bool = False) -> None:
+    def __init__(self, spec: BackboneSpec, init_weights: bool = True, mask_token: bool = False,
+                 obj_token: bool = False) -> None:
         """``init_weights=False`` skips the random initialisation (the weights are loaded right after).
 
         ``mask_token`` adds iBOT's learned ``masked_embed`` (1, D), zero-initialised as iBOT, which
         replaces the patch embeddings of masked positions (see :meth:`forward_tokens`).
+
+        ``obj_token`` adds ODIS's [OBJ] token: ``obj_token`` (1, 1, D) initialised like DINO's class token
+        and ``obj_pos_embed`` (1, 1, D) like DINO's position embedding (both trunc normal, std 0.02),
+        drawn after every other weight (a backbone without [OBJ] gets the same weights from one seed).
         """
         super().__init__()
         self.spec = spec
@@ -178,26 +245,96 @@ class ViTBackbone(nn.Module):
         self.embed_dim = kwargs["embed_dim"]
         self.depth = kwargs["depth"]
         self.patch_size = spec.patch_size
-        self.num_prefix_tokens = self.vit.num_prefix_tokens
         self.num_reg_tokens = spec.reg_tokens
         self.masked_embed = nn.Parameter(torch.zeros(1, self.embed_dim)) if mask_token else None
+        self.has_obj_token = bool(obj_token)
+        self.obj_token: nn.Parameter | None = None
+        self.obj_pos_embed: nn.Parameter | None = None
+        if obj_token:
+            self.obj_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+            self.obj_pos_embed = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+            if init_weights:
+                nn.init.trunc_normal_(self.obj_token, std=0.02)
+                nn.init.trunc_normal_(self.obj_pos_embed, std=0.02)
+        # tokens before the patches in the sequences of forward_tokens / get_intermediate_layers
+        self.num_prefix_tokens = self.vit.num_prefix_tokens + int(self.has_obj_token)
 
     def set_fused_attn(self, fused: bool) -> None:
         """Choose the fused SDPA kernel (fast on CUDA) or the plain matmul-softmax path (fast on CPU)."""
         for blk in self.vit.blocks:
             blk.attn.fused_attn = fused
 
+    @torch.no_grad()
+    def init_obj_from_cls(self) -> None:
+        """Set ``obj_token`` to the class token and ``obj_pos_embed`` to its position term (see
+        :func:`obj_init_from_cls`): ODIS starting from a DINO / iBOT backbone."""
+        if self.obj_token is None or self.obj_pos_embed is None:
+            raise ValueError("init_obj_from_cls needs a backbone built with obj_token=True")
+        init = obj_init_from_cls(self.vit.cls_token, self.vit.pos_embed, self.vit.no_embed_class)
+        self.obj_token.copy_(init["obj_token"])
+        self.obj_pos_embed.copy_(init["obj_pos_embed"])
+
     def _split(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {"cls": tokens[:, 0], "patch": tokens[:, self.num_prefix_tokens :]}
+        first_reg = 1 + int(self.has_obj_token)
+        if self.has_obj_token:
+            out["obj"] = tokens[:, 1]
         if self.num_reg_tokens:
-            out["reg"] = tokens[:, 1 : self.num_prefix_tokens]
+            out["reg"] = tokens[:, first_reg : self.num_prefix_tokens]
         return out
 
+    def obj_attention_mask(self, obj_mask: torch.Tensor | None, batch: int, num_patches: int,
+                           dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The additive attention mask of an [OBJ] backbone: (B, 1, T, T), or (1, 1, T, T) when ``obj_mask``
+        is None; 0 where query i may attend to key j, -inf where not. T = num_prefix_tokens + num_patches.
+
+        Row 1 (the [OBJ] query) allows [CLS], [OBJ] and the patches where ``obj_mask`` (B, P) is True;
+        column 1 (the [OBJ] key) is closed to every other query. Every row keeps a finite entry (the
+        [OBJ] row always sees itself and [CLS]), so an all-False ``obj_mask`` still gives finite outputs.
+        On CUDA the rows are allocated 16-aligned (then sliced to T) so the memory-efficient SDPA kernel
+        takes the mask as it is instead of padding a copy at every block.
+        """
+        t = self.num_prefix_tokens + num_patches
+        n = 1 if obj_mask is None else batch
+        width = -(-t // 16) * 16 if device.type == "cuda" else t
+        mask = torch.zeros(n, 1, t, width, dtype=dtype, device=device)[..., :t]
+        neg = float("-inf")
+        mask[:, :, :, 1] = neg  # no query reads [OBJ] ...
+        mask[:, :, 1, 2 : self.num_prefix_tokens] = neg  # ... [OBJ] reads no register ...
+        if obj_mask is not None:  # ... nor a patch outside its object
+            mask[:, 0, 1, self.num_prefix_tokens :].masked_fill_(~obj_mask, neg)
+        mask[:, :, 1, 1] = 0.0  # ... but itself
+        return mask
+
+    def _embed(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+               obj_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 3, H, W) -> the blocks' input (B, T, D) and their attention mask (None without [OBJ])."""
+        v = self.vit
+        h = v.patch_embed(x)  # (B, H/p, W/p, D): dynamic image size keeps the grid
+        b, gh, gw, _ = h.shape
+        if mask is not None:
+            if self.masked_embed is None:
+                raise ValueError("a patch mask needs a backbone built with mask_token=True")
+            h = torch.where(mask.view(*h.shape[:-1], 1), self.masked_embed.to(h.dtype), h)
+        h = v._pos_embed(h)  # (B, 1 + R + P, D)
+        attn_mask = None
+        if self.obj_token is not None and self.obj_pos_embed is not None:
+            if obj_mask is not None and (obj_mask.dtype != torch.bool or tuple(obj_mask.shape) != (b, gh * gw)):
+                raise ValueError(f"obj_mask must be a bool tensor of shape {(b, gh * gw)} (images, patches), "
+                                 f"got {obj_mask.dtype} {tuple(obj_mask.shape)}")
+            obj = (self.obj_token + self.obj_pos_embed).to(h.dtype).expand(b, -1, -1)
+            h = torch.cat([h[:, :1], obj, h[:, 1:]], dim=1)
+            attn_mask = self.obj_attention_mask(obj_mask, b, gh * gw, _attention_dtype(h), h.device)
+        elif obj_mask is not None:
+            raise ValueError("an object mask needs a backbone built with obj_token=True")
+        return v.norm_pre(v.patch_drop(h)), attn_mask
+
     def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                       cls_attention: bool = False) -> dict[str, torch.Tensor]:
+                       cls_attention: bool = False, obj_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """(B, 3, H, W) -> {"cls": (B, D), "patch": (B, P, D)}, both after the final norm; P = H/p * W/p.
 
-        Models with register tokens also return ``"reg"``: (B, R, D).
+        Models with register tokens also return ``"reg"``: (B, R, D); models with an [OBJ] token
+        ``"obj"``: (B, D), after the final norm.
 
         Args:
             mask: (B, P) bool, True where the patch embedding is replaced by ``masked_embed`` before
@@ -205,21 +342,19 @@ class ViTBackbone(nn.Module):
             cls_attention: also return ``"cls_attention"`` (B, P): the last block's attention of the
                 CLS query over the patches, averaged over heads (AttMask, Kakogeorgiou et al. 2022,
                 Sec. 3.2), from this same forward. Only the CLS row is computed: one extra key
-                projection of the last block's input, no attention matrix is kept.
+                projection of the last block's input, no attention matrix is kept. With [OBJ] it is
+                the softmax over the keys CLS attends to (the [OBJ] key excluded).
+            obj_mask: (B, P) bool, True for the patches inside the object the [OBJ] token may attend to
+                (ODIS); None: every patch. Needs ``obj_token``.
         """
         v = self.vit
-        if mask is None and not cls_attention:
+        if mask is None and not cls_attention and self.obj_token is None and obj_mask is None:
             return self._split(v.forward_features(x))
-        h = v.patch_embed(x)  # (B, H/p, W/p, D): dynamic image size keeps the grid
-        if mask is not None:
-            if self.masked_embed is None:
-                raise ValueError("a patch mask needs a backbone built with mask_token=True")
-            h = torch.where(mask.view(*h.shape[:-1], 1), self.masked_embed.to(h.dtype), h)
-        h = v.norm_pre(v.patch_drop(v._pos_embed(h)))
+        h, attn_mask = self._embed(x, mask, obj_mask)
         for blk in v.blocks[:-1]:
-            h = blk(h)
+            h = blk(h, attn_mask=attn_mask)
         attention = self._cls_attention(v.blocks[-1], h) if cls_attention else None
-        out = self._split(v.norm(v.blocks[-1](h)))
+        out = self._split(v.norm(v.blocks[-1](h, attn_mask=attn_mask)))
         if attention is not None:
             out["cls_attention"] = attention
         return out
@@ -235,36 +370,52 @@ class ViTBackbone(nn.Module):
         bsz, t, _ = x.shape
         q = attn.q_norm(q.view(bsz, 1, attn.num_heads, attn.head_dim).transpose(1, 2))
         k = attn.k_norm(k.view(bsz, t, attn.num_heads, attn.head_dim).transpose(1, 2))
-        weights = ((q * attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)  # (B, heads, 1, T)
-        return weights[:, :, 0, self.num_prefix_tokens :].mean(dim=1)
+        logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, heads, 1, T)
+        prefix = self.num_prefix_tokens
+        if self.has_obj_token:  # CLS does not attend to [OBJ] (key 1): drop it
+            logits = torch.cat([logits[..., :1], logits[..., 2:]], dim=-1)
+            prefix -= 1
+        weights = logits.float().softmax(dim=-1)
+        return weights[:, :, 0, prefix:].mean(dim=1)
 
-    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1, norm: bool = True) -> list[torch.Tensor]:
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1, norm: bool = True,
+                                obj_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Token sequences (B, T, D) output by the last ``n`` blocks, oldest first (DINO's method).
 
-        ``T = num_prefix_tokens + patches`` ([CLS, registers..., patches]); with ``norm`` each output goes
-        through the final LayerNorm, as DINO and DINOv2 do for linear evaluation.
+        ``T = num_prefix_tokens + patches`` ([CLS, registers..., patches]; with [OBJ]: [CLS, OBJ,
+        registers..., patches], the [OBJ] token attending to the patches of ``obj_mask`` (B, P), or to
+        every patch when it is None); with ``norm`` each output goes through the final LayerNorm, as DINO
+        and DINOv2 do for linear evaluation.
         """
         if not 1 <= n <= self.depth:
             raise ValueError(f"n must be in [1, {self.depth}], got {n}")
-        v = self.vit
-        h = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
+        h, attn_mask = self._embed(x, obj_mask=obj_mask)
         outputs = []
-        for i, blk in enumerate(v.blocks):
-            h = blk(h)
+        for i, blk in enumerate(self.vit.blocks):
+            h = blk(h, attn_mask=attn_mask)
             if i >= self.depth - n:
-                outputs.append(v.norm(h) if norm else h)
+                outputs.append(self.vit.norm(h) if norm else h)
         return outputs
 
-    def forward_last_blocks(self, x: torch.Tensor, n: int = 1) -> dict[str, torch.Tensor]:
+    def forward_last_blocks(self, x: torch.Tensor, n: int = 1,
+                            obj_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """{"cls": (B, n, D) CLS of the last n blocks (oldest first), "patch": (B, P, D) last block's patches}.
 
-        Everything after the final norm; registers are excluded from ``patch``.
+        Everything after the final norm; registers are excluded from ``patch``. With [OBJ] also
+        ``"obj"``: (B, n, D), the [OBJ] token of the last n blocks (attending to ``obj_mask``'s patches).
         """
-        outs = self.get_intermediate_layers(x, n)
-        return {"cls": torch.stack([o[:, 0] for o in outs], dim=1), "patch": outs[-1][:, self.num_prefix_tokens :]}
+        outs = self.get_intermediate_layers(x, n, obj_mask=obj_mask)
+        out = {"cls": torch.stack([o[:, 0] for o in outs], dim=1), "patch": outs[-1][:, self.num_prefix_tokens :]}
+        if self.has_obj_token:
+            out["obj"] = torch.stack([o[:, 1] for o in outs], dim=1)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> CLS features (B, D)."""
+        """(B, 3, H, W) -> CLS features (B, D).
+
+        With [OBJ] the token is left out of this forward: CLS never attends to it, so the CLS output is
+        that of :meth:`forward_tokens` (up to float rounding) at the cost of the plain ViT.
+        """
         return self.vit.forward_features(x)[:, 0]
 
 

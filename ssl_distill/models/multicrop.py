@@ -7,6 +7,10 @@ from torch import nn
 from .backbone import ViTBackbone
 
 
+def _has_batch_norm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
 def group_by_resolution(crops: list[torch.Tensor]) -> list[tuple[int, int]]:
     """Index ranges [start, end) of consecutive crops sharing one spatial size."""
     groups: list[tuple[int, int]] = []
@@ -26,6 +30,9 @@ class MultiCropModel(nn.Module):
 
     - ``"cls"``: (V*B, K) head logits of the CLS tokens;
     - ``"cls_feat"``: (V*B, D) the backbone's CLS tokens (before the head);
+    - ``"obj"``: (V*B, K) head logits of the [OBJ] tokens (ODIS), with ``obj_masks`` on a backbone built
+      with ``obj_token=True``; ``head`` is shared with CLS (ODIS's default);
+    - ``"obj_feat"``: (V*B, D) the backbone's [OBJ] tokens, each attending to its crop's object mask;
     - ``"patch_z"``: (G*B, P, d) the patch head's normalised bottleneck of every patch of the first
       resolution group (the G global views), with ``patches="targets"`` (the teacher):
       :meth:`patch_targets` turns it into logits once the masks are known;
@@ -36,8 +43,14 @@ class MultiCropModel(nn.Module):
       over heads, with ``cls_attention=True`` (AttMask).
 
     ``masks`` (G*B, P) bool marks the patches of the first group replaced by the mask token.
-    ``patch_head`` is a separate head for patch tokens (DINOv2's separate iBOT head); None shares
-    ``head`` (iBOT's ``shared_head``).
+    ``obj_masks`` is a list of V tensors (B, P_v) bool, one per crop in crop order: the patches each
+    crop's [OBJ] token may attend to. ``patch_head`` is a separate head for patch tokens (DINOv2's
+    separate iBOT head); None shares ``head`` (iBOT's ``shared_head``).
+
+    The head runs once on the CLS and [OBJ] rows together when it has no BatchNorm (row-wise: the same
+    logits, one weight-normalisation of the last layer); a head with BatchNorm runs on the CLS rows
+    alone, exactly as without [OBJ], and then on the [OBJ] rows, so the CLS term's batch statistics stay
+    those of a DINO / iBOT run.
     """
 
     def __init__(self, backbone: ViTBackbone, head: nn.Module, patch_head: nn.Module | None = None) -> None:
@@ -47,20 +60,33 @@ class MultiCropModel(nn.Module):
         self.patch_head = patch_head
 
     def forward(self, crops: list[torch.Tensor] | torch.Tensor, masks: torch.Tensor | None = None,
-                patches: str | None = None, cls_attention: bool = False) -> dict[str, torch.Tensor]:
+                patches: str | None = None, cls_attention: bool = False,
+                obj_masks: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         if patches not in (None, "targets", "masked"):
             raise ValueError(f"patches must be None, 'targets' or 'masked', got {patches!r}")
         if patches == "masked" and masks is None:
             raise ValueError("patches='masked' needs masks")
+        if obj_masks is not None:
+            if not getattr(self.backbone, "has_obj_token", False):
+                raise ValueError("obj_masks need a backbone built with obj_token=True")
+            if len(obj_masks) != len(crops):
+                raise ValueError(f"obj_masks must hold one mask per crop: {len(obj_masks)} for {len(crops)} crops")
         out: dict[str, torch.Tensor] = {}
-        cls_feats = []
+        cls_feats, obj_feats = [], []
         for index, (s, e) in enumerate(group_by_resolution(crops)):
             x = torch.cat(crops[s:e])
-            if index == 0 and (masks is not None or patches or cls_attention):
-                tokens = self.backbone.forward_tokens(x, mask=masks, cls_attention=cls_attention)
+            first = index == 0
+            obj_mask = None if obj_masks is None else torch.cat(obj_masks[s:e])
+            if obj_mask is not None or (first and (masks is not None or patches or cls_attention)):
+                tokens = self.backbone.forward_tokens(x, mask=masks if first else None,
+                                                      cls_attention=cls_attention and first, obj_mask=obj_mask)
                 cls_feats.append(tokens["cls"])
+                if obj_mask is not None:
+                    obj_feats.append(tokens["obj"])
+                if not first:
+                    continue
                 if cls_attention:
                     out["cls_attention"] = tokens["cls_attention"]
                 if patches == "targets":
@@ -71,7 +97,16 @@ class MultiCropModel(nn.Module):
             else:
                 cls_feats.append(self.backbone(x))
         out["cls_feat"] = torch.cat(cls_feats)
-        out["cls"] = self.head(out["cls_feat"])
+        if not obj_feats:
+            out["cls"] = self.head(out["cls_feat"])
+            return out
+        out["obj_feat"] = torch.cat(obj_feats)
+        if _has_batch_norm(self.head):
+            out["cls"] = self.head(out["cls_feat"])
+            out["obj"] = self.head(out["obj_feat"])
+        else:
+            out["cls"], out["obj"] = self.head(torch.cat([out["cls_feat"], out["obj_feat"]])).split(
+                len(out["cls_feat"]))
         return out
 
     @property
