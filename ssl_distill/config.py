@@ -38,6 +38,9 @@ class CropsConfig:
     solarize_p: float = 0.2  # second global view only
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # ODIS object-aware cropping (with data.boxes; see data/object_crops.py)
+    min_object_cover: float = 0.04  # a crop holds an object when the object's visible part covers this much of it
+    object_aware_local: bool = False  # local crops redrawn until they hold the target too; [OBJ] then sees its box
 
 
 @dataclass
@@ -48,6 +51,7 @@ class DataConfig:
     batch_size: int = 64  # per process; DINO: 64 per GPU x 16 GPUs
     num_workers: int = 2
     max_bad_fraction: float = 0.01
+    boxes: str | None = None  # COCO-style boxes file of train_dir (as `ssl-distill discover` writes); null: no object views
     crops: CropsConfig = field(default_factory=CropsConfig)
 
 
@@ -77,6 +81,9 @@ class ModelConfig:
     use_bn_in_head: bool = False
     norm_last_layer: bool = True
     fused_attn: bool | None = None  # None: fused on CUDA, plain matmul-softmax on CPU
+    # backbone weights a new run starts from (an official DINO / iBOT / DINOv2 file or one of our runs;
+    # an ODIS run's [OBJ] token starts as the file's [CLS]); heads start fresh. null: random init
+    init_from: str | None = None
 
 
 @dataclass
@@ -112,10 +119,22 @@ class IbotConfig:
 
 
 @dataclass
+class OdisConfig:
+    """ODIS's object term (Hızlı et al. 2025): off while ``weight`` is 0.
+
+    The [OBJ] token goes through the CLS head (one shared head), with its own center and the
+    [CLS] teacher's temperature schedule; boxes come from ``data.boxes``.
+    """
+
+    weight: float = 0.0  # the [OBJ] term's weight; 1.0 in the ODIS recipes
+    center_momentum: float = 0.9
+
+
+@dataclass
 class OptimConfig:
     """AdamW with DINO's schedules; every schedule is evaluated per iteration."""
 
-    epochs: int = 100
+    epochs: float = 100  # a fractional count ends mid-epoch (runs compared at one wall-clock budget)
     lr: float = 0.0005  # at batch 256; scaled by total batch / 256
     min_lr: float = 1e-6
     warmup_epochs: float = 10
@@ -234,6 +253,7 @@ class Config:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     ibot: IbotConfig = field(default_factory=IbotConfig)
+    odis: OdisConfig = field(default_factory=OdisConfig)
 
 
 class ConfigError(ValueError):
@@ -461,8 +481,19 @@ def _check_masking(mk: MaskingConfig) -> None:
 def _check_objectives(cfg: Config) -> None:
     """Weights, temperatures and centering of the objectives, and masks only where a masked term reads them."""
     d, p, mk = cfg.dino, cfg.ibot, cfg.masking
-    for key, value in {"dino.weight": d.weight, "dino.koleo_weight": d.koleo_weight, "ibot.weight": p.weight}.items():
+    weights = {"dino.weight": d.weight, "ibot.weight": p.weight, "odis.weight": cfg.odis.weight}
+    for key, value in {**weights, "dino.koleo_weight": d.koleo_weight}.items():
         _check_range(key, value, 0)
+    if not any(weights.values()):
+        raise ConfigError("dino.weight, ibot.weight and odis.weight are all 0: nothing would be trained; set one "
+                          "of them (dino.weight=1 for DINO)")
+    _check_range("odis.center_momentum", cfg.odis.center_momentum, 0, 1)
+    if cfg.odis.weight > 0 and cfg.data.boxes is None:
+        raise ConfigError("odis.weight > 0 distills objects, but data.boxes names no boxes file: set data.boxes "
+                          "(a COCO-style file, e.g. the boxes.json that ssl-distill discover or make-scenes writes)")
+    if cfg.data.boxes is not None and cfg.odis.weight == 0:
+        raise ConfigError(f"data.boxes={cfg.data.boxes} makes object-aware crops for ODIS, but odis.weight=0 turns "
+                          "its object term off: set odis.weight (1.0 in the ODIS recipes), or data.boxes=null")
     for key in ("teacher_temp", "warmup_teacher_temp"):
         _check_range(f"ibot.{key}", getattr(p, key), 0, lo_open=True)
     _check_range("ibot.center_momentum", p.center_momentum, 0, 1)
@@ -498,6 +529,17 @@ def _check_monitor(cfg: Config) -> None:
                                   f"monitor.knn_{split}_dir or knn.{split}_dir")
 
 
+def _check_boxes(d: DataConfig) -> None:
+    """data.boxes and the object-aware cropping keys."""
+    if d.boxes is not None and not d.boxes.strip():
+        raise ConfigError("data.boxes is an empty string: give the path of a COCO-style boxes file, or null for none")
+    _check_range("data.crops.min_object_cover", d.crops.min_object_cover, 0, 1, lo_open=True,
+                 hint=" (the fraction of a crop's area the object must cover)")
+    if d.crops.object_aware_local and d.boxes is None:
+        raise ConfigError("data.crops.object_aware_local=true draws local crops around boxes, but data.boxes is "
+                          "null: set data.boxes to a COCO-style boxes file, or object_aware_local to false")
+
+
 def validate(cfg: Config) -> None:
     """Value ranges and cross-field checks that types alone cannot express.
 
@@ -515,7 +557,7 @@ def validate(cfg: Config) -> None:
         "data.crops.n_global": c.n_global, "data.crops.global_size": c.global_size,
         "data.crops.local_size": c.local_size, "model.patch_size": m.patch_size, "model.img_size": m.img_size,
         "model.out_dim": m.out_dim, "model.hidden_dim": m.hidden_dim, "model.bottleneck_dim": m.bottleneck_dim,
-        "model.head_layers": m.head_layers, "optim.epochs": o.epochs, "knn.image_size": k.image_size,
+        "model.head_layers": m.head_layers, "knn.image_size": k.image_size,
         "knn.resize_size": k.resize_size, "knn.batch_size": k.batch_size,
     }
     for key in ("depth", "embed_dim", "num_heads"):
@@ -523,6 +565,7 @@ def validate(cfg: Config) -> None:
             positive[f"model.{key}"] = getattr(m, key)
     for key, value in positive.items():
         _check_range(key, value, 1)
+    _check_range("optim.epochs", o.epochs, 0, lo_open=True)
     if r.stop_at_step is not None:
         _check_range("run.stop_at_step", r.stop_at_step, 1,
                      hint=" (null trains the whole run; the step count of a stopped run only grows)")
@@ -566,6 +609,7 @@ def validate(cfg: Config) -> None:
     for name, size in (("global_size", c.global_size), ("local_size", c.local_size)):
         if size % m.patch_size:
             raise ConfigError(f"data.crops.{name}={size} is not a multiple of model.patch_size={m.patch_size}")
+    _check_boxes(d)
     _check_masking(cfg.masking)
     _check_objectives(cfg)
     _check_monitor(cfg)

@@ -25,13 +25,16 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch.utils.data
 from PIL import Image
 
 from ..errors import DataError  # defined without torch, for the command line; re-exported here
+
+if TYPE_CHECKING:
+    from .boxes import BoxesFile
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 _CACHE_VERSION = 2  # 2: symbolic links followed without repeats
@@ -291,13 +294,21 @@ class ImageFolderDataset(torch.utils.data.Dataset):
          "bad":   int   # unreadable files skipped for this sample (0 normally)
          "seed":  int   # the seed given to the transform (the batched collate needs it)
          "epoch": int}  # only when the item carries one (the batch masks need it)
+
+    With ``boxes`` (a :class:`~ssl_distill.data.boxes.BoxesFile` of this folder) the transform is
+    called as ``transform(img, seed, boxes_xyxy)`` with the boxes of the file actually returned,
+    and must return a dict with ``"image"`` and any further keys, which join the sample (e.g.
+    :class:`~ssl_distill.data.object_crops.ObjectMultiCropTransform`'s ``"obj_masks"``, ``"obj_valid"``).
     """
 
-    def __init__(self, files: FileList, transform: Callable[[Image.Image, int], Any] | None) -> None:
+    def __init__(self, files: FileList, transform: Callable[..., Any] | None, boxes: BoxesFile | None = None) -> None:
         if len(files) == 0:
             raise DataError(f"Empty file list for {files.root}.")
+        if boxes is not None and transform is None:
+            raise ValueError("ImageFolderDataset with boxes needs a transform that takes them")
         self.files = files
         self.transform = transform
+        self.boxes = boxes  # its .report holds the boxes file's counts for the log
 
     @property
     def classes(self) -> list[str]:
@@ -330,8 +341,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if not 0 <= index < len(self.files):
             raise IndexError(f"index {index} out of range for {len(self.files)} images")
         img, used, bad = self._load_with_fallback(index)
-        image = self.transform(img, seed) if self.transform is not None else img
-        out = {"image": image, "label": int(self.files.labels[used]), "index": index, "bad": bad, "seed": seed}
+        extra: dict[str, Any] = {}
+        if self.boxes is not None:
+            extra = dict(self.transform(img, seed, self.boxes.boxes_for(self.files.paths[used])[0]))
+            image = extra.pop("image")
+        else:
+            image = self.transform(img, seed) if self.transform is not None else img
+        out = {"image": image, "label": int(self.files.labels[used]), "index": index, "bad": bad, "seed": seed, **extra}
         if isinstance(item, tuple) and len(item) > 2:
             out["epoch"] = int(item[2])
         return out

@@ -6,9 +6,11 @@ from pathlib import Path
 import torch
 
 from ..config import Config
+from .boxes import read_boxes
 from .folder import ImageFolderDataset, scan_image_folder
 from .masking import build_masking
 from .multicrop import EpochSampler, EvalTransform, MultiCropCollate, MultiCropTransform, collate_eval
+from .object_crops import ObjectMultiCropTransform
 
 
 def build_train_loader(
@@ -21,10 +23,17 @@ def build_train_loader(
     consumes the global torch RNG (drop-path draws from it; resuming stays bit-identical).
     With ``cfg.masking.shape != "none"`` each batch also has iBOT's ``"masks"`` of the global views
     (:mod:`ssl_distill.data.masking`), keyed the same way; the sampler then passes the epoch along.
+    With ``cfg.data.boxes`` the views are object-aware (:mod:`ssl_distill.data.object_crops`) and
+    each batch has ``"obj_masks"`` and ``"obj_valid"``; ``loader.dataset.boxes.report`` counts the
+    boxes file's images and its kept, clipped and dropped boxes (``.summary()``: one log line).
     """
     files = scan_image_folder(cfg.data.train_dir, labeled=False, cache_file=cache_file)
     crops = cfg.data.crops
-    dataset = ImageFolderDataset(files, MultiCropTransform(crops))
+    if cfg.data.boxes is None:
+        dataset = ImageFolderDataset(files, MultiCropTransform(crops))
+    else:
+        boxes = read_boxes(cfg.data.boxes, files.root, paths=files.paths)
+        dataset = ImageFolderDataset(files, ObjectMultiCropTransform(crops, cfg.model.patch_size), boxes=boxes)
     masking = build_masking(cfg.masking, crops.global_size, cfg.model.patch_size, crops.n_global)
     sampler = EpochSampler(
         len(files), cfg.run.seed, rank, world_size, drop_last=True, batch_size=cfg.data.batch_size,

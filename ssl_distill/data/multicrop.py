@@ -209,33 +209,65 @@ def _pil_to_uint8_chw(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)
 
 
+@dataclass(frozen=True)
+class CropBox:
+    """One view's geometry in source pixels: crop ``[left, left + width) x [top, top + height)``,
+    resize it to the view's ``size x size``, then mirror left-right when ``flip``."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+
+VIEW_UNIFORMS = 4 * _CROP_TRIES + 1  # uniforms per view draw: crop tries, then the flip
+
+
+def view_crop(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], flip_p: float,
+              u: np.ndarray) -> CropBox:
+    """A view's crop and flip from :data:`VIEW_UNIFORMS` (41) uniforms: :func:`random_resized_crop_box`
+    on the first 40, flip when the last is below ``flip_p``."""
+    top, left, h, w = random_resized_crop_box(width, height, scale, ratio, u)
+    return CropBox(top, left, h, w, bool(u[4 * _CROP_TRIES] < flip_p))
+
+
 class MultiCropTransform:
     """Per-sample geometry of the multi-crop views: ``(img, seed) -> list[uint8 Tensor (3, s, s)]``.
 
     For each view: a RandomResizedCrop box (torchvision's algorithm) and a flip decision drawn from
     :func:`counter_uniforms` of ``(seed, view)``, then crop + bicubic resize in one PIL call, then
     flip. Globals first. Deterministic for a given (image, seed); photometric ops are left to
-    :class:`MultiCropCollate`.
+    :class:`MultiCropCollate`. :meth:`geometry` and :meth:`render` are the two halves (object-aware
+    cropping, :mod:`ssl_distill.data.object_crops`, draws its own geometry and renders it the same way).
     """
 
     def __init__(self, crops: CropsConfig) -> None:
         self.crops = crops
         self.views = view_specs(crops)
+        self.ratio = (float(crops.ratio[0]), float(crops.ratio[1]))
+
+    def geometry(self, width: int, height: int, seed: int) -> list[CropBox]:
+        """The plain crop and flip of every view of a ``width x height`` image, globals first."""
+        uniforms = counter_uniforms([seed], _STREAM_GEOMETRY, range(len(self.views)), VIEW_UNIFORMS)[0]
+        return [view_crop(width, height, spec.scale, self.ratio, self.crops.flip_p, u)
+                for spec, u in zip(self.views, uniforms)]
+
+    def render(self, img: Image.Image, geometry: Sequence[CropBox]) -> list[torch.Tensor]:
+        """Crop + bicubic resize (one PIL call) + flip of an RGB image per view -> uint8 (3, s, s) each."""
+        out: list[torch.Tensor] = []
+        for spec, c in zip(self.views, geometry):
+            box = (c.left, c.top, c.left + c.width, c.top + c.height)
+            view = img.resize((spec.size, spec.size), Image.Resampling.BICUBIC, box=box)
+            if c.flip:
+                view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            out.append(_pil_to_uint8_chw(view))
+        return out
 
     def __call__(self, img: Image.Image, seed: int) -> list[torch.Tensor]:
         if img.mode != "RGB":
             img = img.convert("RGB")
-        width, height = img.size
-        out: list[torch.Tensor] = []
-        ratio = (float(self.crops.ratio[0]), float(self.crops.ratio[1]))
-        uniforms = counter_uniforms([seed], _STREAM_GEOMETRY, range(len(self.views)), 4 * _CROP_TRIES + 1)[0]
-        for v, (spec, u) in enumerate(zip(self.views, uniforms)):
-            top, left, h, w = random_resized_crop_box(width, height, spec.scale, ratio, u)
-            view = img.resize((spec.size, spec.size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
-            if u[4 * _CROP_TRIES] < self.crops.flip_p:
-                view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            out.append(_pil_to_uint8_chw(view))
-        return out
+        return self.render(img, self.geometry(img.width, img.height, seed))
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,11 +578,15 @@ class MultiCropCollate:
                   (uint8 un-augmented views when photometric=False),
          "label": LongTensor (B,), "index": LongTensor (B,), "seed": LongTensor (B,),
          "bad": int (sum over the batch),
-         "masks": list of n_global bool (B, h * w), True = masked   # only with ``masking``}
+         "masks": list of n_global bool (B, h * w), True = masked   # only with ``masking``
+         "obj_masks": list of V bool (B, P_v), True = patch inside the view's object   # only with boxes
+         "obj_valid": bool (B, V), True = view v of image b holds its target object}    # only with boxes
 
     ``masking`` (:func:`ssl_distill.data.masking.build_masking`) draws iBOT's masks of the global
     views from the sample seeds (and the samples' ``"epoch"``, for ``pred_start_epoch``); it draws
-    on streams of its own, so the crops are the same with or without it.
+    on streams of its own, so the crops are the same with or without it. ``"obj_masks"`` and
+    ``"obj_valid"`` are stacked from the samples when they carry them
+    (:class:`ssl_distill.data.object_crops.ObjectMultiCropTransform`): all samples or none.
     """
 
     def __init__(self, crops: CropsConfig, photometric: bool = True, masking: BatchMasking | None = None) -> None:
@@ -577,6 +613,12 @@ class MultiCropCollate:
         if self.masking is not None:
             epochs = [s["epoch"] for s in samples] if all("epoch" in s for s in samples) else None
             out["masks"] = self.masking(seeds, epochs)
+        with_objects = sum("obj_masks" in s for s in samples)
+        if with_objects:
+            if with_objects != len(samples):
+                raise ValueError(f"{with_objects} of {len(samples)} samples carry object masks: all or none must")
+            out["obj_masks"] = [torch.stack([s["obj_masks"][v] for s in samples]) for v in range(self.n_views)]
+            out["obj_valid"] = torch.stack([s["obj_valid"] for s in samples])
         return out
 
 
