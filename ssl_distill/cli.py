@@ -1,4 +1,5 @@
-"""The ``ssl-distill`` command: train, submit, knn, linear, export, discover, corloc, visualize, demo, report.
+"""The ``ssl-distill`` command: train, submit, knn, linear, export, discover, corloc, visualize, demo, report,
+make-scenes, object-knn.
 
 Start-up is kept light: the parser and the error handling import no torch, timm or torchvision
 (options in :mod:`ssl_distill.cli_args`, user errors in :mod:`ssl_distill.errors`); a subcommand
@@ -104,6 +105,18 @@ def _visualize(args: argparse.Namespace) -> int:
     return visualize.run(args)
 
 
+def _make_scenes(args: argparse.Namespace) -> int:
+    from .data import scenes
+
+    return scenes.run(args)
+
+
+def _object_knn(args: argparse.Namespace) -> int:
+    from .eval import object_knn
+
+    return object_knn.run(args)
+
+
 def _submit(args: argparse.Namespace) -> int:
     from .launch import submit
 
@@ -132,6 +145,10 @@ COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None], Calla
      _visualize),
     ("submit", "the train command as a submitit job on SLURM (or --local), with checkpoint + requeue",
      cli_args.submit_arguments, _submit),
+    ("make-scenes", "labeled multi-object scenes (train / test, COCO boxes with classes) from a labeled folder",
+     cli_args.make_scenes_arguments, _make_scenes),
+    ("object-knn", "object-level k-NN on make-scenes folders: [OBJ] with box masks, box-crop CLS, scene CLS",
+     cli_args.object_knn_arguments, _object_knn),
 )
 
 

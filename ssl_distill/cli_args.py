@@ -13,8 +13,8 @@ from ssl_distill.eval.constants import EPS, LR_GRID, TAU
 
 __all__ = [
     "corloc_arguments", "demo_arguments", "discover_arguments", "export_arguments", "knn_arguments",
-    "linear_arguments", "prepare_fmnist_arguments", "report_arguments", "submit_arguments", "train_arguments",
-    "visualize_arguments",
+    "linear_arguments", "make_scenes_arguments", "object_knn_arguments", "prepare_fmnist_arguments",
+    "report_arguments", "submit_arguments", "train_arguments", "visualize_arguments",
 ]
 
 
@@ -49,6 +49,43 @@ def prepare_fmnist_arguments(f: argparse.ArgumentParser) -> None:
     """Options of ``ssl-distill prepare-fmnist`` (:mod:`ssl_distill.data.fashion_mnist`)."""
     f.add_argument("out", nargs="?", default="data/fmnist")
     f.add_argument("--limit-per-class", type=int, default=None)
+
+
+def make_scenes_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``ssl-distill make-scenes`` (:mod:`ssl_distill.data.scenes`)."""
+    p.add_argument("src", nargs="?", default=None, metavar="SRC",
+                   help="labeled image folder <class>/<image> (default: data/fmnist/train, built if absent)")
+    p.add_argument("out", metavar="OUT", help="writes OUT/train and OUT/test, each with boxes.json")
+    p.add_argument("--n-train", type=int, default=2000, help="train scenes (default 2000)")
+    p.add_argument("--n-test", type=int, default=1000, help="test scenes, objects from other source images (default 1000)")
+    p.add_argument("--size", type=int, default=96, help="scene side in pixels (default 96)")
+    p.add_argument("--min-objects", type=int, default=1)
+    p.add_argument("--max-objects", type=int, default=4)
+    p.add_argument("--min-scale", type=float, default=0.3, help="object's longer side / scene side, lowest (0.3)")
+    p.add_argument("--max-scale", type=float, default=0.6, help="object's longer side / scene side, highest (0.6)")
+    p.add_argument("--max-overlap", type=float, default=0.2,
+                   help="largest share of an object's pixels that later objects may cover (default 0.2)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def object_knn_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``ssl-distill object-knn`` (:mod:`ssl_distill.eval.object_knn`)."""
+    p.add_argument("checkpoint", help="run directory, checkpoint file, or official DINO / iBOT / DINOv2 file")
+    p.add_argument("--scenes", required=True, help="folder written by make-scenes (train/ and test/ with boxes.json)")
+    p.add_argument("--mode", default="all", choices=["obj", "crop", "scene", "all"],
+                   help="obj: [OBJ] with each box's patch mask; crop: CLS of the box crop; scene: CLS of the whole "
+                        "scene; all (default): every mode the model has")
+    p.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
+    p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T) (default 0.07)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="eval view side (default: the scene side rounded to a multiple of the patch size)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="feature extraction: fp32 (default), bf16 (~2x faster on CPU) or fp16 (CUDA)")
+    p.add_argument("--batch-size", type=int, default=128, help="rows per forward pass")
+    p.add_argument("--which", default="teacher", choices=["teacher", "student"])
+    p.add_argument("--random-init", action="store_true", help="same architecture, random weights")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="results JSON (default: <run dir>/object_knn[_random_init].json)")
 
 
 def demo_arguments(d: argparse.ArgumentParser) -> None:

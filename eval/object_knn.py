@@ -1,0 +1,187 @@
+"""Object-level k-NN on a labeled scene benchmark (``ssl-distill make-scenes``): every test object
+classified from the train objects.
+
+ODIS (Hızlı, Yıldız, Marttinen 2025, "Object-level Self-Distillation for Vision Pretraining", arXiv
+2506.05409) reports k-NN "using masks at inference time": the [OBJ] token attends to the object's patches
+only. Three features per object (:func:`ssl_distill.eval.features.extract_box_features`):
+
+- ``obj``: the [OBJ] output on the whole scene with the box's patch mask (ODIS models only);
+- ``crop``: the CLS output of the box crop resized to the view size;
+- ``scene``: the CLS output of the whole scene (every object of a scene gets the same feature: the
+  image-level baseline, which cannot tell a scene's objects apart).
+
+Classification is DINO's weighted k-NN (:func:`ssl_distill.eval.knn.knn_classify`: cosine similarity,
+``k = 20`` neighbours voting with ``exp(sim / T)``, ``T = 0.07``, faiss exact search), the labels are the
+boxes' ``category_id`` (the ``categories`` list of ``train/boxes.json`` gives the classes; the test file
+must name the same). The view is the whole scene resized to ``image_size`` (default: the scenes' side
+rounded to a multiple of the patch size), normalized with the run's ``data.crops`` mean / std.
+
+    ssl-distill object-knn RUN_DIR --scenes data/scenes [--mode all] [--precision fp32]
+
+Writes ``<run dir>/object_knn.json`` (``object_knn_random_init.json`` with ``--random-init``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssl_distill.cli_args import object_knn_arguments as add_arguments  # options: torch-free
+from ssl_distill.errors import DataError
+
+from .features import BOX_MODES, BoxFeatures, ImageSettings, extract_box_features
+from .knn import knn_classify, write_results
+
+__all__ = ["add_arguments", "object_knn", "run", "NO_OBJ_TOKEN"]
+
+NO_OBJ_TOKEN = "this model has no [OBJ] token (not an ODIS model), so mode obj cannot run"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _split_files(scenes: Path) -> dict[str, Path]:
+    files = {split: scenes / split / "boxes.json" for split in ("train", "test")}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        raise DataError(f"{scenes} is not a make-scenes folder: missing {', '.join(missing)}")
+    return files
+
+
+def _class_index(train: Any, test: Any) -> tuple[list[str], dict[int, int]]:
+    """Class names (train file's categories, in id order) and category id -> class index."""
+    if not train.categories:
+        raise DataError(f"{train.path} has no 'categories' list: object-knn needs each box's class")
+    if {k: v for k, v in test.categories.items()} != train.categories:
+        raise DataError(f"{train.path} and {test.path} name different categories")
+    ids = sorted(train.categories)
+    return [train.categories[i] for i in ids], {cid: j for j, cid in enumerate(ids)}
+
+
+def _labels(feats: BoxFeatures, index: dict[int, int], where: Path) -> torch.Tensor:
+    unknown = sorted({int(c) for c in feats.labels.tolist() if int(c) not in index})
+    if unknown:
+        raise DataError(f"{where}: boxes with category_id {unknown[:5]} not in its categories list "
+                        "(object-knn needs a category on every box)")
+    return torch.tensor([index[int(c)] for c in feats.labels.tolist()], dtype=torch.long)
+
+
+def _default_image_size(bf: Any, patch_size: int) -> int:
+    """The longer side of the split's first image, rounded to a multiple of the patch size."""
+    from PIL import Image
+
+    first = next(iter(bf.boxes), None)
+    if first is None:
+        raise DataError(f"{bf.path} lists no images")
+    with Image.open(Path(bf.image_root) / first) as im:
+        side = max(im.size)
+    return max(patch_size, int(round(side / patch_size)) * patch_size)
+
+
+def object_knn(checkpoint: str | Path, scenes: str | Path, mode: str = "all", *, which: str = "teacher",
+               random_init: bool = False, image_size: int | None = None, precision: str = "fp32",
+               device: str = "auto", batch_size: int = 128, k: int = 20, temperature: float = 0.07,
+               out: str | Path | None = None, log: Any = print) -> dict[str, Any]:
+    """Object-level k-NN of a checkpoint's frozen backbone on ``scenes/{train,test}`` (module docstring).
+
+    Args:
+        mode: ``obj``, ``crop``, ``scene`` or ``all`` (every mode the model has: without an [OBJ]
+            token, ``all`` runs crop and scene and says so; ``obj`` alone is an error).
+        random_init: the same architecture with fresh weights (seeded with the run's seed).
+
+    Returns the results written to ``out`` (default ``<run dir>/object_knn[_random_init].json``):
+    ``top1`` / ``top5`` per mode under ``accuracy``, per-class top-1 under ``per_class``, feature counts.
+    """
+    from ssl_distill.checkpoints import load_any_backbone
+    from ssl_distill.data.boxes import read_boxes
+    from ssl_distill.runtime import resolve_device
+
+    if mode not in (*BOX_MODES, "all"):
+        raise ValueError(f"mode must be one of {(*BOX_MODES, 'all')}, got {mode!r}")
+    scenes = Path(scenes)
+    files = _split_files(scenes)
+    loaded = load_any_backbone(checkpoint, which)
+    backbone, cfg = loaded.backbone, loaded.config
+    if random_init:
+        torch.manual_seed(int(getattr(getattr(cfg, "run", None), "seed", 0)))
+        kwargs = {"obj_token": True} if getattr(backbone, "has_obj_token", False) else {}
+        backbone = type(backbone)(copy.deepcopy(backbone.spec), **kwargs)
+        for prm in backbone.parameters():
+            prm.requires_grad = False
+        backbone.eval()
+    has_obj = bool(getattr(backbone, "has_obj_token", False))
+    notes: list[str] = []
+    if mode == "obj" and not has_obj:
+        raise ValueError(NO_OBJ_TOKEN)
+    modes = list(BOX_MODES) if mode == "all" else [mode]
+    if not has_obj and "obj" in modes:
+        modes.remove("obj")
+        notes.append(NO_OBJ_TOKEN + "; running crop and scene only.")
+        log(notes[-1])
+    boxes = {split: read_boxes(f, f.parent) for split, f in files.items()}
+    classes, index = _class_index(boxes["train"], boxes["test"])
+    crops = getattr(getattr(cfg, "data", None), "crops", None)
+    mean = tuple(getattr(crops, "mean", IMAGENET_MEAN))
+    std = tuple(getattr(crops, "std", IMAGENET_STD))
+    size = image_size or _default_image_size(boxes["train"], int(backbone.patch_size))
+    settings = ImageSettings(size, size, mean, std)
+    dev = resolve_device(device, key="device")
+    feats = {split: extract_box_features(backbone, files[split].parent, boxes[split], modes, settings, device=dev,
+                                         precision=precision, batch_size=batch_size)
+             for split in ("train", "test")}
+    labels = {split: _labels(f, index, files[split]) for split, f in feats.items()}
+    results: dict[str, Any] = {
+        "checkpoint": str(loaded.file), "which": "random_init" if random_init else loaded.source,
+        "format": loaded.format, "scenes": str(scenes.resolve()), "classes": classes, "modes": modes,
+        "k": k, "temperature": temperature, "image_size": size, "precision": precision, "mean": mean, "std": std,
+        "n_train": int(labels["train"].numel()), "n_test": int(labels["test"].numel()),
+        "n_train_images": len(feats["train"].file_names), "n_test_images": len(feats["test"].file_names),
+        "notes": notes, "accuracy": {}, "per_class": {}, "details": {},
+    }
+    for m in modes:
+        t0 = time.perf_counter()
+        res = knn_classify(feats["train"].features[m], labels["train"], feats["test"].features[m], labels["test"],
+                           ks=(k,), temperature=temperature, num_classes=len(classes))
+        entry = res[f"k={k}"]
+        results["accuracy"][m] = {"top1": entry["top1"], "top5": entry["top5"]}
+        results["per_class"][m] = entry["per_class"]
+        results["details"][m] = {
+            "k_used": entry["k"], "dim": int(feats["train"].features[m].shape[1]),
+            "n_train_features": int(feats["train"].features[m].shape[0]),
+            "n_test_features": int(feats["test"].features[m].shape[0]),
+            "seconds_extract": feats["train"].meta["seconds"][m] + feats["test"].meta["seconds"][m],
+            "seconds_search": time.perf_counter() - t0,
+        }
+    results["seconds_load"] = feats["train"].meta["seconds_load"] + feats["test"].meta["seconds_load"]
+    if out is None:
+        run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+        out = run_dir / ("object_knn_random_init.json" if random_init else "object_knn.json")
+    write_results(results, Path(out))
+    results["out"] = str(out)
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    res = object_knn(args.checkpoint, args.scenes, args.mode, which=args.which, random_init=args.random_init,
+                     image_size=args.image_size, precision=args.precision, device=args.device,
+                     batch_size=args.batch_size, k=args.k, temperature=args.temperature, out=args.out)
+    for m, acc in res["accuracy"].items():
+        d = res["details"][m]
+        print(f"object k-NN {m:>5} (k={d['k_used']}, T={res['temperature']:g}): top-1 {acc['top1']:.2f}%  "
+              f"top-5 {acc['top5']:.2f}%  [{d['n_train_features']} train / {d['n_test_features']} test features, "
+              f"dim {d['dim']}, {d['seconds_extract']:.1f} s]")
+    print(f"wrote {res['out']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ssl-distill object-knn", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
