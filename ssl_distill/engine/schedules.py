@@ -9,20 +9,26 @@ import numpy as np
 from ..config import Config
 
 
+def total_iterations(epochs: float, iters_per_epoch: int) -> int:
+    """Iterations of a run of ``epochs`` epochs; a fractional count ends mid-epoch (how runs of
+    different methods get the same wall-clock budget)."""
+    return int(round(epochs * iters_per_epoch))
+
+
 def cosine_schedule(
     base: float,
     final: float,
-    epochs: int,
+    epochs: float,
     iters_per_epoch: int,
     warmup_epochs: float = 0,
     warmup_start: float = 0.0,
 ) -> np.ndarray:
     """Linear warmup from ``warmup_start`` to ``base``, then half-cosine from ``base`` to ``final``.
 
-    Returns an array of length ``epochs * iters_per_epoch``, value at iteration i (as DINO's
-    ``utils.cosine_scheduler``).
+    Returns an array of length ``total_iterations(epochs, iters_per_epoch)``, value at iteration i
+    (as DINO's ``utils.cosine_scheduler``).
     """
-    total = epochs * iters_per_epoch
+    total = total_iterations(epochs, iters_per_epoch)
     warmup_iters = min(int(round(warmup_epochs * iters_per_epoch)), total)
     warmup = np.linspace(warmup_start, base, warmup_iters) if warmup_iters > 0 else np.array([])
     iters = np.arange(total - warmup_iters)
@@ -33,7 +39,7 @@ def cosine_schedule(
 
 
 def teacher_temp_schedule(
-    warmup_temp: float, temp: float, warmup_epochs: float, epochs: int, iters_per_epoch: int,
+    warmup_temp: float, temp: float, warmup_epochs: float, epochs: float, iters_per_epoch: int,
     start_epochs: float = 0,
 ) -> np.ndarray:
     """Linear warmup of the teacher temperature, then constant (Caron et al. 2021, Sec. 4.3).
@@ -43,7 +49,7 @@ def teacher_temp_schedule(
     ``start_epochs`` holds ``warmup_temp`` that long before the warmup begins (iBOT's patch
     temperature with ``pred_start_epoch``).
     """
-    total = epochs * iters_per_epoch
+    total = total_iterations(epochs, iters_per_epoch)
     hold = min(int(round(start_epochs * iters_per_epoch)), total)
     warm = min(int(round(warmup_epochs * iters_per_epoch)), total - hold)
     return np.concatenate((np.full(hold, warmup_temp), np.linspace(warmup_temp, temp, warm, endpoint=False),

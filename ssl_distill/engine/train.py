@@ -29,12 +29,12 @@ from .checkpoint import (
     FORMAT, LATEST, CheckpointError, atomic_save, describe_mismatch, load_state_strict,
     remove_stale_temporaries, rng_state, set_rng_state,
 )
-from .build import build_model, build_objectives, uses_patches
+from .build import build_model, build_objectives, uses_objects, uses_patches
 from .ema import ema_update
 from .masks import StepMasks
 from .monitor import CollapseMonitor, JsonlLogger
 from .online_knn import OnlineKnn
-from .schedules import Schedules, frozen_last_layer
+from .schedules import Schedules, frozen_last_layer, total_iterations
 from .stop import NAMES, REQUEUE, StopSignals
 
 
@@ -124,7 +124,7 @@ class Trainer:
                 f"data.batch_size={cfg.data.batch_size} x {self.world} process(es) is larger than the "
                 f"{len(self.loader.dataset)} images in {cfg.data.train_dir}"
             )
-        self.total_steps = cfg.optim.epochs * self.iters_per_epoch
+        self.total_steps = total_iterations(cfg.optim.epochs, self.iters_per_epoch)
         self.sched = Schedules.from_config(cfg, self.iters_per_epoch, self.world)
 
         if self.device.type == "cpu" and cfg.data.num_workers > 0 and du.is_main():
@@ -136,6 +136,8 @@ class Trainer:
         fused = cfg.model.fused_attn if cfg.model.fused_attn is not None else default_fused_attn(self.device)
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         self.student = build_model(cfg, cfg.model.drop_path_rate).to(self.device)
+        if cfg.model.init_from and resume_from is None:
+            self._init_backbone(cfg.model.init_from)
         self.teacher = build_model(cfg, 0.0).to(self.device)  # no drop-path in the teacher
         self.teacher.load_state_dict(self.student.state_dict())
         for p in self.teacher.parameters():
@@ -157,6 +159,7 @@ class Trainer:
 
         self.n_global = cfg.data.crops.n_global
         self.patches = uses_patches(cfg)
+        self.objects = uses_objects(cfg)
         self.masks = StepMasks(cfg, self.rank)
         self.objectives = build_objectives(cfg).to(self.device)
         self.loss_terms = [name for o in self.objectives for name in o.loss_terms]
@@ -182,6 +185,26 @@ class Trainer:
             else None
         )
         self.online_knn = OnlineKnn(cfg, self.out, self.iters_per_epoch, self.total_steps, self.device, self.logger)
+        boxes = getattr(self.loader.dataset, "boxes", None)
+        if boxes is not None and self.logger is not None:  # ODIS: every kept, clipped and dropped box counted
+            print(boxes.summary())
+            self.logger.log({"kind": "boxes", "step": self.state.step, "file": str(cfg.data.boxes), **boxes.report})
+
+    def _init_backbone(self, path: str) -> None:
+        """Start the student's backbone (and so the teacher's) from ``path``; the file's mask token is
+        kept only where this run has one (iBOT's ``masked_embed`` starts at zero otherwise, as iBOT)."""
+        from ..checkpoints import load_any_backbone
+
+        loaded = load_any_backbone(path, obj_token=self.student.backbone.has_obj_token)
+        state = loaded.backbone.state_dict()
+        ours = self.student.backbone.state_dict()
+        if "masked_embed" in ours and "masked_embed" not in state:
+            state["masked_embed"] = ours["masked_embed"]
+        if "masked_embed" not in ours:
+            state.pop("masked_embed", None)
+        load_state_strict(self.student.backbone, state, f"model.init_from={path} ({loaded.format} backbone)")
+        if du.is_main():
+            print(f"backbone initialised from {path} ({loaded.format}, {loaded.source}); heads start fresh")
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_dict(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -290,10 +313,15 @@ class Trainer:
                          teacher_temp=float(self.sched.teacher_temp[step]),
                          patch_teacher_temp=float(self.sched.patch_teacher_temp[step]))
 
-    def train_step(self, crops: list[torch.Tensor], step: int,
-                   data_masks: list[torch.Tensor] | None = None) -> dict[str, float]:
+    def train_step(self, crops: list[torch.Tensor], step: int, data_masks: list[torch.Tensor] | None = None,
+                   obj_masks: list[torch.Tensor] | None = None, obj_valid: torch.Tensor | None = None
+                   ) -> dict[str, float]:
         """One iteration for every objective (cf. DINO's ``train_one_epoch``, iBOT's, DINOv2's):
-        teacher outputs -> masks -> student outputs -> objectives' terms -> update -> EMA."""
+        teacher outputs -> masks -> student outputs -> objectives' terms -> update -> EMA.
+
+        ``data_masks``: per global view (B, P) iBOT masks from the data; ``obj_masks``: per view (B, P_v)
+        object masks and ``obj_valid`` (B, V) from ODIS's object-aware crops (see ``data/object_crops.py``).
+        """
         lr, wd, momentum = float(self.sched.lr[step]), float(self.sched.wd[step]), float(self.sched.momentum[step])
         for i, group in enumerate(self.optimizer.param_groups):
             group["lr"] = lr
@@ -303,11 +331,15 @@ class Trainer:
 
         with autocast_context(self.device, self.precision):
             teacher_out = self.teacher(crops[: self.n_global], patches="targets" if self.patches else None,
-                                       cls_attention=self.masks.needs_attention)
+                                       cls_attention=self.masks.needs_attention,
+                                       obj_masks=None if obj_masks is None else obj_masks[: self.n_global])
             masks = self.masks(data_masks, teacher_out, state)  # None without a patch objective
             if masks is not None:
                 teacher_out.update(self.teacher.patch_targets(teacher_out["patch_z"], masks))
-            student_out = self.student_ddp(crops, masks=masks, patches="masked" if self.patches else None)
+            if obj_valid is not None:
+                teacher_out["obj_valid"] = obj_valid  # which views hold each image's target object
+            student_out = self.student_ddp(crops, masks=masks, patches="masked" if self.patches else None,
+                                           obj_masks=obj_masks)
         terms = [objective.terms(student_out, teacher_out, masks, state) for objective in self.objectives]
         loss = sum(t.pop("loss") for t in terms)
         logged = {k: float(v.detach()) for t in terms for k, v in t.items()}
@@ -389,8 +421,11 @@ class Trainer:
                     raise RuntimeError(f"injected failure on rank {self.rank} at step {step} (SSL_DISTILL_FAIL_AT)")
                 crops = [c.to(self.device, non_blocking=True) for c in batch["crops"]]
                 self.bad.update(int(batch["bad"]), len(batch["index"]))
-                masks = batch.get("masks")
-                stats = self.train_step(crops, step, None if masks is None else [m.to(self.device) for m in masks])
+                masks, objects = batch.get("masks"), batch.get("obj_masks")
+                stats = self.train_step(
+                    crops, step, None if masks is None else [m.to(self.device) for m in masks],
+                    None if objects is None else [m.to(self.device) for m in objects],
+                    None if objects is None else batch["obj_valid"].to(self.device))
                 st.step += 1
                 st.batch += 1
                 window.append(stats)
@@ -442,7 +477,9 @@ class Trainer:
         rec["images_per_s"] = len(window) * images_per_step / max(elapsed, 1e-9)
         rec["bad_images"] = self.bad.bad
         rec["time"] = time.time()
-        self.collapse.update(rec["teacher_entropy"], rec["teacher_kl_uniform"], self.state.step, len(window))
+        watched = "" if "teacher_entropy" in rec else "obj_"  # the [CLS] teacher, or [OBJ]'s when ODIS trains alone
+        self.collapse.update(rec[f"{watched}teacher_entropy"], rec[f"{watched}teacher_kl_uniform"], self.state.step,
+                             len(window))
         if self.logger is not None:
             self.logger.log(rec)
         return rec

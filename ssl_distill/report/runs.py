@@ -133,6 +133,8 @@ def _read_log(path: Path, run: RunData) -> None:
         if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
             bad += 1
             continue
+        if rec.get("kind") not in (None, "knn"):
+            continue  # other records (the boxes file's counts) are not curves
         (knn if rec.get("kind") == "knn" else train)[rec["step"]] = rec  # a step logged again: the last wins
     if bad:
         run.notes.append(f"{run.name}: skipped {bad} unreadable log line(s)")

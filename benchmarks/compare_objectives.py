@@ -1,0 +1,106 @@
+"""DINO, iBOT, AttMask-High, AttMask-Hint and DINOv2-style side by side on Fashion-MNIST, each given the
+same seed and the same wall-clock training budget on this machine; k-NN (k=20) and linear (fast grid).
+
+Each method's step is timed first (data loading included, a few steps after a warm-up); its run then
+gets ``optim.epochs = budget / (seconds per step x steps per epoch)`` (fractional epochs end mid-epoch
+with every schedule annealed), so a slower objective trains on fewer images, as it would on a deadline.
+Run alone on the machine: the step timings decide the epochs.
+
+Usage: python benchmarks/compare_objectives.py [--budget-min 8] [--out runs/compare] [--methods DINO iBOT ...]
+Writes ``<out>/table.md`` and ``<out>/table.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import hardware_line  # noqa: E402
+
+from ssl_distill.config import load_config  # noqa: E402
+from ssl_distill.data.fashion_mnist import build_fashion_mnist_folders  # noqa: E402
+from ssl_distill.engine.train import Trainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "DINO": ("dino_tiny_fmnist.yaml", []),
+    "iBOT": ("ibot_tiny_fmnist.yaml", []),
+    "AttMask-High": ("attmask_tiny_fmnist.yaml", []),
+    "AttMask-Hint": ("attmask_tiny_fmnist.yaml", ["masking.attmask=hint"]),
+    "DINOv2-style": ("dinov2_style_tiny_fmnist.yaml", []),
+}
+
+
+def seconds_per_step(recipe: str, overrides: list[str], steps: int = 8) -> tuple[float, int, str]:
+    """(seconds per training step including data loading, steps per epoch, precision) of a recipe."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(ROOT / "configs" / recipe, [*overrides, f"run.output_dir={tmp}/run", "run.progress=false",
+                                                      "monitor.knn_every_epochs=0", "monitor.knn_every_steps=0"])
+        trainer = Trainer(cfg, fresh=True)
+        trainer.sampler.set_epoch(0)
+        batches = iter(trainer.loader)
+        times = []
+        for step in range(steps + 2):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            crops = [c.to(trainer.device) for c in batch["crops"]]
+            trainer.train_step(crops, step, batch.get("masks"))
+            times.append(time.perf_counter() - t0)
+        return sorted(times[2:])[len(times[2:]) // 2], trainer.iters_per_epoch, trainer.precision
+
+
+def run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget-min", type=float, default=8.0, help="training wall-clock per method, minutes")
+    ap.add_argument("--out", default="runs/compare")
+    ap.add_argument("--data", default="data/fmnist")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    args = ap.parse_args()
+    print(hardware_line(), flush=True)
+    root = build_fashion_mnist_folders(args.data)
+    data = [f"data.train_dir={root / 'train'}", f"knn.train_dir={root / 'train'}", f"knn.val_dir={root / 'val'}"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.methods:
+        recipe, extra = METHODS[name]
+        sec, iters, precision = seconds_per_step(recipe, [*data, *extra])
+        epochs = round(args.budget_min * 60 / (sec * iters), 3)
+        run_dir = out / name.replace("-", "_").lower()
+        t0 = time.perf_counter()
+        run([sys.executable, "-m", "ssl_distill.cli", "train", str(ROOT / "configs" / recipe), *data, *extra,
+             f"optim.epochs={epochs}", f"run.output_dir={run_dir}", "run.progress=false", "--fresh"])
+        train_min = (time.perf_counter() - t0) / 60
+        run([sys.executable, "-m", "ssl_distill.cli", "knn", str(run_dir)])
+        run([sys.executable, "-m", "ssl_distill.cli", "linear", str(run_dir), "--mode", "fast"])
+        knn = json.loads((run_dir / "knn.json").read_text())["accuracy"]["k=20"]["top1"]
+        linear = json.loads((run_dir / "linear_fast.json").read_text())["top1"]
+        rows.append({"method": name, "recipe": recipe, "overrides": extra, "seconds_per_step": sec,
+                     "epochs": epochs, "train_minutes": train_min, "precision": precision,
+                     "knn_top1_k20": knn, "linear_fast_top1": linear})
+        print(rows[-1], flush=True)
+        (out / "table.json").write_text(json.dumps({"hardware": hardware_line(), "budget_min": args.budget_min,
+                                                    "rows": rows}, indent=2))
+    lines = [f"Fashion-MNIST, seed 0, {args.budget_min:g} min of training each; {hardware_line()}", "",
+             "| method | recipe | s/step | epochs | train min | k-NN top-1 (k=20) | linear (fast) top-1 |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        recipe = r["recipe"] + (" " + " ".join(r["overrides"]) if r["overrides"] else "")
+        lines.append(f"| {r['method']} | `{recipe}` | {r['seconds_per_step']:.2f} | {r['epochs']:.2f} | "
+                     f"{r['train_minutes']:.1f} | {r['knn_top1_k20']:.2f}% | {r['linear_fast_top1']:.2f}% |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

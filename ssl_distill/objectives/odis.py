@@ -1,0 +1,110 @@
+"""ODIS object-level self-distillation: the [OBJ] term.
+
+Hızlı, Yıldız, Marttinen, "Object-level Self-Distillation for Vision Pretraining", 2025 (arXiv
+2506.05409), Sec. 3: object-aware crops make both global views show the same target object, and an
+[OBJ] token whose attention is restricted to that object's patches summarises it. The object term is
+DINO's cross-view cross-entropy (Caron et al. 2021, Eq. 1-3) applied to the [OBJ] outputs instead of
+the [CLS] outputs: the teacher's [OBJ] distribution on global view i, centered and sharpened,
+is the target of the student's [OBJ] distribution on every other view v,
+
+    L_OBJ = 1 / n_pairs * sum_{i < G} sum_{v != i} 1/B sum_b w_{b,i,v} H(P_t(obj_{b,i}), P_s(obj_{b,v})),
+
+with w_{b,i,v} = 1 when both views i and v of image b hold the target object and 0 otherwise. An
+invalid pair adds zero and still counts in the 1/B mean, as iBOT's images without a masked patch
+count in its patch term's mean: a batch with few valid objects gives a proportionally smaller term
+(no per-batch reweighting that would make one valid image carry a whole batch's gradient).
+
+The [OBJ] term has its own center (EMA, momentum 0.9, like DINO's Eq. 4), updated after the loss
+from the teacher's [OBJ] outputs of the valid views only (an [OBJ] without its object says nothing
+about the object distribution), sums and counts all-reduced over ranks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .base import StepState
+from .dino import teacher_statistics
+
+
+class ObjectLoss(nn.Module):
+    """Cross-view cross-entropy of [OBJ] outputs over valid (teacher view, student view) pairs.
+
+    Args:
+        out_dim: K, prototypes of the head the [OBJ] token goes through (the shared CLS head).
+        n_crops: V, student views (globals first).
+        n_global: G, teacher (global) views.
+        student_temp: tau_s (0.1).
+        center_momentum: momentum of the [OBJ] center (0.9).
+        weight: the term's weight in the total loss.
+    """
+
+    loss_terms = ("obj",)
+
+    def __init__(self, out_dim: int, n_crops: int, n_global: int = 2, student_temp: float = 0.1,
+                 center_momentum: float = 0.9, weight: float = 1.0) -> None:
+        super().__init__()
+        self.n_crops = n_crops
+        self.n_global = n_global
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.weight = weight
+        self.register_buffer("obj_center", torch.zeros(1, out_dim))
+
+    def terms(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
+              masks: torch.Tensor | None, state: StepState) -> dict[str, torch.Tensor]:
+        """The step's interface: [OBJ] logits of all views; ``teacher["obj_valid"]`` (B, V) says which
+        views hold the target object (from the object-aware crops)."""
+        out = self(student["obj"], teacher["obj"], teacher["obj_valid"], state.teacher_temp)
+        return {"loss": out["obj"] * self.weight, **out}
+
+    def forward(self, student_obj: torch.Tensor, teacher_obj: torch.Tensor, valid: torch.Tensor,
+                teacher_temp: float) -> dict[str, torch.Tensor]:
+        """Loss and teacher statistics; updates the [OBJ] center afterwards.
+
+        Args:
+            student_obj: (V*B, K) student [OBJ] logits, crop-major.
+            teacher_obj: (G*B, K) teacher [OBJ] logits of the G global views, crop-major.
+            valid: (B, V) bool, True where view v of image b holds the target object.
+            teacher_temp: tau_t of this iteration (the [CLS] teacher's schedule).
+        Returns:
+            {"obj": scalar loss, "obj_valid_pairs": fraction of (image, pair) terms that count,
+             "obj_teacher_entropy", "obj_teacher_kl_uniform": collapse monitors of the valid
+             teacher rows (nats)}; all but "obj" detached.
+        """
+        k = student_obj.shape[-1]
+        b = valid.shape[0]
+        w = valid.t().float()  # (V, B)
+        logp = F.log_softmax(student_obj.float() / self.student_temp, dim=-1).view(self.n_crops, b, k)
+        teacher_obj = teacher_obj.float()
+        q = F.softmax((teacher_obj - self.obj_center) / teacher_temp, dim=-1).detach().view(self.n_global, b, k)
+        weighted_sum = (w.unsqueeze(-1) * logp).sum(0)  # (B, K): sum over valid student views of log p_v
+        total = student_obj.new_zeros((), dtype=torch.float32)
+        counted = student_obj.new_zeros((), dtype=torch.float32)
+        n_terms = 0
+        for i in range(self.n_global):
+            others = weighted_sum - w[i].unsqueeze(-1) * logp[i]  # every valid view but i itself
+            total = total - (w[i] * (q[i] * others).sum(-1)).mean()
+            counted = counted + (w[i] * (w.sum(0) - w[i])).sum()
+            n_terms += self.n_crops - 1
+        loss = total / n_terms
+        teacher_valid = w[: self.n_global].reshape(-1) > 0
+        with torch.no_grad():
+            stats = teacher_statistics(q.view(-1, k)[teacher_valid]) if teacher_valid.any() else {
+                "teacher_entropy": loss.new_zeros(()), "teacher_kl_uniform": loss.new_zeros(())}
+        self.update_center(teacher_obj, teacher_valid)
+        return {"obj": loss, "obj_valid_pairs": (counted / (n_terms * b)).detach(),
+                "obj_teacher_entropy": stats["teacher_entropy"], "obj_teacher_kl_uniform": stats["teacher_kl_uniform"]}
+
+    @torch.no_grad()
+    def update_center(self, teacher_obj: torch.Tensor, valid: torch.Tensor) -> None:
+        """EMA of the mean teacher [OBJ] logit over the valid rows of every rank; no update when
+        no rank has a valid row."""
+        sums = torch.cat([(teacher_obj * valid.unsqueeze(-1)).sum(0), valid.sum().reshape(1).to(teacher_obj.dtype)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        count = float(sums[-1])
+        if count > 0:
+            self.obj_center.mul_(self.center_momentum).add_(sums[:-1].unsqueeze(0) / count * (1 - self.center_momentum))
