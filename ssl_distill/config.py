@@ -488,6 +488,9 @@ def _check_objectives(cfg: Config) -> None:
         raise ConfigError("dino.weight, ibot.weight and odis.weight are all 0: nothing would be trained; set one "
                           "of them (dino.weight=1 for DINO)")
     _check_range("odis.center_momentum", cfg.odis.center_momentum, 0, 1)
+    if d.weight == 0 and cfg.odis.weight == 0 and not p.shared_head:
+        raise ConfigError("dino.weight=0 and odis.weight=0 with a separate patch head (ibot.shared_head=false) leave "
+                          "the [CLS] head with nothing to learn: share the head, or give dino.weight a value")
     if cfg.odis.weight > 0 and cfg.data.boxes is None:
         raise ConfigError("odis.weight > 0 distills objects, but data.boxes names no boxes file: set data.boxes "
                           "(a COCO-style file, e.g. the boxes.json that ssl-distill discover or make-scenes writes)")

@@ -88,3 +88,17 @@ def test_the_label_free_loop_trains_odis_on_discovered_boxes(scenes, tmp_path):
     assert ckpt["student"]["backbone.obj_token"].shape == ckpt["student"]["backbone.vit.cls_token"].shape
     counts = [json.loads(line) for line in (odis / "log.jsonl").read_text().splitlines() if '"boxes"' in line]
     assert counts[0]["images_with_boxes"] > 0
+
+
+def test_without_the_cls_term_the_cls_head_is_skipped_and_obj_is_unchanged():
+    from ssl_distill.models import BackboneSpec, DINOHead, MultiCropModel, ViTBackbone
+
+    torch.manual_seed(0)
+    backbone = ViTBackbone(BackboneSpec(arch="vit_tiny", patch_size=8, img_size=32, depth=2), obj_token=True)
+    model = MultiCropModel(backbone, DINOHead(192, 40, hidden_dim=32, bottleneck_dim=16, use_bn=True)).eval()
+    crops = [torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32), torch.randn(3, 3, 16, 16)]
+    obj_masks = [torch.rand(3, 16) < 0.5, torch.rand(3, 16) < 0.5, torch.ones(3, 4, dtype=torch.bool)]
+    with torch.no_grad():
+        full = model(crops, obj_masks=obj_masks)
+        lean = model(crops, obj_masks=obj_masks, cls_head=False)
+    assert "cls" not in lean and torch.equal(lean["obj"], full["obj"]) and torch.equal(lean["cls_feat"], full["cls_feat"])

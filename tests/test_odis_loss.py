@@ -83,3 +83,29 @@ def test_all_valid_is_dinos_loss_on_the_obj_outputs():
     torch.testing.assert_close(ours["obj"], theirs["dino"])
     torch.testing.assert_close(obj.obj_center, dino.center)
     torch.testing.assert_close(ours["obj_teacher_entropy"], theirs["teacher_entropy"])
+
+
+def _obj_center_split(rank: int, world: int, teacher: torch.Tensor, valid: torch.Tensor, expected: torch.Tensor) -> None:
+    g, v = 2, valid.shape[1]
+    b = valid.shape[0] // world
+    mine_valid = valid[rank * b:(rank + 1) * b]
+    rows = teacher.view(g, -1, teacher.shape[-1])[:, rank * b:(rank + 1) * b].reshape(g * b, -1)
+    loss = ObjectLoss(teacher.shape[-1], v, g, center_momentum=0.5)
+    loss(torch.zeros(v * b, teacher.shape[-1]), rows, mine_valid, teacher_temp=0.05)
+    torch.testing.assert_close(loss.obj_center, expected)
+
+
+def test_obj_center_counts_the_valid_rows_of_every_rank():
+    """2 gloo processes holding half the images each (rank 1 with fewer valid views) update the [OBJ]
+    center as 1 process holding all of them: sums and counts are all-reduced, not per-rank means."""
+    from gloo import spawn_gloo
+
+    torch.manual_seed(5)
+    g, v, b, k = 2, 3, 4, 7
+    teacher = torch.randn(g * b, k)
+    valid = torch.ones(b, v, dtype=torch.bool)
+    valid[2:, 0] = False
+    valid[3] = False
+    loss = ObjectLoss(k, v, g, center_momentum=0.5)
+    loss(torch.zeros(v * b, k), teacher, valid, teacher_temp=0.05)
+    spawn_gloo(_obj_center_split, teacher, valid, loss.obj_center.clone())

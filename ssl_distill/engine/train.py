@@ -163,6 +163,7 @@ class Trainer:
         self.masks = StepMasks(cfg, self.rank)
         self.objectives = build_objectives(cfg).to(self.device)
         self.loss_terms = [name for o in self.objectives for name in o.loss_terms]
+        self.cls_head = cfg.dino.weight > 0  # the [CLS] logits are read by DINO's term only
         self.optimizer = torch.optim.AdamW(param_groups(self.student), betas=cfg.optim.betas)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.run.precision == "fp16" else None
         self.trainable = [p for p in self.student.parameters() if p.requires_grad]
@@ -332,14 +333,15 @@ class Trainer:
         with autocast_context(self.device, self.precision):
             teacher_out = self.teacher(crops[: self.n_global], patches="targets" if self.patches else None,
                                        cls_attention=self.masks.needs_attention,
-                                       obj_masks=None if obj_masks is None else obj_masks[: self.n_global])
+                                       obj_masks=None if obj_masks is None else obj_masks[: self.n_global],
+                                       cls_head=self.cls_head)
             masks = self.masks(data_masks, teacher_out, state)  # None without a patch objective
             if masks is not None:
                 teacher_out.update(self.teacher.patch_targets(teacher_out["patch_z"], masks))
             if obj_valid is not None:
                 teacher_out["obj_valid"] = obj_valid  # which views hold each image's target object
             student_out = self.student_ddp(crops, masks=masks, patches="masked" if self.patches else None,
-                                           obj_masks=obj_masks)
+                                           obj_masks=obj_masks, cls_head=self.cls_head)
         terms = [objective.terms(student_out, teacher_out, masks, state) for objective in self.objectives]
         loss = sum(t.pop("loss") for t in terms)
         logged = {k: float(v.detach()) for t in terms for k, v in t.items()}

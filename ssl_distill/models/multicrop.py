@@ -61,7 +61,9 @@ class MultiCropModel(nn.Module):
 
     def forward(self, crops: list[torch.Tensor] | torch.Tensor, masks: torch.Tensor | None = None,
                 patches: str | None = None, cls_attention: bool = False,
-                obj_masks: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                obj_masks: list[torch.Tensor] | None = None, cls_head: bool = True) -> dict[str, torch.Tensor]:
+        """``cls_head=False`` leaves out ``"cls"`` (the head on the CLS rows) when no objective reads it
+        (an ODIS run without the image-level term); ``"cls_feat"`` is always returned."""
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         if patches not in (None, "targets", "masked"):
@@ -97,10 +99,15 @@ class MultiCropModel(nn.Module):
             else:
                 cls_feats.append(self.backbone(x))
         out["cls_feat"] = torch.cat(cls_feats)
+        if obj_feats:
+            out["obj_feat"] = torch.cat(obj_feats)
+        if not cls_head:
+            if obj_feats:
+                out["obj"] = self.head(out["obj_feat"])
+            return out
         if not obj_feats:
             out["cls"] = self.head(out["cls_feat"])
             return out
-        out["obj_feat"] = torch.cat(obj_feats)
         if _has_batch_norm(self.head):
             out["cls"] = self.head(out["cls_feat"])
             out["obj"] = self.head(out["obj_feat"])
