@@ -91,7 +91,7 @@ def object_knn_arguments(p: argparse.ArgumentParser) -> None:
 def demo_arguments(d: argparse.ArgumentParser) -> None:
     """Options of ``ssl-distill demo`` (:func:`ssl_distill.demo.run_demo`)."""
     d.add_argument("overrides", nargs="*")
-    d.add_argument("--config", default=None, help="recipe (default: configs/dino_tiny_fmnist.yaml)")
+    d.add_argument("--config", default=None, help="recipe (default: configs/dinov2_style_tiny_fmnist.yaml)")
     d.add_argument("--data", default="data/fmnist")
     d.add_argument("--fresh", action="store_true")
     d.add_argument("--limit-per-class", type=int, default=None,

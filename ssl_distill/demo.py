@@ -1,4 +1,8 @@
-"""The README's main job: Fashion-MNIST folders -> DINO pretraining (online k-NN curve) -> k-NN -> report.
+"""The README's main job: Fashion-MNIST folders -> pretraining (online k-NN curve) -> k-NN -> report.
+
+The default recipe is ``configs/dinov2_style_tiny_fmnist.yaml`` (DINOv2's objective: the best of DINO,
+iBOT, AttMask and DINOv2-style at one wall-clock budget, benchmarks/compare_objectives.py); any other
+recipe runs with ``--config``.
 
 The demo ends by writing ``<run dir>/report.png`` and ``report.md`` (``ssl-distill report`` of its
 run directory); the README's figure, ``docs/demo_report.png``, is that file copied:
@@ -15,7 +19,7 @@ from .data.fashion_mnist import build_fashion_mnist_folders
 from .engine.train import train
 from .report import write_report
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dino_tiny_fmnist.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dinov2_style_tiny_fmnist.yaml"
 
 
 def run_demo(config: str | None = None, data_dir: str = "data/fmnist", overrides: list[str] | None = None,
@@ -58,7 +62,7 @@ def run_demo(config: str | None = None, data_dir: str = "data/fmnist", overrides
     report = write_report([run_dir])  # after knn.json: the table lists the final k-NN too
     summary["report"] = str(report.figure)
     print(f"[demo] k-NN top-1 (k=20) on Fashion-MNIST test: random init {k20_init:.2f}%  ->  "
-          f"DINO pretrained {k20:.2f}%  ({final['precision']} features; pretraining {t_train / 60:.1f} min, total "
+          f"pretrained {k20:.2f}%  ({final['precision']} features; pretraining {t_train / 60:.1f} min, total "
           f"{summary['total_minutes']:.1f} min)")
     print(f"[demo] report: {report.figure} and {report.table} (the README's figure: "
           f"cp {report.figure} docs/demo_report.png)")
