@@ -54,9 +54,21 @@ def seconds_per_step(recipe: str, overrides: list[str], steps: int = 8) -> tuple
         return sorted(times[2:])[len(times[2:]) // 2], trainer.iters_per_epoch, trainer.precision
 
 
-def run(cmd: list[str]) -> None:
+def cli(*args: str) -> None:
+    """Run one ``ssl-distill`` subcommand with this Python, echoing it; a failure stops the benchmark."""
+    cmd = [sys.executable, "-m", "ssl_distill.cli", *args]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
+
+
+def write_table(out: Path, title: str, header: list[str], lines: list[str], rows: list[dict], budget_min: float) -> None:
+    """``out/table.json`` (the rows, the hardware line, the budget) and ``out/table.md``; prints the table."""
+    (out / "table.json").write_text(json.dumps({"hardware": hardware_line(), "budget_min": budget_min, "rows": rows},
+                                               indent=2))
+    text = "\n".join([f"{title}, seed 0, {budget_min:g} min of training each; {hardware_line()}", "",
+                      "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *lines])
+    (out / "table.md").write_text(text + "\n")
+    print(text)
 
 
 def main() -> None:
@@ -83,28 +95,24 @@ def main() -> None:
         epochs = round(args.budget_min * 60 / (sec * iters), 3)
         run_dir = out / name.replace("-", "_").lower()
         t0 = time.perf_counter()
-        run([sys.executable, "-m", "ssl_distill.cli", "train", str(ROOT / "configs" / recipe), *data, *extra,
-             f"optim.epochs={epochs}", f"run.output_dir={run_dir}", "run.progress=false", "--fresh"])
+        cli("train", str(ROOT / "configs" / recipe), *data, *extra, f"optim.epochs={epochs}", f"run.output_dir={run_dir}",
+            "run.progress=false", "--fresh")
         train_min = (time.perf_counter() - t0) / 60
-        run([sys.executable, "-m", "ssl_distill.cli", "knn", str(run_dir)])
-        run([sys.executable, "-m", "ssl_distill.cli", "linear", str(run_dir), "--mode", "fast"])
+        cli("knn", str(run_dir))
+        cli("linear", str(run_dir), "--mode", "fast")
         knn = json.loads((run_dir / "knn.json").read_text())["accuracy"]["k=20"]["top1"]
         linear = json.loads((run_dir / "linear_fast.json").read_text())["top1"]
         rows.append({"method": name, "recipe": recipe, "overrides": extra, "seconds_per_step": sec,
                      "epochs": epochs, "train_minutes": train_min, "precision": precision,
                      "knn_top1_k20": knn, "linear_fast_top1": linear})
         print(rows[-1], flush=True)
-        (out / "table.json").write_text(json.dumps({"hardware": hardware_line(), "budget_min": args.budget_min,
-                                                    "rows": rows}, indent=2))
-    lines = [f"Fashion-MNIST, seed 0, {args.budget_min:g} min of training each; {hardware_line()}", "",
-             "| method | recipe | s/step | epochs | train min | k-NN top-1 (k=20) | linear (fast) top-1 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = []
     for r in rows:
         recipe = r["recipe"] + (" " + " ".join(r["overrides"]) if r["overrides"] else "")
         lines.append(f"| {r['method']} | `{recipe}` | {r['seconds_per_step']:.2f} | {r['epochs']:.2f} | "
                      f"{r['train_minutes']:.1f} | {r['knn_top1_k20']:.2f}% | {r['linear_fast_top1']:.2f}% |")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(out, "Fashion-MNIST", ["method", "recipe", "s/step", "epochs", "train min", "k-NN top-1 (k=20)",
+                                       "linear (fast) top-1"], lines, rows, args.budget_min)
 
 
 if __name__ == "__main__":

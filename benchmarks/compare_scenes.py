@@ -18,23 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hardware_line  # noqa: E402
-from compare_objectives import seconds_per_step  # noqa: E402
+from compare_objectives import cli, seconds_per_step, write_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 IBOT = ["ibot.weight=1", "masking.shape=block", "masking.pred_ratio=[0,0.3]", "masking.pred_ratio_var=[0,0.2]"]
-
-
-def cli(*args: str) -> None:
-    cmd = [sys.executable, "-m", "ssl_distill.cli", *args]
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
 
 
 def evaluate(model: str, scenes: Path, out: Path, random_init: bool = False) -> dict:
@@ -87,20 +80,17 @@ def main() -> None:
         rows.append({"method": name, "seconds_per_step": sec, "epochs": epochs, "train_minutes": train_min,
                      "precision": precision, **evaluate(str(run_dir), scenes, run_dir)})
         print(rows[-1], flush=True)
-        (out / "table.json").write_text(json.dumps({"hardware": hardware_line(), "budget_min": args.budget_min,
-                                                    "rows": rows}, indent=2))
     # the same ODIS architecture at random init (its [OBJ] token too)
     rows.insert(0, {"method": "random init", "epochs": 0.0,
                     **evaluate(str(out / "odis"), scenes, out, random_init=True)})
-    lines = [f"Scene benchmark ({scenes}), seed 0, {args.budget_min:g} min of training each; {hardware_line()}", "",
-             "| pretraining | epochs | object k-NN: [OBJ] + box mask (a) | [CLS] of box crop (b) | [CLS] of scene (c) "
-             "| CorLoc (test scenes) |", "|---|---|---|---|---|---|"]
+    lines = []
     for r in rows:
         obj = f"{r['knn_obj']:.2f}%" if "knn_obj" in r else "-"
         lines.append(f"| {r['method']} | {r['epochs']:.2f} | {obj} | {r['knn_crop']:.2f}% | {r['knn_scene']:.2f}% | "
                      f"{r['corloc']:.2f}% |")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(out, f"Scene benchmark ({scenes})", ["pretraining", "epochs", "object k-NN: [OBJ] + box mask (a)",
+                                                      "[CLS] of box crop (b)", "[CLS] of scene (c)",
+                                                      "CorLoc (test scenes)"], lines, rows, args.budget_min)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from ssl_distill.runtime import resolve_device
 from ssl_distill.models import ViTBackbone
 
 from .features import FeatureExtractor, FeatureSpec, ImageSettings, backbone_fingerprint, extract_folder
-from .knn import knn_classify, write_results
+from .knn import default_output, knn_classify, write_results
 
 
 def _knn_settings(run_cfg_dict: dict[str, Any], overrides: list[str]) -> KnnConfig:
@@ -117,8 +117,7 @@ def knn_on_checkpoint(
         "details": res,
     }
     if out is None:
-        run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-        out = run_dir / ("knn_random_init.json" if random_init else "knn.json")
+        out = default_output(checkpoint, "knn", random_init)
     write_results(results, Path(out))
     results["out"] = str(out)
     return results

@@ -335,6 +335,13 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
+def default_output(checkpoint: str | Path, name: str, random_init: bool = False) -> Path:
+    """``<run dir>/<name>.json`` (``<name>_random_init.json`` for random weights): where an evaluation of
+    ``checkpoint`` (a run directory or a checkpoint file in one) writes its results by default."""
+    ck = Path(checkpoint)
+    return (ck if ck.is_dir() else ck.parent) / f"{name}{'_random_init' if random_init else ''}.json"
+
+
 def write_results(results: dict, path: Path) -> None:
     """Write ``results`` as JSON atomically: a temporary file in the same folder, fsync, ``os.replace``."""
     path = Path(path)

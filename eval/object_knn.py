@@ -34,7 +34,7 @@ from ssl_distill.cli_args import object_knn_arguments as add_arguments  # option
 from ssl_distill.errors import DataError
 
 from .features import BOX_MODES, BoxFeatures, ImageSettings, extract_box_features
-from .knn import knn_classify, write_results
+from .knn import default_output, knn_classify, write_results
 
 __all__ = ["add_arguments", "object_knn", "run", "NO_OBJ_TOKEN"]
 
@@ -157,8 +157,7 @@ def object_knn(checkpoint: str | Path, scenes: str | Path, mode: str = "all", *,
         }
     results["seconds_load"] = feats["train"].meta["seconds_load"] + feats["test"].meta["seconds_load"]
     if out is None:
-        run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-        out = run_dir / ("object_knn_random_init.json" if random_init else "object_knn.json")
+        out = default_output(checkpoint, "object_knn", random_init)
     write_results(results, Path(out))
     results["out"] = str(out)
     return results

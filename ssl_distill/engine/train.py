@@ -29,7 +29,7 @@ from .checkpoint import (
     FORMAT, LATEST, CheckpointError, atomic_save, describe_mismatch, load_state_strict,
     remove_stale_temporaries, rng_state, set_rng_state,
 )
-from .build import build_model, build_objectives, uses_objects, uses_patches
+from .build import build_model, build_objectives, uses_patches
 from .ema import ema_update
 from .masks import StepMasks
 from .monitor import CollapseMonitor, JsonlLogger
@@ -159,7 +159,6 @@ class Trainer:
 
         self.n_global = cfg.data.crops.n_global
         self.patches = uses_patches(cfg)
-        self.objects = uses_objects(cfg)
         self.masks = StepMasks(cfg, self.rank)
         self.objectives = build_objectives(cfg).to(self.device)
         self.loss_terms = [name for o in self.objectives for name in o.loss_terms]
