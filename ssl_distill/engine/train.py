@@ -192,7 +192,8 @@ class Trainer:
 
     def _init_backbone(self, path: str) -> None:
         """Start the student's backbone (and so the teacher's) from ``path``; the file's mask token is
-        kept only where this run has one (iBOT's ``masked_embed`` starts at zero otherwise, as iBOT)."""
+        kept only where this run has one (iBOT's ``masked_embed`` starts at zero otherwise, as iBOT), and
+        its position embedding is resampled to this run's patch grid when the sizes differ."""
         from ..checkpoints import load_any_backbone
 
         loaded = load_any_backbone(path, obj_token=self.student.backbone.has_obj_token)
@@ -202,6 +203,9 @@ class Trainer:
             state["masked_embed"] = ours["masked_embed"]
         if "masked_embed" not in ours:
             state.pop("masked_embed", None)
+        resampled = self.student.backbone.fit_pos_embed(state)  # a file trained at another image size
+        if resampled and du.is_main():
+            print(f"model.init_from: {resampled}")
         load_state_strict(self.student.backbone, state, f"model.init_from={path} ({loaded.format} backbone)")
         if du.is_main():
             print(f"backbone initialised from {path} ({loaded.format}, {loaded.source}); heads start fresh")

@@ -259,6 +259,33 @@ class ViTBackbone(nn.Module):
         # tokens before the patches in the sequences of forward_tokens / get_intermediate_layers
         self.num_prefix_tokens = self.vit.num_prefix_tokens + int(self.has_obj_token)
 
+    def fit_pos_embed(self, state: dict[str, torch.Tensor]) -> str | None:
+        """Resample ``state["vit.pos_embed"]`` in place to this backbone's stored grid, when the file was
+        trained at another image size / patch grid (square grids, same prefix tokens and width).
+
+        Bicubic, as this backbone interpolates at other input sizes (``spec.pos_interp``: timm's
+        antialiased resampling, or DINO's scale factor ``(grid + 0.1) / stored``), so a backbone
+        started from the file computes what the file's own model computes at this run's size. Returns a
+        sentence saying what was done, or None when nothing needed resampling.
+        """
+        pos, ours = state.get("vit.pos_embed"), self.vit.pos_embed
+        if pos is None or ours is None or pos.shape == ours.shape or pos.shape[-1] != ours.shape[-1]:
+            return None
+        prefix = 0 if self.vit.no_embed_class else self.vit.num_prefix_tokens
+        old_side, new_grid = grid_side(pos.shape[1] - prefix), tuple(self.vit.patch_embed.grid_size)
+        if old_side is None or pos.shape[1] <= prefix:
+            return None  # not a square grid with our prefix: the strict load names the mismatch
+        old_grid = (old_side, old_side)
+        if self.spec.pos_interp == "dino":
+            state["vit.pos_embed"] = resample_pos_embed_dino(pos, new_grid, old_grid, prefix)
+        else:
+            from timm.layers import resample_abs_pos_embed
+
+            state["vit.pos_embed"] = resample_abs_pos_embed(pos, list(new_grid), list(old_grid),
+                                                            num_prefix_tokens=prefix)
+        return (f"vit.pos_embed resampled from a {old_grid[0]}x{old_grid[1]} to a {new_grid[0]}x{new_grid[1]} "
+                f"patch grid ({self.spec.pos_interp} interpolation)")
+
     def set_fused_attn(self, fused: bool) -> None:
         """Choose the fused SDPA kernel (fast on CUDA) or the plain matmul-softmax path (fast on CPU)."""
         for blk in self.vit.blocks:
