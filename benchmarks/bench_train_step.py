@@ -4,7 +4,9 @@ ViT-S/16, 2 x 224 + 10 x 96 crops, batch 8, bf16 autocast, plain attention on CP
 times the same step with DINO's recipe (out_dim 65536), with iBOT's patch term added on that same head
 (block masks, pred_ratio [0, 0.3] +- [0, 0.2]) and with AttMask-High instead of block masks, then the
 iBOT ViT-S/16 recipe itself (out_dim 8192), then ODIS (iBOT's terms + the [OBJ] term, object-aware crops
-from a boxes file of the photos); targets: iBOT <= 1.3x DINO, AttMask <= 1.05x iBOT, ODIS <= 1.1x iBOT.
+from a boxes file of the photos), all five built first and then timed round-robin on their own batches
+(a machine whose speed drifts slows each alike, so the ratios are fair); targets: iBOT <= 1.3x DINO,
+AttMask <= 1.05x iBOT, ODIS <= 1.1x iBOT.
 Beside the DINO figure, the same step in fp32 with the fused attention kernel (what the reference
 DINO runs on a CPU), the model GFLOP/s achieved (FLOPs counted by torch's FlopCounterMode for one
 full step) and the machine's measured fp32 / bf16 GEMM peaks.
@@ -16,6 +18,7 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -69,9 +72,24 @@ def photo_boxes(folder: Path) -> Path:
     return out
 
 
-def measure(cfg_overrides: list[str], data_dir: Path, out_dir: Path, steps: int,
-            recipe: str = "dino_vit_small16.yaml") -> tuple[float, float]:
-    """Returns (images/s, GFLOP per step) of Trainer.train_step on one real multi-crop batch."""
+@dataclass
+class Step:
+    """One trainer with one real multi-crop batch: ``run(i)`` is training step ``i`` on that batch."""
+
+    trainer: Trainer
+    args: tuple
+    batch_size: int
+    gflop: float
+
+    def run(self, i: int) -> float:
+        t0 = time.perf_counter()
+        self.trainer.train_step(self.args[0], i, *self.args[1:])
+        return time.perf_counter() - t0
+
+
+def prepare(cfg_overrides: list[str], data_dir: Path, out_dir: Path,
+            recipe: str = "dino_vit_small16.yaml") -> Step:
+    """A trainer on one real batch, warmed up (kernel selection, allocator), its FLOPs per step counted."""
     cfg = load_config(ROOT / "configs" / recipe, [
         f"data.train_dir={data_dir}", f"run.output_dir={out_dir}", "data.batch_size=8",
         "data.num_workers=0", "run.progress=false", *cfg_overrides,
@@ -80,26 +98,39 @@ def measure(cfg_overrides: list[str], data_dir: Path, out_dir: Path, steps: int,
     trainer.sampler.set_epoch(0)
     batch = next(iter(trainer.loader))
     crops = [c.to(trainer.device) for c in batch["crops"]]
-    masks = batch.get("masks")
     objects = [m.to(trainer.device) for m in batch["obj_masks"]] if "obj_masks" in batch else None
     valid = batch["obj_valid"].to(trainer.device) if "obj_valid" in batch else None
-    trainer.train_step(crops, 0, masks, objects, valid)  # warm-up: kernel selection, allocator
+    step = Step(trainer, (crops, batch.get("masks"), objects, valid), cfg.data.batch_size, 0.0)
+    step.run(0)
     with FlopCounterMode(display=False) as counter:
-        trainer.train_step(crops, 1, masks, objects, valid)
-    gflop = counter.get_total_flops() / 1e9
-    best = float("inf")
-    for s in range(steps):
-        t0 = time.perf_counter()
-        trainer.train_step(crops, 2 + s, masks, objects, valid)
-        best = min(best, time.perf_counter() - t0)
-    return cfg.data.batch_size / best, gflop
+        step.run(1)
+    step.gflop = counter.get_total_flops() / 1e9
+    return step
+
+
+def images_per_s(steps: list[Step], reps: int) -> list[float]:
+    """Images/s of each step (its fastest of ``reps``), timed round-robin so that a drift of the
+    machine's speed (other load, clocks) falls on every step alike: ratios between them are fair."""
+    best = [float("inf")] * len(steps)
+    for r in range(reps):
+        for j, st in enumerate(steps):
+            best[j] = min(best[j], st.run(2 + r))
+    return [st.batch_size / b for st, b in zip(steps, best)]
+
+
+def measure(cfg_overrides: list[str], data_dir: Path, out_dir: Path, steps: int,
+            recipe: str = "dino_vit_small16.yaml") -> tuple[float, float]:
+    """Returns (images/s, GFLOP per step) of Trainer.train_step on one real multi-crop batch."""
+    st = prepare(cfg_overrides, data_dir, out_dir, recipe)
+    return images_per_s([st], steps)[0], st.gflop
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--skip-fp32", action="store_true")
-    ap.add_argument("--objectives", action="store_true", help="also time iBOT and AttMask on the same step")
+    ap.add_argument("--objectives", action="store_true",
+                    help="also time iBOT, AttMask and ODIS on the same step, interleaved with DINO's")
     args = ap.parse_args()
     print(hardware_line())
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,19 +145,26 @@ def main() -> None:
             print(f"fp32, fused attention (the reference DINO's CPU path): {ips32:.2f} images/s  "
                   f"({gflop * ips32 / 8:.0f} GFLOP/s achieved; fp32 GEMM peak {fp32_peak:.0f} GFLOP/s)")
             print(f"speed-up {ips / ips32:.1f}x")
-        if args.objectives:
-            ibot, ibot_gflop = measure(["run.precision=bf16", *IBOT], data, Path(tmp) / "ibot", args.steps)
-            att, _ = measure(["run.precision=bf16", *ATTMASK], data, Path(tmp) / "attmask", args.steps)
-            recipe, _ = measure(["run.precision=bf16"], data, Path(tmp) / "ibot_recipe", args.steps,
-                                recipe="ibot_vit_small16.yaml")
-            odis, odis_gflop = measure(["run.precision=bf16", *ODIS, f"data.boxes={photo_boxes(data)}"], data,
-                                       Path(tmp) / "odis", args.steps)
-            print(f"iBOT (DINO's head + patch term): {ibot:.2f} images/s, step {ips / ibot:.2f}x DINO's "
-                  f"({ibot_gflop:.0f} GFLOP/step; target <= 1.3x)")
-            print(f"AttMask-High (same head): {att:.2f} images/s, step {ibot / att:.2f}x iBOT's (target <= 1.05x)")
-            print(f"iBOT ViT-S/16 recipe (out_dim 8192): {recipe:.2f} images/s, step {ips / recipe:.2f}x DINO's")
-            print(f"ODIS (iBOT + [OBJ] term, no [CLS] term, same head, object-aware crops): {odis:.2f} images/s, "
-                  f"step {ibot / odis:.2f}x iBOT's ({odis_gflop:.0f} GFLOP/step; target <= 1.1x)")
+        if args.objectives:  # every objective's step again, interleaved with DINO's: fair ratios
+            boxes = photo_boxes(data)
+            runs = {"DINO": prepare(["run.precision=bf16"], data, Path(tmp) / "dino"),
+                    "iBOT": prepare(["run.precision=bf16", *IBOT], data, Path(tmp) / "ibot"),
+                    "AttMask": prepare(["run.precision=bf16", *ATTMASK], data, Path(tmp) / "attmask"),
+                    "recipe": prepare(["run.precision=bf16"], data, Path(tmp) / "ibot_recipe",
+                                      recipe="ibot_vit_small16.yaml"),
+                    "ODIS": prepare(["run.precision=bf16", *ODIS, f"data.boxes={boxes}"], data, Path(tmp) / "odis")}
+            speed = dict(zip(runs, images_per_s(list(runs.values()), max(args.steps, 4))))
+            dino, ibot = speed["DINO"], speed["iBOT"]
+            print(f"interleaved, fastest of {max(args.steps, 4)} steps each: DINO {dino:.2f} images/s")
+            print(f"iBOT (DINO's head + patch term): {ibot:.2f} images/s, step {dino / ibot:.2f}x DINO's "
+                  f"({runs['iBOT'].gflop:.0f} GFLOP/step; target <= 1.3x)")
+            print(f"AttMask-High (same head): {speed['AttMask']:.2f} images/s, step {ibot / speed['AttMask']:.2f}x "
+                  f"iBOT's (target <= 1.05x)")
+            print(f"iBOT ViT-S/16 recipe (out_dim 8192): {speed['recipe']:.2f} images/s, step "
+                  f"{dino / speed['recipe']:.2f}x DINO's")
+            print(f"ODIS (iBOT + [OBJ] term, no [CLS] term, same head, object-aware crops): {speed['ODIS']:.2f} "
+                  f"images/s, step {ibot / speed['ODIS']:.2f}x iBOT's ({runs['ODIS'].gflop:.0f} GFLOP/step; "
+                  f"target <= 1.1x)")
     print(f"target: >= 2.0 images/s; peak RSS {peak_rss_mib():.0f} MiB")
 
 
