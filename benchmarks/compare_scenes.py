@@ -11,7 +11,7 @@ boxes discovered without labels, each given the same seed and the same wall-cloc
    train objects: (a) [OBJ] with the box mask, (b) [CLS] of the box crop, (c) [CLS] of the whole scene)
    and ``ssl-distill discover`` CorLoc on the test scenes.
 
-Usage: python benchmarks/compare_scenes.py [--budget-min 6] [--out runs/scenes_compare]
+Usage: python benchmarks/compare_scenes.py [--budget-min 6] [--out runs/scenes_compare] [--set KEY=VALUE ...]
 Writes ``<out>/table.md`` and ``<out>/table.json``; run it alone on the machine.
 """
 from __future__ import annotations
@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--budget-min", type=float, default=6.0, help="training wall-clock per method, minutes")
     ap.add_argument("--out", default="runs/scenes_compare")
     ap.add_argument("--scenes", default="data/scenes")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides for every run (e.g. data.batch_size=32)")
     args = ap.parse_args()
     print(hardware_line(), flush=True)
     scenes = Path(args.scenes)
@@ -56,7 +58,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     found = out / "dino_discovered_train"
-    common = [f"data.train_dir={scenes / 'train'}"]
+    common = [f"data.train_dir={scenes / 'train'}", *args.set]
     methods: dict[str, tuple[str, list[str]]] = {
         "DINO": ("dino_tiny_scenes.yaml", common),
         "iBOT": ("dino_tiny_scenes.yaml", [*common, *IBOT]),
