@@ -135,7 +135,8 @@ def main() -> None:
     print(hardware_line())
     with tempfile.TemporaryDirectory() as tmp:
         data = photo_folder(Path(tmp) / "photos")
-        ips, gflop = measure(["run.precision=bf16"], data, Path(tmp) / "bf16", args.steps)
+        dino_step = prepare(["run.precision=bf16"], data, Path(tmp) / "bf16")
+        ips, gflop = images_per_s([dino_step], args.steps)[0], dino_step.gflop
         bf16_peak = gemm_gflops(torch.bfloat16)
         print(f"ssl-distill bf16, plain attention: {ips:.2f} images/s  ({gflop:.0f} GFLOP/step, "
               f"{gflop * ips / 8:.0f} GFLOP/s achieved; bf16 GEMM peak {bf16_peak:.0f} GFLOP/s)")
@@ -147,7 +148,7 @@ def main() -> None:
             print(f"speed-up {ips / ips32:.1f}x")
         if args.objectives:  # every objective's step again, interleaved with DINO's: fair ratios
             boxes = photo_boxes(data)
-            runs = {"DINO": prepare(["run.precision=bf16"], data, Path(tmp) / "dino"),
+            runs = {"DINO": dino_step,
                     "iBOT": prepare(["run.precision=bf16", *IBOT], data, Path(tmp) / "ibot"),
                     "AttMask": prepare(["run.precision=bf16", *ATTMASK], data, Path(tmp) / "attmask"),
                     "recipe": prepare(["run.precision=bf16"], data, Path(tmp) / "ibot_recipe",
