@@ -9,13 +9,15 @@ Run alone on the machine: the step timings decide the epochs.
 Usage: python benchmarks/compare_objectives.py [--budget-min 8] [--out runs/compare] [--methods DINO iBOT ...]
            [--variants NAME=KEY=VALUE,KEY=VALUE ...] [--skip-linear]
 ``--variants`` adds runs of the demo's recipe with overrides (the ablation table of README "Demo results":
-``--methods --variants h512=model.hidden_dim=512 h512_b64=model.hidden_dim=512,data.batch_size=64``).
+``--methods --variants h512=model.hidden_dim=512 h512_b64=model.hidden_dim=512,data.batch_size=64``; a comma
+inside ``[...]`` belongs to a list value: ``ls=data.crops.local_scale=[0.1,0.4]``).
 Writes ``<out>/table.md`` and ``<out>/table.json``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -89,7 +91,7 @@ def main() -> None:
     methods = {name: METHODS[name] for name in args.methods}
     for spec in args.variants:
         name, _, overrides = spec.partition("=")
-        methods[name] = (DEMO_RECIPE, [o for o in overrides.split(",") if o])
+        methods[name] = (DEMO_RECIPE, [o for o in re.split(r",(?![^\[]*\])", overrides) if o])  # not inside [...]
     print(hardware_line(), flush=True)
     root = build_fashion_mnist_folders(args.data)
     data = [f"data.train_dir={root / 'train'}", f"knn.train_dir={root / 'train'}", f"knn.val_dir={root / 'val'}",

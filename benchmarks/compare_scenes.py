@@ -9,7 +9,8 @@ boxes discovered without labels, each given the same seed and the same wall-cloc
    iBOT, ODIS (ground-truth boxes) and ODIS (discovered boxes) train.
 4. Every model and a random-init one: ``ssl-distill object-knn --mode all`` (test objects classified from
    train objects: (a) [OBJ] with the box mask, (b) [CLS] of the box crop, (c) [CLS] of the whole scene)
-   and ``ssl-distill discover`` CorLoc on the test scenes.
+   and ``ssl-distill discover`` CorLoc on the test scenes; ``object-knn --mode pixels``: the box crops'
+   raw pixels, the bar (b) must clear.
 
 Usage: python benchmarks/compare_scenes.py [--budget-min 6] [--out runs/scenes_compare] [--set KEY=VALUE ...]
 Writes ``<out>/table.md`` and ``<out>/table.json``; run it alone on the machine.
@@ -85,11 +86,15 @@ def main() -> None:
     # the same ODIS architecture at random init (its [OBJ] token too)
     rows.insert(0, {"method": "random init", "epochs": 0.0,
                     **evaluate(str(out / "odis"), scenes, out, random_init=True)})
-    lines = []
+    # the bar without any model: the box crops' raw pixels (gray, 28 px, mean removed)
+    cli("object-knn", "--mode", "pixels", "--scenes", str(scenes), "--out", str(out / "object_knn_pixels.json"))
+    pixels = json.loads((out / "object_knn_pixels.json").read_text())["accuracy"]["pixels"]["top1"]
+    lines = [f"| raw pixels of the box crop (no model) | - | - | {pixels:.2f}% | - | - |"]
     for r in rows:
         obj = f"{r['knn_obj']:.2f}%" if "knn_obj" in r else "-"
         lines.append(f"| {r['method']} | {r['epochs']:.2f} | {obj} | {r['knn_crop']:.2f}% | {r['knn_scene']:.2f}% | "
                      f"{r['corloc']:.2f}% |")
+    rows.insert(0, {"method": "raw pixels of the box crop", "knn_pixels": pixels})
     write_table(out, f"Scene benchmark ({scenes})", ["pretraining", "epochs", "object k-NN: [OBJ] + box mask (a)",
                                                       "[CLS] of box crop (b)", "[CLS] of scene (c)",
                                                       "CorLoc (test scenes)"], lines, rows, args.budget_min)

@@ -10,6 +10,10 @@ only. Three features per object (:func:`ssl_distill.eval.features.extract_box_fe
 - ``scene``: the CLS output of the whole scene (every object of a scene gets the same feature: the
   image-level baseline, which cannot tell a scene's objects apart).
 
+``--mode pixels`` needs no model: the box crop's raw pixels (grayscale, 28 x 28, mean removed,
+:func:`~ssl_distill.eval.features.pixel_crop_feature`), the bar learned features must clear, as raw
+pixels are for Fashion-MNIST's k-NN.
+
 Classification is DINO's weighted k-NN (:func:`ssl_distill.eval.knn.knn_classify`: cosine similarity,
 ``k = 20`` neighbours voting with ``exp(sim / T)``, ``T = 0.07``, faiss exact search), the labels are the
 boxes' ``category_id`` (the ``categories`` list of ``train/boxes.json`` gives the classes; the test file
@@ -17,8 +21,10 @@ must name the same). The view is the whole scene resized to ``image_size`` (defa
 rounded to a multiple of the patch size), normalized with the run's ``data.crops`` mean / std.
 
     ssl-distill object-knn RUN_DIR --scenes data/scenes [--mode all] [--precision fp32]
+    ssl-distill object-knn --mode pixels --scenes data/scenes
 
-Writes ``<run dir>/object_knn.json`` (``object_knn_random_init.json`` with ``--random-init``).
+Writes ``<run dir>/object_knn.json`` (``object_knn_random_init.json`` with ``--random-init``;
+``<scenes>/object_knn_pixels.json`` for ``--mode pixels``).
 """
 from __future__ import annotations
 
@@ -33,10 +39,10 @@ import torch
 from ssl_distill.cli_args import object_knn_arguments as add_arguments  # options: torch-free
 from ssl_distill.errors import DataError
 
-from .features import BOX_MODES, BoxFeatures, ImageSettings, extract_box_features
+from .features import BOX_MODES, BoxFeatures, ImageSettings, extract_box_features, pixel_crop_feature
 from .knn import default_output, knn_classify, write_results
 
-__all__ = ["add_arguments", "object_knn", "run", "NO_OBJ_TOKEN"]
+__all__ = ["add_arguments", "object_knn", "pixel_knn", "run", "NO_OBJ_TOKEN"]
 
 NO_OBJ_TOKEN = "this model has no [OBJ] token (not an ODIS model), so mode obj cannot run"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -163,10 +169,69 @@ def object_knn(checkpoint: str | Path, scenes: str | Path, mode: str = "all", *,
     return results
 
 
+def pixel_knn(scenes: str | Path, size: int = 28, *, k: int = 20, temperature: float = 0.07,
+              out: str | Path | None = None) -> dict[str, Any]:
+    """Object-level k-NN on the box crops' raw pixels (:func:`pixel_crop_feature`), no model: the baseline
+    row of the scene table. Same classes, vote and output layout as :func:`object_knn` (mode ``pixels``);
+    default output ``<scenes>/object_knn_pixels.json``."""
+    from PIL import Image
+
+    from ssl_distill.data.boxes import read_boxes
+
+    if size < 1:
+        raise ValueError(f"the pixel size must be >= 1, got {size}")
+    scenes = Path(scenes)
+    files = _split_files(scenes)
+    boxes = {split: read_boxes(f, f.parent) for split, f in files.items()}
+    classes, index = _class_index(boxes["train"], boxes["test"])
+    t0 = time.perf_counter()
+    feats, labels = {}, {}
+    for split, bf in boxes.items():
+        rows, cats = [], []
+        for name in bf.boxes:
+            xyxy, c = bf.boxes_for(name)
+            if not len(xyxy):
+                continue
+            with Image.open(Path(bf.image_root) / name) as im:
+                img = im.convert("RGB")
+            rows += [pixel_crop_feature(img, b, size) for b in xyxy.tolist()]
+            cats += [int(v) for v in c]
+        unknown = sorted({c for c in cats if c not in index})
+        if unknown:
+            raise DataError(f"{files[split]}: boxes with category_id {unknown[:5]} not in its categories list "
+                            "(object-knn needs a category on every box)")
+        feats[split] = torch.stack(rows) if rows else torch.zeros(0, size * size)
+        labels[split] = torch.tensor([index[c] for c in cats], dtype=torch.long)
+    seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    entry = knn_classify(feats["train"], labels["train"], feats["test"], labels["test"], ks=(k,),
+                         temperature=temperature, num_classes=len(classes))[f"k={k}"]
+    results: dict[str, Any] = {
+        "checkpoint": None, "which": "pixels", "scenes": str(scenes.resolve()), "classes": classes,
+        "modes": ["pixels"], "k": k, "temperature": temperature, "pixel_size": size,
+        "n_train": int(labels["train"].numel()), "n_test": int(labels["test"].numel()), "notes": [],
+        "accuracy": {"pixels": {"top1": entry["top1"], "top5": entry["top5"]}},
+        "per_class": {"pixels": entry["per_class"]},
+        "details": {"pixels": {"k_used": entry["k"], "dim": size * size, "n_train_features": int(labels["train"].numel()),
+                               "n_test_features": int(labels["test"].numel()), "seconds_extract": seconds,
+                               "seconds_search": time.perf_counter() - t0}},
+    }
+    out = Path(out) if out is not None else scenes / "object_knn_pixels.json"
+    write_results(results, out)
+    results["out"] = str(out)
+    return results
+
+
 def run(args: argparse.Namespace) -> int:
-    res = object_knn(args.checkpoint, args.scenes, args.mode, which=args.which, random_init=args.random_init,
-                     image_size=args.image_size, precision=args.precision, device=args.device,
-                     batch_size=args.batch_size, k=args.k, temperature=args.temperature, out=args.out)
+    if args.mode == "pixels":
+        res = pixel_knn(args.scenes, args.pixel_size, k=args.k, temperature=args.temperature, out=args.out)
+    elif args.checkpoint is None:
+        raise ValueError("object-knn needs a checkpoint (a run directory or file) for mode "
+                         f"{args.mode!r}; only --mode pixels runs without one")
+    else:
+        res = object_knn(args.checkpoint, args.scenes, args.mode, which=args.which, random_init=args.random_init,
+                         image_size=args.image_size, precision=args.precision, device=args.device,
+                         batch_size=args.batch_size, k=args.k, temperature=args.temperature, out=args.out)
     for m, acc in res["accuracy"].items():
         d = res["details"][m]
         print(f"object k-NN {m:>5} (k={d['k_used']}, T={res['temperature']:g}): top-1 {acc['top1']:.2f}%  "

@@ -70,11 +70,14 @@ def make_scenes_arguments(p: argparse.ArgumentParser) -> None:
 
 def object_knn_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``ssl-distill object-knn`` (:mod:`ssl_distill.eval.object_knn`)."""
-    p.add_argument("checkpoint", help="run directory, checkpoint file, or official DINO / iBOT / DINOv2 file")
+    p.add_argument("checkpoint", nargs="?",
+                   help="run directory, checkpoint file, or official DINO / iBOT / DINOv2 file (not for --mode pixels)")
     p.add_argument("--scenes", required=True, help="folder written by make-scenes (train/ and test/ with boxes.json)")
-    p.add_argument("--mode", default="all", choices=["obj", "crop", "scene", "all"],
+    p.add_argument("--mode", default="all", choices=["obj", "crop", "scene", "all", "pixels"],
                    help="obj: [OBJ] with each box's patch mask; crop: CLS of the box crop; scene: CLS of the whole "
-                        "scene; all (default): every mode the model has")
+                        "scene; all (default): every mode the model has; pixels: the box crop's raw pixels, no model")
+    p.add_argument("--pixel-size", type=int, default=28,
+                   help="--mode pixels: side the gray box crop is resized to (default 28, Fashion-MNIST's)")
     p.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
     p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T) (default 0.07)")
     p.add_argument("--image-size", type=int, default=None,
@@ -85,7 +88,8 @@ def object_knn_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--which", default="teacher", choices=["teacher", "student"])
     p.add_argument("--random-init", action="store_true", help="same architecture, random weights")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="results JSON (default: <run dir>/object_knn[_random_init].json)")
+    p.add_argument("--out", help="results JSON (default: <run dir>/object_knn[_random_init].json; "
+                                 "<scenes>/object_knn_pixels.json for --mode pixels)")
 
 
 def demo_arguments(d: argparse.ArgumentParser) -> None:

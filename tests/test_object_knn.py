@@ -170,3 +170,32 @@ def test_obj_mode_uses_each_box_mask(bench: Path, tmp_path: Path):
     res = json.loads(out.read_text())
     assert res["modes"] == ["obj", "crop", "scene"] and res["notes"] == []
     assert res["details"]["obj"]["n_test_features"] == res["n_test"] == feats.labels.numel()
+
+
+def test_pixel_baseline_needs_no_model_and_matches_a_hand_computed_vote(bench: Path, tmp_path: Path):
+    """``--mode pixels``: gray box crop, bicubic to 28 x 28, its mean removed, then knn.py's weighted vote."""
+    out = tmp_path / "pixels.json"
+    proc = _cli("object-knn", "--mode", "pixels", "--scenes", str(bench), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "object k-NN pixels (k=20, T=0.07): top-1" in proc.stdout
+    res = json.loads(out.read_text())
+    feats, labels = {}, {}
+    for split in ("train", "test"):
+        bf = read_boxes(bench / split / "boxes.json", bench / split)
+        rows, cats = [], []
+        for name in bf.boxes:
+            img = Image.open(bench / split / name).convert("L")
+            xyxy, c = bf.boxes_for(name)
+            for x0, y0, x1, y1 in xyxy.astype(int).tolist():  # integer boxes: the crop is the box itself
+                a = np.asarray(img.crop((x0, y0, x1, y1)).resize((28, 28), Image.Resampling.BICUBIC), np.float32)
+                t = torch.from_numpy(a.reshape(-1) / 255)
+                rows.append(t - t.mean())  # the same float32 arithmetic: the bars' crops tie often
+            cats += [int(v) - 1 for v in c]
+        feats[split], labels[split] = torch.stack(rows), torch.tensor(cats)
+    expect = knn_classify(feats["train"], labels["train"], feats["test"], labels["test"], ks=(20,), temperature=0.07,
+                          num_classes=2)["k=20"]
+    assert res["modes"] == ["pixels"] and res["details"]["pixels"]["dim"] == 784
+    assert res["accuracy"]["pixels"]["top1"] == pytest.approx(expect["top1"])
+    assert (res["n_train"], res["n_test"]) == (len(labels["train"]), len(labels["test"]))
+    proc = _cli("object-knn", "--scenes", str(bench))  # every other mode needs a model
+    assert proc.returncode == 1 and "needs a checkpoint" in proc.stderr and "--mode pixels" in proc.stderr
