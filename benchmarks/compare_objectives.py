@@ -38,8 +38,9 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "iBOT": ("ibot_tiny_fmnist.yaml", []),
     "AttMask-High": ("attmask_tiny_fmnist.yaml", []),
     "AttMask-Hint": ("attmask_tiny_fmnist.yaml", ["masking.attmask=hint"]),
-    # the demo's recipe with the head and batch of the other four, so the table compares objectives only
-    "DINOv2-style": ("dinov2_style_tiny_fmnist.yaml", ["model.hidden_dim=2048", "data.batch_size=128"]),
+    # the demo's recipe with the ViT, heads and batch of the other four, so the table compares objectives only
+    "DINOv2-style": ("dinov2_style_tiny_fmnist.yaml", ["model.depth=6", "model.hidden_dim=2048", "model.out_dim=4096",
+                                                       "ibot.patch_out_dim=4096", "data.batch_size=128"]),
 }
 
 
