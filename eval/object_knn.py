@@ -39,7 +39,7 @@ import torch
 from ssl_distill.cli_args import object_knn_arguments as add_arguments  # options: torch-free
 from ssl_distill.errors import DataError
 
-from .features import BOX_MODES, BoxFeatures, ImageSettings, extract_box_features, pixel_crop_feature
+from .features import BOX_MODES, ImageSettings, extract_box_features, pixel_crop_feature
 from .knn import default_output, knn_classify, write_results
 
 __all__ = ["add_arguments", "object_knn", "pixel_knn", "run", "NO_OBJ_TOKEN"]
@@ -67,12 +67,13 @@ def _class_index(train: Any, test: Any) -> tuple[list[str], dict[int, int]]:
     return [train.categories[i] for i in ids], {cid: j for j, cid in enumerate(ids)}
 
 
-def _labels(feats: BoxFeatures, index: dict[int, int], where: Path) -> torch.Tensor:
-    unknown = sorted({int(c) for c in feats.labels.tolist() if int(c) not in index})
+def _labels(category_ids: list[int], index: dict[int, int], where: Path) -> torch.Tensor:
+    """Each box's category id -> its class index; an id outside the categories list is an error."""
+    unknown = sorted({int(c) for c in category_ids if int(c) not in index})
     if unknown:
         raise DataError(f"{where}: boxes with category_id {unknown[:5]} not in its categories list "
                         "(object-knn needs a category on every box)")
-    return torch.tensor([index[int(c)] for c in feats.labels.tolist()], dtype=torch.long)
+    return torch.tensor([index[int(c)] for c in category_ids], dtype=torch.long)
 
 
 def _default_image_size(bf: Any, patch_size: int) -> int:
@@ -138,7 +139,7 @@ def object_knn(checkpoint: str | Path, scenes: str | Path, mode: str = "all", *,
     feats = {split: extract_box_features(backbone, files[split].parent, boxes[split], modes, settings, device=dev,
                                          precision=precision, batch_size=batch_size)
              for split in ("train", "test")}
-    labels = {split: _labels(f, index, files[split]) for split, f in feats.items()}
+    labels = {split: _labels(f.labels.tolist(), index, files[split]) for split, f in feats.items()}
     results: dict[str, Any] = {
         "checkpoint": str(loaded.file), "which": "random_init" if random_init else loaded.source,
         "format": loaded.format, "scenes": str(scenes.resolve()), "classes": classes, "modes": modes,
@@ -196,12 +197,8 @@ def pixel_knn(scenes: str | Path, size: int = 28, *, k: int = 20, temperature: f
                 img = im.convert("RGB")
             rows += [pixel_crop_feature(img, b, size) for b in xyxy.tolist()]
             cats += [int(v) for v in c]
-        unknown = sorted({c for c in cats if c not in index})
-        if unknown:
-            raise DataError(f"{files[split]}: boxes with category_id {unknown[:5]} not in its categories list "
-                            "(object-knn needs a category on every box)")
         feats[split] = torch.stack(rows) if rows else torch.zeros(0, size * size)
-        labels[split] = torch.tensor([index[c] for c in cats], dtype=torch.long)
+        labels[split] = _labels(cats, index, files[split])
     seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     entry = knn_classify(feats["train"], labels["train"], feats["test"], labels["test"], ks=(k,),
