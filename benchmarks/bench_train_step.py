@@ -10,7 +10,11 @@ AttMask <= 1.05x iBOT, ODIS <= 1.1x iBOT.
 Beside the DINO figure, the same step in fp32 with the fused attention kernel (what the reference
 DINO runs on a CPU), the model GFLOP/s achieved (FLOPs counted by torch's FlopCounterMode for one
 full step) and the machine's measured fp32 / bf16 GEMM peaks.
-Usage: python benchmarks/bench_train_step.py [--steps N] [--skip-fp32] [--objectives]
+On a GPU (``--device cuda``) the same steps run with CUDA's fused attention, timed to the GPU's end
+(synchronised), beside the GPU's measured bf16 / fp32 GEMM TFLOP/s; ``--batch-size 64`` is DINO's per-GPU
+batch (1024 over 16 GPUs).
+Usage: python benchmarks/bench_train_step.py [--steps N] [--skip-fp32] [--objectives] [--device cuda]
+           [--batch-size B]
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import gemm_gflops, hardware_line, peak_rss_mib  # noqa: E402
+from common import cuda_line, gemm_gflops, hardware_line, peak_rss_mib  # noqa: E402
 
 from ssl_distill.config import load_config  # noqa: E402
 from ssl_distill.engine.train import Trainer  # noqa: E402
@@ -82,25 +86,32 @@ class Step:
     gflop: float
 
     def run(self, i: int) -> float:
+        sync = torch.cuda.synchronize if self.trainer.device.type == "cuda" else (lambda: None)
+        sync()
         t0 = time.perf_counter()
         self.trainer.train_step(self.args[0], i, *self.args[1:])
+        sync()
         return time.perf_counter() - t0
+
+
+BASE: list[str] = ["data.batch_size=8"]  # main() adds --device and --batch-size
 
 
 def prepare(cfg_overrides: list[str], data_dir: Path, out_dir: Path,
             recipe: str = "dino_vit_small16.yaml") -> Step:
     """A trainer on one real batch, warmed up (kernel selection, allocator), its FLOPs per step counted."""
     cfg = load_config(ROOT / "configs" / recipe, [
-        f"data.train_dir={data_dir}", f"run.output_dir={out_dir}", "data.batch_size=8",
-        "data.num_workers=0", "run.progress=false", *cfg_overrides,
+        f"data.train_dir={data_dir}", f"run.output_dir={out_dir}", "data.num_workers=0", "run.progress=false",
+        *BASE, *cfg_overrides,
     ])
     trainer = Trainer(cfg, fresh=True)
     trainer.sampler.set_epoch(0)
     batch = next(iter(trainer.loader))
     crops = [c.to(trainer.device) for c in batch["crops"]]
+    masks = [m.to(trainer.device) for m in batch["masks"]] if "masks" in batch else None
     objects = [m.to(trainer.device) for m in batch["obj_masks"]] if "obj_masks" in batch else None
     valid = batch["obj_valid"].to(trainer.device) if "obj_valid" in batch else None
-    step = Step(trainer, (crops, batch.get("masks"), objects, valid), cfg.data.batch_size, 0.0)
+    step = Step(trainer, (crops, masks, objects, valid), cfg.data.batch_size, 0.0)
     step.run(0)
     with FlopCounterMode(display=False) as counter:
         step.run(1)
@@ -131,20 +142,33 @@ def main() -> None:
     ap.add_argument("--skip-fp32", action="store_true")
     ap.add_argument("--objectives", action="store_true",
                     help="also time iBOT, AttMask and ODIS on the same step, interleaved with DINO's")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args()
-    print(hardware_line())
+    gpu = args.device == "cuda"
+    BASE[:] = [f"data.batch_size={args.batch_size}", f"run.device={args.device}"]
+    print(cuda_line() if gpu else hardware_line())
+    bs = args.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         data = photo_folder(Path(tmp) / "photos")
+        photos = sorted(data.iterdir())
+        for k in range(1, -(-bs // len(photos))):  # a batch of bs images: the photos again under other names
+            for f in photos:
+                (data / f"{f.stem}_{k}{f.suffix}").write_bytes(f.read_bytes())
         dino_step = prepare(["run.precision=bf16"], data, Path(tmp) / "bf16")
         ips, gflop = images_per_s([dino_step], args.steps)[0], dino_step.gflop
-        bf16_peak = gemm_gflops(torch.bfloat16)
-        print(f"ssl-distill bf16, plain attention: {ips:.2f} images/s  ({gflop:.0f} GFLOP/step, "
-              f"{gflop * ips / 8:.0f} GFLOP/s achieved; bf16 GEMM peak {bf16_peak:.0f} GFLOP/s)")
-        if not args.skip_fp32:
+        if gpu:
+            print(f"ssl-distill bf16, CUDA fused attention, batch {bs}: {ips:.1f} images/s  ({gflop:.0f} GFLOP/step, "
+                  f"{gflop * ips / bs / 1e3:.1f} TFLOP/s achieved)")
+        else:
+            bf16_peak = gemm_gflops(torch.bfloat16)
+            print(f"ssl-distill bf16, plain attention: {ips:.2f} images/s  ({gflop:.0f} GFLOP/step, "
+                  f"{gflop * ips / bs:.0f} GFLOP/s achieved; bf16 GEMM peak {bf16_peak:.0f} GFLOP/s)")
+        if not args.skip_fp32 and not gpu:
             ips32, _ = measure(["run.precision=fp32", "model.fused_attn=true"], data, Path(tmp) / "fp32", args.steps)
             fp32_peak = gemm_gflops(torch.float32)
             print(f"fp32, fused attention (the reference DINO's CPU path): {ips32:.2f} images/s  "
-                  f"({gflop * ips32 / 8:.0f} GFLOP/s achieved; fp32 GEMM peak {fp32_peak:.0f} GFLOP/s)")
+                  f"({gflop * ips32 / bs:.0f} GFLOP/s achieved; fp32 GEMM peak {fp32_peak:.0f} GFLOP/s)")
             print(f"speed-up {ips / ips32:.1f}x")
         if args.objectives:  # every objective's step again, interleaved with DINO's: fair ratios
             boxes = photo_boxes(data)
@@ -166,7 +190,10 @@ def main() -> None:
             print(f"ODIS (iBOT + [OBJ] term, no [CLS] term, same head, object-aware crops): {speed['ODIS']:.2f} "
                   f"images/s, step {ibot / speed['ODIS']:.2f}x iBOT's ({runs['ODIS'].gflop:.0f} GFLOP/step; "
                   f"target <= 1.1x)")
-    print(f"target: >= 2.0 images/s; peak RSS {peak_rss_mib():.0f} MiB")
+    if gpu:
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    else:
+        print(f"target: >= 2.0 images/s; peak RSS {peak_rss_mib():.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-__all__ = ["gemm_gflops", "gemm_seconds", "hardware_line", "peak_rss_mib"]
+__all__ = ["cuda_line", "gemm_gflops", "gemm_seconds", "hardware_line", "parse_variants", "peak_rss_mib"]
 
 
 def gemm_seconds(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, repeats: int = 3) -> float:
@@ -72,3 +72,46 @@ def peak_rss_mib() -> float:
     """Peak resident set size of this process so far, MiB."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+
+
+def cuda_tflops(dtype: torch.dtype, n: int = 8192, repeats: int = 10) -> float:
+    """Measured dense square GEMM rate (TFLOP/s) on the current CUDA device: mean of ``repeats`` products
+    after three warm-ups, timed with CUDA events."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(n, n, device="cuda", generator=gen).to(dtype)
+    b = torch.randn(n, n, device="cuda", generator=gen).to(dtype)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2.0 * n**3 * repeats / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_line() -> str:
+    """One line: GPU model, torch / CUDA versions, bf16 and fp32 (TF32 off) GEMM TFLOP/s (cached)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        fp32 = cuda_tflops(torch.float32, n=4096)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    bf16 = cuda_tflops(torch.bfloat16)
+    return (f"gpu={torch.cuda.get_device_name()} torch={torch.__version__} cuda={torch.version.cuda} "
+            f"cpu_cores={os.cpu_count()} gemm bf16={bf16:.0f} TFLOP/s fp32={fp32:.0f} TFLOP/s (TF32 off)")
+
+
+def parse_variants(specs: list[str]) -> dict[str, list[str]]:
+    """``NAME=KEY=VALUE,KEY=VALUE`` -> ``{NAME: ["KEY=VALUE", ...]}``; a comma inside ``[...]`` belongs to
+    a list value (``ls=data.crops.local_scale=[0.1,0.4]``); ``NAME=`` is the recipe unchanged."""
+    import re
+
+    out: dict[str, list[str]] = {}
+    for spec in specs:
+        name, _, overrides = spec.partition("=")
+        out[name] = [o for o in re.split(r",(?![^\[]*\])", overrides) if o]
+    return out

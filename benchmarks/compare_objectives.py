@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware_line  # noqa: E402
+from common import hardware_line, parse_variants  # noqa: E402
 
 from ssl_distill.config import load_config  # noqa: E402
 from ssl_distill.data.fashion_mnist import build_fashion_mnist_folders  # noqa: E402
@@ -40,7 +39,8 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "AttMask-Hint": ("attmask_tiny_fmnist.yaml", ["masking.attmask=hint"]),
     # the demo's recipe with the ViT, heads and batch of the other four, so the table compares objectives only
     "DINOv2-style": ("dinov2_style_tiny_fmnist.yaml", ["model.depth=6", "model.hidden_dim=2048", "model.out_dim=4096",
-                                                       "ibot.patch_out_dim=4096", "data.batch_size=128"]),
+                                                       "ibot.patch_out_dim=4096", "data.batch_size=128",
+                                                       "optim.lr=0.002"]),
 }
 
 
@@ -90,9 +90,8 @@ def main() -> None:
     ap.add_argument("--skip-linear", action="store_true", help="k-NN only")
     args = ap.parse_args()
     methods = {name: METHODS[name] for name in args.methods}
-    for spec in args.variants:
-        name, _, overrides = spec.partition("=")
-        methods[name] = (DEMO_RECIPE, [o for o in re.split(r",(?![^\[]*\])", overrides) if o])  # not inside [...]
+    for name, overrides in parse_variants(args.variants).items():
+        methods[name] = (DEMO_RECIPE, overrides)
     print(hardware_line(), flush=True)
     root = build_fashion_mnist_folders(args.data)
     data = [f"data.train_dir={root / 'train'}", f"knn.train_dir={root / 'train'}", f"knn.val_dir={root / 'val'}",

@@ -1,0 +1,92 @@
+"""Variants of one recipe, each trained for the recipe's epochs (not a wall-clock budget), several at once,
+then k-NN (k=20) of each on the full Fashion-MNIST test set: which changes of a recipe win at full length.
+
+Made for a GPU (``--device cuda``: every variant in its own process on the one GPU, each with its own
+data workers), where a full-length demo run takes minutes; on a CPU, ``--parallel 1``. Each variant's
+output goes to ``<out>/<name>/stdout.log``; the table to ``<out>/table.md`` and ``<out>/table.json``.
+
+Usage: python benchmarks/sweep_variants.py --device cuda --parallel 6 --workers 1 \\
+           --set run.precision=fp32 --variants base= lr3=optim.lr=0.003 "gs=data.crops.global_scale=[0.3,1.0]"
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cuda_line, hardware_line, parse_variants  # noqa: E402
+
+from ssl_distill.data.fashion_mnist import build_fashion_mnist_folders  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_variant(name: str, argv: list[str], run_dir: Path) -> dict:
+    """Train then k-NN one variant in child processes; returns its row (``error`` set when a step failed)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    row: dict = {"name": name}
+    with open(run_dir / "stdout.log", "w") as log:
+        t0 = time.perf_counter()
+        for cmd in (["train", *argv, f"run.output_dir={run_dir}", "--fresh"], ["knn", str(run_dir)]):
+            done = subprocess.run([sys.executable, "-m", "ssl_distill.cli", *cmd], stdout=log, stderr=subprocess.STDOUT,
+                                  env=env)
+            if done.returncode != 0:
+                row["error"] = f"{cmd[0]} failed (exit {done.returncode}); see {run_dir / 'stdout.log'}"
+                return row
+            if cmd[0] == "train":
+                row["train_min"] = (time.perf_counter() - t0) / 60
+    row["knn_top1_k20"] = json.loads((run_dir / "knn.json").read_text())["accuracy"]["k=20"]["top1"]
+    online = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    row["online_knn"] = [round(r["knn_top1_k20"], 2) for r in online if r.get("kind") == "knn" and "knn_top1_k20" in r]
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--recipe", default="dinov2_style_tiny_fmnist.yaml")
+    ap.add_argument("--variants", nargs="+", required=True, metavar="NAME=KEY=VALUE,...",
+                    help="overrides of the recipe per variant; NAME= is the recipe unchanged")
+    ap.add_argument("--set", nargs="*", default=[], help="overrides for every variant")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--parallel", type=int, default=1, help="variants at once")
+    ap.add_argument("--workers", type=int, default=0, help="data workers per variant (train and k-NN)")
+    ap.add_argument("--data", default="data/fmnist")
+    ap.add_argument("--out", default="runs/sweep")
+    args = ap.parse_args()
+    hardware = cuda_line() if args.device == "cuda" else hardware_line()
+    print(hardware, flush=True)
+    root = build_fashion_mnist_folders(args.data)
+    common = [str(ROOT / "configs" / args.recipe), f"data.train_dir={root / 'train'}", f"knn.train_dir={root / 'train'}",
+              f"knn.val_dir={root / 'val'}", f"run.device={args.device}", f"data.num_workers={args.workers}",
+              f"knn.num_workers={args.workers}", "run.threads=1", "run.progress=false", *args.set]
+    out = Path(args.out)
+    variants = parse_variants(args.variants)
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        futures = {name: pool.submit(run_variant, name, [*common, *extra], out / name) for name, extra in variants.items()}
+        rows = []
+        for name, fut in futures.items():
+            row = {**fut.result(), "overrides": variants[name]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    lines = [f"| {r['name']} | {' '.join(r['overrides']) or '(recipe)'} | "
+             + (f"{r['knn_top1_k20']:.2f}% | {r['train_min']:.1f} | {' -> '.join(map(str, r['online_knn']))} |"
+                if "error" not in r else f"{r['error']} | | |") for r in rows]
+    text = "\n".join([f"{args.recipe} variants, common overrides {' '.join(args.set) or '(none)'}; {hardware}", "",
+                      "| variant | overrides | k-NN top-1 (k=20) | train min | online k-NN |", "|---|---|---|---|---|",
+                      *lines])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(text + "\n")
+    (out / "table.json").write_text(json.dumps({"hardware": hardware, "recipe": args.recipe, "set": args.set,
+                                                "rows": rows}, indent=2))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
