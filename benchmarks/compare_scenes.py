@@ -12,6 +12,9 @@ boxes discovered without labels, each given the same seed and the same wall-cloc
    and ``ssl-distill discover`` CorLoc on the test scenes; ``object-knn --mode pixels``: the box crops'
    raw pixels, the bar (b) must clear.
 
+With ``--set model.init_from=RUN`` every run starts from that model (ODIS's [OBJ] token from its [CLS]), and
+the table gets a row for that model as it is, before any training on the scenes.
+
 Usage: python benchmarks/compare_scenes.py [--budget-min 6] [--out runs/scenes_compare] [--set KEY=VALUE ...]
 Writes ``<out>/table.md`` and ``<out>/table.json``; run it alone on the machine.
 """
@@ -86,6 +89,11 @@ def main() -> None:
     # the same ODIS architecture at random init (its [OBJ] token too)
     rows.insert(0, {"method": "random init", "epochs": 0.0,
                     **evaluate(str(out / "odis"), scenes, out, random_init=True)})
+    init = [o.partition("=")[2] for o in args.set if o.startswith("model.init_from=")]
+    if init:  # every run started from this model: it is the row to beat, evaluated as it is
+        (out / "init").mkdir(exist_ok=True)
+        rows.insert(1, {"method": f"init_from {init[-1]}, before the scenes", "epochs": 0.0,
+                        **evaluate(init[-1], scenes, out / "init")})
     # the bar without any model: the box crops' raw pixels (gray, 28 px, mean removed)
     cli("object-knn", "--mode", "pixels", "--scenes", str(scenes), "--out", str(out / "object_knn_pixels.json"))
     pixels = json.loads((out / "object_knn_pixels.json").read_text())["accuracy"]["pixels"]["top1"]
