@@ -94,24 +94,16 @@ class Step:
         return time.perf_counter() - t0
 
 
-BASE: list[str] = ["data.batch_size=8"]  # main() adds --device and --batch-size
-
-
 def prepare(cfg_overrides: list[str], data_dir: Path, out_dir: Path,
             recipe: str = "dino_vit_small16.yaml") -> Step:
     """A trainer on one real batch, warmed up (kernel selection, allocator), its FLOPs per step counted."""
     cfg = load_config(ROOT / "configs" / recipe, [
         f"data.train_dir={data_dir}", f"run.output_dir={out_dir}", "data.num_workers=0", "run.progress=false",
-        *BASE, *cfg_overrides,
+        *cfg_overrides,
     ])
     trainer = Trainer(cfg, fresh=True)
     trainer.sampler.set_epoch(0)
-    batch = next(iter(trainer.loader))
-    crops = [c.to(trainer.device) for c in batch["crops"]]
-    masks = [m.to(trainer.device) for m in batch["masks"]] if "masks" in batch else None
-    objects = [m.to(trainer.device) for m in batch["obj_masks"]] if "obj_masks" in batch else None
-    valid = batch["obj_valid"].to(trainer.device) if "obj_valid" in batch else None
-    step = Step(trainer, (crops, masks, objects, valid), cfg.data.batch_size, 0.0)
+    step = Step(trainer, trainer.step_inputs(next(iter(trainer.loader))), cfg.data.batch_size, 0.0)
     step.run(0)
     with FlopCounterMode(display=False) as counter:
         step.run(1)
@@ -146,7 +138,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args()
     gpu = args.device == "cuda"
-    BASE[:] = [f"data.batch_size={args.batch_size}", f"run.device={args.device}"]
+    run = [f"data.batch_size={args.batch_size}", f"run.device={args.device}"]
+    bf16 = [*run, "run.precision=bf16"]
     print(cuda_line() if gpu else hardware_line())
     bs = args.batch_size
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,7 +148,7 @@ def main() -> None:
         for k in range(1, -(-bs // len(photos))):  # a batch of bs images: the photos again under other names
             for f in photos:
                 (data / f"{f.stem}_{k}{f.suffix}").write_bytes(f.read_bytes())
-        dino_step = prepare(["run.precision=bf16"], data, Path(tmp) / "bf16")
+        dino_step = prepare(bf16, data, Path(tmp) / "bf16")
         ips, gflop = images_per_s([dino_step], args.steps)[0], dino_step.gflop
         if gpu:
             print(f"ssl-distill bf16, CUDA fused attention, batch {bs}: {ips:.1f} images/s  ({gflop:.0f} GFLOP/step, "
@@ -165,7 +158,8 @@ def main() -> None:
             print(f"ssl-distill bf16, plain attention: {ips:.2f} images/s  ({gflop:.0f} GFLOP/step, "
                   f"{gflop * ips / bs:.0f} GFLOP/s achieved; bf16 GEMM peak {bf16_peak:.0f} GFLOP/s)")
         if not args.skip_fp32 and not gpu:
-            ips32, _ = measure(["run.precision=fp32", "model.fused_attn=true"], data, Path(tmp) / "fp32", args.steps)
+            ips32, _ = measure([*run, "run.precision=fp32", "model.fused_attn=true"], data, Path(tmp) / "fp32",
+                               args.steps)
             fp32_peak = gemm_gflops(torch.float32)
             print(f"fp32, fused attention (the reference DINO's CPU path): {ips32:.2f} images/s  "
                   f"({gflop * ips32 / bs:.0f} GFLOP/s achieved; fp32 GEMM peak {fp32_peak:.0f} GFLOP/s)")
@@ -173,11 +167,11 @@ def main() -> None:
         if args.objectives:  # every objective's step again, interleaved with DINO's: fair ratios
             boxes = photo_boxes(data)
             runs = {"DINO": dino_step,
-                    "iBOT": prepare(["run.precision=bf16", *IBOT], data, Path(tmp) / "ibot"),
-                    "AttMask": prepare(["run.precision=bf16", *ATTMASK], data, Path(tmp) / "attmask"),
-                    "recipe": prepare(["run.precision=bf16"], data, Path(tmp) / "ibot_recipe",
+                    "iBOT": prepare([*bf16, *IBOT], data, Path(tmp) / "ibot"),
+                    "AttMask": prepare([*bf16, *ATTMASK], data, Path(tmp) / "attmask"),
+                    "recipe": prepare(bf16, data, Path(tmp) / "ibot_recipe",
                                       recipe="ibot_vit_small16.yaml"),
-                    "ODIS": prepare(["run.precision=bf16", *ODIS, f"data.boxes={boxes}"], data, Path(tmp) / "odis")}
+                    "ODIS": prepare([*bf16, *ODIS, f"data.boxes={boxes}"], data, Path(tmp) / "odis")}
             speed = dict(zip(runs, images_per_s(list(runs.values()), max(args.steps, 4))))
             dino, ibot = speed["DINO"], speed["iBOT"]
             print(f"interleaved, fastest of {max(args.steps, 4)} steps each: DINO {dino:.2f} images/s")

@@ -55,9 +55,8 @@ def seconds_per_step(recipe: str, overrides: list[str], steps: int = 8) -> tuple
         times = []
         for step in range(steps + 2):
             t0 = time.perf_counter()
-            batch = next(batches)
-            crops = [c.to(trainer.device) for c in batch["crops"]]
-            trainer.train_step(crops, step, batch.get("masks"), batch.get("obj_masks"), batch.get("obj_valid"))
+            crops, *masks = trainer.step_inputs(next(batches))
+            trainer.train_step(crops, step, *masks)
             times.append(time.perf_counter() - t0)
         return sorted(times[2:])[len(times[2:]) // 2], trainer.iters_per_epoch, trainer.precision
 

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cuda_line, hardware_line, parse_variants  # noqa: E402
 
 from ssl_distill.data.fashion_mnist import build_fashion_mnist_folders  # noqa: E402
+from ssl_distill.report import read_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,8 +44,7 @@ def run_variant(name: str, argv: list[str], run_dir: Path) -> dict:
             if cmd[0] == "train":
                 row["train_min"] = (time.perf_counter() - t0) / 60
     row["knn_top1_k20"] = json.loads((run_dir / "knn.json").read_text())["accuracy"]["k=20"]["top1"]
-    online = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    row["online_knn"] = [round(r["knn_top1_k20"], 2) for r in online if r.get("kind") == "knn" and "knn_top1_k20" in r]
+    row["online_knn"] = [round(r["knn_top1_k20"], 2) for r in read_run(run_dir).knn if "knn_top1_k20" in r]
     return row
 
 

@@ -56,14 +56,10 @@ def two_steps(overrides: list[str], device: str) -> tuple[list[dict], dict[str, 
     trainer = Trainer(cfg, fresh=True)
     trainer.sampler.set_epoch(0)
     batches = iter(trainer.loader)
-    dev = trainer.device
     records = []
     for step in range(2):
-        b = next(batches)
-        records.append(trainer.train_step(
-            [c.to(dev) for c in b["crops"]], step, [m.to(dev) for m in b["masks"]] if "masks" in b else None,
-            [m.to(dev) for m in b["obj_masks"]] if "obj_masks" in b else None,
-            b["obj_valid"].to(dev) if "obj_valid" in b else None))
+        crops, *masks = trainer.step_inputs(next(batches))
+        records.append(trainer.train_step(crops, step, *masks))
     return records, {k: v.float().cpu() for k, v in trainer.teacher.state_dict().items()}
 
 

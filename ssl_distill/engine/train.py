@@ -317,6 +317,17 @@ class Trainer:
                          teacher_temp=float(self.sched.teacher_temp[step]),
                          patch_teacher_temp=float(self.sched.patch_teacher_temp[step]))
 
+    def step_inputs(self, batch: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None,
+                                                          list[torch.Tensor] | None, torch.Tensor | None]:
+        """A loader batch's (crops, data masks, object masks, object validity) on the run's device: the
+        arguments of :meth:`train_step` after ``step`` (None where the batch has no such entry)."""
+        dev = self.device
+        crops = [c.to(dev, non_blocking=True) for c in batch["crops"]]
+        masks = [m.to(dev) for m in batch["masks"]] if "masks" in batch else None
+        objects = [m.to(dev) for m in batch["obj_masks"]] if "obj_masks" in batch else None
+        valid = batch["obj_valid"].to(dev) if "obj_valid" in batch else None
+        return crops, masks, objects, valid
+
     def train_step(self, crops: list[torch.Tensor], step: int, data_masks: list[torch.Tensor] | None = None,
                    obj_masks: list[torch.Tensor] | None = None, obj_valid: torch.Tensor | None = None
                    ) -> dict[str, float]:
@@ -424,13 +435,9 @@ class Trainer:
                 step = st.step
                 if step == fail_at:
                     raise RuntimeError(f"injected failure on rank {self.rank} at step {step} (SSL_DISTILL_FAIL_AT)")
-                crops = [c.to(self.device, non_blocking=True) for c in batch["crops"]]
                 self.bad.update(int(batch["bad"]), len(batch["index"]))
-                masks, objects = batch.get("masks"), batch.get("obj_masks")
-                stats = self.train_step(
-                    crops, step, None if masks is None else [m.to(self.device) for m in masks],
-                    None if objects is None else [m.to(self.device) for m in objects],
-                    None if objects is None else batch["obj_valid"].to(self.device))
+                crops, *masks = self.step_inputs(batch)
+                stats = self.train_step(crops, step, *masks)
                 st.step += 1
                 st.batch += 1
                 window.append(stats)
