@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hardware_line, parse_variants  # noqa: E402
 
@@ -52,11 +54,15 @@ def seconds_per_step(recipe: str, overrides: list[str], steps: int = 8) -> tuple
         trainer = Trainer(cfg, fresh=True)
         trainer.sampler.set_epoch(0)
         batches = iter(trainer.loader)
+        # a CUDA step returns before its kernels finish: wait for them, or the budget buys too many epochs
+        sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
         times = []
         for step in range(steps + 2):
+            sync()
             t0 = time.perf_counter()
             crops, *masks = trainer.step_inputs(next(batches))
             trainer.train_step(crops, step, *masks)
+            sync()
             times.append(time.perf_counter() - t0)
         return sorted(times[2:])[len(times[2:]) // 2], trainer.iters_per_epoch, trainer.precision
 
