@@ -29,7 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cuda_line, gemm_gflops, hardware_line, peak_rss_mib  # noqa: E402
+from common import cuda_line, device_sync, gemm_gflops, hardware_line, peak_rss_mib  # noqa: E402
 
 from ssl_distill.config import load_config  # noqa: E402
 from ssl_distill.engine.train import Trainer  # noqa: E402
@@ -86,7 +86,7 @@ class Step:
     gflop: float
 
     def run(self, i: int) -> float:
-        sync = torch.cuda.synchronize if self.trainer.device.type == "cuda" else (lambda: None)
+        sync = device_sync(self.trainer.device)
         sync()
         t0 = time.perf_counter()
         self.trainer.train_step(self.args[0], i, *self.args[1:])

@@ -11,6 +11,7 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -89,6 +90,12 @@ def cuda_tflops(dtype: torch.dtype, n: int = 8192, repeats: int = 10) -> float:
     end.record()
     torch.cuda.synchronize()
     return 2.0 * n**3 * repeats / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """What a timer calls before reading the clock: a CUDA step returns before its kernels finish, so on a
+    GPU wait for them (an unsynchronized time would be too short); nothing on the CPU."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
 @functools.lru_cache(maxsize=1)

@@ -23,10 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware_line, parse_variants  # noqa: E402
+from common import device_sync, hardware_line, parse_variants  # noqa: E402
 
 from ssl_distill.config import load_config  # noqa: E402
 from ssl_distill.data.fashion_mnist import build_fashion_mnist_folders  # noqa: E402
@@ -54,8 +52,7 @@ def seconds_per_step(recipe: str, overrides: list[str], steps: int = 8) -> tuple
         trainer = Trainer(cfg, fresh=True)
         trainer.sampler.set_epoch(0)
         batches = iter(trainer.loader)
-        # a CUDA step returns before its kernels finish: wait for them, or the budget buys too many epochs
-        sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+        sync = device_sync(trainer.device)  # or the budget would buy a GPU run too many epochs
         times = []
         for step in range(steps + 2):
             sync()
