@@ -160,11 +160,16 @@ def test_patch_term_by_hand():
     expected = -(0.75 * math.log(1 / 3) + 0.25 * math.log(2 / 3)) / 1 / 2
     assert out["patch"].item() == pytest.approx(expected, rel=1e-6)
     assert out["mask_ratio"].item() == pytest.approx(0.25)
+    # collapse monitors of the one masked patch's target q = (3/4, 1/4): H(q), and KL(q || U) = log 2 - H(q)
+    entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert out["patch_teacher_entropy"].item() == pytest.approx(entropy, rel=1e-6)
+    assert out["patch_teacher_kl_uniform"].item() == pytest.approx(math.log(2) - entropy, rel=1e-5)
     # center momentum 0: the center becomes the mean teacher patch token over patches and images
     torch.testing.assert_close(loss.patch_center[0, 0], teacher.mean(1).mean(0))
     nothing = loss(student[:0], teacher[:0, 0], teacher.mean((0, 1))[None], torch.zeros(2, 2, dtype=torch.bool),
                    teacher_temp=1.0)
     assert nothing["patch"].item() == 0.0
+    assert nothing["patch_teacher_entropy"].item() == 0.0 and nothing["patch_teacher_kl_uniform"].item() == 0.0
 
 
 # ---------------------------------------------------------------- AttMask in the step

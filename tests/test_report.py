@@ -63,6 +63,15 @@ def test_report_of_real_runs_overlays_them_and_lists_config_differences(runs, tm
     dino_run = read_run(dino)
     assert [r["step"] for r in dino_run.knn] == [0, 3, 6]
     assert dino_run.loss_terms() == ["loss", "dino"] and read_run(ibot).loss_terms() == ["loss", "dino", "patch"]
+    # the collapse panel: the [CLS] teacher's monitors for both runs, the patch teacher's where iBOT logs them
+    from matplotlib.figure import Figure
+
+    from ssl_distill.report.figure import _collapse
+    legend = [name for name, _ in _collapse(Figure().add_subplot(), [dino_run, read_run(ibot)], ["C0", "C1"], "step",
+                                            1.0)]
+    assert legend == ["teacher entropy", "KL(mean teacher || uniform)", "patch teacher entropy",
+                      "KL(mean patch teacher || uniform)"]
+    assert len(read_run(ibot).series("patch_teacher_entropy", "train", "step")[0]) > 0
     assert all(s is not None for s in dino_run.seconds["train"] + dino_run.seconds["knn"])
     assert dino_run.seconds["knn"][0] == 0.0 and dino_run.seconds["train"][-1] > 0
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from .base import StepState
 from .centering import sinkhorn_knopp
+from .dino import teacher_statistics
 
 
 class PatchLoss(nn.Module):
@@ -71,7 +72,10 @@ class PatchLoss(nn.Module):
             masks: (G*B, P) bool, True where the student's patch was masked; M = masks.sum().
             teacher_temp: the patch teacher temperature of this iteration.
         Returns:
-            {"patch": scalar loss, "mask_ratio": fraction of masked patches (detached)}.
+            {"patch": scalar loss, "mask_ratio": fraction of masked patches (detached),
+             "patch_teacher_entropy", "patch_teacher_kl_uniform": the collapse monitors of
+             :func:`~ssl_distill.objectives.dino.teacher_statistics` over the M masked patches' targets
+             (zero when nothing is masked)}.
         """
         teacher_masked = teacher_masked.float()
         if self.centering == "sinkhorn_knopp":
@@ -85,7 +89,11 @@ class PatchLoss(nn.Module):
         per_image = per_image / masks.sum(-1).clamp(min=1)
         if self.centering == "ema":
             self.update_center(teacher_mean)
-        return {"patch": per_image.mean(), "mask_ratio": masks.float().mean().detach()}
+        with torch.no_grad():
+            stats = teacher_statistics(targets) if len(targets) else {
+                "teacher_entropy": per_patch.new_zeros(()), "teacher_kl_uniform": per_patch.new_zeros(())}
+        return {"patch": per_image.mean(), "mask_ratio": masks.float().mean().detach(),
+                **{f"patch_{k}": v for k, v in stats.items()}}
 
     @torch.no_grad()
     def update_center(self, teacher_mean: torch.Tensor) -> None:

@@ -2,7 +2,7 @@
 
 Rows: loss terms; the collapse monitors (teacher entropy and KL of the mean teacher output to
 uniform, with log K marked: entropy -> log K is collapse to uniform, KL -> log K collapse to one
-prototype); learning rate and weight decay; EMA momentum and teacher temperature; images/s; online
+prototype; for the [CLS] teacher and, where the run logs them, the [OBJ] and patch teachers); learning rate and weight decay; EMA momentum and teacher temperature; images/s; online
 k-NN top-1. One colour per run (figure legend), one line style per quantity (panel legend).
 Matplotlib's object API only (no pyplot state), so it draws in any process, display or not.
 """
@@ -49,18 +49,28 @@ def _loss(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: float
     return list(styles.items()) if drawn else []
 
 
+#: the teachers whose collapse monitors a run may log: (key prefix, legend name, entropy style, KL style)
+_TEACHERS = (("", "teacher", "-", "--"), ("obj_", "[OBJ] teacher", "-.", ":"),
+             ("patch_", "patch teacher", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))))
+
+
 def _collapse(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: float) -> list[tuple[str, str]]:
-    entropy = kl = False
-    for run, color in zip(runs, colors):
-        entropy |= _plot(ax, run, "teacher_entropy", x, scale, color, "-", "teacher entropy")
-        kl |= _plot(ax, run, "teacher_kl_uniform", x, scale, color, "--", "KL(mean teacher || uniform)")
-    if entropy or kl:
+    legend = []
+    for prefix, name, entropy_style, kl_style in _TEACHERS:
+        entropy = kl = False
+        for run, color in zip(runs, colors):
+            entropy |= _plot(ax, run, f"{prefix}teacher_entropy", x, scale, color, entropy_style, f"{name} entropy")
+            kl |= _plot(ax, run, f"{prefix}teacher_kl_uniform", x, scale, color, kl_style,
+                        f"KL(mean {name} || uniform)")
+        legend += ([(f"{name} entropy", entropy_style)] if entropy else []) + (
+            [(f"KL(mean {name} || uniform)", kl_style)] if kl else [])
+    if legend:
         for k in sorted({r.out_dim for r in runs if r.out_dim and r.out_dim > 1}):
             ax.axhline(math.log(k), color="0.35", linestyle=":", linewidth=1)
             ax.annotate(f"log K = {math.log(k):.2f} (K = {k})", (0.005, math.log(k)), xycoords=("axes fraction", "data"),
                         fontsize=7, color="0.3", va="bottom")
     ax.set_ylabel("nats")
-    return ([("teacher entropy", "-")] if entropy else []) + ([("KL(mean teacher || uniform)", "--")] if kl else [])
+    return legend
 
 
 def _pair(left: str, right: str, left_label: str, right_label: str

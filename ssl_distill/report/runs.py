@@ -27,7 +27,8 @@ EXPECTED: dict[str, str] = {
 #: numeric fields of a training record that are not loss terms (every other number is one: dino, patch, koleo ...)
 NOT_LOSS_TERMS = frozenset({
     "step", "epoch", "lr", "wd", "momentum", "teacher_temp", "patch_teacher_temp", "images_per_s", "bad_images",
-    "time", "teacher_entropy", "teacher_kl_uniform", "mask_ratio", "requeues",
+    "time", "teacher_entropy", "teacher_kl_uniform", "mask_ratio", "requeues", "obj_valid_pairs",
+    "obj_teacher_entropy", "obj_teacher_kl_uniform", "patch_teacher_entropy", "patch_teacher_kl_uniform",
 })
 # a pause longer than this many times the run's typical seconds per step (and 5 minutes) is time the
 # run was not running (between an interrupt and its resume); the wall-clock axis leaves it out
