@@ -16,11 +16,14 @@ Writes ``<out>/table.md`` and ``<out>/table.json``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,37 +48,73 @@ METHODS: dict[str, tuple[str, list[str]]] = {
 
 
 def seconds_per_step(recipe: str, overrides: list[str], steps: int = 8) -> tuple[float, int, str]:
-    """(seconds per training step including data loading, steps per epoch, precision) of a recipe."""
+    """(seconds per training step including data loading, steps per epoch, precision) of a recipe.
+
+    Without data workers: the median of ``steps`` single steps after two warm-ups. With workers (a GPU
+    run): the mean over ``4 x steps`` steps after ``10 + 2 x workers x prefetch`` warm-ups, so the batches
+    the workers queued during the slow first steps are used up and a data-bound run is timed as one.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(ROOT / "configs" / recipe, [*overrides, f"run.output_dir={tmp}/run", "run.progress=false",
                                                       "monitor.knn_every_epochs=0", "monitor.knn_every_steps=0"])
         trainer = Trainer(cfg, fresh=True)
-        trainer.sampler.set_epoch(0)
-        batches = iter(trainer.loader)
+
+        def epochs() -> Iterator:  # as many batches as the timing needs, a small folder's epochs in turn
+            for epoch in itertools.count():
+                trainer.sampler.set_epoch(epoch)
+                yield from trainer.loader
+
+        batches = epochs()
         sync = device_sync(trainer.device)  # or the budget would buy a GPU run too many epochs
+        workers = cfg.data.num_workers
+        warmup, timed = (2, steps) if workers == 0 else (10 + 2 * workers * 2, 4 * steps)
+
+        def step(i: int) -> None:
+            crops, *masks = trainer.step_inputs(next(batches))
+            trainer.train_step(crops, i, *masks)
+
+        for i in range(warmup):
+            step(i)
         times = []
-        for step in range(steps + 2):
+        t_all = time.perf_counter()
+        for i in range(warmup, warmup + timed):
             sync()
             t0 = time.perf_counter()
-            crops, *masks = trainer.step_inputs(next(batches))
-            trainer.train_step(crops, step, *masks)
+            step(i)
             sync()
             times.append(time.perf_counter() - t0)
-        return sorted(times[2:])[len(times[2:]) // 2], trainer.iters_per_epoch, trainer.precision
+        sec = sorted(times)[len(times) // 2] if workers == 0 else (time.perf_counter() - t_all) / timed
+        return sec, trainer.iters_per_epoch, trainer.precision
 
 
-def cli(*args: str) -> None:
-    """Run one ``ssl-distill`` subcommand with this Python, echoing it; a failure stops the benchmark."""
+def cli(*args: str, log: Path | None = None, threads: int | None = None) -> None:
+    """Run one ``ssl-distill`` subcommand with this Python, echoing it; a failure stops the benchmark.
+
+    ``log``: append the command and its output to this file instead of this process's stdout (runs side
+    by side); ``threads``: the child's OMP_NUM_THREADS.
+    """
     cmd = [sys.executable, "-m", "ssl_distill.cli", *args]
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    if log is None:
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, env=env)
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write("+ " + " ".join(cmd) + "\n")
+        f.flush()
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{args[0]} failed (exit {done.returncode}); see {log}")
 
 
-def write_table(out: Path, title: str, header: list[str], lines: list[str], rows: list[dict], budget_min: float) -> None:
+def write_table(out: Path, title: str, header: list[str], lines: list[str], rows: list[dict], budget_min: float,
+                hardware: str | None = None) -> None:
     """``out/table.json`` (the rows, the hardware line, the budget) and ``out/table.md``; prints the table."""
-    (out / "table.json").write_text(json.dumps({"hardware": hardware_line(), "budget_min": budget_min, "rows": rows},
+    hardware = hardware or hardware_line()
+    (out / "table.json").write_text(json.dumps({"hardware": hardware, "budget_min": budget_min, "rows": rows},
                                                indent=2))
-    text = "\n".join([f"{title}, seed 0, {budget_min:g} min of training each; {hardware_line()}", "",
+    text = "\n".join([f"{title}, seed 0, {budget_min:g} min of training each; {hardware}", "",
                       "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *lines])
     (out / "table.md").write_text(text + "\n")
     print(text)

@@ -13,35 +13,48 @@ boxes discovered without labels, each given the same seed and the same wall-cloc
    raw pixels, the bar (b) must clear.
 
 With ``--set model.init_from=RUN`` every run starts from that model (ODIS's [OBJ] token from its [CLS]), and
-the table gets a row for that model as it is, before any training on the scenes.
+the table gets a row for that model as it is, before any training on the scenes. ``--variants`` adds rows of
+ODIS on ground-truth boxes with overrides (``sep=ibot.shared_head=false``), timed and trained like the others.
+
+On a GPU (``--set run.device=cuda data.num_workers=3 run.threads=1 --parallel 4``) the runs train side by
+side, each in its own process with its output in ``<run>/stdout.log``; their epochs still come from step
+times measured one at a time on the quiet machine, so sharing the machine makes a run slower, not longer.
+ODIS on discovered boxes starts when DINO's boxes are written.
 
 Usage: python benchmarks/compare_scenes.py [--budget-min 6] [--out runs/scenes_compare] [--set KEY=VALUE ...]
-Writes ``<out>/table.md`` and ``<out>/table.json``; run it alone on the machine.
+           [--variants NAME=KEY=VALUE,...] [--parallel N]
+Writes ``<out>/table.md``, ``<out>/table.json`` and, as each run ends, a line of ``<out>/rows.jsonl``; run it
+alone on the machine.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware_line  # noqa: E402
+from common import cuda_line, hardware_line, parse_variants  # noqa: E402
 from compare_objectives import cli, seconds_per_step, write_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 IBOT = ["ibot.weight=1", "masking.shape=block", "masking.pred_ratio=[0,0.3]", "masking.pred_ratio_var=[0,0.2]"]
 
 
-def evaluate(model: str, scenes: Path, out: Path, random_init: bool = False) -> dict:
+def evaluate(model: str, scenes: Path, out: Path, random_init: bool = False, log: Path | None = None,
+             threads: int | None = None) -> dict:
     """Object-level k-NN (every mode the model has) and CorLoc on the test scenes."""
     extra = ["--random-init"] if random_init else []
     knn_json = out / ("object_knn_random_init.json" if random_init else "object_knn.json")
-    cli("object-knn", model, "--scenes", str(scenes), "--mode", "all", "--out", str(knn_json), *extra)
+    cli("object-knn", model, "--scenes", str(scenes), "--mode", "all", "--out", str(knn_json), *extra, log=log,
+        threads=threads)
     disc = out / ("discover_test_random_init" if random_init else "discover_test")
     cli("discover", model, "--coco", str(scenes / "test" / "boxes.json"), "--images", str(scenes / "test"),
-        "--out", str(disc), *extra)
+        "--out", str(disc), *extra, log=log, threads=threads)
     acc = json.loads(knn_json.read_text())["accuracy"]
     corloc = json.loads((disc / "corloc.json").read_text())["corloc"]
     return {**{f"knn_{m}": acc[m]["top1"] for m in acc}, "corloc": 100 * corloc}
@@ -54,8 +67,15 @@ def main() -> None:
     ap.add_argument("--scenes", default="data/scenes")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides for every run (e.g. data.batch_size=32)")
+    ap.add_argument("--variants", nargs="*", default=[], metavar="NAME=KEY=VALUE,...",
+                    help="more rows: ODIS on ground-truth boxes with these overrides")
+    ap.add_argument("--parallel", type=int, default=1, help="runs at once (a GPU); 1 on a CPU")
+    ap.add_argument("--skip-discovered", action="store_true",
+                    help="no ODIS on discovered boxes (it waits for DINO: a second budget of wall-clock)")
     args = ap.parse_args()
-    print(hardware_line(), flush=True)
+    cuda = any(o == "run.device=cuda" for o in args.set)
+    hardware = hardware_line() + (f"; {cuda_line()}" if cuda else "")
+    print(hardware, flush=True)
     scenes = Path(args.scenes)
     if not (scenes / "test" / "boxes.json").is_file():
         cli("make-scenes", str(scenes))
@@ -63,49 +83,88 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     found = out / "dino_discovered_train"
     common = [f"data.train_dir={scenes / 'train'}", *args.set]
-    methods: dict[str, tuple[str, list[str]]] = {
-        "DINO": ("dino_tiny_scenes.yaml", common),
-        "iBOT": ("dino_tiny_scenes.yaml", [*common, *IBOT]),
-        "ODIS (ground-truth boxes)": ("odis_tiny_scenes.yaml", [*common, f"data.boxes={scenes / 'train' / 'boxes.json'}"]),
-        "ODIS (discovered boxes)": ("odis_tiny_scenes.yaml", [*common, f"data.boxes={found / 'boxes.json'}"]),
+    truth = [*common, f"data.boxes={scenes / 'train' / 'boxes.json'}"]
+    variants = parse_variants(args.variants)
+    methods: dict[str, tuple[str, list[str], Path]] = {  # name: (recipe, overrides, run directory)
+        "DINO": ("dino_tiny_scenes.yaml", common, out / "dino"),
+        "iBOT": ("dino_tiny_scenes.yaml", [*common, *IBOT], out / "ibot"),
+        "ODIS (ground-truth boxes)": ("odis_tiny_scenes.yaml", truth, out / "odis"),
+        **{f"ODIS (ground-truth boxes), {' '.join(extra)}": ("odis_tiny_scenes.yaml", [*truth, *extra],
+                                                             out / f"odis_{name}") for name, extra in variants.items()},
+        "ODIS (discovered boxes)": ("odis_tiny_scenes.yaml", [*common, f"data.boxes={found / 'boxes.json'}"],
+                                    out / "odis_discovered"),
     }
+    if args.skip_discovered:
+        del methods["ODIS (discovered boxes)"]
     # step times on the quiet machine first (discovered boxes are not there yet: time ODIS on the true ones)
-    timing = {name: seconds_per_step(recipe, ov) for name, (recipe, ov) in list(methods.items())[:3]}
-    timing["ODIS (discovered boxes)"] = timing["ODIS (ground-truth boxes)"]
-    rows = []
-    for name, (recipe, overrides) in methods.items():
+    timing = {name: seconds_per_step(recipe, overrides)
+              for name, (recipe, overrides, _) in methods.items() if "discovered" not in name}
+    if "ODIS (discovered boxes)" in methods:
+        timing["ODIS (discovered boxes)"] = timing["ODIS (ground-truth boxes)"]
+    for name, (sec, _, precision) in timing.items():
+        print(f"{name}: {sec:.3f} s/step ({precision})", flush=True)
+    side_by_side = args.parallel > 1
+    threads = max(1, (os.cpu_count() or 1) // args.parallel) if side_by_side else None
+    boxes_written = threading.Event()
+    rows: dict[str, dict] = {}
+
+    def train_and_evaluate(name: str) -> None:
+        recipe, overrides, run_dir = methods[name]
+        log = run_dir / "stdout.log" if side_by_side else None
+        if name == "ODIS (discovered boxes)":
+            boxes_written.wait()
+            if not (found / "boxes.json").is_file():
+                raise RuntimeError("DINO's run or its discovery failed: no discovered boxes to train on")
         sec, iters, precision = timing[name]
         epochs = round(args.budget_min * 60 / (sec * iters), 3)
-        run_dir = out / (name.split()[0].lower() + ("_discovered" if "discovered" in name else ""))
         t0 = time.perf_counter()
-        cli("train", str(ROOT / "configs" / recipe), *overrides, f"optim.epochs={epochs}", f"run.output_dir={run_dir}",
-            "run.progress=false", "--fresh")
-        train_min = (time.perf_counter() - t0) / 60
-        if name == "DINO":  # the label-free loop: boxes for the training scenes from DINO's own attention
-            cli("discover", str(run_dir), "--images", str(scenes / "train"), "--out", str(found))
-        rows.append({"method": name, "seconds_per_step": sec, "epochs": epochs, "train_minutes": train_min,
-                     "precision": precision, **evaluate(str(run_dir), scenes, run_dir)})
-        print(rows[-1], flush=True)
+        try:
+            cli("train", str(ROOT / "configs" / recipe), *overrides, f"optim.epochs={epochs}",
+                f"run.output_dir={run_dir}", "run.progress=false", "--fresh", log=log, threads=threads)
+            train_min = (time.perf_counter() - t0) / 60
+            if name == "DINO" and not args.skip_discovered:  # the label-free loop: boxes from DINO's attention
+                cli("discover", str(run_dir), "--images", str(scenes / "train"), "--out", str(found), log=log,
+                    threads=threads)
+        finally:
+            if name == "DINO":
+                boxes_written.set()
+        rows[name] = {"method": name, "seconds_per_step": sec, "epochs": epochs, "train_minutes": train_min,
+                      "precision": precision, **evaluate(str(run_dir), scenes, run_dir, log=log, threads=threads)}
+        print(json.dumps(rows[name]), flush=True)
+        with open(out / "rows.jsonl", "a") as f:
+            f.write(json.dumps(rows[name]) + "\n")
+
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        # DINO first (its boxes gate ODIS on discovered boxes, submitted last so it never waits in a slot early)
+        order = sorted(methods, key=lambda name: "discovered" in name)
+        futures = [pool.submit(train_and_evaluate, name) for name in order]
+        errors = [f.exception() for f in futures]
     # the same ODIS architecture at random init (its [OBJ] token too)
-    rows.insert(0, {"method": "random init", "epochs": 0.0,
-                    **evaluate(str(out / "odis"), scenes, out, random_init=True)})
+    rows["random init"] = {"method": "random init", "epochs": 0.0,
+                           **evaluate(str(methods["ODIS (ground-truth boxes)"][2]), scenes, out, random_init=True)}
+    failed = [f"{name}: {e}" for name, e in zip(order, errors) if e is not None]
+    table = [rows["random init"]] + [rows[name] for name in methods if name in rows]
     init = [o.partition("=")[2] for o in args.set if o.startswith("model.init_from=")]
     if init:  # every run started from this model: it is the row to beat, evaluated as it is
         (out / "init").mkdir(exist_ok=True)
-        rows.insert(1, {"method": f"init_from {init[-1]}, before the scenes", "epochs": 0.0,
-                        **evaluate(init[-1], scenes, out / "init")})
+        table.insert(1, {"method": f"init_from {init[-1]}, before the scenes", "epochs": 0.0,
+                         **evaluate(init[-1], scenes, out / "init")})
     # the bar without any model: the box crops' raw pixels (gray, 28 px, mean removed)
     cli("object-knn", "--mode", "pixels", "--scenes", str(scenes), "--out", str(out / "object_knn_pixels.json"))
     pixels = json.loads((out / "object_knn_pixels.json").read_text())["accuracy"]["pixels"]["top1"]
     lines = [f"| raw pixels of the box crop (no model) | - | - | {pixels:.2f}% | - | - |"]
-    for r in rows:
+    for r in table:
         obj = f"{r['knn_obj']:.2f}%" if "knn_obj" in r else "-"
         lines.append(f"| {r['method']} | {r['epochs']:.2f} | {obj} | {r['knn_crop']:.2f}% | {r['knn_scene']:.2f}% | "
                      f"{r['corloc']:.2f}% |")
-    rows.insert(0, {"method": "raw pixels of the box crop", "knn_pixels": pixels})
+    lines += [f"| {failure} | | | | | |" for failure in failed]
+    table.insert(0, {"method": "raw pixels of the box crop", "knn_pixels": pixels})
     write_table(out, f"Scene benchmark ({scenes})", ["pretraining", "epochs", "object k-NN: [OBJ] + box mask (a)",
                                                       "[CLS] of box crop (b)", "[CLS] of scene (c)",
-                                                      "CorLoc (test scenes)"], lines, rows, args.budget_min)
+                                                      "CorLoc (test scenes)"], lines, table, args.budget_min,
+                hardware=hardware)
+    if failed:
+        sys.exit("some runs failed:\n" + "\n".join(failed))
 
 
 if __name__ == "__main__":

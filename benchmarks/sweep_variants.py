@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cuda_line, hardware_line, parse_variants  # noqa: E402
+from compare_objectives import cli  # noqa: E402
 
 from ssl_distill.data.fashion_mnist import build_fashion_mnist_folders  # noqa: E402
 from ssl_distill.report import read_run  # noqa: E402
@@ -30,19 +29,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_variant(name: str, argv: list[str], run_dir: Path) -> dict:
     """Train then k-NN one variant in child processes; returns its row (``error`` set when a step failed)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    log = run_dir / "stdout.log"
     row: dict = {"name": name}
-    with open(run_dir / "stdout.log", "w") as log:
-        t0 = time.perf_counter()
-        for cmd in (["train", *argv, f"run.output_dir={run_dir}", "--fresh"], ["knn", str(run_dir)]):
-            done = subprocess.run([sys.executable, "-m", "ssl_distill.cli", *cmd], stdout=log, stderr=subprocess.STDOUT,
-                                  env=env)
-            if done.returncode != 0:
-                row["error"] = f"{cmd[0]} failed (exit {done.returncode}); see {run_dir / 'stdout.log'}"
-                return row
-            if cmd[0] == "train":
-                row["train_min"] = (time.perf_counter() - t0) / 60
+    t0 = time.perf_counter()
+    try:
+        cli("train", *argv, f"run.output_dir={run_dir}", "--fresh", log=log, threads=1)
+        row["train_min"] = (time.perf_counter() - t0) / 60
+        cli("knn", str(run_dir), log=log, threads=1)
+    except RuntimeError as e:
+        row["error"] = str(e)
+        return row
     row["knn_top1_k20"] = json.loads((run_dir / "knn.json").read_text())["accuracy"]["k=20"]["top1"]
     row["online_knn"] = [round(r["knn_top1_k20"], 2) for r in read_run(run_dir).knn if "knn_top1_k20" in r]
     return row
