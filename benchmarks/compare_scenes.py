@@ -103,6 +103,7 @@ def main() -> None:
         timing["ODIS (discovered boxes)"] = timing["ODIS (ground-truth boxes)"]
     for name, (sec, _, precision) in timing.items():
         print(f"{name}: {sec:.3f} s/step ({precision})", flush=True)
+    (out / "rows.jsonl").write_text("")  # this call's rows only
     side_by_side = args.parallel > 1
     threads = max(1, (os.cpu_count() or 1) // args.parallel) if side_by_side else None
     boxes_written = threading.Event()
