@@ -2,9 +2,10 @@
 
 Rows: loss terms; the collapse monitors (teacher entropy and KL of the mean teacher output to
 uniform, with log K marked: entropy -> log K is collapse to uniform, KL -> log K collapse to one
-prototype; for the [CLS] teacher and, where the run logs them, the [OBJ] and patch teachers); learning rate and weight decay; EMA momentum and teacher temperature; images/s; online
-k-NN top-1. One colour per run (figure legend), one line style per quantity (panel legend).
-Matplotlib's object API only (no pyplot state), so it draws in any process, display or not.
+prototype; for the [CLS] teacher and, where the run logs them, the [OBJ] and patch teachers);
+learning rate and weight decay; EMA momentum and teacher temperature; images/s; online k-NN top-1.
+One colour per run (figure legend), one line style per quantity (panel legend). Matplotlib's object
+API only (no pyplot state), so it draws in any process, display or not.
 """
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ from .runs import RunData
 __all__ = ["ROWS", "draw_report"]
 
 _STYLES = ("-", "--", ":", "-.")
+#: a matplotlib line style: a name ("-", "--", ...) or (offset, (on, off, ...)) dashes
+LineStyle = str | tuple[int, tuple[int, ...]]
 
 
-def _plot(ax: Axes, run: RunData, key: str, x: str, scale: float, color: str, style: str, label: str,
+def _plot(ax: Axes, run: RunData, key: str, x: str, scale: float, color: str, style: LineStyle, label: str,
           records: str = "train", marker: str | None = None) -> bool:
     xs, ys = run.series(key, records, x)
     if not xs:
@@ -35,7 +38,7 @@ def _plot(ax: Axes, run: RunData, key: str, x: str, scale: float, color: str, st
     return True
 
 
-def _loss(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: float) -> list[tuple[str, str]]:
+def _loss(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: float) -> list[tuple[str, LineStyle]]:
     styles: dict[str, str] = {}
     drawn = False
     for run, color in zip(runs, colors):
@@ -54,7 +57,7 @@ _TEACHERS = (("", "teacher", "-", "--"), ("obj_", "[OBJ] teacher", "-.", ":"),
              ("patch_", "patch teacher", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))))
 
 
-def _collapse(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: float) -> list[tuple[str, str]]:
+def _collapse(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: float) -> list[tuple[str, LineStyle]]:
     legend = []
     for prefix, name, entropy_style, kl_style in _TEACHERS:
         entropy = kl = False
@@ -74,10 +77,10 @@ def _collapse(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: f
 
 
 def _pair(left: str, right: str, left_label: str, right_label: str
-          ) -> Callable[[Axes, list[RunData], list[str], str, float], list[tuple[str, str]]]:
+          ) -> Callable[[Axes, list[RunData], list[str], str, float], list[tuple[str, LineStyle]]]:
     """Two quantities of different scales: ``left`` solid on the left axis, ``right`` dashed on the right."""
 
-    def draw(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: float) -> list[tuple[str, str]]:
+    def draw(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: float) -> list[tuple[str, LineStyle]]:
         twin = ax.twinx()
         twin.ticklabel_format(axis="y", useOffset=False)  # 0.9995, not 1e-5 + 9.99e-1
         a = b = False
@@ -94,7 +97,7 @@ def _pair(left: str, right: str, left_label: str, right_label: str
     return draw
 
 
-def _images(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: float) -> list[tuple[str, str]]:
+def _images(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: float) -> list[tuple[str, LineStyle]]:
     drawn = False
     for run, color in zip(runs, colors):
         drawn |= _plot(ax, run, "images_per_s", x, scale, color, "-", "images/s")
@@ -102,7 +105,7 @@ def _images(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: flo
     return [("images/s", "-")] if drawn else []
 
 
-def _knn(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: float) -> list[tuple[str, str]]:
+def _knn(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: float) -> list[tuple[str, LineStyle]]:
     labels: set[str] = set()
     for run, color in zip(runs, colors):
         key = run.knn_key()
@@ -113,7 +116,7 @@ def _knn(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: float)
 
 
 #: (title, drawer) of each row
-ROWS: tuple[tuple[str, Callable[[Axes, list[RunData], list[str], str, float], list[tuple[str, str]]]], ...] = (
+ROWS: tuple[tuple[str, Callable[[Axes, list[RunData], list[str], str, float], list[tuple[str, LineStyle]]]], ...] = (
     ("loss terms", _loss),
     ("collapse monitors", _collapse),
     ("learning rate and weight decay", _pair("lr", "wd", "learning rate", "weight decay")),
