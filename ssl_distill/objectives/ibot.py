@@ -90,8 +90,7 @@ class PatchLoss(nn.Module):
         if self.centering == "ema":
             self.update_center(teacher_mean)
         with torch.no_grad():
-            stats = teacher_statistics(targets) if len(targets) else {
-                "teacher_entropy": per_patch.new_zeros(()), "teacher_kl_uniform": per_patch.new_zeros(())}
+            stats = teacher_statistics(targets)
         return {"patch": per_image.mean(), "mask_ratio": masks.float().mean().detach(),
                 **{f"patch_{k}": v for k, v in stats.items()}}
 

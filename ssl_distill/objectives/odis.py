@@ -92,8 +92,7 @@ class ObjectLoss(nn.Module):
         loss = total / n_terms
         teacher_valid = w[: self.n_global].reshape(-1) > 0
         with torch.no_grad():
-            stats = teacher_statistics(q.view(-1, k)[teacher_valid]) if teacher_valid.any() else {
-                "teacher_entropy": loss.new_zeros(()), "teacher_kl_uniform": loss.new_zeros(())}
+            stats = teacher_statistics(q.view(-1, k)[teacher_valid])
         self.update_center(teacher_obj, teacher_valid)
         return {"obj": loss, "obj_valid_pairs": (counted / (n_terms * b)).detach(),
                 "obj_teacher_entropy": stats["teacher_entropy"], "obj_teacher_kl_uniform": stats["teacher_kl_uniform"]}
