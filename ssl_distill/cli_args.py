@@ -65,6 +65,10 @@ def make_scenes_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-scale", type=float, default=0.6, help="object's longer side / scene side, highest (0.6)")
     p.add_argument("--max-overlap", type=float, default=0.2,
                    help="largest share of an object's pixels that later objects may cover (default 0.2)")
+    p.add_argument("--no-tint", dest="tint", action="store_false",
+                   help="grayscale items and backgrounds keep their gray values (default: a random colour each)")
+    p.add_argument("--background-scale", type=float, nargs=2, default=(0.25, 1.0), metavar=("LO", "HI"),
+                   help="background crop side / the source's shorter side (default 0.25 1)")
     p.add_argument("--seed", type=int, default=0)
 
 

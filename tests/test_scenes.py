@@ -173,3 +173,36 @@ def test_command_line(bars: Path, tmp_path: Path, capsys: pytest.CaptureFixture)
     with pytest.raises(SystemExit):
         run(["make-scenes", str(bars), str(tmp_path / "t"), "--min-objects", "3", "--max-objects", "2"])
     assert "min_objects <= max_objects" in capsys.readouterr().err
+
+
+def test_no_tint_and_background_scale(bars: Path, tmp_path: Path):
+    """``tint=False``: a gray item is pasted in its own gray values (the 200-valued bar stays (200, 200, 200))
+    and gray backgrounds stay gray; ``background_scale=(1, 1)``: a square source is used whole, so the gray
+    backgrounds (brick, grass, gravel, camera: all 512 x 512) take at most 4 distinct values."""
+    a = np.zeros((16, 16), np.uint8)
+    a[2:14, 6:10] = 200
+    Image.fromarray(a, mode="L").save(tmp_path / "bar.png")
+    bar = load_source_object(tmp_path / "bar.png")
+    settings = SceneSettings(size=16, min_scale=1.0, max_scale=1.0, max_objects=1, tint=False,
+                             background_scale=(1.0, 1.0))
+    rng = np.random.default_rng(0)
+    backgrounds = Backgrounds()
+    gray_backgrounds = set()
+    for _ in range(40):
+        sc = generate_scene(rng, settings, backgrounds, lambda: (0, bar, 0))
+        assert sc.boxes[0].tolist() == [6, 2, 10, 14]
+        assert (sc.image[2:14, 6:10] == 200).all()
+        bg = sc.background
+        if (bg[..., 0] == bg[..., 1]).all() and (bg[..., 1] == bg[..., 2]).all():
+            gray_backgrounds.add(bg.tobytes())
+    assert 2 <= len(gray_backgrounds) <= 4
+    tinted = generate_scene(np.random.default_rng(0), SceneSettings(size=16, min_scale=1.0, max_scale=1.0,
+                                                                    max_objects=1), backgrounds, lambda: (0, bar, 0))
+    item = tinted.image[2:14, 6:10].reshape(-1, 3)
+    assert not (item == 200).all() and (item == item[0]).all()  # one colour, not the gray value
+    with pytest.raises(ValueError, match="background_scale"):
+        SceneSettings(background_scale=(0.0, 1.0))
+    assert run(["make-scenes", str(bars), str(tmp_path / "s"), "--n-train", "4", "--n-test", "2", "--size", "32",
+                "--no-tint", "--background-scale", "1", "1"]) == 0
+    info = json.loads((tmp_path / "s" / "train" / "boxes.json").read_text())["info"]["settings"]
+    assert info["tint"] is False and info["background_scale"] == [1.0, 1.0]

@@ -11,7 +11,7 @@ One scene (``size`` x ``size`` px, RGB):
 1. background: with probability 1/2 a crop of a real texture (scikit-image's ``brick``, ``grass``, ``gravel``,
    grayscale, tinted with a random colour), otherwise a crop of a photo (``astronaut``, ``coffee``,
    ``chelsea``, ``rocket``, ``motorcycle_left``; the grayscale ``camera`` tinted); the crop's side is
-   25-100% of the source's shorter side, resized (bilinear) to the scene;
+   ``background_scale`` (default 25-100%) of the source's shorter side, resized (bilinear) to the scene;
 2. ``k`` objects, ``k`` uniform in ``min_objects..max_objects``, pasted one after another (later ones on
    top): the source image is resized (bilinear, aspect kept) so that its longer side is
    ``U(min_scale, max_scale) * size`` and placed at a uniform position fully inside the scene. What is
@@ -21,6 +21,11 @@ One scene (``size`` x ``size`` px, RGB):
      near-black is transparent (value ``<= dark_threshold``, default 0.12 of full scale, as the
      earlier unlabeled scene script); the item's own shading times a random tint (channels
      ``U(0.35, 1) * 1.3``, clipped) fills its pixels;
+
+   with ``tint=False`` (``--no-tint``) neither grayscale items nor grayscale backgrounds are tinted: they
+   keep their gray values. With ``--no-tint --background-scale 1 1`` a background is one of the nine
+   sources nearly whole, so it no longer tells one scene from another (the "plain" variant of the README's
+   scene tables): the items are what differs;
    - sources with an alpha channel: pixels with alpha > 1/2, in their own colours;
    - other colour sources: the whole resized rectangle, in its own colours;
 3. the overlap rule: a placement is accepted only if, after it, every object already in the scene keeps
@@ -42,7 +47,8 @@ annotation records its source (``source``: path relative to SRC) so this can be 
 Reproducible: the same SRC file list, arguments and ``seed`` give byte-identical folders (one numpy
 ``Generator`` per split, seeded from ``(seed, split)``).
 
-    ssl-distill make-scenes [SRC] OUT [--n-train 2000] [--n-test 1000] [--size 96] [--seed 0]
+    ssl-distill make-scenes [SRC] OUT [--n-train 2000] [--n-test 1000] [--size 96] [--seed 0] [--no-tint]
+        [--background-scale 0.25 1]
 """
 from __future__ import annotations
 
@@ -98,6 +104,8 @@ class SceneSettings:
     dark_threshold: float = 0.12  # grayscale sources: values <= this (of full scale) are transparent
     min_pixels: int = 16  # fewer pasted pixels: the source is skipped
     tries: int = 30  # (scale, position) draws per object
+    tint: bool = True  # grayscale items and backgrounds get a random colour; False: they stay gray
+    background_scale: tuple[float, float] = (0.25, 1.0)  # background crop side / the source's shorter side
 
     def __post_init__(self) -> None:
         if self.size < 8:
@@ -112,6 +120,9 @@ class SceneSettings:
             raise ValueError(f"dark_threshold must be in [0, 1), got {self.dark_threshold}")
         if self.tries < 1 or self.min_pixels < 1:
             raise ValueError("tries and min_pixels must be >= 1")
+        lo, hi = self.background_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"need 0 < background_scale[0] <= background_scale[1] <= 1, got {lo}, {hi}")
 
 
 @dataclass
@@ -164,20 +175,26 @@ class Backgrounds:
             img = Image.open(root / n)
             self.photos.append(img.convert("L") if img.mode in ("L", "I", "I;16") else img.convert("RGB"))
 
-    def draw(self, rng: np.random.Generator, size: int) -> np.ndarray:
-        """(size, size, 3) float32 in [0, 1]: a tinted texture crop or a photo crop."""
+    def draw(self, rng: np.random.Generator, size: int, scale: tuple[float, float] = (0.25, 1.0),
+             tint: bool = True) -> np.ndarray:
+        """(size, size, 3) float32 in [0, 1]: a texture crop or a photo crop (grayscale ones tinted if ``tint``).
+
+        The crop's side is ``U(*scale)`` times the source's shorter side, at a uniform position.
+        """
         pool = self.textures if rng.random() < 0.5 else self.photos
         src = pool[int(rng.integers(len(pool)))]
         w, h = src.size
-        side = int(rng.uniform(0.25, 1.0) * min(w, h))
+        side = int(rng.uniform(*scale) * min(w, h))
         side = max(side, min(size, w, h), 1)
         x0 = int(rng.integers(0, w - side + 1))
         y0 = int(rng.integers(0, h - side + 1))
         crop = src.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side))
         arr = np.asarray(crop, dtype=np.float32) / 255.0
+        if arr.ndim == 2 and not tint:
+            return np.repeat(arr[..., None], 3, axis=2)
         if arr.ndim == 2:  # grayscale texture or photo: tinted
-            tint = rng.uniform(0.25, 1.0, size=3).astype(np.float32)
-            arr = np.clip(arr[..., None] * tint * 1.2, 0.0, 1.0)
+            colour = rng.uniform(0.25, 1.0, size=3).astype(np.float32)
+            arr = np.clip(arr[..., None] * colour * 1.2, 0.0, 1.0)
         return arr
 
 
@@ -217,8 +234,10 @@ def _render(obj: SourceObject, longer: int, rng: np.random.Generator,
     if obj.gray:
         value = _resize(obj.rgb[..., 0], w, h)
         mask = value > settings.dark_threshold
-        tint = rng.uniform(0.35, 1.0, size=3).astype(np.float32)
-        fill = np.clip(value[..., None] * tint * 1.3, 0.0, 1.0)
+        if not settings.tint:
+            return np.repeat(value[..., None], 3, axis=2), mask
+        colour = rng.uniform(0.35, 1.0, size=3).astype(np.float32)
+        fill = np.clip(value[..., None] * colour * 1.3, 0.0, 1.0)
         return fill, mask
     fill = _resize(obj.rgb, w, h)
     if obj.alpha is not None:
@@ -231,7 +250,7 @@ def generate_scene(rng: np.random.Generator, settings: SceneSettings, background
                    next_source: Callable[[], tuple[int, SourceObject, int]]) -> Scene:
     """One scene; ``next_source()`` returns (source index, object, class index) of the next source to paste."""
     s = settings.size
-    bg = backgrounds.draw(rng, s)
+    bg = backgrounds.draw(rng, s, settings.background_scale, settings.tint)
     img = bg.copy()
     owner = np.full((s, s), -1, dtype=np.int64)  # index of the topmost object at each pixel
     pasted: list[int] = []
@@ -421,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: Any) -> int:
     settings = SceneSettings(size=args.size, min_objects=args.min_objects, max_objects=args.max_objects,
-                             min_scale=args.min_scale, max_scale=args.max_scale, max_overlap=args.max_overlap)
+                             min_scale=args.min_scale, max_scale=args.max_scale, max_overlap=args.max_overlap,
+                             tint=args.tint, background_scale=tuple(args.background_scale))
     summary = build_scene_benchmark(args.out, args.src, n_train=args.n_train, n_test=args.n_test,
                                     settings=settings, seed=args.seed)
     for split, st in summary["splits"].items():
