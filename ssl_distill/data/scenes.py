@@ -21,13 +21,13 @@ One scene (``size`` x ``size`` px, RGB):
      near-black is transparent (value ``<= dark_threshold``, default 0.12 of full scale, as the
      earlier unlabeled scene script); the item's own shading times a random tint (channels
      ``U(0.35, 1) * 1.3``, clipped) fills its pixels;
+   - sources with an alpha channel: pixels with alpha > 1/2, in their own colours;
+   - other colour sources: the whole resized rectangle, in its own colours;
 
    with ``tint=False`` (``--no-tint``) neither grayscale items nor grayscale backgrounds are tinted: they
    keep their gray values. With ``--no-tint --background-scale 1 1`` a background is one of the nine
    sources nearly whole, so it no longer tells one scene from another (the "plain" variant of the README's
    scene tables): the items are what differs;
-   - sources with an alpha channel: pixels with alpha > 1/2, in their own colours;
-   - other colour sources: the whole resized rectangle, in its own colours;
 3. the overlap rule: a placement is accepted only if, after it, every object already in the scene keeps
    at least ``1 - max_overlap`` of its pasted pixels visible (default ``max_overlap`` 0.2: objects may
    touch and overlap a little, each stays mostly visible). Up to ``tries`` (scale, position) draws per
@@ -175,8 +175,7 @@ class Backgrounds:
             img = Image.open(root / n)
             self.photos.append(img.convert("L") if img.mode in ("L", "I", "I;16") else img.convert("RGB"))
 
-    def draw(self, rng: np.random.Generator, size: int, scale: tuple[float, float] = (0.25, 1.0),
-             tint: bool = True) -> np.ndarray:
+    def draw(self, rng: np.random.Generator, size: int, scale: tuple[float, float], tint: bool) -> np.ndarray:
         """(size, size, 3) float32 in [0, 1]: a texture crop or a photo crop (grayscale ones tinted if ``tint``).
 
         The crop's side is ``U(*scale)`` times the source's shorter side, at a uniform position.
@@ -190,12 +189,16 @@ class Backgrounds:
         y0 = int(rng.integers(0, h - side + 1))
         crop = src.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side))
         arr = np.asarray(crop, dtype=np.float32) / 255.0
-        if arr.ndim == 2 and not tint:
-            return np.repeat(arr[..., None], 3, axis=2)
-        if arr.ndim == 2:  # grayscale texture or photo: tinted
-            colour = rng.uniform(0.25, 1.0, size=3).astype(np.float32)
-            arr = np.clip(arr[..., None] * colour * 1.2, 0.0, 1.0)
-        return arr
+        return _coloured(arr, rng, tint, low=0.25, gain=1.2) if arr.ndim == 2 else arr
+
+
+def _coloured(gray: np.ndarray, rng: np.random.Generator, tint: bool, low: float, gain: float) -> np.ndarray:
+    """(h, w, 3) float32 of a gray (h, w) array in [0, 1]: times a random colour (channels ``U(low, 1) * gain``,
+    clipped) when ``tint``, else its gray value in each channel (no random draw)."""
+    if not tint:
+        return np.repeat(gray[..., None], 3, axis=2)
+    colour = rng.uniform(low, 1.0, size=3).astype(np.float32)
+    return np.clip(gray[..., None] * colour * gain, 0.0, 1.0)
 
 
 def load_source_object(path: str | os.PathLike[str]) -> SourceObject:
@@ -234,11 +237,7 @@ def _render(obj: SourceObject, longer: int, rng: np.random.Generator,
     if obj.gray:
         value = _resize(obj.rgb[..., 0], w, h)
         mask = value > settings.dark_threshold
-        if not settings.tint:
-            return np.repeat(value[..., None], 3, axis=2), mask
-        colour = rng.uniform(0.35, 1.0, size=3).astype(np.float32)
-        fill = np.clip(value[..., None] * colour * 1.3, 0.0, 1.0)
-        return fill, mask
+        return _coloured(value, rng, settings.tint, low=0.35, gain=1.3), mask
     fill = _resize(obj.rgb, w, h)
     if obj.alpha is not None:
         return fill, _resize(obj.alpha, w, h) > 0.5
