@@ -17,8 +17,6 @@ Usage: python benchmarks/scene_shortcuts.py --scenes data/scenes56 RUN_DIR [RUN_
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,33 +31,29 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hardware_line  # noqa: E402
 
-from eval.features import ImageSettings, extract_box_features  # noqa: E402
+from eval.features import BoxFeatures, ImageSettings, extract_box_features  # noqa: E402
 from eval.knn import knn_classify  # noqa: E402
 from ssl_distill.checkpoints import load_any_backbone  # noqa: E402
 from ssl_distill.data.boxes import read_boxes  # noqa: E402
+from ssl_distill.models.backbone import random_init_like  # noqa: E402
 
 
-def colour_statistics(split: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(item colour (N, 3), background colour (N, 3)) per box of ``split/boxes.json``, in the file's box order."""
-    data = json.loads((split / "boxes.json").read_text())
-    per_image: dict[int, list[dict]] = {}
-    for a in data["annotations"]:
-        per_image.setdefault(a["image_id"], []).append(a)
-    item, background = [], []
-    for im in data["images"]:
-        arr = np.asarray(Image.open(split / im["file_name"]).convert("RGB"), np.float32) / 255.0
+def colour_statistics(image_root: Path, feats: BoxFeatures) -> tuple[np.ndarray, np.ndarray]:
+    """(item colour (N, 3), background colour (N, 3)), one row per box of ``feats``, in its row order."""
+    item = np.zeros((len(feats.boxes), 3), np.float32)
+    background = np.zeros_like(item)
+    boxes = feats.boxes.round().long().tolist()  # make-scenes boxes are whole pixels
+    for i, name in enumerate(feats.file_names):
+        rows = (feats.image_index == i).nonzero().flatten().tolist()
+        arr = np.asarray(Image.open(image_root / name).convert("RGB"), np.float32) / 255.0
         outside = np.ones(arr.shape[:2], bool)
-        for a in per_image.get(im["id"], []):
-            x, y, w, h = (int(v) for v in a["bbox"])
-            outside[y : y + h, x : x + w] = False
-        bg = arr[outside].mean(0) if outside.any() else arr.reshape(-1, 3).mean(0)
-        for a in per_image.get(im["id"], []):
-            x, y, w, h = (int(v) for v in a["bbox"])
-            px = arr[y : y + h, x : x + w].reshape(-1, 3)
-            bright = px.sum(1) >= np.median(px.sum(1))
-            item.append(px[bright].mean(0))
-            background.append(bg)
-    return np.asarray(item), np.asarray(background)
+        for r in rows:
+            x0, y0, x1, y1 = boxes[r]
+            outside[y0:y1, x0:x1] = False
+            px = arr[y0:y1, x0:x1].reshape(-1, 3)
+            item[r] = px[px.sum(1) >= np.median(px.sum(1))].mean(0)
+        background[rows] = arr[outside].mean(0) if outside.any() else arr.reshape(-1, 3).mean(0)
+    return item, background
 
 
 def cluster_labels(train: np.ndarray, test: np.ndarray, n: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,26 +70,24 @@ def main() -> None:
     print(hardware_line(), flush=True)
     scenes = Path(args.scenes)
     boxes = {s: read_boxes(scenes / s / "boxes.json", scenes / s) for s in ("train", "test")}
-    colours = {s: colour_statistics(scenes / s) for s in ("train", "test")}
-    targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {
-        "item colour": cluster_labels(colours["train"][0], colours["test"][0]),
-        "background": cluster_labels(colours["train"][1], colours["test"][1]),
-    }
+    targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # nuisance labels, from the first model's rows
     models = [(r, False) for r in args.runs] + ([(args.runs[0], True)] if args.random_init else [])
     print("| model | feature | class | item colour | background |\n|---|---|---|---|---|")
     for run, random_init in models:
         loaded = load_any_backbone(run, "teacher")
         backbone = loaded.backbone
         if random_init:
-            torch.manual_seed(0)
-            kwargs = {"obj_token": True} if getattr(backbone, "has_obj_token", False) else {}
-            backbone = type(backbone)(copy.deepcopy(backbone.spec), **kwargs).eval()
+            backbone = random_init_like(backbone, int(loaded.config.run.seed))
         crops = loaded.config.data.crops
         size = int(loaded.config.model.img_size)
         settings = ImageSettings(size, size, tuple(crops.mean), tuple(crops.std))
         modes = ["obj", "crop"] if getattr(backbone, "has_obj_token", False) else ["crop"]
         t0 = time.perf_counter()
         feats = {s: extract_box_features(backbone, scenes / s, boxes[s], modes, settings) for s in ("train", "test")}
+        if not targets:
+            colours = {s: colour_statistics(scenes / s, feats[s]) for s in ("train", "test")}
+            targets = {"item colour": cluster_labels(colours["train"][0], colours["test"][0]),
+                       "background": cluster_labels(colours["train"][1], colours["test"][1])}
         labels = {"class": (feats["train"].labels, feats["test"].labels), **targets}
         for mode in modes:
             cells = []

@@ -29,7 +29,6 @@ Writes ``<run dir>/object_knn.json`` (``object_knn_random_init.json`` with ``--r
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -104,6 +103,7 @@ def object_knn(checkpoint: str | Path, scenes: str | Path, mode: str = "all", *,
     """
     from ssl_distill.checkpoints import load_any_backbone
     from ssl_distill.data.boxes import read_boxes
+    from ssl_distill.models.backbone import random_init_like
     from ssl_distill.runtime import resolve_device
 
     if mode not in (*BOX_MODES, "all"):
@@ -113,12 +113,7 @@ def object_knn(checkpoint: str | Path, scenes: str | Path, mode: str = "all", *,
     loaded = load_any_backbone(checkpoint, which)
     backbone, cfg = loaded.backbone, loaded.config
     if random_init:
-        torch.manual_seed(int(getattr(getattr(cfg, "run", None), "seed", 0)))
-        kwargs = {"obj_token": True} if getattr(backbone, "has_obj_token", False) else {}
-        backbone = type(backbone)(copy.deepcopy(backbone.spec), **kwargs)
-        for prm in backbone.parameters():
-            prm.requires_grad = False
-        backbone.eval()
+        backbone = random_init_like(backbone, int(getattr(getattr(cfg, "run", None), "seed", 0)))
     has_obj = bool(getattr(backbone, "has_obj_token", False))
     notes: list[str] = []
     if mode == "obj" and not has_obj:

@@ -37,6 +37,7 @@ Pretraining", arXiv 2506.05409, Sec. 3: object token with masked attention), wit
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -444,6 +445,17 @@ class ViTBackbone(nn.Module):
         that of :meth:`forward_tokens` (up to float rounding) at the cost of the plain ViT.
         """
         return self.vit.forward_features(x)[:, 0]
+
+
+def random_init_like(backbone: ViTBackbone, seed: int) -> ViTBackbone:
+    """The same architecture as ``backbone`` ([OBJ] token included) with fresh weights drawn after
+    ``torch.manual_seed(seed)``: frozen, in eval mode (the ``--random-init`` baseline of an evaluation)."""
+    torch.manual_seed(seed)
+    kwargs = {"obj_token": True} if getattr(backbone, "has_obj_token", False) else {}
+    fresh = type(backbone)(copy.deepcopy(backbone.spec), **kwargs)
+    for prm in fresh.parameters():
+        prm.requires_grad = False
+    return fresh.eval()
 
 
 def default_fused_attn(device: torch.device) -> bool:
