@@ -64,7 +64,6 @@ directly; it is also the fallback if Lanczos does not converge.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -349,18 +348,16 @@ def load_model(checkpoint: str | Path, which: str = "teacher", random_init: bool
                seed: int | None = None) -> tuple[nn.Module, Any]:
     """(frozen backbone in eval mode, config) of a checkpoint file or run directory.
 
-    With ``random_init`` the same architecture is rebuilt with fresh weights (seeded by ``seed``,
-    default the run's seed), as ``ssl-distill knn --random-init`` does.
+    With ``random_init`` the same architecture ([OBJ] token included) gets fresh weights seeded by ``seed``
+    (default the run's seed): :func:`~ssl_distill.models.backbone.random_init_like`, as every
+    ``--random-init`` evaluation.
     """
     from ssl_distill.checkpoints import load_backbone
+    from ssl_distill.models.backbone import random_init_like
 
     backbone, cfg = load_backbone(checkpoint, which)
     if random_init:
-        run_seed = seed if seed is not None else getattr(getattr(cfg, "run", None), "seed", 0)
-        torch.manual_seed(run_seed)
-        backbone = type(backbone)(copy.deepcopy(backbone.spec))
-        for p in backbone.parameters():
-            p.requires_grad = False
+        backbone = random_init_like(backbone, seed if seed is not None else getattr(getattr(cfg, "run", None), "seed", 0))
     return backbone.eval(), cfg
 
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from ssl_distill.checkpoints import load_any_backbone, spec_from_config
+from ssl_distill.checkpoints import load_any_backbone
 from ssl_distill.config import ConfigError, KnnConfig, apply_overrides, config_from_dict, config_to_dict
 from ssl_distill.data.folder import DataError, scan_image_folder
+from ssl_distill.models.backbone import random_init_like
 from ssl_distill.runtime import resolve_device
-from ssl_distill.models import ViTBackbone
 
 from .features import FeatureExtractor, FeatureSpec, ImageSettings, backbone_fingerprint, extract_folder
 from .knn import default_output, knn_classify, write_results
@@ -65,8 +65,7 @@ def knn_on_checkpoint(
     loaded = load_any_backbone(checkpoint, which, key, num_heads=num_heads)
     backbone, cfg = loaded.backbone, loaded.config
     if random_init:
-        torch.manual_seed(cfg.run.seed)
-        backbone = ViTBackbone(spec_from_config(cfg)).eval()
+        backbone = random_init_like(backbone, cfg.run.seed)
     knn = _knn_settings(config_to_dict(cfg), overrides or [])
     knn = dataclasses.replace(knn, train_dir=train_dir or knn.train_dir, val_dir=val_dir or knn.val_dir,
                               precision=precision or knn.precision)

@@ -13,6 +13,7 @@ from ssl_distill.checkpoints import load_any_backbone
 from ssl_distill.config import Config, ModelConfig, config_to_dict
 from ssl_distill.engine.checkpoint import FORMAT, CheckpointError
 from ssl_distill.models import BackboneSpec, DINOHead, MultiCropModel, ViTBackbone, fill_obj_from_cls
+from ssl_distill.models.backbone import random_init_like
 from ssl_distill.models.inspect import BlockQKV, attention_weights, qkv_from_input
 
 TINY = BackboneSpec(arch="vit_tiny", patch_size=8, img_size=32, depth=2)
@@ -293,6 +294,27 @@ def test_own_checkpoints_with_and_without_obj(tmp_path: Path, capsys: pytest.Cap
         assert bb.has_obj_token and torch.equal(bb.obj_token, odis.obj_token)
         assert torch.equal(bb.obj_pos_embed, odis.obj_pos_embed)
     assert "note" not in capsys.readouterr().out
+
+
+def test_random_init_like_keeps_obj_and_draws_the_plain_weights(tmp_path: Path) -> None:
+    """Every --random-init evaluation (k-NN, object k-NN, discover) rebuilds an ODIS model with its [OBJ]
+    token, and its ViT weights are those of the [OBJ]-free model from the same seed (so the random-init
+    rows of plain and ODIS runs are the same model)."""
+    odis, _ = odis_and_plain()
+    fresh = random_init_like(odis, seed=3)
+    torch.manual_seed(3)
+    plain = ViTBackbone(TINY).state_dict()
+    state = fresh.state_dict()
+    assert fresh.has_obj_token and not fresh.training
+    assert not any(p.requires_grad for p in fresh.parameters())
+    assert set(state) - set(plain) == {"obj_token", "obj_pos_embed"}
+    assert all(torch.equal(state[k], plain[k]) for k in plain)
+    assert not torch.equal(fresh.obj_token, odis.obj_token)
+    _own_checkpoint(tmp_path / "odis.pth", odis)
+    from ssl_distill.eval.discover import load_model
+
+    rebuilt, _ = load_model(tmp_path / "odis.pth", random_init=True, seed=3)
+    assert rebuilt.has_obj_token and torch.equal(rebuilt.obj_token, fresh.obj_token)
 
 
 # -------------------------------------------------------------- (h) multi-crop

@@ -17,7 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from .runs import RunData
+from .runs import TEACHER_PREFIXES, RunData
 
 __all__ = ["ROWS", "draw_report"]
 
@@ -52,14 +52,14 @@ def _loss(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: float
     return list(styles.items()) if drawn else []
 
 
-#: the teachers whose collapse monitors a run may log: (key prefix, legend name, entropy style, KL style)
-_TEACHERS = (("", "teacher", "-", "--"), ("obj_", "[OBJ] teacher", "-.", ":"),
-             ("patch_", "patch teacher", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))))
+#: how each teacher of ``TEACHER_PREFIXES`` is drawn: (legend name, entropy style, KL style)
+_TEACHER_STYLES = (("teacher", "-", "--"), ("[OBJ] teacher", "-.", ":"),
+                   ("patch teacher", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))))
 
 
 def _collapse(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: float) -> list[tuple[str, LineStyle]]:
     legend = []
-    for prefix, name, entropy_style, kl_style in _TEACHERS:
+    for prefix, (name, entropy_style, kl_style) in zip(TEACHER_PREFIXES, _TEACHER_STYLES, strict=True):
         entropy = kl = False
         for run, color in zip(runs, colors):
             entropy |= _plot(ax, run, f"{prefix}teacher_entropy", x, scale, color, entropy_style, f"{name} entropy")

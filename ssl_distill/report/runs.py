@@ -16,7 +16,7 @@ import yaml
 
 from ..errors import DataError
 
-__all__ = ["EXPECTED", "NOT_LOSS_TERMS", "RunData", "read_run", "wall_clock_seconds"]
+__all__ = ["EXPECTED", "NOT_LOSS_TERMS", "TEACHER_PREFIXES", "RunData", "read_run", "wall_clock_seconds"]
 
 #: fields of a training record the figure draws, and what they show (for the notes)
 EXPECTED: dict[str, str] = {
@@ -25,10 +25,13 @@ EXPECTED: dict[str, str] = {
     "images_per_s": "images/s", "time": "wall-clock time",
 }
 #: numeric fields of a training record that are not loss terms (every other number is one: dino, patch, koleo ...)
+#: key prefixes of the teachers whose collapse monitors a run may log (``<prefix>teacher_entropy``,
+#: ``<prefix>teacher_kl_uniform``): the image-level teacher, ODIS's [OBJ] teacher, iBOT's patch teacher
+TEACHER_PREFIXES = ("", "obj_", "patch_")
 NOT_LOSS_TERMS = frozenset({
     "step", "epoch", "lr", "wd", "momentum", "teacher_temp", "patch_teacher_temp", "images_per_s", "bad_images",
-    "time", "teacher_entropy", "teacher_kl_uniform", "mask_ratio", "requeues", "obj_valid_pairs",
-    "obj_teacher_entropy", "obj_teacher_kl_uniform", "patch_teacher_entropy", "patch_teacher_kl_uniform",
+    "time", "mask_ratio", "requeues", "obj_valid_pairs",
+    *(f"{prefix}teacher_{monitor}" for prefix in TEACHER_PREFIXES for monitor in ("entropy", "kl_uniform")),
 })
 # a pause longer than this many times the run's typical seconds per step (and 5 minutes) is time the
 # run was not running (between an interrupt and its resume); the wall-clock axis leaves it out
