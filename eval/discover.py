@@ -357,7 +357,8 @@ def load_model(checkpoint: str | Path, which: str = "teacher", random_init: bool
 
     backbone, cfg = load_backbone(checkpoint, which)
     if random_init:
-        backbone = random_init_like(backbone, seed if seed is not None else getattr(getattr(cfg, "run", None), "seed", 0))
+        run_seed = getattr(getattr(cfg, "run", None), "seed", 0)
+        backbone = random_init_like(backbone, seed if seed is not None else run_seed)
     return backbone.eval(), cfg
 
 
