@@ -45,7 +45,8 @@ def colour_statistics(image_root: Path, feats: BoxFeatures) -> tuple[np.ndarray,
     boxes = feats.boxes.round().long().tolist()  # make-scenes boxes are whole pixels
     for i, name in enumerate(feats.file_names):
         rows = (feats.image_index == i).nonzero().flatten().tolist()
-        arr = np.asarray(Image.open(image_root / name).convert("RGB"), np.float32) / 255.0
+        with Image.open(image_root / name) as im:
+            arr = np.asarray(im.convert("RGB"), np.float32) / 255.0
         outside = np.ones(arr.shape[:2], bool)
         for r in rows:
             x0, y0, x1, y1 = boxes[r]

@@ -349,7 +349,7 @@ def load_model(checkpoint: str | Path, which: str = "teacher", random_init: bool
     """(frozen backbone in eval mode, config) of a checkpoint file or run directory.
 
     With ``random_init`` the same architecture ([OBJ] token included) gets fresh weights seeded by ``seed``
-    (default the run's seed): :func:`~ssl_distill.models.backbone.random_init_like`, as every
+    (default the run's seed): :func:`~ssl_distill.models.backbone.random_init_like`, like every other
     ``--random-init`` evaluation.
     """
     from ssl_distill.checkpoints import load_backbone

@@ -24,10 +24,10 @@ EXPECTED: dict[str, str] = {
     "lr": "learning rate", "wd": "weight decay", "momentum": "EMA momentum", "teacher_temp": "teacher temperature",
     "images_per_s": "images/s", "time": "wall-clock time",
 }
-#: numeric fields of a training record that are not loss terms (every other number is one: dino, patch, koleo ...)
 #: key prefixes of the teachers whose collapse monitors a run may log (``<prefix>teacher_entropy``,
 #: ``<prefix>teacher_kl_uniform``): the image-level teacher, ODIS's [OBJ] teacher, iBOT's patch teacher
 TEACHER_PREFIXES = ("", "obj_", "patch_")
+#: numeric fields of a training record that are not loss terms (every other number is one: dino, patch, koleo ...)
 NOT_LOSS_TERMS = frozenset({
     "step", "epoch", "lr", "wd", "momentum", "teacher_temp", "patch_teacher_temp", "images_per_s", "bad_images",
     "time", "mask_ratio", "requeues", "obj_valid_pairs",
