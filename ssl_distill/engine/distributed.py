@@ -166,6 +166,7 @@ def process_group(env: DistEnv, device: torch.device, timeout_min: float) -> Ite
     )
     try:
         yield device
+        barrier()  # on success, no rank closes its connections while a peer may still be talking to it
     finally:
         dist.destroy_process_group()
 
