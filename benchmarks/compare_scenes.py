@@ -9,8 +9,9 @@ boxes discovered without labels, each given the same seed and the same wall-cloc
    iBOT, ODIS (ground-truth boxes) and ODIS (discovered boxes) train.
 4. Every model and a random-init one: ``ssl-distill object-knn --mode all`` (test objects classified from
    train objects: (a) [OBJ] with the box mask, (b) [CLS] of the box crop, (c) [CLS] of the whole scene)
-   and ``ssl-distill discover`` CorLoc on the test scenes; ``object-knn --mode pixels``: the box crops'
-   raw pixels, the bar (b) must clear.
+   and CorLoc on the test scenes of ``ssl-distill discover`` (TokenCut) and of ``discover --dinoseg
+   --dinoseg-head mean`` (DINO-seg on the heads' mean [CLS] attention); ``object-knn --mode pixels``: the
+   box crops' raw pixels, the bar (b) must clear.
 
 With ``--set model.init_from=RUN`` every run starts from that model (ODIS's [OBJ] token from its [CLS]), and
 the table gets a row for that model as it is, before any training on the scenes. ``--variants`` adds rows of
@@ -47,17 +48,20 @@ IBOT = ["ibot.weight=1", "masking.shape=block", "masking.pred_ratio=[0,0.3]", "m
 
 def evaluate(model: str, scenes: Path, out: Path, random_init: bool = False, log: Path | None = None,
              threads: int | None = None) -> dict:
-    """Object-level k-NN (every mode the model has) and CorLoc on the test scenes."""
+    """Object-level k-NN (every mode the model has) and CorLoc (TokenCut, DINO-seg) on the test scenes."""
     extra = ["--random-init"] if random_init else []
-    knn_json = out / ("object_knn_random_init.json" if random_init else "object_knn.json")
+    suffix = "_random_init" if random_init else ""
+    knn_json = out / f"object_knn{suffix}.json"
     cli("object-knn", model, "--scenes", str(scenes), "--mode", "all", "--out", str(knn_json), *extra, log=log,
         threads=threads)
-    disc = out / ("discover_test_random_init" if random_init else "discover_test")
-    cli("discover", model, "--coco", str(scenes / "test" / "boxes.json"), "--images", str(scenes / "test"),
-        "--out", str(disc), *extra, log=log, threads=threads)
     acc = json.loads(knn_json.read_text())["accuracy"]
-    corloc = json.loads((disc / "corloc.json").read_text())["corloc"]
-    return {**{f"knn_{m}": acc[m]["top1"] for m in acc}, "corloc": 100 * corloc}
+    corloc = {}
+    for key, name, how in (("corloc", "discover_test", []),
+                           ("corloc_dinoseg", "discover_dinoseg_test", ["--dinoseg", "--dinoseg-head", "mean"])):
+        cli("discover", model, "--coco", str(scenes / "test" / "boxes.json"), "--images", str(scenes / "test"),
+            "--out", str(out / f"{name}{suffix}"), *how, *extra, log=log, threads=threads)
+        corloc[key] = 100 * json.loads((out / f"{name}{suffix}" / "corloc.json").read_text())["corloc"]
+    return {**{f"knn_{m}": acc[m]["top1"] for m in acc}, **corloc}
 
 
 def main() -> None:
@@ -153,16 +157,17 @@ def main() -> None:
     # the bar without any model: the box crops' raw pixels (gray, 28 px, mean removed)
     cli("object-knn", "--mode", "pixels", "--scenes", str(scenes), "--out", str(out / "object_knn_pixels.json"))
     pixels = json.loads((out / "object_knn_pixels.json").read_text())["accuracy"]["pixels"]["top1"]
-    lines = [f"| raw pixels of the box crop (no model) | - | - | {pixels:.2f}% | - | - |"]
+    lines = [f"| raw pixels of the box crop (no model) | - | - | {pixels:.2f}% | - | - | - |"]
     for r in table:
         obj = f"{r['knn_obj']:.2f}%" if "knn_obj" in r else "-"
         lines.append(f"| {r['method']} | {r['epochs']:.2f} | {obj} | {r['knn_crop']:.2f}% | {r['knn_scene']:.2f}% | "
-                     f"{r['corloc']:.2f}% |")
-    lines += [f"| {failure} | | | | | |" for failure in failed]
+                     f"{r['corloc']:.2f}% | {r['corloc_dinoseg']:.2f}% |")
+    lines += [f"| {failure} | | | | | | |" for failure in failed]
     table.insert(0, {"method": "raw pixels of the box crop", "knn_pixels": pixels})
     write_table(out, f"Scene benchmark ({scenes})", ["pretraining", "epochs", "object k-NN: [OBJ] + box mask (a)",
                                                       "[CLS] of box crop (b)", "[CLS] of scene (c)",
-                                                      "CorLoc (test scenes)"], lines, table, args.budget_min,
+                                                      "CorLoc, TokenCut (test scenes)",
+                                                      "CorLoc, DINO-seg (heads' mean)"], lines, table, args.budget_min,
                 hardware=hardware)
     if failed:
         sys.exit("some runs failed:\n" + "\n".join(failed))

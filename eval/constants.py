@@ -5,10 +5,14 @@ importing torch (see :mod:`ssl_distill.cli_args`).
 """
 from __future__ import annotations
 
-__all__ = ["EPS", "LR_GRID", "TAU"]
+__all__ = ["DINOSEG_HEAD", "DINOSEG_MASS", "EPS", "LR_GRID", "TAU"]
 
 # DINOv2's linear-evaluation learning rates (eval/linear.py), each scaled by batch / 256
 LR_GRID: tuple[float, ...] = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
 # TokenCut (Wang et al. 2022): similarity threshold of the patch graph and weight of dissimilar pairs
 TAU = 0.2
 EPS = 1e-5
+# DINO-seg (the LOST / TokenCut baseline): the head LOST and TokenCut box for ViT-S/16, and the share of the
+# attention mass DINO's figures keep
+DINOSEG_HEAD = 4
+DINOSEG_MASS = 0.6

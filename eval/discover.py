@@ -60,6 +60,17 @@ small (eigenvector error ~ solver tolerance / gap) and a float32 iteration could
 different partition. The similarity itself is computed in float32 (then thresholded), as in
 TokenCut. With ``method="auto"`` (the default) small graphs (N <= 256) use the dense reference
 directly; it is also the fallback if Lanczos does not converge.
+
+DINO-seg (``--dinoseg``)
+------------------------
+The baseline of the LOST and TokenCut tables (Simeoni et al., BMVC 2021, Table 1 "DINO-seg"; the
+box of DINO's attention figures, Caron et al. 2021): one head's last-block [CLS] -> patch attention
+(renormalised over the patches), kept down to the smallest set of patches holding 60% of its mass
+(DINO's threshold, as ``visualize``), and the box of the largest 4-connected component of those
+patches. The head defaults to 4, LOST's and TokenCut's choice for ViT-S/16; ``mean`` averages the
+heads' maps first (our addition, for models without a designated head). Deliberate difference:
+LOST's code sizes the components with ``range(max label)``, which skips the last component and,
+with a single component, boxes the background; we take the largest component among all of them.
 """
 from __future__ import annotations
 
@@ -84,23 +95,33 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ssl_distill.cli_args import discover_arguments as add_arguments  # options: torch-free
-from ssl_distill.models.inspect import last_block_keys, pad_to_patch_multiple
+from ssl_distill.models.inspect import (
+    cls_attention_maps,
+    last_block_heads,
+    last_block_keys,
+    pad_to_patch_multiple,
+)
 
-from .constants import EPS, TAU
+from .constants import DINOSEG_HEAD, DINOSEG_MASS, EPS, TAU
 
 __all__ = [
     "DENSE_BELOW",
+    "DINOSEG_HEAD",
+    "DINOSEG_MASS",
     "EPS",
     "GAP_TOL",
     "TAU",
     "TIE_RTOL",
     "DegenerateGraphWarning",
+    "DinoSegResult",
     "NCutResult",
     "add_arguments",
     "affinity",
     "bipartition",
     "discover_image",
     "discover_images",
+    "dino_seg",
+    "largest_component",
     "load_model",
     "mask_box",
     "ncut",
@@ -260,8 +281,27 @@ def mask_box(mask: np.ndarray, patch_size: int, image_size: tuple[int, int]) -> 
     return min(x0, width), min(y0, height), min(x1, width), min(y1, height)
 
 
+class _TokenBox:
+    """What a discovery result with ``box``, ``mask`` (h, w), ``image_size`` and ``patch_size`` can say."""
+
+    box: tuple[int, int, int, int]
+    mask: np.ndarray
+    image_size: tuple[int, int]
+    patch_size: int
+
+    def pixel_mask(self) -> np.ndarray:
+        """The object mask at pixel resolution, (H, W) bool (nearest upsampling, padding removed)."""
+        p = self.patch_size
+        big = np.kron(self.mask.astype(np.uint8), np.ones((p, p), dtype=np.uint8)).astype(bool)
+        return big[: self.image_size[0], : self.image_size[1]]
+
+    def coco_bbox(self) -> list[int]:
+        x0, y0, x1, y1 = self.box
+        return [x0, y0, x1 - x0, y1 - y0]
+
+
 @dataclass
-class NCutResult:
+class NCutResult(_TokenBox):
     """The outcome of one cut. Token maps are (h, w) over the padded patch grid."""
 
     box: tuple[int, int, int, int]  # [x0, y0, x1, y1] pixels of the unpadded image
@@ -276,15 +316,13 @@ class NCutResult:
     lambda3: float = float("nan")  # third-smallest generalized eigenvalue
     degenerate: str | None = None  # why there is no unique cut ("constant graph", "repeated eigenvalue"), else None
 
-    def pixel_mask(self) -> np.ndarray:
-        """The object mask at pixel resolution, (H, W) bool (nearest upsampling, padding removed)."""
-        p = self.patch_size
-        big = np.kron(self.mask.astype(np.uint8), np.ones((p, p), dtype=np.uint8)).astype(bool)
-        return big[: self.image_size[0], : self.image_size[1]]
+    def heat_map(self) -> np.ndarray:
+        """(h, w) map the box came from: the oriented eigenvector."""
+        return self.eigenvector
 
-    def coco_bbox(self) -> list[int]:
-        x0, y0, x1, y1 = self.box
-        return [x0, y0, x1 - x0, y1 - y0]
+    def box_fields(self) -> dict[str, Any]:
+        """Per-box fields for the boxes file."""
+        return {"ncut_eigenvalue": self.eigenvalue, "ncut_degenerate": self.degenerate}
 
 
 def ncut(w: np.ndarray, grid: tuple[int, int], patch_size: int, image_size: tuple[int, int],
@@ -323,6 +361,65 @@ def ncut(w: np.ndarray, grid: tuple[int, int], patch_size: int, image_size: tupl
                       seed=seed_rc, image_size=image_size, patch_size=patch_size,
                       timings={"solve": t1 - t0, "post": time.perf_counter() - t1}, lambda3=lam3,
                       degenerate=degenerate)
+
+
+@dataclass
+class DinoSegResult(_TokenBox):
+    """The outcome of DINO-seg on one image. Token maps are (h, w) over the padded patch grid."""
+
+    box: tuple[int, int, int, int]  # [x0, y0, x1, y1] pixels of the unpadded image
+    attention: np.ndarray  # (h, w) float64, the head's (or the heads' mean) [CLS] -> patch map, sums to one
+    kept: np.ndarray  # (h, w) bool, the smallest set of patches holding ``mass`` of the attention
+    mask: np.ndarray  # (h, w) bool, the largest 4-connected component of ``kept``
+    image_size: tuple[int, int]  # (H, W) unpadded
+    patch_size: int
+    head: int | str
+    mass: float = DINOSEG_MASS
+    timings: dict[str, float] = field(default_factory=dict)
+    degenerate: str | None = None  # always None: every attention map has a box
+
+    def heat_map(self) -> np.ndarray:
+        """(h, w) map the box came from: the attention."""
+        return self.attention
+
+    def box_fields(self) -> dict[str, Any]:
+        """Per-box fields for the boxes file: the head, and the share of the attention inside the box's component."""
+        return {"dinoseg_head": self.head, "dinoseg_component_mass": float(self.attention[self.mask].sum())}
+
+
+def largest_component(kept: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of an (h, w) bool map (the first in scan order on a tie)."""
+    labels, n = scipy.ndimage.label(kept, structure=np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]]))
+    if n == 0:
+        raise ValueError("no patch is kept: nothing to box")
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    return labels == 1 + int(np.argmax(sizes))
+
+
+def dino_seg(attention: np.ndarray, patch_size: int, image_size: tuple[int, int], head: int | str = DINOSEG_HEAD,
+             mass: float = DINOSEG_MASS) -> DinoSegResult:
+    """DINO-seg's box from the last block's [CLS] -> patch attention (module docstring).
+
+    Args:
+        attention: (heads, h, w) maps, each summing to one over the patches (``cls_attention``).
+        head: the head whose map is boxed, or ``"mean"`` for the mean of the heads' maps.
+        mass: share of the map's mass the kept patches hold (DINO's 0.6).
+    """
+    from .visualize import threshold_mass
+
+    attention = np.asarray(attention, dtype=np.float64)
+    n_heads = attention.shape[0]
+    if head == "mean":
+        m = attention.mean(axis=0)
+    elif isinstance(head, int) and 0 <= head < n_heads:
+        m = attention[head]
+    else:
+        raise ValueError(f"DINO-seg head {head!r} does not exist: the model has {n_heads} heads "
+                         f"(0-{n_heads - 1}); give one of them or 'mean'")
+    kept = threshold_mass(m, mass)
+    comp = largest_component(kept)
+    return DinoSegResult(box=mask_box(comp, patch_size, image_size), attention=m, kept=kept, mask=comp,
+                         image_size=image_size, patch_size=patch_size, head=head, mass=mass)
 
 
 # ----------------------------------------------------------------------------------- images and models
@@ -373,8 +470,10 @@ def normalization_of(cfg: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def discover_image(backbone: nn.Module, img: Image.Image, tau: float = TAU, eps: float = EPS,
                    method: str = "auto", mean: Sequence[float] = IMAGENET_MEAN,
                    std: Sequence[float] = IMAGENET_STD, max_side: int | None = None,
-                   device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None) -> NCutResult:
-    """Features (last-block keys) + normalized cut + box for one PIL image."""
+                   device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
+                   dinoseg_head: int | str | None = None) -> NCutResult | DinoSegResult:
+    """Features (last-block keys) + normalized cut + box for one PIL image; with ``dinoseg_head``,
+    DINO-seg's box from that head's [CLS] attention instead (an int, or ``"mean"``)."""
     device = torch.device(device)
     p = int(backbone.patch_size)
     t0 = time.perf_counter()
@@ -382,8 +481,15 @@ def discover_image(backbone: nn.Module, img: Image.Image, tau: float = TAU, eps:
     grid = (x.shape[-2] // p, x.shape[-1] // p)
     with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
                                                  enabled=amp_dtype is not None):
-        keys = last_block_keys(backbone, x.to(device))[0].float().cpu()
+        if dinoseg_head is not None:
+            attention = cls_attention_maps(backbone, x.to(device))[0].float().cpu().numpy()
+        else:
+            keys = last_block_keys(backbone, x.to(device))[0].float().cpu()
     t1 = time.perf_counter()
+    if dinoseg_head is not None:
+        seg = dino_seg(attention, p, size, dinoseg_head)
+        seg.timings = {"features": t1 - t0, "post": time.perf_counter() - t1}
+        return seg
     w = affinity(keys, tau, eps)
     t2 = time.perf_counter()
     res = ncut(w, grid, p, size, method)
@@ -421,17 +527,18 @@ def _png_name(file_name: str) -> str:
     return str(Path(file_name).with_suffix(".png"))
 
 
-def save_mask(res: NCutResult, path: Path) -> None:
+def save_mask(res: NCutResult | DinoSegResult, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(res.pixel_mask().astype(np.uint8) * 255).save(path)
 
 
-def save_heatmap(res: NCutResult, img: Image.Image, path: Path) -> None:
-    """The oriented eigenvector, upsampled to the image, colour-mapped, beside nothing else."""
+def save_heatmap(res: NCutResult | DinoSegResult, path: Path) -> None:
+    """The map the box came from (the oriented eigenvector, or DINO-seg's attention), upsampled to the
+    image and colour-mapped."""
     from .visualize import colorize
 
     p = res.patch_size
-    big = np.kron(res.eigenvector, np.ones((p, p)))[: res.image_size[0], : res.image_size[1]]
+    big = np.kron(res.heat_map(), np.ones((p, p)))[: res.image_size[0], : res.image_size[1]]
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(colorize(big, "inferno")).save(path)
 
@@ -441,8 +548,10 @@ def discover_images(backbone: nn.Module, image_dir: str | Path, file_names: Sequ
                     mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                     masks: bool = False, heatmaps: bool = False, max_side: int | None = None,
                     device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
-                    info: dict[str, Any] | None = None, progress: bool | None = None) -> dict[str, Any]:
+                    info: dict[str, Any] | None = None, progress: bool | None = None,
+                    dinoseg_head: int | str | None = None) -> dict[str, Any]:
     """Discover one object per image; write ``out_dir/boxes.json`` (+ ``masks/``, ``heatmaps/`` PNGs).
+    TokenCut by default; DINO-seg with ``dinoseg_head`` (see :func:`discover_image`).
 
     Returns ``{"boxes": {file_name: [x0, y0, x1, y1]}, "boxes_file": path, "seconds": ...,
     "images_per_s": ..., "degenerate": {file_name: reason}}``. Unreadable images are reported on stderr
@@ -463,7 +572,8 @@ def discover_images(backbone: nn.Module, image_dir: str | Path, file_names: Sequ
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DegenerateGraphWarning)  # summarised below
-            res = discover_image(backbone, img, tau, eps, method, mean, std, max_side, device, amp_dtype)
+            res = discover_image(backbone, img, tau, eps, method, mean, std, max_side, device, amp_dtype,
+                                 dinoseg_head)
         if res.degenerate:
             degenerate[name] = res.degenerate
         if max_side is not None and (img.height, img.width) != res.image_size:  # box back to the original pixels
@@ -472,19 +582,20 @@ def discover_images(backbone: nn.Module, image_dir: str | Path, file_names: Sequ
             res.box = (round(x0 * fx), round(y0 * fy), min(round(x1 * fx), img.width), min(round(y1 * fy), img.height))
         boxes[name] = list(res.box)
         entries.append({"file_name": name, "width": img.width, "height": img.height, "box": res.box,
-                        "ncut_eigenvalue": res.eigenvalue, "ncut_degenerate": res.degenerate})
+                        **res.box_fields()})
         if masks:
             save_mask(res, out_dir / "masks" / _png_name(name))
         if heatmaps:
-            save_heatmap(res, img, out_dir / "heatmaps" / _png_name(name))
+            save_heatmap(res, out_dir / "heatmaps" / _png_name(name))
     seconds = time.perf_counter() - t0
     if degenerate:
         listed = ", ".join(list(degenerate)[:5]) + (", ..." if len(degenerate) > 5 else "")
         print(f"warning: {len(degenerate)} of {len(entries)} images have no unique normalized cut (constant graph "
               f"or repeated eigenvalue); their box is the whole image, marked ncut_degenerate: {listed}",
               file=sys.stderr)
-    path = write_coco_boxes(out_dir / "boxes.json", entries, {**(info or {}), "tau": tau, "eps": eps, "solver": method,
-                                                               "n_degenerate": len(degenerate)})
+    how = ({"method": "tokencut", "tau": tau, "eps": eps, "solver": method} if dinoseg_head is None
+           else {"method": "dinoseg", "head": dinoseg_head, "mass": DINOSEG_MASS})
+    path = write_coco_boxes(out_dir / "boxes.json", entries, {**(info or {}), **how, "n_degenerate": len(degenerate)})
     return {"boxes": boxes, "boxes_file": str(path), "seconds": seconds,
             "images_per_s": len(entries) / seconds if seconds > 0 else float("nan"), "degenerate": degenerate}
 
@@ -515,6 +626,11 @@ def run(args: argparse.Namespace) -> int:
         if gt is not None:
             gt = {n: gt[n] for n in names}
     backbone, cfg = load_model(args.checkpoint, args.which, args.random_init)
+    dinoseg_head = args.dinoseg_head if args.dinoseg else None
+    n_heads = last_block_heads(backbone)
+    if isinstance(dinoseg_head, int) and dinoseg_head >= n_heads:
+        raise SystemExit(f"error: --dinoseg-head {dinoseg_head} does not exist: the model has {n_heads} heads "
+                         f"(0-{n_heads - 1}); give one of them or 'mean'")
     device = resolve_device(args.device, key="--device")
     backbone.to(device)
     if hasattr(backbone, "set_fused_attn"):
@@ -523,17 +639,19 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is None:
         ck = Path(args.checkpoint)
-        out = (ck if ck.is_dir() else ck.parent) / ("discover_random_init" if args.random_init else "discover")
+        name = "discover" + ("_dinoseg" if args.dinoseg else "") + ("_random_init" if args.random_init else "")
+        out = (ck if ck.is_dir() else ck.parent) / name
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     info = {"checkpoint": str(find_checkpoint(args.checkpoint)), "which": "random_init" if args.random_init else args.which,
             "image_dir": str(image_dir), "precision": args.precision}
     res = discover_images(backbone, image_dir, names, out, args.tau, args.eps, args.solver, mean, std,
-                          args.masks, args.heatmaps, args.max_side, device, amp, info)
+                          args.masks, args.heatmaps, args.max_side, device, amp, info, dinoseg_head=dinoseg_head)
     print(f"{len(res['boxes'])} boxes -> {res['boxes_file']} ({res['images_per_s']:.2f} images/s)")
     if gt is not None:
         cl = corloc(res["boxes"], gt)
-        (out / "corloc.json").write_text(json.dumps({**cl.as_dict(), **info, "n_degenerate": len(res["degenerate"])},
-                                                    indent=1))
+        how = {"method": "dinoseg", "head": dinoseg_head} if args.dinoseg else {"method": "tokencut", "tau": args.tau}
+        (out / "corloc.json").write_text(json.dumps({**cl.as_dict(), **info, **how,
+                                                     "n_degenerate": len(res["degenerate"])}, indent=1))
         print(f"CorLoc {100 * cl.corloc:.2f}% ({cl.n_hits}/{cl.n_images} images) -> {out / 'corloc.json'}")
     return 0
 

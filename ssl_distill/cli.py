@@ -137,7 +137,7 @@ COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None], Calla
      cli_args.linear_arguments, _linear),
     ("export", "write a clean backbone file (safetensors or state dict) from any supported checkpoint",
      cli_args.export_arguments, _export),
-    ("discover", "normalized-cut object discovery (TokenCut): boxes, masks, heat maps",
+    ("discover", "object discovery (TokenCut normalized cut, or DINO-seg): boxes, masks, heat maps",
      cli_args.discover_arguments, _discover),
     ("corloc", "CorLoc of predicted boxes against VOC or COCO ground truth", cli_args.corloc_arguments,
      _corloc),

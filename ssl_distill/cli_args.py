@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ssl_distill.eval.constants import EPS, LR_GRID, TAU
+from ssl_distill.eval.constants import DINOSEG_HEAD, EPS, LR_GRID, TAU
 
 __all__ = [
     "corloc_arguments", "demo_arguments", "discover_arguments", "export_arguments", "knn_arguments",
@@ -168,6 +168,19 @@ def linear_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--max-iter", type=int, default=1000)
 
 
+def _head(text: str) -> int | str:
+    """``--dinoseg-head``: a head index, or ``mean``."""
+    if text == "mean":
+        return text
+    try:
+        head = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a head index or 'mean', got {text!r}") from None
+    if head < 0:
+        raise argparse.ArgumentTypeError(f"a head index is >= 0, got {head}")
+    return head
+
+
 def discover_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ssl-distill discover`` (:mod:`ssl_distill.eval.discover`)."""
     parser.add_argument("checkpoint", help="run directory, checkpoint file, or official DINO / iBOT / DINOv2 file")
@@ -184,6 +197,11 @@ def discover_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--solver", default="auto", choices=["auto", "lanczos", "dense"],
                         help="eigen-solver: Lanczos on the deflated standard form, scipy's dense generalized "
                              "solve (the reference), or auto (dense up to 256 tokens)")
+    parser.add_argument("--dinoseg", action="store_true",
+                        help="DINO-seg instead of TokenCut: the box of the largest component of one head's [CLS] "
+                             "attention kept to 60%% of its mass (the LOST / TokenCut baseline)")
+    parser.add_argument("--dinoseg-head", type=_head, default=DINOSEG_HEAD,
+                        help=f"DINO-seg's head: an index, or 'mean' of the heads (default {DINOSEG_HEAD}, LOST's)")
     parser.add_argument("--which", default="teacher", choices=["teacher", "student"])
     parser.add_argument("--random-init", action="store_true", help="same architecture, random weights")
     parser.add_argument("--max-side", type=int, default=None, help="shrink images whose longer side exceeds this")

@@ -18,8 +18,11 @@ from ssl_distill.eval.discover import (
     DegenerateGraphWarning,
     affinity,
     bipartition,
+    dino_seg,
     discover_image,
     discover_images,
+    largest_component,
+    load_model,
     main,
     mask_box,
     ncut,
@@ -30,6 +33,7 @@ from ssl_distill.eval.discover import (
     write_coco_boxes,
 )
 from ssl_distill.models import BackboneSpec, ViTBackbone
+from ssl_distill.models.inspect import cls_attention_maps, last_block_heads
 
 
 def two_cluster_graph(grid: tuple[int, int], fg: np.ndarray, eps: float = EPS) -> np.ndarray:
@@ -286,3 +290,95 @@ def test_command_line_on_a_scene_dataset(tmp_path, layout, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing"), "--images", str(folder)])
     assert "missing" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- DINO-seg
+def lost_dino_seg_box(attention: np.ndarray, patch: int) -> list[int]:
+    """LOST's DINO-seg on one (h, w) map, written out from the paper's recipe: renormalise, sort ascending,
+    keep the patches whose cumulative mass exceeds 1 - 0.6, label 4-connected components (scipy's default
+    structure), box the largest non-background one, in pixels (no clipping)."""
+    h, w = attention.shape
+    a = torch.as_tensor(attention, dtype=torch.float64).reshape(-1)
+    val, idx = torch.sort(a / a.sum())
+    keep_sorted = torch.cumsum(val, 0) > 1 - 0.6
+    keep = torch.zeros_like(keep_sorted)
+    keep[idx] = keep_sorted
+    labels, n = scipy.ndimage.label(keep.reshape(h, w).numpy())
+    sizes = [int((labels == c).sum()) for c in range(1, n + 1)]
+    rows, cols = np.nonzero(labels == 1 + int(np.argmax(sizes)))
+    return [cols.min() * patch, rows.min() * patch, (cols.max() + 1) * patch, (rows.max() + 1) * patch]
+
+
+def test_dino_seg_keeps_sixty_percent_and_boxes_the_largest_component():
+    # 5 x 6 map: a 3-patch blob of 0.15 each (0.45), one far patch of 0.2, 26 patches sharing 0.35
+    m = np.full((5, 6), 0.35 / 26)
+    m[1, 1:4] = 0.15
+    m[4, 5] = 0.2
+    res = dino_seg(m[None], 8, (40, 48), head=0)
+    # 0.2 + 0.45 = 0.65 >= 0.6 and 0.45 alone < 0.6: both blobs kept, nothing else
+    expected_kept = np.zeros((5, 6), dtype=bool)
+    expected_kept[1, 1:4] = expected_kept[4, 5] = True
+    np.testing.assert_array_equal(res.kept, expected_kept)
+    np.testing.assert_array_equal(res.mask, expected_kept & (np.arange(5)[:, None] == 1))
+    assert res.box == (8, 8, 32, 16) and res.coco_bbox() == [8, 8, 24, 8]
+    assert res.box_fields() == {"dinoseg_head": 0, "dinoseg_component_mass": pytest.approx(0.45)}
+    assert res.pixel_mask().sum() == 3 * 64 and res.degenerate is None
+
+
+def test_dino_seg_single_component_is_the_object_not_the_background():
+    # one kept blob: LOST's code (range(max label)) would box the background here; we box the blob
+    m = np.full((6, 6), 0.1 / 32)
+    m[2:4, 2:4] = 0.9 / 4
+    res = dino_seg(m[None], 4, (24, 24), head=0)
+    assert res.box == (8, 8, 16, 16)
+
+
+def test_dino_seg_matches_losts_recipe_on_random_maps():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        maps = rng.gamma(0.3, size=(3, 7, 9))
+        maps /= maps.sum(axis=(1, 2), keepdims=True)
+        for head in range(3):
+            res = dino_seg(maps, 16, (7 * 16, 9 * 16), head=head)
+            assert list(res.box) == lost_dino_seg_box(maps[head], 16), (trial, head)
+        res = dino_seg(maps, 16, (7 * 16, 9 * 16), head="mean")
+        assert list(res.box) == lost_dino_seg_box(maps.mean(0), 16)
+        np.testing.assert_allclose(res.attention, maps.mean(0))
+
+
+def test_dino_seg_head_errors_and_largest_component_tie():
+    with pytest.raises(ValueError, match="the model has 3 heads"):
+        dino_seg(np.ones((3, 2, 2)) / 4, 8, (16, 16), head=3)
+    kept = np.array([[1, 0, 1], [1, 0, 1]], dtype=bool)  # two components of 2: the first in scan order
+    np.testing.assert_array_equal(largest_component(kept), [[1, 0, 0], [1, 0, 0]])
+    with pytest.raises(ValueError, match="no patch is kept"):
+        largest_component(np.zeros((2, 2), dtype=bool))
+
+
+def test_dino_seg_on_a_model_and_the_command_line(tmp_path, capsys):
+    ck = tiny_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    sc = make_scenes(3, seed=7, size=(50, 70), max_objects=2)
+    images, js = write_coco(tmp_path / "coco", sc)
+    bb, _ = load_model(ck)
+    img = Image.open(images / json.loads(js.read_text())["images"][0]["file_name"])
+    res = discover_image(bb, img, dinoseg_head="mean")
+    x, _ = prepare_image(img, bb.patch_size)
+    maps = cls_attention_maps(bb, x)[0].numpy()  # the map the box must come from: the heads' mean
+    np.testing.assert_allclose(res.attention, maps.mean(0), rtol=1e-5, atol=1e-7)
+    assert list(res.box) == [min(v, lim) for v, lim in zip(lost_dino_seg_box(maps.mean(0), bb.patch_size),
+                                                           (img.width, img.height) * 2)]
+    out = tmp_path / "out"
+    assert main([str(ck), "--coco", str(js), "--images", str(images), "--out", str(out), "--dinoseg",
+                 "--dinoseg-head", "0", "--heatmaps"]) == 0
+    assert "CorLoc" in capsys.readouterr().out
+    boxes = json.loads((out / "boxes.json").read_text())
+    assert boxes["info"]["method"] == "dinoseg" and boxes["info"]["head"] == 0
+    assert all(a["dinoseg_head"] == 0 and 0 < a["dinoseg_component_mass"] <= 1 for a in boxes["annotations"])
+    result = json.loads((out / "corloc.json").read_text())
+    assert result["method"] == "dinoseg" and result["n_images"] == 3
+    n_heads = last_block_heads(bb)
+    with pytest.raises(SystemExit, match=f"--dinoseg-head {n_heads} does not exist: the model has {n_heads} heads"):
+        main([str(ck), "--images", str(images), "--dinoseg", "--dinoseg-head", str(n_heads)])
+    with pytest.raises(SystemExit):
+        main([str(ck), "--images", str(images), "--dinoseg", "--dinoseg-head", "first"])
+    assert "expected a head index or 'mean'" in capsys.readouterr().err

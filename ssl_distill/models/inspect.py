@@ -33,6 +33,7 @@ __all__ = [
     "Inspection",
     "inspect_forward",
     "last_block",
+    "last_block_heads",
     "last_block_keys",
     "patch_tokens",
     "qkv_from_input",
@@ -153,6 +154,11 @@ def _blocks(backbone: nn.Module) -> Sequence[nn.Module]:
     if blocks is None or len(blocks) == 0:
         raise TypeError(f"{type(backbone).__name__} has no transformer blocks at .vit.blocks")
     return blocks
+
+
+def last_block_heads(backbone: nn.Module) -> int:
+    """Number of attention heads of the last block."""
+    return int(_blocks(backbone)[-1].attn.num_heads)
 
 
 def _grid(backbone: nn.Module, x: Tensor) -> tuple[int, int]:
