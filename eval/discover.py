@@ -1,4 +1,4 @@
-"""Unsupervised single-object discovery with a normalized cut on ViT keys (TokenCut).
+"""Unsupervised single-object discovery: a normalized cut on ViT keys (TokenCut), or DINO-seg.
 
 TokenCut (Wang et al., "Self-Supervised Transformers for Unsupervised Object Discovery using
 Normalized Cut", CVPR 2022), step by step:
@@ -63,8 +63,8 @@ directly; it is also the fallback if Lanczos does not converge.
 
 DINO-seg (``--dinoseg``)
 ------------------------
-The baseline of the LOST and TokenCut tables (Simeoni et al., BMVC 2021, Table 1 "DINO-seg"; the
-box of DINO's attention figures, Caron et al. 2021): one head's last-block [CLS] -> patch attention
+The "DINO-seg" baseline of the LOST and TokenCut CorLoc tables (Simeoni et al., BMVC 2021): a box
+around the attention masks of DINO's figures (Caron et al. 2021). One head's last-block [CLS] -> patch attention
 (renormalised over the patches), kept down to the smallest set of patches holding 60% of its mass
 (DINO's threshold, as ``visualize``), and the box of the largest 4-connected component of those
 patches. The head defaults to 4, LOST's and TokenCut's choice for ViT-S/16; ``mean`` averages the
