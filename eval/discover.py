@@ -83,7 +83,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.linalg
@@ -118,6 +118,7 @@ __all__ = [
     "add_arguments",
     "affinity",
     "bipartition",
+    "check_dinoseg_head",
     "discover_image",
     "discover_images",
     "dino_seg",
@@ -140,6 +141,8 @@ GAP_TOL = 1e-9
 # Relative tolerance below which eigenvector entries count as tied (seed choice, entries at the mean): far above
 # the solvers' rounding (~1e-13 relative here) and far below any difference that carries information.
 TIE_RTOL = 1e-7
+# scipy.ndimage.label's neighbourhood for the 4-connected components both methods box
+_FOUR_CONNECTED = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]])
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -259,7 +262,7 @@ def bipartition(x: np.ndarray, rtol: float = TIE_RTOL) -> tuple[np.ndarray, int,
 
 def seed_component(foreground: np.ndarray, seed: tuple[int, int]) -> np.ndarray:
     """The 4-connected component of the (h, w) ``foreground`` that contains ``seed`` (row, col)."""
-    labels, _ = scipy.ndimage.label(foreground, structure=np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]]))
+    labels, _ = scipy.ndimage.label(foreground, structure=_FOUR_CONNECTED)
     lab = labels[seed]
     if lab == 0:
         raise ValueError(f"seed {seed} is not in the foreground")
@@ -376,7 +379,7 @@ class DinoSegResult(_TokenBox):
     head: int | str
     mass: float = DINOSEG_MASS
     timings: dict[str, float] = field(default_factory=dict)
-    degenerate: str | None = None  # always None: every attention map has a box
+    degenerate: ClassVar[None] = None  # every attention map has a box (read like NCutResult's)
 
     def heat_map(self) -> np.ndarray:
         """(h, w) map the box came from: the attention."""
@@ -389,11 +392,18 @@ class DinoSegResult(_TokenBox):
 
 def largest_component(kept: np.ndarray) -> np.ndarray:
     """The largest 4-connected component of an (h, w) bool map (the first in scan order on a tie)."""
-    labels, n = scipy.ndimage.label(kept, structure=np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]]))
+    labels, n = scipy.ndimage.label(kept, structure=_FOUR_CONNECTED)
     if n == 0:
         raise ValueError("no patch is kept: nothing to box")
     sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     return labels == 1 + int(np.argmax(sizes))
+
+
+def check_dinoseg_head(head: int | str, n_heads: int, name: str = "DINO-seg head") -> None:
+    """ValueError unless ``head`` is ``"mean"`` or one of the model's ``n_heads`` head indices."""
+    if head != "mean" and not (isinstance(head, int) and 0 <= head < n_heads):
+        raise ValueError(f"{name} {head!r} does not exist: the model has {n_heads} heads "
+                         f"(0-{n_heads - 1}); give one of them or 'mean'")
 
 
 def dino_seg(attention: np.ndarray, patch_size: int, image_size: tuple[int, int], head: int | str = DINOSEG_HEAD,
@@ -408,14 +418,8 @@ def dino_seg(attention: np.ndarray, patch_size: int, image_size: tuple[int, int]
     from .visualize import threshold_mass
 
     attention = np.asarray(attention, dtype=np.float64)
-    n_heads = attention.shape[0]
-    if head == "mean":
-        m = attention.mean(axis=0)
-    elif isinstance(head, int) and 0 <= head < n_heads:
-        m = attention[head]
-    else:
-        raise ValueError(f"DINO-seg head {head!r} does not exist: the model has {n_heads} heads "
-                         f"(0-{n_heads - 1}); give one of them or 'mean'")
+    check_dinoseg_head(head, attention.shape[0])
+    m = attention.mean(axis=0) if head == "mean" else attention[head]
     kept = threshold_mass(m, mass)
     comp = largest_component(kept)
     return DinoSegResult(box=mask_box(comp, patch_size, image_size), attention=m, kept=kept, mask=comp,
@@ -554,9 +558,10 @@ def discover_images(backbone: nn.Module, image_dir: str | Path, file_names: Sequ
     TokenCut by default; DINO-seg with ``dinoseg_head`` (see :func:`discover_image`).
 
     Returns ``{"boxes": {file_name: [x0, y0, x1, y1]}, "boxes_file": path, "seconds": ...,
-    "images_per_s": ..., "degenerate": {file_name: reason}}``. Unreadable images are reported on stderr
-    and skipped. Images whose graph has no unique cut keep the whole image as their box, are marked
-    ``ncut_degenerate`` in the boxes file, and are listed once on stderr (not one warning each).
+    "images_per_s": ..., "degenerate": {file_name: reason}, "how": the method and its parameters}``.
+    Unreadable images are reported on stderr and skipped. Images whose graph has no unique cut keep the
+    whole image as their box, are marked ``ncut_degenerate`` in the boxes file, and are listed once on
+    stderr (not one warning each).
     """
     from ssl_distill.data.folder import _DECODE_ERRORS, load_rgb
 
@@ -596,7 +601,7 @@ def discover_images(backbone: nn.Module, image_dir: str | Path, file_names: Sequ
     how = ({"method": "tokencut", "tau": tau, "eps": eps, "solver": method} if dinoseg_head is None
            else {"method": "dinoseg", "head": dinoseg_head, "mass": DINOSEG_MASS})
     path = write_coco_boxes(out_dir / "boxes.json", entries, {**(info or {}), **how, "n_degenerate": len(degenerate)})
-    return {"boxes": boxes, "boxes_file": str(path), "seconds": seconds,
+    return {"boxes": boxes, "boxes_file": str(path), "seconds": seconds, "how": how,
             "images_per_s": len(entries) / seconds if seconds > 0 else float("nan"), "degenerate": degenerate}
 
 
@@ -627,10 +632,8 @@ def run(args: argparse.Namespace) -> int:
             gt = {n: gt[n] for n in names}
     backbone, cfg = load_model(args.checkpoint, args.which, args.random_init)
     dinoseg_head = args.dinoseg_head if args.dinoseg else None
-    n_heads = last_block_heads(backbone)
-    if isinstance(dinoseg_head, int) and dinoseg_head >= n_heads:
-        raise SystemExit(f"error: --dinoseg-head {dinoseg_head} does not exist: the model has {n_heads} heads "
-                         f"(0-{n_heads - 1}); give one of them or 'mean'")
+    if dinoseg_head is not None:  # refused before any image is read
+        check_dinoseg_head(dinoseg_head, last_block_heads(backbone), "--dinoseg-head")
     device = resolve_device(args.device, key="--device")
     backbone.to(device)
     if hasattr(backbone, "set_fused_attn"):
@@ -649,8 +652,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(res['boxes'])} boxes -> {res['boxes_file']} ({res['images_per_s']:.2f} images/s)")
     if gt is not None:
         cl = corloc(res["boxes"], gt)
-        how = {"method": "dinoseg", "head": dinoseg_head} if args.dinoseg else {"method": "tokencut", "tau": args.tau}
-        (out / "corloc.json").write_text(json.dumps({**cl.as_dict(), **info, **how,
+        (out / "corloc.json").write_text(json.dumps({**cl.as_dict(), **info, **res["how"],
                                                      "n_degenerate": len(res["degenerate"])}, indent=1))
         print(f"CorLoc {100 * cl.corloc:.2f}% ({cl.n_hits}/{cl.n_images} images) -> {out / 'corloc.json'}")
     return 0
