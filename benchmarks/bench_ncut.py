@@ -1,4 +1,4 @@
-"""Normalized-cut object discovery (TokenCut): solver speed and agreement, end-to-end rate, CorLoc.
+"""Normalized-cut object discovery (TokenCut): solver speed and agreement, end-to-end rate (and DINO-seg's), CorLoc.
 
 Targets (the issue): at ViT-S/8 on 480 x 480 images (3,600 tokens), the eigen-solver is at least
 20x faster than the dense generalized scipy solve ``eigh(D - W, D, subset_by_index=[1, 2])`` and
@@ -53,6 +53,7 @@ import scenes  # noqa: E402  (tests/scenes.py, the generator the tests use)
 
 from ssl_distill.eval.corloc import GroundTruth, corloc  # noqa: E402
 from ssl_distill.eval.discover import (  # noqa: E402
+    DINOSEG_HEAD,
     EPS,
     GAP_TOL,
     TAU,
@@ -157,7 +158,7 @@ def main() -> None:
         cache.mkdir(parents=True, exist_ok=True)
 
     fast_c, dense_c, e2e_c, constant, density, fast_degen = [], [], [], [], [], []
-    fast_t, dense_t, e2e_t, ious, comp_ious, gaps, eigengaps = [], [], [], [], [], [], []
+    fast_t, dense_t, e2e_t, seg_t, ious, comp_ious, gaps, eigengaps = [], [], [], [], [], [], [], []
     raw_ious, raw_comp_ious, tie_matters, stale_refs = [], [], [], 0
     preds = {}
     t_start = time.perf_counter()
@@ -175,6 +176,9 @@ def main() -> None:
                 res_e2e = discover_image(model, img)
                 e2e_t.append(time.perf_counter() - t0)
                 e2e_c.append(time.process_time() - c0)
+                t0 = time.perf_counter()
+                discover_image(model, img, dinoseg_head=DINOSEG_HEAD)  # the DINO-seg baseline, same forward
+                seg_t.append(time.perf_counter() - t0)
             if gfile is not None:
                 np.savez(gfile, bits=bits, grid=np.asarray(grid), size=np.asarray(size))
         n = grid[0] * grid[1]
@@ -268,6 +272,8 @@ def main() -> None:
               f"(median {np.median(e2e_t):.2f} s wall over {len(e2e_t)} images;"
               f" last: features {res_e2e.timings['features']:.2f} s, affinity {res_e2e.timings['affinity']:.2f} s,"
               f" solve {res_e2e.timings['solve']:.2f} s)")
+        print(f"  DINO-seg end to end (normalise + features + 60% mass + largest component + box), head "
+              f"{DINOSEG_HEAD}: {1 / np.median(seg_t):.3f} images/s wall (median {np.median(seg_t):.2f} s)")
     cl = 100 * corloc(preds, ground_truth(scene_list)).corloc
     print(f"  CorLoc on the {len(scene_list)} generated scenes, ViT-S/8 random init: {cl:.1f}%")
 
