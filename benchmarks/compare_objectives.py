@@ -110,12 +110,15 @@ def cli(*args: str, log: Path | None = None, threads: int | None = None) -> None
 
 
 def write_table(out: Path, title: str, header: list[str], lines: list[str], rows: list[dict], budget_min: float,
-                hardware: str | None = None) -> None:
-    """``out/table.json`` (the rows, the hardware line, the budget) and ``out/table.md``; prints the table."""
+                hardware: str | None = None, seeds: list[int] | None = None) -> None:
+    """``out/table.json`` (the rows, the hardware line, the budget, the seeds) and ``out/table.md``; prints the
+    table. ``seeds``: the runs' ``run.seed`` values (default: the recipes' 0)."""
     hardware = hardware or hardware_line()
-    (out / "table.json").write_text(json.dumps({"hardware": hardware, "budget_min": budget_min, "rows": rows},
-                                               indent=2))
-    text = "\n".join([f"{title}, seed 0, {budget_min:g} min of training each; {hardware}", "",
+    seeds = seeds or [0]
+    (out / "table.json").write_text(json.dumps({"hardware": hardware, "budget_min": budget_min, "seeds": seeds,
+                                                "rows": rows}, indent=2))
+    which = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))} (mean ± sd)"
+    text = "\n".join([f"{title}, {which}, {budget_min:g} min of training each; {hardware}", "",
                       "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *lines])
     (out / "table.md").write_text(text + "\n")
     print(text)

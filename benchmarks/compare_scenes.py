@@ -22,9 +22,14 @@ side, each in its own process with its output in ``<run>/stdout.log``; their epo
 times measured one at a time on the quiet machine, so sharing the machine makes a run slower, not longer.
 ODIS on discovered boxes starts when DINO's boxes are written.
 
-Usage: python benchmarks/compare_scenes.py [--budget-min 6] [--out runs/scenes_compare] [--set KEY=VALUE ...]
-           [--variants NAME=KEY=VALUE,...] [--parallel N]
-Writes ``<out>/table.md``, ``<out>/table.json`` and, as each run ends, a line of ``<out>/rows.jsonl``; run it
+``--seeds 0 1 2`` repeats the whole table with each ``run.seed`` (training, data order, and the random init's
+weights), each seed's runs and table under ``<out>/seed<S>/``, and ``<out>/table.md`` gives every figure as
+mean ± sd over the seeds: on these tiny models one seed cannot tell a few points from noise (CorLoc of DINO's
+4-epoch run on the plain scenes is 24.4% with seed 0 and 12.4% with seed 1). The step times are measured once.
+
+Usage: python benchmarks/compare_scenes.py [--budget-min 6] [--out runs/scenes_compare] [--seeds 0 [1 ...]]
+           [--set KEY=VALUE ...] [--variants NAME=KEY=VALUE,...] [--parallel N]
+Writes ``<out>/table.md``, ``<out>/table.json`` and, as each run ends, a line of ``rows.jsonl`` beside it; run it
 alone on the machine.
 """
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -64,11 +70,92 @@ def evaluate(model: str, scenes: Path, out: Path, random_init: bool = False, log
     return {**{f"knn_{m}": acc[m]["top1"] for m in acc}, **corloc}
 
 
+METRICS = ("knn_obj", "knn_crop", "knn_scene", "corloc", "corloc_dinoseg")
+HEADER = ["pretraining", "epochs", "object k-NN: [OBJ] + box mask (a)", "[CLS] of box crop (b)",
+          "[CLS] of scene (c)", "CorLoc, TokenCut (test scenes)", "CorLoc, DINO-seg (heads' mean)"]
+
+
+def run_seed(seed: int, out: Path, scenes: Path, methods: dict[str, tuple[str, list[str], Path]],
+             timing: dict[str, tuple[float, int, str]], budget_min: float, parallel: int) -> tuple[list[dict], list[str]]:
+    """Train and evaluate every method with ``run.seed = seed`` under ``out``; the rows (random init first)
+    and the failures. ``methods``' run directories are relative to ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    found = out / "dino_discovered_train"
+    (out / "rows.jsonl").write_text("")  # this call's rows only
+    side_by_side = parallel > 1
+    threads = max(1, (os.cpu_count() or 1) // parallel) if side_by_side else None
+    boxes_written = threading.Event()
+    rows: dict[str, dict] = {}
+
+    def train_and_evaluate(name: str) -> None:
+        recipe, overrides, sub = methods[name]
+        run_dir = out / sub
+        log = run_dir / "stdout.log" if side_by_side else None
+        if name == "ODIS (discovered boxes)":
+            boxes_written.wait()
+            if not (found / "boxes.json").is_file():
+                raise RuntimeError("DINO's run or its discovery failed: no discovered boxes to train on")
+            overrides = [*overrides, f"data.boxes={found / 'boxes.json'}"]
+        sec, iters, precision = timing[name]
+        epochs = round(budget_min * 60 / (sec * iters), 3)
+        t0 = time.perf_counter()
+        try:
+            cli("train", str(ROOT / "configs" / recipe), *overrides, f"run.seed={seed}", f"optim.epochs={epochs}",
+                f"run.output_dir={run_dir}", "run.progress=false", "--fresh", log=log, threads=threads)
+            train_min = (time.perf_counter() - t0) / 60
+            if name == "DINO" and "ODIS (discovered boxes)" in methods:  # the label-free loop: DINO's boxes
+                cli("discover", str(run_dir), "--images", str(scenes / "train"), "--out", str(found), log=log,
+                    threads=threads)
+        finally:
+            if name == "DINO":
+                boxes_written.set()
+        rows[name] = {"method": name, "seed": seed, "seconds_per_step": sec, "epochs": epochs,
+                      "train_minutes": train_min, "precision": precision,
+                      **evaluate(str(run_dir), scenes, run_dir, log=log, threads=threads)}
+        print(json.dumps(rows[name]), flush=True)
+        with open(out / "rows.jsonl", "a") as f:
+            f.write(json.dumps(rows[name]) + "\n")
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        # DINO first (its boxes gate ODIS on discovered boxes, submitted last so it never waits in a slot early)
+        order = sorted(methods, key=lambda name: "discovered" in name)
+        futures = [pool.submit(train_and_evaluate, name) for name in order]
+        errors = [f.exception() for f in futures]
+    # the same ODIS architecture at random init (its [OBJ] token too), drawn with this seed
+    random_init = {"method": "random init", "seed": seed, "epochs": 0.0,
+                   **evaluate(str(out / methods["ODIS (ground-truth boxes)"][2]), scenes, out, random_init=True)}
+    failed = [f"seed {seed}, {name}: {e}" for name, e in zip(order, errors) if e is not None]
+    return [random_init] + [rows[name] for name in methods if name in rows], failed
+
+
+def _cell(values: list[float]) -> str:
+    """``m%`` for one value; ``mean ± sd%`` (sample sd) for several."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}%"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}%"
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    """Markdown rows, one per method (in first-seen order); a metric over several seeds is mean ± sd."""
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    lines = []
+    for method, runs in by_method.items():
+        cells = [_cell([r[m] for r in runs]) if m in runs[0] else "-" for m in METRICS]
+        epochs = statistics.mean(r["epochs"] for r in runs)
+        lines.append(f"| {method} | {epochs:.2f} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-min", type=float, default=6.0, help="training wall-clock per method, minutes")
     ap.add_argument("--out", default="runs/scenes_compare")
     ap.add_argument("--scenes", default="data/scenes")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="run.seed of every run (and of the random init); several: <out>/seed<S>/ each, and the "
+                         "table gives mean ± sd over them")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides for every run (e.g. data.batch_size=32)")
     ap.add_argument("--variants", nargs="*", default=[], metavar="NAME=KEY=VALUE,...",
@@ -77,6 +164,10 @@ def main() -> None:
     ap.add_argument("--skip-discovered", action="store_true",
                     help="no ODIS on discovered boxes (it waits for DINO: a second budget of wall-clock)")
     args = ap.parse_args()
+    if any(o.startswith("run.seed=") for o in args.set):
+        ap.error("give seeds with --seeds, not --set run.seed=...")
+    if len(set(args.seeds)) != len(args.seeds):
+        ap.error(f"--seeds repeats a seed: {args.seeds}")
     cuda = any(o == "run.device=cuda" for o in args.set)
     hardware = hardware_line() + (f"; {cuda_line()}" if cuda else "")
     print(hardware, flush=True)
@@ -85,90 +176,51 @@ def main() -> None:
         cli("make-scenes", str(scenes))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    found = out / "dino_discovered_train"
     common = [f"data.train_dir={scenes / 'train'}", *args.set]
     truth = [*common, f"data.boxes={scenes / 'train' / 'boxes.json'}"]
     variants = parse_variants(args.variants)
-    methods: dict[str, tuple[str, list[str], Path]] = {  # name: (recipe, overrides, run directory)
-        "DINO": ("dino_tiny_scenes.yaml", common, out / "dino"),
-        "iBOT": ("dino_tiny_scenes.yaml", [*common, *IBOT], out / "ibot"),
-        "ODIS (ground-truth boxes)": ("odis_tiny_scenes.yaml", truth, out / "odis"),
+    methods: dict[str, tuple[str, list[str], Path]] = {  # name: (recipe, overrides, run directory under a seed's)
+        "DINO": ("dino_tiny_scenes.yaml", common, Path("dino")),
+        "iBOT": ("dino_tiny_scenes.yaml", [*common, *IBOT], Path("ibot")),
+        "ODIS (ground-truth boxes)": ("odis_tiny_scenes.yaml", truth, Path("odis")),
         **{f"ODIS (ground-truth boxes), {' '.join(extra)}": ("odis_tiny_scenes.yaml", [*truth, *extra],
-                                                             out / f"odis_{name}") for name, extra in variants.items()},
-        "ODIS (discovered boxes)": ("odis_tiny_scenes.yaml", [*common, f"data.boxes={found / 'boxes.json'}"],
-                                    out / "odis_discovered"),
+                                                             Path(f"odis_{name}")) for name, extra in variants.items()},
+        "ODIS (discovered boxes)": ("odis_tiny_scenes.yaml", common, Path("odis_discovered")),
     }
     if args.skip_discovered:
         del methods["ODIS (discovered boxes)"]
-    # step times on the quiet machine first (discovered boxes are not there yet: time ODIS on the true ones)
+    # step times on the quiet machine first, once for every seed (discovered boxes are not there yet: time ODIS
+    # on the true ones)
     timing = {name: seconds_per_step(recipe, overrides)
               for name, (recipe, overrides, _) in methods.items() if "discovered" not in name}
     if "ODIS (discovered boxes)" in methods:
         timing["ODIS (discovered boxes)"] = timing["ODIS (ground-truth boxes)"]
     for name, (sec, _, precision) in timing.items():
         print(f"{name}: {sec:.3f} s/step ({precision})", flush=True)
-    (out / "rows.jsonl").write_text("")  # this call's rows only
-    side_by_side = args.parallel > 1
-    threads = max(1, (os.cpu_count() or 1) // args.parallel) if side_by_side else None
-    boxes_written = threading.Event()
-    rows: dict[str, dict] = {}
-
-    def train_and_evaluate(name: str) -> None:
-        recipe, overrides, run_dir = methods[name]
-        log = run_dir / "stdout.log" if side_by_side else None
-        if name == "ODIS (discovered boxes)":
-            boxes_written.wait()
-            if not (found / "boxes.json").is_file():
-                raise RuntimeError("DINO's run or its discovery failed: no discovered boxes to train on")
-        sec, iters, precision = timing[name]
-        epochs = round(args.budget_min * 60 / (sec * iters), 3)
-        t0 = time.perf_counter()
-        try:
-            cli("train", str(ROOT / "configs" / recipe), *overrides, f"optim.epochs={epochs}",
-                f"run.output_dir={run_dir}", "run.progress=false", "--fresh", log=log, threads=threads)
-            train_min = (time.perf_counter() - t0) / 60
-            if name == "DINO" and not args.skip_discovered:  # the label-free loop: boxes from DINO's attention
-                cli("discover", str(run_dir), "--images", str(scenes / "train"), "--out", str(found), log=log,
-                    threads=threads)
-        finally:
-            if name == "DINO":
-                boxes_written.set()
-        rows[name] = {"method": name, "seconds_per_step": sec, "epochs": epochs, "train_minutes": train_min,
-                      "precision": precision, **evaluate(str(run_dir), scenes, run_dir, log=log, threads=threads)}
-        print(json.dumps(rows[name]), flush=True)
-        with open(out / "rows.jsonl", "a") as f:
-            f.write(json.dumps(rows[name]) + "\n")
-
-    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        # DINO first (its boxes gate ODIS on discovered boxes, submitted last so it never waits in a slot early)
-        order = sorted(methods, key=lambda name: "discovered" in name)
-        futures = [pool.submit(train_and_evaluate, name) for name in order]
-        errors = [f.exception() for f in futures]
-    # the same ODIS architecture at random init (its [OBJ] token too)
-    rows["random init"] = {"method": "random init", "epochs": 0.0,
-                           **evaluate(str(methods["ODIS (ground-truth boxes)"][2]), scenes, out, random_init=True)}
-    failed = [f"{name}: {e}" for name, e in zip(order, errors) if e is not None]
-    table = [rows["random init"]] + [rows[name] for name in methods if name in rows]
+    several = len(args.seeds) > 1
+    table: list[dict] = []
+    failed: list[str] = []
+    for seed in args.seeds:
+        seed_out = out / f"seed{seed}" if several else out
+        rows, errors = run_seed(seed, seed_out, scenes, methods, timing, args.budget_min, args.parallel)
+        table += rows
+        failed += errors
+        if several:  # each seed's own table beside its runs
+            write_table(seed_out, f"Scene benchmark ({scenes})", HEADER, table_lines(rows), rows, args.budget_min,
+                        hardware=hardware, seeds=[seed])
     init = [o.partition("=")[2] for o in args.set if o.startswith("model.init_from=")]
     if init:  # every run started from this model: it is the row to beat, evaluated as it is
         (out / "init").mkdir(exist_ok=True)
-        table.insert(1, {"method": f"init_from {init[-1]}, before the scenes", "epochs": 0.0,
-                         **evaluate(init[-1], scenes, out / "init")})
+        table.insert(len(args.seeds), {"method": f"init_from {init[-1]}, before the scenes", "epochs": 0.0,
+                                       **evaluate(init[-1], scenes, out / "init")})
     # the bar without any model: the box crops' raw pixels (gray, 28 px, mean removed)
     cli("object-knn", "--mode", "pixels", "--scenes", str(scenes), "--out", str(out / "object_knn_pixels.json"))
     pixels = json.loads((out / "object_knn_pixels.json").read_text())["accuracy"]["pixels"]["top1"]
-    lines = [f"| raw pixels of the box crop (no model) | - | - | {pixels:.2f}% | - | - | - |"]
-    for r in table:
-        obj = f"{r['knn_obj']:.2f}%" if "knn_obj" in r else "-"
-        lines.append(f"| {r['method']} | {r['epochs']:.2f} | {obj} | {r['knn_crop']:.2f}% | {r['knn_scene']:.2f}% | "
-                     f"{r['corloc']:.2f}% | {r['corloc_dinoseg']:.2f}% |")
+    lines = [f"| raw pixels of the box crop (no model) | - | - | {pixels:.2f}% | - | - | - |", *table_lines(table)]
     lines += [f"| {failure} | | | | | | |" for failure in failed]
     table.insert(0, {"method": "raw pixels of the box crop", "knn_pixels": pixels})
-    write_table(out, f"Scene benchmark ({scenes})", ["pretraining", "epochs", "object k-NN: [OBJ] + box mask (a)",
-                                                      "[CLS] of box crop (b)", "[CLS] of scene (c)",
-                                                      "CorLoc, TokenCut (test scenes)",
-                                                      "CorLoc, DINO-seg (heads' mean)"], lines, table, args.budget_min,
-                hardware=hardware)
+    write_table(out, f"Scene benchmark ({scenes})", HEADER, lines, table, args.budget_min, hardware=hardware,
+                seeds=args.seeds)
     if failed:
         sys.exit("some runs failed:\n" + "\n".join(failed))
 
