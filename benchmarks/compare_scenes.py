@@ -211,8 +211,9 @@ def main() -> None:
     init = [o.partition("=")[2] for o in args.set if o.startswith("model.init_from=")]
     if init:  # every run started from this model: it is the row to beat, evaluated as it is
         (out / "init").mkdir(exist_ok=True)
-        table.insert(len(args.seeds), {"method": f"init_from {init[-1]}, before the scenes", "epochs": 0.0,
-                                       **evaluate(init[-1], scenes, out / "init")})
+        # after the first random-init row: table_lines keeps the methods in first-seen order
+        table.insert(1, {"method": f"init_from {init[-1]}, before the scenes", "epochs": 0.0,
+                         **evaluate(init[-1], scenes, out / "init")})
     # the bar without any model: the box crops' raw pixels (gray, 28 px, mean removed)
     cli("object-knn", "--mode", "pixels", "--scenes", str(scenes), "--out", str(out / "object_knn_pixels.json"))
     pixels = json.loads((out / "object_knn_pixels.json").read_text())["accuracy"]["pixels"]["top1"]
