@@ -406,20 +406,71 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+BASE_KEY = "base"  # a recipe's parent recipe: the file states only what differs from it
+
+
+def _read_yaml_mapping(p: Path) -> dict[str, Any]:
+    """The top-level mapping of one YAML file (an empty file is an empty mapping)."""
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    with open(p) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    return data
+
+
+def merge_recipe(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``: sections (mappings) merge key by key, any other value of ``child`` replaces."""
+    out = copy.deepcopy(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_recipe(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe's settings with its ``base:`` chain resolved, as one nested mapping.
+
+    ``base: other.yaml`` (a path relative to the recipe's folder) makes the recipe state only what differs
+    from ``other.yaml``, which may name a base of its own; the recipe's values win and sections merge key by
+    key. A missing base or a chain that comes back to a file it passed through is a ConfigError.
+    """
+    chain: list[Path] = []
+    p = Path(path)
+    layers: list[dict[str, Any]] = []
+    while True:
+        resolved = p.resolve()
+        if resolved in chain:
+            names = " -> ".join(str(c) for c in [*chain, resolved])
+            raise ConfigError(f"{chain[0]}: the '{BASE_KEY}:' chain loops ({names})")
+        chain.append(resolved)
+        data = _read_yaml_mapping(p)
+        base = data.pop(BASE_KEY, None)
+        layers.append(data)
+        if base is None:
+            break
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"{p}: '{BASE_KEY}:' must name one recipe file, got {base!r}")
+        parent = p.parent / base
+        if not parent.is_file():
+            raise ConfigError(f"{p}: its {BASE_KEY} recipe {base!r} was not found (looked for {parent})")
+        p = parent
+    merged: dict[str, Any] = {}
+    for layer in reversed(layers):
+        merged = merge_recipe(merged, layer)
+    return merged
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML recipe (or start from defaults), apply overrides, validate strictly."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        with open(p) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{p}: invalid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: top level must be a mapping")
+    """Read a YAML recipe (its ``base:`` chain merged in; or start from defaults), apply overrides, validate
+    strictly."""
+    data = read_recipe(path) if path is not None else {}
     cfg = config_from_dict(apply_overrides(data, overrides or []))
     validate(cfg)
     return cfg

@@ -60,3 +60,51 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert config_diff(config_to_dict(cfg), config_to_dict(again)) == []
+
+
+def test_base_key_states_only_the_difference(tmp_path):
+    """A recipe with ``base:`` gets its base's values, its own win, and sections merge key by key."""
+    (tmp_path / "parent.yaml").write_text("run: {seed: 3, log_every: 7}\noptim: {lr: 0.001, epochs: 5}\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\noptim: {epochs: 2}\ndino: {weight: 0.5}\n")
+    (tmp_path / "grandchild.yaml").write_text("base: child.yaml\nrun: {seed: 4}\n")
+    cfg = load_config(tmp_path / "grandchild.yaml")
+    assert (cfg.run.seed, cfg.run.log_every) == (4, 7)
+    assert (cfg.optim.lr, cfg.optim.epochs) == (0.001, 2)
+    assert cfg.dino.weight == 0.5
+    # overrides still go on top; the saved config is the whole resolved one, without 'base'
+    cfg = load_config(tmp_path / "child.yaml", ["optim.epochs=9"])
+    assert cfg.optim.epochs == 9
+    save_config(cfg, tmp_path / "saved.yaml")
+    text = (tmp_path / "saved.yaml").read_text()
+    assert "base" not in text and "lr: 0.001" in text and load_config(tmp_path / "saved.yaml") == cfg
+
+
+def test_base_chain_errors_name_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml: its base recipe 'missing\.yaml' was not found"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("base: c.yaml\n")
+    (tmp_path / "c.yaml").write_text("base: b.yaml\n")
+    with pytest.raises(ConfigError, match="chain loops"):
+        load_config(tmp_path / "b.yaml")
+    (tmp_path / "d.yaml").write_text("base: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="must name one recipe file"):
+        load_config(tmp_path / "d.yaml")
+    (tmp_path / "e.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="a.yaml: its base recipe"):  # the failing link is named
+        load_config(tmp_path / "e.yaml")
+    (tmp_path / "f.yaml").write_text("base: c2.yaml\noptim: {epochz: 1}\n")
+    (tmp_path / "c2.yaml").write_text("optim: {lr: 0.1}\n")
+    with pytest.raises(ConfigError, match="did you mean 'optim.epochs'"):
+        load_config(tmp_path / "f.yaml")
+
+
+def test_recipes_with_a_base_resolve_to_whole_recipes():
+    """The derived recipes keep their base's settings (spot checks against the papers' values)."""
+    ibot = load_config("configs/ibot_tiny_fmnist.yaml")
+    dino = load_config("configs/dino_tiny_fmnist.yaml")
+    assert ibot.data == dino.data and ibot.model == dino.model and ibot.optim == dino.optim
+    assert ibot.masking.shape == "block" and ibot.ibot.weight == 1.0 and not ibot.monitor.knn_on
+    hint = load_config("configs/attmask_hint_vit_small16.yaml")
+    assert (hint.masking.attmask, hint.masking.shape, hint.data.batch_size, hint.optim.epochs) == ("hint", "none", 60, 100)
+    assert hint.model.out_dim == 8192 and hint.dino.warmup_teacher_temp_epochs == 30  # iBOT's, through AttMask-High
