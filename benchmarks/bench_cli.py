@@ -17,9 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import hardware_line
+from ssl_distill.hardware import hardware_line
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ssl_distill.cli import COMMANDS  # noqa: E402  (torch-free)
 
 

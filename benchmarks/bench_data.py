@@ -37,7 +37,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 
-from common import hardware_line
+from ssl_distill.hardware import hardware_line
 
 from ssl_distill.config import CropsConfig, MaskingConfig, load_config
 from ssl_distill.data.fashion_mnist import DEFAULT_SOURCE, build_fashion_mnist_folders

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import hardware_line
+from ssl_distill.hardware import hardware_line
 from ssl_distill.eval.features import FeatureExtractor, FeatureSpec, ImageSettings, extract_folder, prepare_inference
 from ssl_distill.models import BackboneSpec, ViTBackbone
 

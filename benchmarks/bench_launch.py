@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import hardware_line
+from ssl_distill.hardware import hardware_line
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "dino_tiny_fmnist.yaml"

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import gemm_gflops, hardware_line
+from ssl_distill.hardware import gemm_gflops, hardware_line
 from ssl_distill.eval.features import FeatureSet
 from ssl_distill.eval.linear import HeadSpec, LinearGrid, fast_probe, head_grid
 

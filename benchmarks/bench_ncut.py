@@ -29,7 +29,7 @@ bits) and dense result are kept, keyed by the graph's hash: run once with ``--de
                                     [--checkpoint RUN_DIR_OR_FILE] [--e2e-images 5] [--random-init-seeds 1]
 
 ``--dense-subset 0`` skips the dense reference (CorLoc only). Scenes for pretraining on the same kind
-(other seeds, unlabeled): ``benchmarks/make_scene_folder.py``.
+(other seeds, unlabeled): ``experiments/make_scene_folder.py``.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from common import hardware_line, peak_rss_mib
+from ssl_distill.hardware import hardware_line, peak_rss_mib
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))

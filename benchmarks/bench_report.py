@@ -15,15 +15,13 @@ import math
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import hardware_line
+from ssl_distill.hardware import hardware_line
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from ssl_distill.config import load_config, save_config  # noqa: E402  (torch-free)
 
 RECIPES = {"dino": "dino_tiny_fmnist.yaml", "ibot": "ibot_tiny_fmnist.yaml", "attmask": "attmask_tiny_fmnist.yaml"}

@@ -19,7 +19,6 @@ Usage: python benchmarks/bench_train_step.py [--steps N] [--skip-fp32] [--object
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,8 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cuda_line, device_sync, gemm_gflops, hardware_line, peak_rss_mib  # noqa: E402
+from ssl_distill.hardware import cuda_line, device_sync, gemm_gflops, hardware_line, peak_rss_mib  # noqa: E402
 
 from ssl_distill.config import load_config  # noqa: E402
 from ssl_distill.engine.train import Trainer  # noqa: E402

@@ -1,7 +1,7 @@
 """The README's main job: Fashion-MNIST folders -> pretraining (online k-NN curve) -> k-NN -> report.
 
 The default recipe is ``configs/dinov2_style_tiny_fmnist.yaml`` (DINOv2's objective: the best of DINO,
-iBOT, AttMask and DINOv2-style at one wall-clock budget, benchmarks/compare_objectives.py); any other
+iBOT, AttMask and DINOv2-style at one wall-clock budget, experiments/compare_objectives.py); any other
 recipe runs with ``--config``.
 
 The demo ends by writing ``<run dir>/report.png`` and ``report.md`` (``ssl-distill report`` of its

@@ -27,7 +27,7 @@ weights), each seed's runs and table under ``<out>/seed<S>/``, and ``<out>/table
 mean ± sd over the seeds: on these tiny models one seed cannot tell a few points from noise (CorLoc of DINO's
 4-epoch run on the plain scenes is 24.4% with seed 0 and 12.4% with seed 1). The step times are measured once.
 
-Usage: python benchmarks/compare_scenes.py [--budget-min 6] [--out runs/scenes_compare] [--seeds 0 [1 ...]]
+Usage: python experiments/compare_scenes.py [--budget-min 6] [--out runs/scenes_compare] [--seeds 0 [1 ...]]
            [--set KEY=VALUE ...] [--variants NAME=KEY=VALUE,...] [--parallel N]
 Writes ``<out>/table.md``, ``<out>/table.json`` and, as each run ends, a line of ``rows.jsonl`` beside it; run it
 alone on the machine.
@@ -44,9 +44,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cuda_line, hardware_line, parse_variants  # noqa: E402
-from compare_objectives import cli, seconds_per_step, write_table  # noqa: E402
+from ssl_distill.hardware import cuda_line, hardware_line  # noqa: E402
+from compare_objectives import cli, parse_variants, seconds_per_step, write_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 IBOT = ["ibot.weight=1", "masking.shape=block", "masking.pred_ratio=[0,0.3]", "masking.pred_ratio_var=[0,0.2]"]

@@ -8,7 +8,7 @@ benchmark's, so there is one generator. Any image-folder consumer (DINO / iBOT p
 ``OUT/train``, ``ssl-distill discover --coco OUT/test/boxes.json``) reads them as before. The evaluation
 scenes of ``benchmarks/bench_ncut.py`` still come from ``tests/scenes.py``.
 
-    python benchmarks/make_scene_folder.py [SRC] OUT [--n-train 2000] [--n-test 1000] [--size 96] [--seed 0]
+    python experiments/make_scene_folder.py [SRC] OUT [--n-train 2000] [--n-test 1000] [--size 96] [--seed 0]
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ gets ``optim.epochs = budget / (seconds per step x steps per epoch)`` (fractiona
 with every schedule annealed), so a slower objective trains on fewer images, as it would on a deadline.
 Run alone on the machine: the step timings decide the epochs.
 
-Usage: python benchmarks/compare_objectives.py [--budget-min 8] [--out runs/compare] [--methods DINO iBOT ...]
+Usage: python experiments/compare_objectives.py [--budget-min 8] [--out runs/compare] [--methods DINO iBOT ...]
            [--variants NAME=KEY=VALUE,KEY=VALUE ...] [--skip-linear]
 ``--variants`` adds runs of the demo's recipe with overrides (the ablation table of README "Demo results":
 ``--methods --variants h512=model.hidden_dim=512 h512_b64=model.hidden_dim=512,data.batch_size=64``; a comma
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
 import json
 import os
 import subprocess
@@ -26,8 +27,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_sync, hardware_line, parse_variants  # noqa: E402
+from ssl_distill.hardware import device_sync, hardware_line  # noqa: E402
 
 from ssl_distill.config import load_config  # noqa: E402
 from ssl_distill.data.fashion_mnist import build_fashion_mnist_folders  # noqa: E402
@@ -45,6 +45,16 @@ METHODS: dict[str, tuple[str, list[str]]] = {
                                                        "ibot.patch_out_dim=4096", "data.batch_size=128",
                                                        "optim.lr=0.002"]),
 }
+
+
+def parse_variants(specs: list[str]) -> dict[str, list[str]]:
+    """``NAME=KEY=VALUE,KEY=VALUE`` -> ``{NAME: ["KEY=VALUE", ...]}``; a comma inside ``[...]`` belongs to
+    a list value (``ls=data.crops.local_scale=[0.1,0.4]``); ``NAME=`` is the recipe unchanged."""
+    out: dict[str, list[str]] = {}
+    for spec in specs:
+        name, _, overrides = spec.partition("=")
+        out[name] = [o for o in re.split(r",(?![^\[]*\])", overrides) if o]
+    return out
 
 
 def seconds_per_step(recipe: str, overrides: list[str], steps: int = 8) -> tuple[float, int, str]:

@@ -1,8 +1,5 @@
-"""Measured ceilings of this machine, printed beside every benchmark figure.
-
-Run benchmarks as scripts from the repository root (``python benchmarks/bench_knn.py``); they import
-this module as ``common`` (the script's folder is on ``sys.path``).
-"""
+"""Measured ceilings of this machine (GEMM rates, CPU / GPU model), printed beside every benchmark and
+experiment figure (``benchmarks/``, ``experiments/``)."""
 from __future__ import annotations
 
 import functools
@@ -15,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["cuda_line", "gemm_gflops", "gemm_seconds", "hardware_line", "parse_variants", "peak_rss_mib"]
+__all__ = ["cuda_line", "device_sync", "gemm_gflops", "gemm_seconds", "hardware_line", "peak_rss_mib"]
 
 
 def gemm_seconds(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, repeats: int = 3) -> float:
@@ -110,15 +107,3 @@ def cuda_line() -> str:
     bf16 = cuda_tflops(torch.bfloat16)
     return (f"gpu={torch.cuda.get_device_name()} torch={torch.__version__} cuda={torch.version.cuda} "
             f"cpu_cores={os.cpu_count()} gemm bf16={bf16:.0f} TFLOP/s fp32={fp32:.0f} TFLOP/s (TF32 off)")
-
-
-def parse_variants(specs: list[str]) -> dict[str, list[str]]:
-    """``NAME=KEY=VALUE,KEY=VALUE`` -> ``{NAME: ["KEY=VALUE", ...]}``; a comma inside ``[...]`` belongs to
-    a list value (``ls=data.crops.local_scale=[0.1,0.4]``); ``NAME=`` is the recipe unchanged."""
-    import re
-
-    out: dict[str, list[str]] = {}
-    for spec in specs:
-        name, _, overrides = spec.partition("=")
-        out[name] = [o for o in re.split(r",(?![^\[]*\])", overrides) if o]
-    return out

@@ -5,21 +5,19 @@ Made for a GPU (``--device cuda``: every variant in its own process on the one G
 data workers), where a full-length demo run takes minutes; on a CPU, ``--parallel 1``. Each variant's
 output goes to ``<out>/<name>/stdout.log``; the table to ``<out>/table.md`` and ``<out>/table.json``.
 
-Usage: python benchmarks/sweep_variants.py --device cuda --parallel 6 --workers 1 \\
+Usage: python experiments/sweep_variants.py --device cuda --parallel 6 --workers 1 \\
            --set run.precision=fp32 --variants base= lr3=optim.lr=0.003 "gs=data.crops.global_scale=[0.3,1.0]"
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cuda_line, hardware_line, parse_variants  # noqa: E402
-from compare_objectives import cli  # noqa: E402
+from ssl_distill.hardware import cuda_line, hardware_line  # noqa: E402
+from compare_objectives import cli, parse_variants  # noqa: E402
 
 from ssl_distill.data.fashion_mnist import build_fashion_mnist_folders  # noqa: E402
 from ssl_distill.report import read_run  # noqa: E402

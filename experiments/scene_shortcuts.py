@@ -12,7 +12,7 @@ T = 0.07, faiss), with three label sets for the same features:
 A feature that gets the nuisance labels far above their majority share and the class near chance has
 learned the nuisance. Modes: ``crop`` (CLS of the box crop), and ``obj`` ([OBJ] + box mask) for ODIS models.
 
-Usage: python benchmarks/scene_shortcuts.py --scenes data/scenes56 RUN_DIR [RUN_DIR ...] [--random-init]
+Usage: python experiments/scene_shortcuts.py --scenes data/scenes56 RUN_DIR [RUN_DIR ...] [--random-init]
 """
 from __future__ import annotations
 
@@ -26,16 +26,12 @@ import torch
 from PIL import Image
 from sklearn.cluster import KMeans
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware_line  # noqa: E402
-
-from eval.features import BoxFeatures, ImageSettings, extract_box_features  # noqa: E402
-from eval.knn import knn_classify  # noqa: E402
-from ssl_distill.checkpoints import load_any_backbone  # noqa: E402
-from ssl_distill.data.boxes import read_boxes  # noqa: E402
-from ssl_distill.models.backbone import random_init_like  # noqa: E402
+from ssl_distill.checkpoints import load_any_backbone
+from ssl_distill.data.boxes import read_boxes
+from ssl_distill.eval.features import BoxFeatures, ImageSettings, extract_box_features
+from ssl_distill.eval.knn import knn_classify
+from ssl_distill.hardware import hardware_line
+from ssl_distill.models.backbone import random_init_like
 
 
 def colour_statistics(image_root: Path, feats: BoxFeatures) -> tuple[np.ndarray, np.ndarray]:
