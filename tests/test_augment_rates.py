@@ -44,7 +44,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from ssl_distill.config import CropsConfig
-from ssl_distill.data.multicrop import MultiCropCollate, MultiCropTransform, PhotometricAugment, sample_seed
+from ssl_distill.data.multicrop import MultiCropCollate, MultiCropTransform, PhotometricAugment
+from ssl_distill.data.rng import sample_seed
 
 N = 4000
 K_SIGMA = 5.0

@@ -25,12 +25,11 @@ from ssl_distill.data.multicrop import (
     adjust_hue_,
     adjust_saturation_,
     collate_eval,
-    counter_uniforms,
     gaussian_blur,
     gaussian_kernels,
     random_resized_crop_box,
-    sample_seed,
 )
+from ssl_distill.data.rng import counter_uniforms, sample_seed
 
 SMALL = CropsConfig(n_global=2, global_size=32, n_local=3, local_size=16)
 MEAN = torch.tensor(SMALL.mean).view(1, 3, 1, 1)

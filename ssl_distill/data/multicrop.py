@@ -14,9 +14,9 @@ The work is split in two so that the expensive photometric part runs batched:
    float tensors with per-sample parameters.
 
 Randomness: every random number is a pure function of ``(sample seed, stream, view, counter)``
-(:func:`counter_uniforms`, a SplitMix64-style counter-based generator). A sample's views therefore
-depend only on its image and seed: not on the batch it lands in, the number of workers, or the
-process. Seeds come from :class:`EpochSampler` through ``ImageFolderDataset`` (the ``"seed"`` key).
+(:func:`~ssl_distill.data.rng.counter_uniforms`, a SplitMix64-style counter-based generator). A
+sample's views therefore depend only on its image and seed: not on the batch it lands in, the number
+of workers, or the process. Seeds come from :class:`EpochSampler` through ``ImageFolderDataset`` (the ``"seed"`` key).
 
 Where we differ from DINO's PIL pipeline (intentionally, all small): photometric ops run on float
 images without re-quantizing to uint8 between ops; contrast uses the exact (unrounded) mean luma;
@@ -39,77 +39,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ssl_distill.config import CropsConfig
+from ssl_distill.data.rng import MASK63, Stream, counter_uniforms, sample_seeds
 
 if TYPE_CHECKING:
     from ssl_distill.data.masking import BatchMasking
 
-_MASK64 = (1 << 64) - 1
-_MASK63 = (1 << 63) - 1
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_STREAM_GEOMETRY = 1
-_STREAM_PHOTOMETRIC = 2
-_STREAM_SAMPLER = 3
 _CROP_TRIES = 10  # torchvision RandomResizedCrop.get_params
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # PIL's convert("L") (ITU-R 601-2 luma)
 _SOLARIZE_THRESHOLD = 0.5  # 128 on uint8
-
-
-# --------------------------------------------------------------------------------------------
-# Counter-based randomness
-# --------------------------------------------------------------------------------------------
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """SplitMix64 finalizer on a uint64 array (wrapping arithmetic)."""
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def _as_uint64(values: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        values = values.tolist()
-    return np.array([int(v) & _MASK64 for v in np.asarray(values).reshape(-1).tolist()], dtype=np.uint64)
-
-
-def counter_uniforms(seeds: Sequence[int] | np.ndarray | torch.Tensor, stream: int, view: int | Sequence[int],
-                     n: int) -> np.ndarray:
-    """Uniform numbers in [0, 1) that depend only on ``(seed, stream, view, k)``.
-
-    Args:
-        seeds: B integer seeds.
-        stream: which consumer (geometry, photometric, sampler) so streams never overlap.
-        view: view index (or any second key), or a sequence of V of them.
-        n: numbers per (seed, view).
-
-    Returns:
-        float64 array (B, n), or (B, V, n) when ``view`` is a sequence.
-    """
-    s = _as_uint64(seeds)
-    views = np.atleast_1d(np.asarray(view, dtype=np.int64)).astype(np.uint64)
-    with np.errstate(over="ignore"):
-        salt = _mix64((np.uint64(stream & 0xFFFFFFFF) << np.uint64(32)) | (views & np.uint64(0xFFFFFFFF)))  # (V,)
-        key = _mix64(s[:, None] ^ salt[None, :])  # (B, V)
-        counters = np.arange(1, n + 1, dtype=np.uint64) * _GOLDEN
-        bits = _mix64(key[:, :, None] + counters)  # (B, V, n)
-    u = (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-    return u[:, 0] if np.ndim(view) == 0 else u
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """Deterministic per-sample seed in [0, 2**63) from (run seed, epoch, dataset index)."""
-    with np.errstate(over="ignore"):
-        z = _mix64(_as_uint64([seed]) + _GOLDEN * np.uint64(_STREAM_SAMPLER))
-        z = _mix64(z ^ _as_uint64([epoch]))
-        z = _mix64(z + _GOLDEN * _as_uint64([index]))
-    return int(z[0]) & _MASK63
-
-
-def _sample_seeds(seed: int, epoch: int, indices: torch.Tensor) -> list[int]:
-    """Vectorized :func:`sample_seed` for many indices."""
-    with np.errstate(over="ignore"):
-        z = _mix64(_as_uint64([seed]) + _GOLDEN * np.uint64(_STREAM_SAMPLER))
-        z = _mix64(z ^ _as_uint64([epoch]))
-        z = _mix64(z + _GOLDEN * indices.numpy().astype(np.uint64))
-    return (z & np.uint64(_MASK63)).astype(np.int64).tolist()
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,7 +186,7 @@ class MultiCropTransform:
 
     def geometry(self, width: int, height: int, seed: int) -> list[CropBox]:
         """The plain crop and flip of every view of a ``width x height`` image, globals first."""
-        uniforms = counter_uniforms([seed], _STREAM_GEOMETRY, range(len(self.views)), VIEW_UNIFORMS)[0]
+        uniforms = counter_uniforms([seed], Stream.GEOMETRY, range(len(self.views)), VIEW_UNIFORMS)[0]
         return [view_crop(width, height, spec.scale, self.ratio, self.crops.flip_p, u)
                 for spec, u in zip(self.views, uniforms)]
 
@@ -464,7 +401,7 @@ class PhotometricAugment:
     def params(self, seeds: Sequence[int] | torch.Tensor, view: int) -> _ViewParams:
         """Draw the per-sample parameters of view ``view`` for the given seeds."""
         c, spec = self.crops, self.views[view]
-        u = counter_uniforms(seeds, _STREAM_PHOTOMETRIC, view, self._N_UNIFORMS)
+        u = counter_uniforms(seeds, Stream.PHOTOMETRIC, view, self._N_UNIFORMS)
         factors = np.empty((u.shape[0], 4))
         for i in range(3):
             lo, hi = max(0.0, 1.0 - c.jitter[i]), 1.0 + c.jitter[i]
@@ -609,7 +546,7 @@ class MultiCropCollate:
             out = _new_output((len(samples), *first.shape), first.dtype, first.device) if self.photometric is None else None
             views.append(torch.stack([s["image"][v] for s in samples], out=out))
         crops = self.photometric(views, seeds) if self.photometric is not None else views
-        out = {"crops": crops, **_meta(samples), "seed": torch.tensor([x & _MASK63 for x in seeds], dtype=torch.long)}
+        out = {"crops": crops, **_meta(samples), "seed": torch.tensor([x & MASK63 for x in seeds], dtype=torch.long)}
         if self.masking is not None:
             epochs = [s["epoch"] for s in samples] if all("epoch" in s for s in samples) else None
             out["masks"] = self.masking(seeds, epochs)
@@ -729,5 +666,5 @@ class EpochSampler(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[tuple[int, int] | tuple[int, int, int]]:
         idx = self.indices()[self.start_batch * self.batch_size :]
         if self.with_epoch:
-            return iter(zip(idx.tolist(), _sample_seeds(self.seed, self.epoch, idx), [self.epoch] * len(idx)))
-        return iter(zip(idx.tolist(), _sample_seeds(self.seed, self.epoch, idx)))
+            return iter(zip(idx.tolist(), sample_seeds(self.seed, self.epoch, idx), [self.epoch] * len(idx)))
+        return iter(zip(idx.tolist(), sample_seeds(self.seed, self.epoch, idx)))
