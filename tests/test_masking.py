@@ -19,8 +19,9 @@ from ssl_distill.data.masking import (
     build_masking,
     ibot_min_block_patches,
 )
-from ssl_distill.data.multicrop import EpochSampler, MultiCropCollate, MultiCropTransform
+from ssl_distill.data.multicrop import MultiCropCollate, MultiCropTransform
 from ssl_distill.data.rng import Stream, counter_uniforms, sample_seed, uniform_stream
+from ssl_distill.data.sampler import EpochSampler
 
 BLOCK = MaskingConfig(shape="block")
 RANDOM = MaskingConfig(shape="random")

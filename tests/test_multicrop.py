@@ -16,7 +16,6 @@ from PIL import Image
 from ssl_distill.config import CropsConfig
 from ssl_distill.data.folder import ImageFolderDataset, load_rgb, scan_image_folder
 from ssl_distill.data.multicrop import (
-    EpochSampler,
     EvalTransform,
     MultiCropCollate,
     MultiCropTransform,
@@ -30,6 +29,7 @@ from ssl_distill.data.multicrop import (
     random_resized_crop_box,
 )
 from ssl_distill.data.rng import counter_uniforms, sample_seed
+from ssl_distill.data.sampler import EpochSampler
 
 SMALL = CropsConfig(n_global=2, global_size=32, n_local=3, local_size=16)
 MEAN = torch.tensor(SMALL.mean).view(1, 3, 1, 1)

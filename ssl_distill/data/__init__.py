@@ -15,13 +15,13 @@ from ssl_distill.data.folder import (
 )
 from ssl_distill.data.masking import BatchMasking, MaskingGenerator, build_masking
 from ssl_distill.data.multicrop import (
-    EpochSampler,
     EvalTransform,
     MultiCropCollate,
     MultiCropTransform,
     PhotometricAugment,
     collate_eval,
 )
+from ssl_distill.data.sampler import EpochSampler
 
 __all__ = [
     "IMAGE_EXTENSIONS",

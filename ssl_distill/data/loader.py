@@ -9,8 +9,9 @@ from ..config import Config
 from .boxes import read_boxes
 from .folder import ImageFolderDataset, scan_image_folder
 from .masking import build_masking
-from .multicrop import EpochSampler, EvalTransform, MultiCropCollate, MultiCropTransform, collate_eval
+from .multicrop import EvalTransform, MultiCropCollate, MultiCropTransform, collate_eval
 from .object_crops import ObjectMultiCropTransform
+from .sampler import EpochSampler
 
 
 def build_train_loader(
