@@ -14,16 +14,15 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from ssl_distill.config import CropsConfig
+from ssl_distill.data.eval_transform import EvalTransform, collate_eval
 from ssl_distill.data.folder import ImageFolderDataset, load_rgb, scan_image_folder
 from ssl_distill.data.multicrop import (
-    EvalTransform,
     MultiCropCollate,
     MultiCropTransform,
     adjust_brightness_,
     adjust_contrast_,
     adjust_hue_,
     adjust_saturation_,
-    collate_eval,
     gaussian_blur,
     gaussian_kernels,
     random_resized_crop_box,

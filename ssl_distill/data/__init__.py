@@ -14,13 +14,8 @@ from ssl_distill.data.folder import (
     scan_image_folder,
 )
 from ssl_distill.data.masking import BatchMasking, MaskingGenerator, build_masking
-from ssl_distill.data.multicrop import (
-    EvalTransform,
-    MultiCropCollate,
-    MultiCropTransform,
-    PhotometricAugment,
-    collate_eval,
-)
+from ssl_distill.data.eval_transform import EvalTransform, collate_eval
+from ssl_distill.data.multicrop import MultiCropCollate, MultiCropTransform, PhotometricAugment
 from ssl_distill.data.sampler import EpochSampler
 
 __all__ = [

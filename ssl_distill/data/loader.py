@@ -7,9 +7,10 @@ import torch
 
 from ..config import Config
 from .boxes import read_boxes
+from .eval_transform import EvalTransform, collate_eval
 from .folder import ImageFolderDataset, scan_image_folder
 from .masking import build_masking
-from .multicrop import EvalTransform, MultiCropCollate, MultiCropTransform, collate_eval
+from .multicrop import MultiCropCollate, MultiCropTransform
 from .object_crops import ObjectMultiCropTransform
 from .sampler import EpochSampler
 

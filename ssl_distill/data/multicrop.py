@@ -41,6 +41,7 @@ from PIL import Image
 
 from ssl_distill.config import CropsConfig
 from ssl_distill.data.rng import MASK63, Stream, counter_uniforms
+from ssl_distill.data.tensors import batch_fields, new_batch_tensor, pil_to_uint8_chw
 
 if TYPE_CHECKING:
     from ssl_distill.data.masking import BatchMasking
@@ -142,11 +143,6 @@ def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _pil_to_uint8_chw(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> uint8 tensor (3, H, W) (a permuted view of an HWC copy)."""
-    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)
-
-
 @dataclass(frozen=True)
 class CropBox:
     """One view's geometry in source pixels: crop ``[left, left + width) x [top, top + height)``,
@@ -199,7 +195,7 @@ class MultiCropTransform:
             view = img.resize((spec.size, spec.size), Image.Resampling.BICUBIC, box=box)
             if c.flip:
                 view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            out.append(_pil_to_uint8_chw(view))
+            out.append(pil_to_uint8_chw(view))
         return out
 
     def __call__(self, img: Image.Image, seed: int) -> list[torch.Tensor]:
@@ -350,19 +346,6 @@ class _ViewParams:
         return np.where(self.jitter, self.order @ np.array([64, 16, 4, 1]), 256)
 
 
-def _new_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An empty batch tensor; in a DataLoader worker it is allocated in shared memory directly
-    (as ``default_collate`` does), which saves the copy made when the batch is sent to the main
-    process."""
-    if device.type == "cpu" and torch.utils.data.get_worker_info() is not None:
-        try:
-            storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape), device="cpu")
-            return torch.empty(0, dtype=dtype).new(storage).resize_(*shape)
-        except (AttributeError, RuntimeError):  # private API changed: fall back to a plain tensor
-            pass
-    return torch.empty(tuple(shape), dtype=dtype, device=device)
-
-
 _JITTER_OPS = (adjust_brightness_, adjust_contrast_, adjust_saturation_, adjust_hue_)
 
 
@@ -477,7 +460,7 @@ class PhotometricAugment:
         order = np.argsort(np.where(p.blur, 0, 1 << 12) - (p.blur_reach() << 9) + p.jitter_key(), kind="stable")
         p = p.take(order)
         order_t = torch.as_tensor(order).to(dev)
-        out = _new_output(u8.shape, torch.float32, dev)
+        out = new_batch_tensor(u8.shape, torch.float32, dev)
         per_chunk = len(u8) if dev.type != "cpu" else max(1, self.chunk_elements // u8[0].numel())
         work = torch.empty((min(per_chunk, len(u8)), *u8.shape[1:]), dtype=torch.float32, device=dev)
         for s in range(0, len(u8), per_chunk):
@@ -498,14 +481,6 @@ class PhotometricAugment:
 # --------------------------------------------------------------------------------------------
 # Collates
 # --------------------------------------------------------------------------------------------
-def _meta(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "label": torch.tensor([int(s["label"]) for s in samples], dtype=torch.long),
-        "index": torch.tensor([int(s["index"]) for s in samples], dtype=torch.long),
-        "bad": int(sum(int(s.get("bad", 0)) for s in samples)),
-    }
-
-
 class MultiCropCollate:
     """Batch samples of ``ImageFolderDataset(files, MultiCropTransform(crops))``.
 
@@ -544,10 +519,10 @@ class MultiCropCollate:
         views = []
         for v in range(self.n_views):
             first = samples[0]["image"][v]
-            out = _new_output((len(samples), *first.shape), first.dtype, first.device) if self.photometric is None else None
+            out = new_batch_tensor((len(samples), *first.shape), first.dtype, first.device) if self.photometric is None else None
             views.append(torch.stack([s["image"][v] for s in samples], out=out))
         crops = self.photometric(views, seeds) if self.photometric is not None else views
-        out = {"crops": crops, **_meta(samples), "seed": torch.tensor([x & MASK63 for x in seeds], dtype=torch.long)}
+        out = {"crops": crops, **batch_fields(samples), "seed": torch.tensor([x & MASK63 for x in seeds], dtype=torch.long)}
         if self.masking is not None:
             epochs = [s["epoch"] for s in samples] if all("epoch" in s for s in samples) else None
             out["masks"] = self.masking(seeds, epochs)
@@ -558,41 +533,3 @@ class MultiCropCollate:
             out["obj_masks"] = [torch.stack([s["obj_masks"][v] for s in samples]) for v in range(self.n_views)]
             out["obj_valid"] = torch.stack([s["obj_valid"] for s in samples])
         return out
-
-
-class EvalTransform:
-    """Evaluation view: Resize(resize_size, bicubic, shorter side) -> CenterCrop(size) -> normalize.
-
-    ``(img, seed) -> float32 Tensor (3, size, size)``; the seed is ignored.
-    """
-
-    def __init__(self, size: int = 224, resize_size: int = 256,
-                 mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225)) -> None:
-        if not 0 < size <= resize_size:
-            raise ValueError(f"need 0 < size <= resize_size, got size={size}, resize_size={resize_size}")
-        self.size, self.resize_size = int(size), int(resize_size)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-
-    def __call__(self, img: Image.Image, seed: int = 0) -> torch.Tensor:
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        w, h = img.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_long = int(self.resize_size * long / short)
-        new_w, new_h = (self.resize_size, new_long) if w <= h else (new_long, self.resize_size)
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        top = int(round((new_h - self.size) / 2.0))
-        left = int(round((new_w - self.size) / 2.0))
-        img = img.crop((left, top, left + self.size, top + self.size))
-        x = _pil_to_uint8_chw(img).to(torch.float32).div_(255.0)
-        return x.sub_(self.mean).div_(self.std)
-
-
-def collate_eval(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Batch :class:`EvalTransform` samples: ``{"image": (B, 3, H, W), "label", "index", "bad"}``."""
-    if not samples:
-        raise ValueError("empty batch")
-    first = samples[0]["image"]
-    out = _new_output((len(samples), *first.shape), first.dtype, first.device)
-    return {"image": torch.stack([s["image"] for s in samples], out=out), **_meta(samples)}
