@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ssl_distill.config import ConfigError, MaskingConfig, config_from_dict, load_config
+from ssl_distill.data.collate import MultiCropCollate
 from ssl_distill.data.folder import ImageFolderDataset, scan_image_folder
 from ssl_distill.data.loader import build_train_loader
 from ssl_distill.data.masking import (
@@ -19,9 +20,9 @@ from ssl_distill.data.masking import (
     build_masking,
     ibot_min_block_patches,
 )
-from ssl_distill.data.multicrop import MultiCropCollate, MultiCropTransform
 from ssl_distill.data.rng import Stream, counter_uniforms, sample_seed, uniform_stream
 from ssl_distill.data.sampler import EpochSampler
+from ssl_distill.data.views import MultiCropTransform
 
 BLOCK = MaskingConfig(shape="block")
 RANDOM = MaskingConfig(shape="random")

@@ -17,11 +17,11 @@ token of each view attends to that object's patches only. Per image (its boxes f
    the first rejected draws (those do not contain it, so they are not valid for the object term).
 
 When step 1 or 2 fails (or the image has no box), the sample gets exactly the plain views of
-:class:`~ssl_distill.data.multicrop.MultiCropTransform` with the same seed, and its object term
+:class:`~ssl_distill.data.views.MultiCropTransform` with the same seed, and its object term
 is invalid. Every crop draw uses the plain views' algorithm and settings (torchvision's
 RandomResizedCrop with the view's ``scale`` and ``ratio``, flip with ``flip_p``); the first try of
 each view *is* the plain view's draw, so an image whose plain crops already qualify gets exactly
-its plain views. The photometric augmentation (:class:`~ssl_distill.data.multicrop.MultiCropCollate`)
+its plain views. The photometric augmentation (:class:`~ssl_distill.data.collate.MultiCropCollate`)
 is untouched.
 
 Every crop, resize and flip moves the target box: :func:`boxes_in_view` maps it to each view's
@@ -50,8 +50,8 @@ import torch
 from PIL import Image
 
 from ssl_distill.config import CropsConfig
-from ssl_distill.data.multicrop import VIEW_UNIFORMS, CropBox, MultiCropTransform, view_crop
 from ssl_distill.data.rng import Stream, counter_uniforms
+from ssl_distill.data.views import VIEW_UNIFORMS, CropBox, MultiCropTransform, view_crop
 
 __all__ = ["ObjectMultiCropTransform", "ObjectViews", "boxes_in_view", "visible_fraction"]
 
