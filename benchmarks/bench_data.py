@@ -40,10 +40,12 @@ from torchvision import transforms as T
 from ssl_distill.hardware import hardware_line
 
 from ssl_distill.config import CropsConfig, MaskingConfig, load_config
+from ssl_distill.data.collate import MultiCropCollate
 from ssl_distill.data.fashion_mnist import DEFAULT_SOURCE, build_fashion_mnist_folders
 from ssl_distill.data.folder import FileList, ImageFolderDataset, load_rgb, scan_image_folder
 from ssl_distill.data.masking import BatchMasking, build_masking
-from ssl_distill.data.multicrop import MultiCropCollate, MultiCropTransform, sample_seed
+from ssl_distill.data.rng import sample_seed
+from ssl_distill.data.views import MultiCropTransform
 from ssl_distill.demo import DEFAULT_CONFIG
 
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png"]

@@ -55,7 +55,10 @@ from torch import Tensor, nn
 from ssl_distill.checkpoints import LoadedBackbone, load_any_backbone
 from ssl_distill.cli_args import linear_arguments as add_arguments  # options: torch-free
 from ssl_distill.data.folder import DataError, ImageFolderDataset, scan_image_folder
-from ssl_distill.data.multicrop import EpochSampler, collate_eval, counter_uniforms, random_resized_crop_box
+from ssl_distill.data.eval_transform import collate_eval
+from ssl_distill.data.rng import Stream, counter_uniforms
+from ssl_distill.data.sampler import EpochSampler
+from ssl_distill.data.views import random_resized_crop_box
 from ssl_distill.engine.checkpoint import CheckpointError, atomic_save
 from ssl_distill.runtime import resolve_device
 
@@ -88,9 +91,6 @@ __all__ = [
     "add_arguments",
     "run",
 ]
-
-CLASS_STREAM = 7  # counter_uniforms stream of the linear-probe augmentations (training uses 1-3)
-
 
 def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> list[float]:
     """Percent of rows whose label is among the top-k logits (k clipped to the class count)."""
@@ -465,7 +465,7 @@ class RandomResizedCropFlip:
     def __call__(self, img: Image.Image, seed: int = 0) -> Tensor:
         if img.mode != "RGB":
             img = img.convert("RGB")
-        u = counter_uniforms([seed], CLASS_STREAM, 0, 41)[0]
+        u = counter_uniforms([seed], Stream.LINEAR_PROBE, 0, 41)[0]
         top, left, h, w = random_resized_crop_box(img.width, img.height, self.scale, self.ratio, u)
         img = img.resize((self.size, self.size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
         if u[40] < self.flip_p:

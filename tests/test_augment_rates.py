@@ -44,7 +44,10 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from ssl_distill.config import CropsConfig
-from ssl_distill.data.multicrop import MultiCropCollate, MultiCropTransform, PhotometricAugment, sample_seed
+from ssl_distill.data.collate import MultiCropCollate
+from ssl_distill.data.photometric import PhotometricAugment
+from ssl_distill.data.rng import sample_seed
+from ssl_distill.data.views import MultiCropTransform
 
 N = 4000
 K_SIGMA = 5.0

@@ -11,17 +11,18 @@ import pytest
 import torch
 
 from ssl_distill.config import ConfigError, MaskingConfig, config_from_dict, load_config
+from ssl_distill.data.collate import MultiCropCollate
 from ssl_distill.data.folder import ImageFolderDataset, scan_image_folder
-from ssl_distill.data import masking, multicrop
 from ssl_distill.data.loader import build_train_loader
 from ssl_distill.data.masking import (
     BatchMasking,
     MaskingGenerator,
     build_masking,
     ibot_min_block_patches,
-    uniform_stream,
 )
-from ssl_distill.data.multicrop import EpochSampler, MultiCropCollate, MultiCropTransform, counter_uniforms, sample_seed
+from ssl_distill.data.rng import Stream, counter_uniforms, sample_seed, uniform_stream
+from ssl_distill.data.sampler import EpochSampler
+from ssl_distill.data.views import MultiCropTransform
 
 BLOCK = MaskingConfig(shape="block")
 RANDOM = MaskingConfig(shape="random")
@@ -263,8 +264,8 @@ def test_collate_without_masking_has_no_masks_key(photo_folder: Path) -> None:
 
 
 def test_mask_streams_are_not_the_crop_streams() -> None:
-    crop_streams = {multicrop._STREAM_GEOMETRY, multicrop._STREAM_PHOTOMETRIC, multicrop._STREAM_SAMPLER}
-    mask_streams = {masking.STREAM_MASK_RATIO, masking.STREAM_MASK_SHAPE}
+    crop_streams = {Stream.GEOMETRY, Stream.PHOTOMETRIC, Stream.SAMPLER}
+    mask_streams = {Stream.MASK_RATIO, Stream.MASK_SHAPE}
     assert len(mask_streams) == 2 and not mask_streams & crop_streams  # masks uncorrelated with the crops
     seeds = [sample_seed(0, 0, i) for i in range(4)]
     crops = [counter_uniforms(seeds, s, 0, 8) for s in crop_streams]

@@ -14,23 +14,20 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from ssl_distill.config import CropsConfig
+from ssl_distill.data.collate import MultiCropCollate
+from ssl_distill.data.eval_transform import EvalTransform, collate_eval
 from ssl_distill.data.folder import ImageFolderDataset, load_rgb, scan_image_folder
-from ssl_distill.data.multicrop import (
-    EpochSampler,
-    EvalTransform,
-    MultiCropCollate,
-    MultiCropTransform,
+from ssl_distill.data.photometric import (
     adjust_brightness_,
     adjust_contrast_,
     adjust_hue_,
     adjust_saturation_,
-    collate_eval,
-    counter_uniforms,
     gaussian_blur,
     gaussian_kernels,
-    random_resized_crop_box,
-    sample_seed,
 )
+from ssl_distill.data.rng import counter_uniforms, sample_seed
+from ssl_distill.data.sampler import EpochSampler
+from ssl_distill.data.views import MultiCropTransform, random_resized_crop_box
 
 SMALL = CropsConfig(n_global=2, global_size=32, n_local=3, local_size=16)
 MEAN = torch.tensor(SMALL.mean).view(1, 3, 1, 1)

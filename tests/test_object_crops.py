@@ -14,18 +14,13 @@ from PIL import Image
 
 from ssl_distill.config import CropsConfig, MaskingConfig, config_from_dict
 from ssl_distill.data.boxes import patch_mask_from_boxes, read_boxes
+from ssl_distill.data.collate import MultiCropCollate
 from ssl_distill.data.folder import BadImageWarning, ImageFolderDataset, load_rgb, scan_image_folder
 from ssl_distill.data.loader import build_train_loader
 from ssl_distill.data.masking import build_masking
-from ssl_distill.data.multicrop import (
-    CropBox,
-    MultiCropCollate,
-    MultiCropTransform,
-    counter_uniforms,
-    random_resized_crop_box,
-    sample_seed,
-)
 from ssl_distill.data.object_crops import ObjectMultiCropTransform, boxes_in_view, visible_fraction
+from ssl_distill.data.rng import counter_uniforms, sample_seed
+from ssl_distill.data.views import CropBox, MultiCropTransform, random_resized_crop_box
 
 P = 8  # patch size
 CROPS = CropsConfig(n_global=2, global_size=32, n_local=3, local_size=16)

@@ -1,8 +1,21 @@
-"""Data: image folders, robust loading, DINO multi-crop views, iBOT masks, the epoch sampler.
+"""Data: from image folders to the batches the engine and the evaluations read.
 
-Fashion-MNIST helpers live in :mod:`ssl_distill.data.fashion_mnist` (not imported here so that
-``python -m ssl_distill.data.fashion_mnist`` runs cleanly).
+Which file holds what:
+
+- ``folder``: image folders (labeled or not), robust image loading, the dataset of samples;
+  ``boxes``: object boxes files; ``fashion_mnist`` and ``scenes``: the demo's and the scene
+  benchmark's folders (not imported here, so that ``python -m`` runs them cleanly).
+- ``rng``: counter-based randomness and the one table of random streams (``rng.Stream``);
+  ``sampler``: the epoch sampler (order per epoch, a seed per sample).
+- ``views``: DINO's multi-crop views (crop geometry per sample); ``photometric``: their batched
+  color jitter, grayscale, blur and solarize; ``collate``: the pretraining batch.
+- ``masking``: iBOT's patch masks; ``attmask``: AttMask's attention-guided masks;
+  ``object_crops``: ODIS's object-aware views.
+- ``eval_transform``: the evaluation view and its batches; ``tensors``: image and batch tensor
+  helpers both sides share; ``loader``: the DataLoaders.
 """
+from ssl_distill.data.collate import MultiCropCollate
+from ssl_distill.data.eval_transform import EvalTransform, collate_eval
 from ssl_distill.data.folder import (
     IMAGE_EXTENSIONS,
     BadImageCounter,
@@ -14,14 +27,9 @@ from ssl_distill.data.folder import (
     scan_image_folder,
 )
 from ssl_distill.data.masking import BatchMasking, MaskingGenerator, build_masking
-from ssl_distill.data.multicrop import (
-    EpochSampler,
-    EvalTransform,
-    MultiCropCollate,
-    MultiCropTransform,
-    PhotometricAugment,
-    collate_eval,
-)
+from ssl_distill.data.photometric import PhotometricAugment
+from ssl_distill.data.sampler import EpochSampler
+from ssl_distill.data.views import MultiCropTransform
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -285,7 +285,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """Images of a :class:`FileList`, with per-sample seeds and corrupt-file substitution.
 
     ``dataset[item]`` with ``item`` an ``int`` index, an ``(index, seed)`` or an ``(index, seed,
-    epoch)`` tuple (as yielded by :class:`ssl_distill.data.multicrop.EpochSampler`; a bare int uses
+    epoch)`` tuple (as yielded by :class:`ssl_distill.data.sampler.EpochSampler`; a bare int uses
     ``seed = index``) returns::
 
         {"image": transform(img, seed) (or the PIL image when transform is None),

@@ -7,10 +7,13 @@ import torch
 
 from ..config import Config
 from .boxes import read_boxes
+from .collate import MultiCropCollate
+from .eval_transform import EvalTransform, collate_eval
 from .folder import ImageFolderDataset, scan_image_folder
 from .masking import build_masking
-from .multicrop import EpochSampler, EvalTransform, MultiCropCollate, MultiCropTransform, collate_eval
 from .object_crops import ObjectMultiCropTransform
+from .sampler import EpochSampler
+from .views import MultiCropTransform
 
 
 def build_train_loader(

@@ -12,10 +12,10 @@ P_s(u^_i)``). The masks ``m`` come from the data loader (``ImageFolderMask`` in 
   ``(min(h, w) // 3) ** 2`` patches, no largest-block cap, aspect ratio log-uniform in (0.3, 1/0.3);
 - ``random``: exactly ``int(r * h * w)`` patches, uniformly.
 
-Reproducibility: every number is drawn from :func:`ssl_distill.data.multicrop.counter_uniforms` of
+Reproducibility: every number is drawn from :func:`ssl_distill.data.rng.counter_uniforms` of
 the sample seed (itself a function of (run seed, epoch, dataset index)), on streams of their own
-(4: ratios, 5: mask shapes; the crops use 1-3), so a sample's masks do not depend on the batch, rank
-or number of workers, and turning masks on leaves the crops bit-identical.
+(``Stream.MASK_RATIO`` and ``Stream.MASK_SHAPE``, apart from the crops'), so a sample's masks do not
+depend on the batch, rank or number of workers, and turning masks on leaves the crops bit-identical.
 
 Deviations from iBOT's loader (distributions unchanged): iBOT draws a ratio for every list entry
 and then picks one, here the entry is picked first and only its ratio is drawn; ``random.randint(a,
@@ -25,16 +25,14 @@ only (iBOT also makes masks for the local views and never uses them).
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from ssl_distill.config import MaskingConfig
-from ssl_distill.data.multicrop import counter_uniforms
+from ssl_distill.data.rng import Stream, counter_uniforms, uniform_stream
 
-STREAM_MASK_RATIO = 4  # counter_uniforms streams (multicrop uses 1-3, eval.linear 7)
-STREAM_MASK_SHAPE = 5
 BLOCK_TRIES = 10  # attempts per block (BEiT's MaskingGenerator._mask)
 _FIRST_UNIFORMS = 64  # uniforms drawn per (sample, view) up front for the block masks; more on demand
 
@@ -42,26 +40,6 @@ _FIRST_UNIFORMS = 64  # uniforms drawn per (sample, view) up front for the block
 def ibot_min_block_patches(height: int, width: int) -> int:
     """iBOT's smallest block target in patches: ``(min(h, w) // 3) ** 2`` (16 on a 14 x 14 grid)."""
     return (min(height, width) // 3) ** 2
-
-
-def uniform_stream(seed: int, stream: int, key: int, first: np.ndarray | None = None) -> Callable[[], float]:
-    """A ``draw()`` returning the uniforms ``u_1, u_2, ...`` of one ``(seed, stream, key)`` in turn.
-
-    Value k is ``counter_uniforms([seed], stream, key, n)[0, k - 1]`` for any ``n >= k``: a pure
-    function of the key and the position, however many are read. ``first``: those values already
-    drawn for the batch (any number of them).
-    """
-
-    def values() -> Iterator[float]:
-        done = list(first.tolist()) if first is not None else []
-        yield from done
-        n = len(done)
-        while True:
-            more = counter_uniforms([seed], stream, key, max(2 * n, _FIRST_UNIFORMS))[0, n:].tolist()
-            yield from more
-            n += len(more)
-
-    return values().__next__
 
 
 class MaskingGenerator:
@@ -162,7 +140,7 @@ class BatchMasking:
 
     def ratios(self, seeds: Sequence[int], epochs: Sequence[float] | None = None) -> np.ndarray:
         """float64 (B, n_global): each view's ratio (iBOT's ``get_pred_ratio``); 0 before ``pred_start_epoch``."""
-        u = counter_uniforms(seeds, STREAM_MASK_RATIO, range(self.n_global), 2)  # (B, G, 2)
+        u = counter_uniforms(seeds, Stream.MASK_RATIO, range(self.n_global), 2)  # (B, G, 2)
         pick = np.minimum((u[..., 0] * len(self.ratios_)).astype(np.int64), len(self.ratios_) - 1)
         mean, var = self.ratios_[pick], self.vars_[pick]
         lo, hi = mean - var, mean + var
@@ -182,12 +160,12 @@ class BatchMasking:
         out = []
         for g in range(self.n_global):
             if self.cfg.shape == "random":
-                u = counter_uniforms(seeds, STREAM_MASK_SHAPE, g, n)
+                u = counter_uniforms(seeds, Stream.MASK_SHAPE, g, n)
                 masks = random_masks(u, high[:, g].astype(np.int64))
             else:
-                first = counter_uniforms(seeds, STREAM_MASK_SHAPE, g, _FIRST_UNIFORMS)
+                first = counter_uniforms(seeds, Stream.MASK_SHAPE, g, _FIRST_UNIFORMS)
                 masks = np.stack([
-                    self.generator(float(high[b, g]), uniform_stream(s, STREAM_MASK_SHAPE, g, first[b])).reshape(n)
+                    self.generator(float(high[b, g]), uniform_stream(s, Stream.MASK_SHAPE, g, first[b])).reshape(n)
                     for b, s in enumerate(seeds)])
             out.append(torch.from_numpy(masks))
         return out

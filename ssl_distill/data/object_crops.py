@@ -17,11 +17,11 @@ token of each view attends to that object's patches only. Per image (its boxes f
    the first rejected draws (those do not contain it, so they are not valid for the object term).
 
 When step 1 or 2 fails (or the image has no box), the sample gets exactly the plain views of
-:class:`~ssl_distill.data.multicrop.MultiCropTransform` with the same seed, and its object term
+:class:`~ssl_distill.data.views.MultiCropTransform` with the same seed, and its object term
 is invalid. Every crop draw uses the plain views' algorithm and settings (torchvision's
 RandomResizedCrop with the view's ``scale`` and ``ratio``, flip with ``flip_p``); the first try of
 each view *is* the plain view's draw, so an image whose plain crops already qualify gets exactly
-its plain views. The photometric augmentation (:class:`~ssl_distill.data.multicrop.MultiCropCollate`)
+its plain views. The photometric augmentation (:class:`~ssl_distill.data.collate.MultiCropCollate`)
 is untouched.
 
 Every crop, resize and flip moves the target box: :func:`boxes_in_view` maps it to each view's
@@ -36,9 +36,8 @@ inside the box). Masks and validity, per view v:
   local views; all-True ([OBJ] sees the whole view, the issue's rule for plain local views) otherwise.
   Invalid views add nothing to the loss; all-True keeps their [OBJ] forward well defined.
 
-Randomness: the first try of view v is the plain draw (stream 1, key v); the further tries read
-:func:`~ssl_distill.data.multicrop.counter_uniforms` on stream :data:`STREAM_OBJECT_CROPS` (6) with
-their own keys, all from the sample seed (a function of (run seed, epoch, index)): a sample's views
+Randomness: the first try of view v is the plain draw (``Stream.GEOMETRY``, key v); the further tries
+read :func:`~ssl_distill.data.rng.counter_uniforms` on ``Stream.OBJECT_CROPS`` with their own keys, all from the sample seed (a function of (run seed, epoch, index)): a sample's views
 do not depend on the batch, the rank or the number of workers.
 """
 from __future__ import annotations
@@ -51,11 +50,11 @@ import torch
 from PIL import Image
 
 from ssl_distill.config import CropsConfig
-from ssl_distill.data.multicrop import VIEW_UNIFORMS, CropBox, MultiCropTransform, counter_uniforms, view_crop
+from ssl_distill.data.rng import Stream, counter_uniforms
+from ssl_distill.data.views import VIEW_UNIFORMS, CropBox, MultiCropTransform, view_crop
 
 __all__ = ["ObjectMultiCropTransform", "ObjectViews", "boxes_in_view", "visible_fraction"]
 
-STREAM_OBJECT_CROPS = 6  # counter_uniforms stream (multicrop 1-3, masking 4-5, eval.linear 7)
 FIRST_GLOBAL_TRIES = 10
 OTHER_GLOBAL_TRIES = 20
 LOCAL_TRIES_PER_VIEW = 10
@@ -170,7 +169,7 @@ class ObjectMultiCropTransform:
         spec = self.views[view]
         keys = range(first_key + len(plain), first_key + tries)
         if len(keys):
-            for u in counter_uniforms([seed], STREAM_OBJECT_CROPS, keys, VIEW_UNIFORMS)[0]:
+            for u in counter_uniforms([seed], Stream.OBJECT_CROPS, keys, VIEW_UNIFORMS)[0]:
                 yield view_crop(width, height, spec.scale, self.plain.ratio, self.plain.crops.flip_p, u)
 
     def draw(self, width: int, height: int, seed: int, boxes: np.ndarray) -> ObjectViews:

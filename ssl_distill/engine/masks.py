@@ -10,6 +10,7 @@ import torch
 
 from ..config import Config
 from ..data.attmask import attmask, draw_batch_ratio
+from ..data.rng import Stream
 from ..objectives.base import StepState
 from .build import uses_patches
 
@@ -28,7 +29,7 @@ class StepMasks:
 
     def generator(self, step: int) -> torch.Generator:
         """AttMask's draws: a generator keyed on (seed, step, rank), so a resumed run draws the same."""
-        key = np.random.SeedSequence([self.seed, step, self.rank, 0xA77]).generate_state(1)[0]
+        key = np.random.SeedSequence([self.seed, step, self.rank, Stream.ATTMASK]).generate_state(1)[0]
         return torch.Generator().manual_seed(int(key))
 
     def __call__(self, data_masks: list[torch.Tensor] | None, teacher: dict[str, torch.Tensor],

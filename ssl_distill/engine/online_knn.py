@@ -37,7 +37,7 @@ from tqdm import tqdm
 from ..runtime import resolve_precision
 from ..config import Config, ConfigError, MonitorConfig
 from ..data.folder import DataError, FileList, ImageFolderDataset, scan_image_folder
-from ..data.multicrop import EvalTransform, collate_eval
+from ..data.eval_transform import EvalTransform, collate_eval
 from . import distributed as du
 from .checkpoint import rng_state, set_rng_state
 from .monitor import JsonlLogger
