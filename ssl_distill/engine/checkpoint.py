@@ -1,7 +1,6 @@
 """Training checkpoints: one file, written atomically, read without unpickling arbitrary code."""
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any, Callable
@@ -9,47 +8,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..atomic import atomic_write
 from ..errors import CheckpointError  # defined without torch, for the command line; re-exported here
 
 FORMAT = "ssl-distill/1"
 LATEST = "checkpoint.pth"
 
 
-def _temporary_name(path: Path, pid: int | str) -> Path:
-    """Where :func:`atomic_save` writes before the rename: ``.<name>.tmp-<pid>`` beside ``path``."""
-    return path.with_name(f".{path.name}.tmp-{pid}")
-
-
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_name(path, os.getpid())
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def remove_stale_temporaries(folder: Path) -> list[tuple[Path, int]]:
-    """Delete the temporary files of saves that were killed before their rename; returns (path, bytes).
-
-    Call it only where no save is in progress (rank 0, before training starts): a ``kill -9`` in
-    :func:`atomic_save` leaves its ``.<name>.tmp-<pid>`` behind, and repeated preemptions of a
-    large model would fill a quota with them. The checkpoints themselves are never touched.
-    """
-    removed = []
-    for tmp in sorted(folder.glob(_temporary_name(Path("*"), "*").name)):
-        if tmp.is_file():
-            size = tmp.stat().st_size
-            tmp.unlink()
-            removed.append((tmp, size))
-    return removed
+    """torch.save through :func:`ssl_distill.atomic.atomic_write` (temporary name, fsync, rename)."""
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def rng_state() -> dict[str, Any]:

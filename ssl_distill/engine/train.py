@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..atomic import remove_stale_temporaries
 from ..checkpoints import read_training_checkpoint
 from ..config import Config, config_diff, config_from_dict, config_to_dict, save_config
 from ..data.folder import BadImageCounter
@@ -26,8 +27,7 @@ from ..objectives import StepState
 from ..runtime import autocast_context, check_precision, resolve_device, resolve_precision
 from . import distributed as du
 from .checkpoint import (
-    FORMAT, LATEST, CheckpointError, atomic_save, describe_mismatch, load_state_strict,
-    remove_stale_temporaries, rng_state, set_rng_state,
+    FORMAT, LATEST, CheckpointError, atomic_save, describe_mismatch, load_state_strict, rng_state, set_rng_state,
 )
 from .build import build_model, build_objectives, uses_patches
 from .ema import ema_update
