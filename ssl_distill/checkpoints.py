@@ -58,9 +58,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config, ModelConfig, config_from_dict
+from .config import Config, config_from_dict
 from .engine.checkpoint import FORMAT, CheckpointError, describe_mismatch, find_checkpoint, unreadable
-from .models import OBJ_KEYS, BackboneSpec, ViTBackbone, fill_obj_from_cls
+from .models import OBJ_KEYS, BackboneSpec, ViTBackbone, config_from_spec, fill_obj_from_cls, spec_from_config
 from .models.backbone import VIT_SIZES, arch_for_width, grid_side, standard_heads
 
 __all__ = [
@@ -72,8 +72,6 @@ __all__ = [
     "infer_spec",
     "load_any_backbone",
     "load_backbone",
-    "spec_from_config",
-    "config_from_spec",
     "strip_prefix",
     "SPEC_METADATA_KEY",
 ]
@@ -203,27 +201,6 @@ def _pickle_globals(path: Path) -> list[str] | None:
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Keys starting with ``prefix``, with it removed."""
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Config <-> spec
-# ----------------------------------------------------------------------------------------------------
-_SPEC_FIELDS = ("arch", "patch_size", "img_size", "depth", "embed_dim", "num_heads", "mlp_ratio", "mlp_layer",
-                "qkv_bias", "layer_scale", "reg_tokens", "no_embed_class", "pos_interp")
-
-
-def spec_from_config(cfg: Config, drop_path_rate: float = 0.0) -> BackboneSpec:
-    """The backbone described by a config's model section (evaluation and teacher: no drop-path)."""
-    m = cfg.model
-    return BackboneSpec(**{f: getattr(m, f) for f in _SPEC_FIELDS}, drop_path_rate=drop_path_rate)
-
-
-def config_from_spec(spec: BackboneSpec) -> Config:
-    """A default Config whose model section describes ``spec`` (dimensions explicit)."""
-    width, depth, heads = spec.dims()
-    values = {f: getattr(spec, f) for f in _SPEC_FIELDS}
-    values.update(embed_dim=width, depth=depth, num_heads=heads, drop_path_rate=0.0)
-    return Config(model=ModelConfig(**values))
 
 
 # ----------------------------------------------------------------------------------------------------
