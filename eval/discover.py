@@ -607,7 +607,7 @@ def discover_images(backbone: nn.Module, image_dir: str | Path, file_names: Sequ
 # ----------------------------------------------------------------------------------- command line
 def run(args: argparse.Namespace) -> int:
     from ssl_distill.data.folder import scan_image_folder
-    from ssl_distill.engine.checkpoint import find_checkpoint
+    from ssl_distill.checkpoints import find_checkpoint
     from ssl_distill.runtime import resolve_device
 
     from .corloc import corloc, read_ground_truth

@@ -26,9 +26,8 @@ from typing import Any
 import timm
 
 from ssl_distill.atomic import atomic_write
-from ssl_distill.checkpoints import SPEC_METADATA_KEY, LoadedBackbone, load_any_backbone
+from ssl_distill.checkpoints import SPEC_METADATA_KEY, LoadedBackbone, atomic_save, load_any_backbone
 from ssl_distill.cli_args import export_arguments as add_arguments  # options: torch-free
-from ssl_distill.engine.checkpoint import atomic_save
 from ssl_distill.models import BackboneSpec
 
 __all__ = ["export_backbone", "timm_model_args", "add_arguments", "run"]

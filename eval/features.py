@@ -373,7 +373,7 @@ def extract_folder(
     """
     from ssl_distill.data.folder import BadImageCounter, DataError, scan_image_folder
     from ssl_distill.data.loader import build_eval_loader
-    from ssl_distill.engine.checkpoint import atomic_save
+    from ssl_distill.checkpoints import atomic_save
 
     if dtype not in (torch.float32, torch.float16):
         raise ValueError(f"feature dtype must be float32 or float16, got {dtype}")

@@ -52,11 +52,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from ssl_distill.checkpoints import LoadedBackbone, load_any_backbone
+from ssl_distill.checkpoints import CheckpointError, LoadedBackbone, atomic_save, load_any_backbone
 from ssl_distill.cli_args import linear_arguments as add_arguments  # options: torch-free
 from ssl_distill.data.folder import DataError, ImageFolderDataset, scan_image_folder
 from ssl_distill.data.multicrop import EpochSampler, collate_eval, counter_uniforms, random_resized_crop_box
-from ssl_distill.engine.checkpoint import CheckpointError, atomic_save
 from ssl_distill.runtime import resolve_device
 
 from .constants import LR_GRID
