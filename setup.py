@@ -15,6 +15,8 @@ setup(
         "ssl_distill.models",
         "ssl_distill.objectives",
         "ssl_distill.data",
+        "ssl_distill.checkpoints",
+        "ssl_distill.checkpoints.layouts",
         "ssl_distill.engine",
         "ssl_distill.report",
         "ssl_distill.eval",

@@ -94,6 +94,7 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ssl_distill.atomic import atomic_write
 from ssl_distill.cli_args import discover_arguments as add_arguments  # options: torch-free
 from ssl_distill.models.inspect import (
     cls_attention_maps,
@@ -520,10 +521,8 @@ def write_coco_boxes(path: str | Path, entries: Iterable[dict[str, Any]], info: 
     data = {"info": info or {}, "images": images, "annotations": annotations,
             "categories": [{"id": 1, "name": "object"}]}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
     return path
 
 
@@ -608,7 +607,7 @@ def discover_images(backbone: nn.Module, image_dir: str | Path, file_names: Sequ
 # ----------------------------------------------------------------------------------- command line
 def run(args: argparse.Namespace) -> int:
     from ssl_distill.data.folder import scan_image_folder
-    from ssl_distill.engine.checkpoint import find_checkpoint
+    from ssl_distill.checkpoints import find_checkpoint
     from ssl_distill.runtime import resolve_device
 
     from .corloc import corloc, read_ground_truth

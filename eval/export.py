@@ -19,16 +19,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import timm
 
-from ssl_distill.checkpoints import SPEC_METADATA_KEY, LoadedBackbone, load_any_backbone
+from ssl_distill.atomic import atomic_write
+from ssl_distill.checkpoints import SPEC_METADATA_KEY, LoadedBackbone, atomic_save, load_any_backbone
 from ssl_distill.cli_args import export_arguments as add_arguments  # options: torch-free
-from ssl_distill.engine.checkpoint import atomic_save
 from ssl_distill.models import BackboneSpec
 
 __all__ = ["export_backbone", "timm_model_args", "add_arguments", "run"]
@@ -84,16 +83,11 @@ def export_backbone(checkpoint: str | Path, out: str | Path, which: str | None =
     if fmt == "safetensors":
         from safetensors.torch import save_file
 
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        try:
+        with atomic_write(out) as tmp:
             save_file(state, str(tmp), metadata={
                 "format": "pt", SPEC_METADATA_KEY: json.dumps(dataclasses.asdict(spec)),
                 "source": json.dumps({k: v for k, v in loaded.describe().items() if k != "spec"}),
             })
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
     else:
         atomic_save(state, out)
     info = {

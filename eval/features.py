@@ -344,16 +344,6 @@ class _CountBad:
         return len(self.loader)
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
 
 def extract_folder(
     extractor: FeatureExtractor,
@@ -383,6 +373,7 @@ def extract_folder(
     """
     from ssl_distill.data.folder import BadImageCounter, DataError, scan_image_folder
     from ssl_distill.data.loader import build_eval_loader
+    from ssl_distill.checkpoints import atomic_save
 
     if dtype not in (torch.float32, torch.float16):
         raise ValueError(f"feature dtype must be float32 or float16, got {dtype}")
@@ -426,7 +417,7 @@ def extract_folder(
     meta.update(seconds=seconds, images_per_s=len(files) / max(seconds, 1e-9), bad_images=counting.bad,
                 device=str(device))
     if cache_file is not None:
-        _atomic_torch_save({"features": feats, "labels": labels, "meta": meta}, cache_file)
+        atomic_save({"features": feats, "labels": labels, "meta": meta}, cache_file)
         meta["cache_file"] = str(cache_file)
     return FeatureSet(feats, labels, list(files.classes), meta, cached=False)
 

@@ -37,8 +37,6 @@ Implementation notes:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -49,6 +47,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ssl_distill.atomic import atomic_write
 
 from .features import extract_features
 
@@ -344,18 +344,6 @@ def default_output(checkpoint: str | Path, name: str, random_init: bool = False)
 
 def write_results(results: dict, path: Path) -> None:
     """Write ``results`` as JSON atomically: a temporary file in the same folder, fsync, ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(results, indent=2, default=_json_default)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as tmp:
+        tmp.write_text(text + "\n")

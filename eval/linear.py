@@ -52,14 +52,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from ssl_distill.checkpoints import LoadedBackbone, load_any_backbone
+from ssl_distill.checkpoints import CheckpointError, LoadedBackbone, atomic_save, load_any_backbone
 from ssl_distill.cli_args import linear_arguments as add_arguments  # options: torch-free
 from ssl_distill.data.folder import DataError, ImageFolderDataset, scan_image_folder
 from ssl_distill.data.eval_transform import collate_eval
 from ssl_distill.data.rng import Stream, counter_uniforms
 from ssl_distill.data.sampler import EpochSampler
 from ssl_distill.data.views import random_resized_crop_box
-from ssl_distill.engine.checkpoint import CheckpointError, atomic_save
 from ssl_distill.runtime import resolve_device
 
 from .constants import LR_GRID

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import os
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -12,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .atomic import atomic_write
 
 
 @dataclass
@@ -671,11 +672,8 @@ def validate(cfg: Config) -> None:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, p)
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

@@ -197,10 +197,9 @@ def tiny_checkpoint(path: str | Path, arch: str = "vit_tiny", depth: int = 2, pa
     ``format``, ``config`` and ``teacher`` / ``student`` state dicts with the ``backbone.`` prefix."""
     import torch
 
-    from ssl_distill.checkpoints import spec_from_config
+    from ssl_distill.checkpoints import FORMAT, atomic_save
     from ssl_distill.config import config_to_dict, load_config
-    from ssl_distill.engine.checkpoint import FORMAT, atomic_save
-    from ssl_distill.models import ViTBackbone
+    from ssl_distill.models import ViTBackbone, spec_from_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "dino_tiny_fmnist.yaml",
                       [f"model.arch={arch}", f"model.depth={depth}", f"model.patch_size={patch_size}",

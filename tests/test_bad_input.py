@@ -8,10 +8,10 @@ import re
 import pytest
 import torch
 
+from ssl_distill.checkpoints import LATEST, atomic_save, load_file
 from ssl_distill.cli import run as cli
 from ssl_distill.config import ConfigError, load_config
 from ssl_distill.data.folder import scan_image_folder
-from ssl_distill.engine.checkpoint import LATEST, atomic_save, load_file
 from ssl_distill.engine.train import Trainer
 
 from test_end_to_end import CONFIG, make_folder, tiny_overrides

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ssl_distill.checkpoints import load_any_backbone, load_backbone, read_checkpoint
-from ssl_distill.engine.checkpoint import CheckpointError
+from ssl_distill.checkpoints import CheckpointError, load_any_backbone, load_backbone, read_checkpoint
 from ssl_distill.eval.export import export_backbone
 
 WIDTH, HEADS = 192, 3  # a standard width (vit_tiny): the head count is inferred from it
@@ -435,8 +434,8 @@ def test_export_loads_in_timm_and_back(tmp_path: Path, layout: str, fmt: str) ->
 # Our own checkpoints still load (teacher by default, student on request), old configs included
 # ----------------------------------------------------------------------------------------------------
 def test_own_checkpoint_teacher_and_student(tmp_path: Path) -> None:
+    from ssl_distill.checkpoints import FORMAT, atomic_save
     from ssl_distill.config import config_to_dict, load_config
-    from ssl_distill.engine.checkpoint import FORMAT, atomic_save
     from ssl_distill.engine.train import build_model
 
     root = Path(__file__).resolve().parents[1]

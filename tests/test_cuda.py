@@ -14,8 +14,8 @@ import sys
 import pytest
 import torch
 
+from ssl_distill.checkpoints import load_file
 from ssl_distill.config import load_config
-from ssl_distill.engine.checkpoint import load_file
 from ssl_distill.engine.train import Trainer, train
 from ssl_distill.models import BackboneSpec, ViTBackbone
 

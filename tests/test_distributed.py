@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ssl_distill.checkpoints import load_file
 from ssl_distill.config import load_config
 from ssl_distill.engine import stop
-from ssl_distill.engine.checkpoint import load_file
 from ssl_distill.engine.distributed import DistEnv, expand_nodelist, port_from_job_id
 from ssl_distill.engine.train import Trainer
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from ssl_distill.checkpoints import CheckpointError, load_file
 from ssl_distill.config import load_config
-from ssl_distill.engine.checkpoint import CheckpointError, load_file
 from ssl_distill.engine.train import NonFiniteLossError, Trainer, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_distill.engine.checkpoint import CheckpointError, atomic_save, load_file, load_state_strict, rng_state, set_rng_state
+from ssl_distill.checkpoints import CheckpointError, atomic_save, load_file, load_state_strict, rng_state, set_rng_state
 from ssl_distill.engine.ema import ema_update
 from ssl_distill.engine.train import clip_gradients_per_param, param_groups
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ssl_distill.checkpoints import load_file
 from ssl_distill.config import ConfigError, load_config
 from ssl_distill.data.attmask import attmask, draw_batch_ratio
-from ssl_distill.engine.checkpoint import load_file
 from ssl_distill.engine.masks import StepMasks
 from ssl_distill.engine.train import Trainer, train
 from ssl_distill.models import BackboneSpec, ViTBackbone

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ssl_distill.checkpoints import CheckpointError, load_file
 from ssl_distill.config import load_config
-from ssl_distill.engine.checkpoint import CheckpointError, load_file
 from ssl_distill.engine.train import Trainer, train
 
 from test_end_to_end import CONFIG, make_folder, tiny_overrides

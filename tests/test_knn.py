@@ -360,9 +360,9 @@ def test_knn_extracts_fp32_features_by_default_and_records_the_precision(tmp_pat
 def test_knn_precision_from_the_run_config_overridden_by_the_command_line(tmp_path) -> None:
     from pathlib import Path
 
+    from ssl_distill.checkpoints import FORMAT, atomic_save
     from ssl_distill.cli import build_parser
     from ssl_distill.config import ConfigError, config_to_dict, load_config
-    from ssl_distill.engine.checkpoint import FORMAT, atomic_save
     from ssl_distill.engine.train import build_model
     from ssl_distill.eval.evaluate import knn_on_checkpoint
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ssl_distill.engine.checkpoint import load_file
+from ssl_distill.checkpoints import load_file
 
 from test_end_to_end import CONFIG, assert_same_teacher_and_center, make_folder, tiny_overrides
 

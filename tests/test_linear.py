@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ssl_distill.checkpoints import FORMAT, atomic_save
 from ssl_distill.config import config_to_dict, load_config
-from ssl_distill.engine.checkpoint import FORMAT, atomic_save
 from ssl_distill.engine.train import build_model
 from ssl_distill.eval import linear as L
 from ssl_distill.eval.features import FeatureSet

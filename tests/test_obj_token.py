@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_distill.checkpoints import load_any_backbone
+from ssl_distill.checkpoints import FORMAT, CheckpointError, load_any_backbone
 from ssl_distill.config import Config, ModelConfig, config_to_dict
-from ssl_distill.engine.checkpoint import FORMAT, CheckpointError
 from ssl_distill.models import BackboneSpec, DINOHead, MultiCropModel, ViTBackbone, fill_obj_from_cls
 from ssl_distill.models.backbone import random_init_like
 from ssl_distill.models.inspect import BlockQKV, attention_weights, qkv_from_input

@@ -20,11 +20,10 @@ from PIL import Image
 from scenes import tiny_checkpoint
 from test_scenes import write_bar_source
 
-from ssl_distill.checkpoints import load_backbone, spec_from_config
+from ssl_distill.checkpoints import FORMAT, atomic_save, load_backbone
 from ssl_distill.config import config_to_dict, load_config
 from ssl_distill.data.boxes import patch_mask_from_boxes, read_boxes
 from ssl_distill.data.scenes import SceneSettings, build_scene_benchmark
-from ssl_distill.engine.checkpoint import FORMAT, atomic_save
 from ssl_distill.eval.features import (
     ImageSettings,
     boxes_to_view,
@@ -34,7 +33,7 @@ from ssl_distill.eval.features import (
 )
 from ssl_distill.eval.knn import knn_classify
 from ssl_distill.eval.object_knn import NO_OBJ_TOKEN
-from ssl_distill.models import ViTBackbone
+from ssl_distill.models import ViTBackbone, spec_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)

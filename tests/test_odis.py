@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
+from ssl_distill.checkpoints import load_file
 from ssl_distill.config import load_config
-from ssl_distill.engine.checkpoint import load_file
 from ssl_distill.engine.train import train
 
 from test_end_to_end import CONFIG, make_folder, tiny_overrides

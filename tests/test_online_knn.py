@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from ssl_distill.checkpoints import load_file
 from ssl_distill.config import ConfigError, MonitorConfig, load_config
 from ssl_distill.data.folder import scan_image_folder
-from ssl_distill.engine.checkpoint import load_file
 from ssl_distill.engine.online_knn import evaluation_steps, seeded_subset
 from ssl_distill.engine.train import train
 from test_end_to_end import CONFIG, assert_same_teacher_and_center, make_folder, tiny_overrides

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ssl_distill.checkpoints import load_file
 from ssl_distill.config import load_config
-from ssl_distill.engine.checkpoint import load_file
 from ssl_distill.engine.train import Trainer
 from ssl_distill.models import DINOHead, SyncBatchNorm1d
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ssl_distill.atomic import atomic_write
 from ssl_distill.data.folder import DataError
 
 DEFAULT_SOURCE = Path("/usr/share/datasets/fashion-mnist")
@@ -166,13 +167,10 @@ def build_fashion_mnist_folders(out_dir: str | os.PathLike[str], source_dir: str
                 raise DataError(f"{target} exists and holds files not written by build_fashion_mnist_folders; "
                                 "remove it or choose another output folder.")
             shutil.rmtree(target)
-        tmp = out / f".{split}.tmp.{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        _write_split(tmp, images, labels, keeps[split])
-        os.replace(tmp, target)
-    tmp_marker = out / f".{MARKER}.tmp.{os.getpid()}"
-    tmp_marker.write_text(json.dumps(expected, indent=1))
-    os.replace(tmp_marker, out / MARKER)
+        with atomic_write(target) as tmp:
+            _write_split(tmp, images, labels, keeps[split])
+    with atomic_write(out / MARKER) as tmp:
+        tmp.write_text(json.dumps(expected, indent=1))
     return out
 
 

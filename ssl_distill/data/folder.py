@@ -31,6 +31,7 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
+from ..atomic import atomic_write
 from ..errors import DataError  # defined without torch, for the command line; re-exported here
 
 if TYPE_CHECKING:
@@ -196,10 +197,8 @@ def _read_cache(cache_file: Path, root: Path, labeled: bool) -> FileList | None:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data))
 
 
 def scan_image_folder(root: str | os.PathLike[str], labeled: bool, cache_file: Path | None = None) -> FileList:

@@ -65,6 +65,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..atomic import atomic_write
 from ..errors import DataError
 
 __all__ = [
@@ -413,13 +414,11 @@ def build_scene_benchmark(out: str | os.PathLike[str], src: str | os.PathLike[st
                  "pool": int(len(pools[split])), "sources_used": len(used), "sources_drawn": pool.drawn}
         info = {"generator": GENERATOR, "split": split, "source": str(files.root), "seed": seed,
                 "settings": asdict(settings), "n_source_pool": int(len(pools[split]))}
-        tmp = out_path / f".{split}.tmp.{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        _write_split(tmp, scenes, files.classes, files.paths, info)
         target = out_path / split
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        with atomic_write(target) as tmp:
+            _write_split(tmp, scenes, files.classes, files.paths, info)
+            if target.exists():
+                shutil.rmtree(target)
         summary["splits"][split] = stats
     seconds = time.perf_counter() - t0
     summary.update(seconds=seconds, scenes_per_s=n_total / max(seconds, 1e-9))

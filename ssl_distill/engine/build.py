@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..checkpoints import spec_from_config
 from ..config import Config
-from ..models import DINOHead, MultiCropModel, ViTBackbone
+from ..models import DINOHead, MultiCropModel, ViTBackbone, spec_from_config
 from ..objectives import DINOLoss, KoLeoLoss, ObjectLoss, PatchLoss
 
 

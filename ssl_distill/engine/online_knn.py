@@ -34,12 +34,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..checkpoints import rng_state, set_rng_state
 from ..runtime import resolve_precision
 from ..config import Config, ConfigError, MonitorConfig
 from ..data.folder import DataError, FileList, ImageFolderDataset, scan_image_folder
 from ..data.eval_transform import EvalTransform, collate_eval
 from . import distributed as du
-from .checkpoint import rng_state, set_rng_state
 from .monitor import JsonlLogger
 
 __all__ = ["OnlineKnn", "evaluation_steps", "seeded_subset"]

@@ -16,7 +16,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..checkpoints import read_training_checkpoint
+from ..atomic import remove_stale_temporaries
+from ..checkpoints import (
+    FORMAT, LATEST, CheckpointError, atomic_save, describe_mismatch, load_any_backbone, load_state_strict,
+    read_training_checkpoint, rng_state, set_rng_state,
+)
 from ..config import Config, config_diff, config_from_dict, config_to_dict, save_config
 from ..data.folder import BadImageCounter
 from ..data.loader import build_train_loader
@@ -25,10 +29,6 @@ from ..models import SyncBatchNorm1d, default_fused_attn
 from ..objectives import StepState
 from ..runtime import autocast_context, check_precision, resolve_device, resolve_precision
 from . import distributed as du
-from .checkpoint import (
-    FORMAT, LATEST, CheckpointError, atomic_save, describe_mismatch, load_state_strict,
-    remove_stale_temporaries, rng_state, set_rng_state,
-)
 from .build import build_model, build_objectives, uses_patches
 from .ema import ema_update
 from .masks import StepMasks
@@ -194,8 +194,6 @@ class Trainer:
         """Start the student's backbone (and so the teacher's) from ``path``; the file's mask token is
         kept only where this run has one (iBOT's ``masked_embed`` starts at zero otherwise, as iBOT), and
         its position embedding is resampled to this run's patch grid when the sizes differ."""
-        from ..checkpoints import load_any_backbone
-
         loaded = load_any_backbone(path, obj_token=self.student.backbone.has_obj_token)
         state = loaded.backbone.state_dict()
         ours = self.student.backbone.state_dict()

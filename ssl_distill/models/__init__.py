@@ -1,5 +1,9 @@
-"""Models: the timm ViT backbone wrapper, projection heads, and the multi-crop wrapper."""
-from .backbone import OBJ_KEYS, VIT_SIZES, BackboneSpec, ViTBackbone, default_fused_attn, fill_obj_from_cls
+"""Models: the timm ViT backbone wrapper and its spec (to and from a config's model section), projection heads,
+and the multi-crop wrapper."""
+from .backbone import (
+    OBJ_KEYS, VIT_SIZES, BackboneSpec, ViTBackbone, config_from_spec, default_fused_attn, fill_obj_from_cls,
+    spec_from_config,
+)
 from .heads import DINOHead, WeightNormLinear
 from .multicrop import MultiCropModel, group_by_resolution
 from .sync_bn import SyncBatchNorm1d
@@ -9,6 +13,8 @@ __all__ = [
     "VIT_SIZES",
     "BackboneSpec",
     "ViTBackbone",
+    "config_from_spec",
+    "spec_from_config",
     "default_fused_attn",
     "fill_obj_from_cls",
     "DINOHead",

@@ -48,6 +48,8 @@ from timm.layers import SwiGLUPacked
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ..config import Config, ModelConfig
+
 # (embed_dim, depth, num_heads) of the standard ViT sizes (Dosovitskiy et al. 2021; DeiT tiny/small;
 # DINOv2's "giant2": width 1536, 40 blocks, 24 heads of 64).
 VIT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -117,6 +119,25 @@ class BackboneSpec:
         if self.mlp_layer == "swiglu":
             kwargs.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
         return kwargs
+
+
+# the config's model section and BackboneSpec share these fields
+_SPEC_FIELDS = ("arch", "patch_size", "img_size", "depth", "embed_dim", "num_heads", "mlp_ratio", "mlp_layer",
+                "qkv_bias", "layer_scale", "reg_tokens", "no_embed_class", "pos_interp")
+
+
+def spec_from_config(cfg: Config, drop_path_rate: float = 0.0) -> BackboneSpec:
+    """The backbone described by a config's model section (evaluation and teacher: no drop-path)."""
+    m = cfg.model
+    return BackboneSpec(**{f: getattr(m, f) for f in _SPEC_FIELDS}, drop_path_rate=drop_path_rate)
+
+
+def config_from_spec(spec: BackboneSpec) -> Config:
+    """A default Config whose model section describes ``spec`` (dimensions explicit)."""
+    width, depth, heads = spec.dims()
+    values = {f: getattr(spec, f) for f in _SPEC_FIELDS}
+    values.update(embed_dim=width, depth=depth, num_heads=heads, drop_path_rate=0.0)
+    return Config(model=ModelConfig(**values))
 
 
 def resample_pos_embed_dino(pos: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int],

@@ -1,7 +1,14 @@
-"""Training checkpoints: one file, written atomically, read without unpickling arbitrary code."""
+"""Training checkpoints: the file a run writes, resumes from, and the state it carries.
+
+One file per save, ``checkpoint.pth`` (:data:`LATEST`) in the run directory (and a
+``checkpoint_epoch<NNNN>.pth`` copy every ``run.keep_every_epochs``), written atomically (:func:`atomic_save`) and marked with
+:data:`FORMAT`; it holds student, teacher, optimizer, the objectives' buffers, scaler, step, epoch,
+config and every rank's RNG states (:func:`rng_state`, plain tensors and types, so it reads back with
+``weights_only=True``). Resuming reads it with :func:`read_training_checkpoint` and loads each state
+dict strictly (:func:`load_state_strict`), naming missing, unexpected and mis-shaped keys.
+"""
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any, Callable
@@ -9,47 +16,23 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..errors import CheckpointError  # defined without torch, for the command line; re-exported here
+from ..atomic import atomic_write
+from ..errors import CheckpointError
+from .files import read_checkpoint
+
+__all__ = [
+    "FORMAT", "LATEST", "atomic_save", "describe_mismatch", "find_checkpoint", "load_state_strict",
+    "read_training_checkpoint", "rng_state", "set_rng_state",
+]
 
 FORMAT = "ssl-distill/1"
 LATEST = "checkpoint.pth"
 
 
-def _temporary_name(path: Path, pid: int | str) -> Path:
-    """Where :func:`atomic_save` writes before the rename: ``.<name>.tmp-<pid>`` beside ``path``."""
-    return path.with_name(f".{path.name}.tmp-{pid}")
-
-
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_name(path, os.getpid())
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def remove_stale_temporaries(folder: Path) -> list[tuple[Path, int]]:
-    """Delete the temporary files of saves that were killed before their rename; returns (path, bytes).
-
-    Call it only where no save is in progress (rank 0, before training starts): a ``kill -9`` in
-    :func:`atomic_save` leaves its ``.<name>.tmp-<pid>`` behind, and repeated preemptions of a
-    large model would fill a quota with them. The checkpoints themselves are never touched.
-    """
-    removed = []
-    for tmp in sorted(folder.glob(_temporary_name(Path("*"), "*").name)):
-        if tmp.is_file():
-            size = tmp.stat().st_size
-            tmp.unlink()
-            removed.append((tmp, size))
-    return removed
+    """torch.save through :func:`ssl_distill.atomic.atomic_write` (temporary name, fsync, rename)."""
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def rng_state() -> dict[str, Any]:
@@ -73,6 +56,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the RNG states :func:`rng_state` returned."""
     torch.set_rng_state(state["torch"])
     py = state["python"]
     random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
@@ -82,26 +66,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_file(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True`` (no arbitrary code from the pickle)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+def read_training_checkpoint(path: Path, run_dir: Path) -> dict[str, Any] | None:
+    """The training checkpoint a run in ``run_dir`` resumes from; None when there is none yet.
+
+    Read with :func:`read_checkpoint`'s allow-list, so an official DINO / iBOT file gets a sentence, not
+    an unpickling error. Raises CheckpointError, saying how to go on, for a file that ssl-distill did not write (an
+    official DINO checkpoint copied in, another tool's file) or cannot read.
+    """
+    if not path.exists():
+        return None
+    how = (f"move it out of {run_dir}, train into another run.output_dir, or pass --fresh to start over "
+           "(which deletes it)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError and friends; keep the reason
-        raise unreadable(path, e) from e
-
-
-def unreadable(path: Path, error: Exception) -> CheckpointError:
-    """The error for a file torch.load rejected: not a torch file at all, or a damaged one."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head[:2] != b"PK" and head[:1] != b"\x80":  # zip archive (torch >= 1.6) or legacy pickle
-        return CheckpointError(f"{path} is not a PyTorch checkpoint: it starts with {head!r}, neither a zip "
-                               "archive nor a pickle")
-    reason = (str(error).strip().splitlines() or [""])[0]  # torch's messages run to several paragraphs
-    return CheckpointError(f"cannot read checkpoint {path} (truncated or damaged?): {type(error).__name__}: {reason}")
+        ckpt, _ = read_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; a run resumes from {path.name}, so {how}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path} was not written by ssl-distill training (format {found!r}, expected "
+                              f"{FORMAT!r}), so the run cannot resume from it: {how}")
+    return ckpt
 
 
 def describe_mismatch(
