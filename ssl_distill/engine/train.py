@@ -164,7 +164,8 @@ class Trainer:
         self.loss_terms = [name for o in self.objectives for name in o.loss_terms]
         self.cls_head = cfg.dino.weight > 0  # the [CLS] logits are read by DINO's term only
         self.optimizer = torch.optim.AdamW(param_groups(self.student), betas=cfg.optim.betas)
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.run.precision == "fp16" else None
+        # fp16's loss scaler; disabled (scale, unscale_, update do nothing, step is optimizer.step) otherwise
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.run.precision == "fp16")
         self.trainable = [p for p in self.student.parameters() if p.requires_grad]
         self.last_layer_params = [p for n, p in self.student.named_parameters() if "last_layer" in n]
         self.bad = BadImageCounter(cfg.data.max_bad_fraction)
@@ -219,7 +220,7 @@ class Trainer:
             "teacher": self.teacher.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "loss": self.objective_state(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "step": self.state.step,
             "epoch": self.state.epoch,
             "batch": self.state.batch,
@@ -298,7 +299,7 @@ class Trainer:
                                   "which discards the checkpoint) to start a new run") from e
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.load_objective_state(ckpt["loss"], path)
-        if self.scaler is not None and ckpt.get("scaler"):
+        if self.scaler.is_enabled() and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = RunState(
             step=ckpt["step"], epoch=ckpt["epoch"], batch=ckpt["batch"], requeues=ckpt.get("requeues", 0)
@@ -367,23 +368,15 @@ class Trainer:
             )
 
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            if self.cfg.optim.clip_grad > 0:
-                self.scaler.unscale_(self.optimizer)
-                clip_gradients_per_param(self.trainable, self.cfg.optim.clip_grad)
-        else:
-            loss.backward()
-            if self.cfg.optim.clip_grad > 0:
-                clip_gradients_per_param(self.trainable, self.cfg.optim.clip_grad)
+        self.scaler.scale(loss).backward()
+        if self.cfg.optim.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            clip_gradients_per_param(self.trainable, self.cfg.optim.clip_grad)
         if frozen_last_layer(step, self.iters_per_epoch, self.sched.freeze_last_layer):
             for p in self.last_layer_params:
                 p.grad = None
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         ema_update(self.teacher, self.student, momentum)
         record = {"loss": loss.item(), **logged, "lr": lr, "wd": wd, "momentum": momentum,
                   "teacher_temp": state.teacher_temp}
