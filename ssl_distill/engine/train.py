@@ -22,14 +22,14 @@ from ..data.folder import BadImageCounter
 from ..data.loader import build_train_loader
 from ..errors import NonFiniteLossError  # defined without torch, for the command line; re-exported here
 from ..models import SyncBatchNorm1d, default_fused_attn
-from ..objectives import StepState
+from ..objectives import Reads, StepState, build_objectives
 from ..runtime import autocast_context, check_precision, resolve_device, resolve_precision
 from . import distributed as du
 from .checkpoint import (
     FORMAT, LATEST, CheckpointError, atomic_save, describe_mismatch, load_state_strict,
     remove_stale_temporaries, rng_state, set_rng_state,
 )
-from .build import build_model, build_objectives, uses_patches
+from .build import build_model
 from .ema import ema_update
 from .masks import StepMasks
 from .monitor import CollapseMonitor, JsonlLogger
@@ -158,11 +158,11 @@ class Trainer:
         torch.manual_seed(cfg.run.seed + self.rank)  # drop-path draws differ per rank, as DINO's per-rank seeds
 
         self.n_global = cfg.data.crops.n_global
-        self.patches = uses_patches(cfg)
-        self.masks = StepMasks(cfg, self.rank)
         self.objectives = build_objectives(cfg).to(self.device)
+        self.reads = Reads.union(o.reads for o in self.objectives)  # what the step builds
+        self.patches = self.reads.patch_masks
+        self.masks = StepMasks(cfg, self.rank, enabled=self.patches)
         self.loss_terms = [name for o in self.objectives for name in o.loss_terms]
-        self.cls_head = cfg.dino.weight > 0  # the [CLS] logits are read by DINO's term only
         self.optimizer = torch.optim.AdamW(param_groups(self.student), betas=cfg.optim.betas)
         # fp16's loss scaler; disabled (scale, unscale_, update do nothing, step is optimizer.step) otherwise
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.run.precision == "fp16")
@@ -170,6 +170,9 @@ class Trainer:
         self.last_layer_params = [p for n, p in self.student.named_parameters() if "last_layer" in n]
         self.bad = BadImageCounter(cfg.data.max_bad_fraction)
         self.state = RunState()
+        # the first objective's teacher that has collapse monitors is watched: [CLS] with DINO's term, else [OBJ]
+        # (ODIS), else the patch targets (then through the shared head: the config refuses a separate one)
+        self.watched = next(o.collapse_keys for o in self.objectives if o.collapse_keys)
         self.collapse = CollapseMonitor(cfg.model.out_dim, cfg.run.collapse_window)
 
         ckpt_path = self.out / LATEST
@@ -349,14 +352,14 @@ class Trainer:
             teacher_out = self.teacher(crops[: self.n_global], patches="targets" if self.patches else None,
                                        cls_attention=self.masks.needs_attention,
                                        obj_masks=None if obj_masks is None else obj_masks[: self.n_global],
-                                       cls_head=self.cls_head)
+                                       cls_head="cls" in self.reads.teacher)
             masks = self.masks(data_masks, teacher_out, state)  # None without a patch objective
             if masks is not None:
                 teacher_out.update(self.teacher.patch_targets(teacher_out["patch_z"], masks))
             if obj_valid is not None:
                 teacher_out["obj_valid"] = obj_valid  # which views hold each image's target object
             student_out = self.student_ddp(crops, masks=masks, patches="masked" if self.patches else None,
-                                           obj_masks=obj_masks, cls_head=self.cls_head)
+                                           obj_masks=obj_masks, cls_head="cls" in self.reads.student)
         terms = [objective.terms(student_out, teacher_out, masks, state) for objective in self.objectives]
         loss = sum(t.pop("loss") for t in terms)
         logged = {k: float(v.detach()) for t in terms for k, v in t.items()}
@@ -482,9 +485,8 @@ class Trainer:
         rec["images_per_s"] = len(window) * images_per_step / max(elapsed, 1e-9)
         rec["bad_images"] = self.bad.bad
         rec["time"] = time.time()
-        watched = "" if "teacher_entropy" in rec else "obj_"  # the [CLS] teacher, or [OBJ]'s when ODIS trains alone
-        self.collapse.update(rec[f"{watched}teacher_entropy"], rec[f"{watched}teacher_kl_uniform"], self.state.step,
-                             len(window))
+        entropy, kl_uniform = self.watched
+        self.collapse.update(rec[entropy], rec[kl_uniform], self.state.step, len(window))
         if self.logger is not None:
             self.logger.log(rec)
         return rec

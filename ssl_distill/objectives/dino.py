@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import StepState
+from .base import Reads, StepState
 from .center import Center
 
 
@@ -36,6 +36,8 @@ class DINOLoss(nn.Module):
     """
 
     loss_terms = ("dino",)
+    reads = Reads(student=("cls",), teacher=("cls",))
+    collapse_keys = ("teacher_entropy", "teacher_kl_uniform")
 
     def __init__(
         self,

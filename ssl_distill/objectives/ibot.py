@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import StepState
+from .base import Reads, StepState
 from .center import Center
 from .dino import teacher_statistics
 
@@ -38,6 +38,8 @@ class PatchLoss(nn.Module):
     """
 
     loss_terms = ("patch",)
+    reads = Reads(student=("patch_masked",), teacher=("patch_masked", "patch_mean"), patch_masks=True)
+    collapse_keys = ("patch_teacher_entropy", "patch_teacher_kl_uniform")
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
                  weight: float = 1.0, centering: str = "ema") -> None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import StepState
+from .base import Reads, StepState
 
 PAIRWISE_EPS = 1e-8
 
@@ -88,6 +88,8 @@ class KoLeoLoss(nn.Module):
     """
 
     loss_terms = ("koleo",)
+    reads = Reads(student=("cls_feat",), teacher=("cls",))  # the teacher's rows count the global views
+    collapse_keys = ()
 
     def __init__(self, n_crops: int = 2, eps: float = 1e-8, weight: float = 1.0) -> None:
         super().__init__()

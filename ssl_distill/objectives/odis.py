@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import StepState
+from .base import Reads, StepState
 from .center import Center
 from .dino import teacher_statistics
 
@@ -42,6 +42,8 @@ class ObjectLoss(nn.Module):
     """
 
     loss_terms = ("obj",)
+    reads = Reads(student=("obj",), teacher=("obj", "obj_valid"), object_masks=True)
+    collapse_keys = ("obj_teacher_entropy", "obj_teacher_kl_uniform")
 
     def __init__(self, out_dim: int, n_crops: int, n_global: int = 2, student_temp: float = 0.1,
                  center_momentum: float = 0.9, weight: float = 1.0) -> None:
