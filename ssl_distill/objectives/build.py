@@ -34,5 +34,5 @@ def build_objectives(cfg: Config) -> nn.ModuleList:
         objectives.append(PatchLoss(patch_out_dim(cfg), d.student_temp, p.center_momentum, weight=p.weight,
                                     centering=p.centering))
     if d.koleo_weight > 0:
-        objectives.append(KoLeoLoss(c.n_global, weight=d.koleo_weight))
+        objectives.append(KoLeoLoss(c.n_global, weight=d.koleo_weight, n_views=c.n_global + c.n_local))
     return nn.ModuleList(objectives)
