@@ -340,6 +340,7 @@ class Trainer:
 
         ``data_masks``: per global view (B, P) iBOT masks from the data; ``obj_masks``: per view (B, P_v)
         object masks and ``obj_valid`` (B, V) from ODIS's object-aware crops (see ``data/object_crops.py``).
+        The networks build what the objectives read (``self.reads``) and nothing else.
         """
         lr, wd, momentum = float(self.sched.lr[step]), float(self.sched.wd[step]), float(self.sched.momentum[step])
         for i, group in enumerate(self.optimizer.param_groups):
@@ -353,7 +354,7 @@ class Trainer:
                                        cls_attention=self.masks.needs_attention,
                                        obj_masks=None if obj_masks is None else obj_masks[: self.n_global],
                                        cls_head="cls" in self.reads.teacher)
-            masks = self.masks(data_masks, teacher_out, state)  # None without a patch objective
+            masks = self.masks(data_masks, teacher_out, state)  # None when no objective reads patch masks
             if masks is not None:
                 teacher_out.update(self.teacher.patch_targets(teacher_out["patch_z"], masks))
             if obj_valid is not None:
@@ -370,6 +371,17 @@ class Trainer:
                 f"wd={wd:.3g}); training stopped, the last good checkpoint is {self.out / LATEST}"
             )
 
+        self._update_student(loss, step)
+        ema_update(self.teacher, self.student, momentum)
+        record = {"loss": loss.item(), **logged, "lr": lr, "wd": wd, "momentum": momentum,
+                  "teacher_temp": state.teacher_temp}
+        if self.patches:
+            record["patch_teacher_temp"] = state.patch_teacher_temp
+        return record
+
+    def _update_student(self, loss: torch.Tensor, step: int) -> None:
+        """The student's update from ``loss``: backward (scaled with fp16), DINO's per-parameter gradient
+        clipping, the last layer's gradients dropped while it is frozen, the optimizer step."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.optim.clip_grad > 0:
@@ -380,12 +392,6 @@ class Trainer:
                 p.grad = None
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        ema_update(self.teacher, self.student, momentum)
-        record = {"loss": loss.item(), **logged, "lr": lr, "wd": wd, "momentum": momentum,
-                  "teacher_temp": state.teacher_temp}
-        if self.patches:
-            record["patch_teacher_temp"] = state.patch_teacher_temp
-        return record
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
