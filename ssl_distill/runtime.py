@@ -1,4 +1,4 @@
-"""Device and precision: the helpers training and every evaluation share.
+"""Device, precision and the process group: the helpers training and every evaluation share.
 
 Both raise :class:`~ssl_distill.config.ConfigError` with the fix in one sentence, so a run that
 cannot work on this machine stops before a folder is scanned or a model is built.
@@ -10,6 +10,7 @@ import functools
 import time
 
 import torch
+import torch.distributed as dist
 
 from .config import ConfigError
 
@@ -78,3 +79,8 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
         return contextlib.nullcontext()
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype)
+
+
+def is_distributed() -> bool:
+    """True inside a process group (torchrun, SLURM, submitit): collectives then span every rank."""
+    return dist.is_available() and dist.is_initialized()

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ssl_distill.objectives.centering import sinkhorn_knopp
+from ssl_distill.objectives.center import sinkhorn_knopp
 
 from gloo import spawn_gloo
 

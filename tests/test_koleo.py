@@ -1,8 +1,9 @@
 """KoLeo regulariser (Sablayrolles et al., ICLR 2019; DINOv2): a hand-computed circle, equality with a
 literal re-implementation of DINOv2's KoLeoLoss (values and gradients), DINOv2's per-crop use,
-and finite gradients when two rows coincide."""
+finite gradients when two rows coincide, and the term in a training step without DINO's [CLS] term."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,7 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_distill.config import load_config
+from ssl_distill.engine.train import Trainer, train
 from ssl_distill.objectives.koleo import KoLeoLoss, koleo_loss, koleo_loss_per_crop, nearest_neighbours
+
+from test_end_to_end import CONFIG, make_folder, tiny_overrides
+
+# iBOT's patch term with KoLeo and without DINO's [CLS] term: no objective reads the [CLS] logits
+IBOT_KOLEO = ["ibot.weight=1", "masking.shape=block", "masking.pred_ratio=[0,0.3]", "masking.pred_ratio_var=[0,0.2]",
+              "dino.weight=0", "dino.koleo_weight=0.1"]
 
 
 class OfficialKoLeoLoss(nn.Module):
@@ -111,3 +120,41 @@ def test_bad_inputs():
         koleo_loss(torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match="equal crops"):
         koleo_loss_per_crop(torch.randn(5, 4), n_crops=2)
+
+
+# ---------------------------------------------------------------- in the training step
+@pytest.fixture(scope="module")
+def train_dir(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("koleo") / "train", 12, 0)
+
+
+def literal_koleo(x: torch.Tensor) -> torch.Tensor:
+    """-1/B sum_i log(min_{j != i} ||x_i - x_j|| + 1e-8) over L2-normalised rows, in float64."""
+    x = F.normalize(x.double(), dim=-1)
+    distances = torch.cdist(x, x)
+    distances.fill_diagonal_(math.inf)
+    return -torch.log(distances.min(dim=1).values + 1e-8).mean()
+
+
+def test_without_the_cls_term_koleo_is_the_formula_on_the_students_global_cls_features(train_dir, tmp_path):
+    trainer = Trainer(load_config(CONFIG, tiny_overrides(train_dir, tmp_path / "run") + IBOT_KOLEO))
+    outputs = {}
+    trainer.student.register_forward_hook(lambda module, args, out: outputs.update(student=out))
+    trainer.teacher.register_forward_hook(lambda module, args, out: outputs.update(teacher=out))
+    trainer.sampler.set_epoch(0)
+    crops, *masks = trainer.step_inputs(next(iter(trainer.loader)))
+    record = trainer.train_step(crops, 0, *masks)
+    assert "cls" not in outputs["student"] and "cls" not in outputs["teacher"]  # nothing reads the [CLS] logits
+    g, b = trainer.n_global, crops[0].shape[0]
+    global_features = outputs["student"]["cls_feat"][: g * b].detach()  # crop-major, the global views first
+    expected = sum(literal_koleo(crop) for crop in global_features.chunk(g))
+    assert record["koleo"] == pytest.approx(float(expected), rel=1e-5)
+    assert record["loss"] == pytest.approx(record["patch"] + 0.1 * record["koleo"], rel=1e-6)
+
+
+def test_ibot_with_koleo_and_without_the_cls_term_trains_and_logs_a_finite_koleo_term(train_dir, tmp_path):
+    out = tmp_path / "run"
+    assert train(load_config(CONFIG, tiny_overrides(train_dir, out) + IBOT_KOLEO + ["run.stop_at_step=2"]))["step"] == 2
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log and all(math.isfinite(r["koleo"]) and r["koleo"] != 0 for r in log)
+    assert "dino" not in log[-1] and "teacher_entropy" not in log[-1]

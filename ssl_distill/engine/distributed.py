@@ -15,17 +15,15 @@ from typing import Any, Iterator, Mapping
 import torch
 import torch.distributed as dist
 
-
-def is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
+from ..runtime import is_distributed
 
 
 def rank() -> int:
-    return dist.get_rank() if is_dist() else 0
+    return dist.get_rank() if is_distributed() else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if is_dist() else 1
+    return dist.get_world_size() if is_distributed() else 1
 
 
 def is_main() -> bool:
@@ -33,7 +31,7 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
-    if is_dist():
+    if is_distributed():
         dist.barrier()
 
 
@@ -153,7 +151,7 @@ def process_group(env: DistEnv, device: torch.device, timeout_min: float) -> Ite
     if device.type == "cuda":
         device = torch.device("cuda", env.local_rank % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(device)
-    if env.world_size == 1 or is_dist():
+    if env.world_size == 1 or is_distributed():
         yield device
         return
     dist.init_process_group(
@@ -174,7 +172,7 @@ def process_group(env: DistEnv, device: torch.device, timeout_min: float) -> Ite
 # ---------------------------------------------------------------------- collectives
 def all_reduce_max(value: int) -> int:
     """The largest ``value`` over ranks."""
-    if not is_dist():
+    if not is_distributed():
         return value
     t = torch.tensor([value], dtype=torch.int64)
     if dist.get_backend() == "nccl":
@@ -185,7 +183,7 @@ def all_reduce_max(value: int) -> int:
 
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj`` (picklable), in rank order, on every rank."""
-    if not is_dist():
+    if not is_distributed():
         return [obj]
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)

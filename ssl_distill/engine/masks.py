@@ -1,7 +1,7 @@
 """The step's patch masks: from the batch (iBOT block / random masks) or from the teacher (AttMask).
 
 Either way the result is one (G*B, P) bool tensor for the G global views, crop-major like the
-crops, True where the student sees the mask token. Runs without a patch objective get None.
+crops, True where the student sees the mask token. Runs whose objectives read no patch masks get None.
 """
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ from ..config import Config
 from ..data.attmask import attmask, draw_batch_ratio
 from ..data.rng import Stream
 from ..objectives.base import StepState
-from .build import uses_patches
 
 
 class StepMasks:
-    """Builds the masks of each step; ``needs_attention`` says whether the teacher must return
-    its last-block CLS attention (AttMask) in the forward that makes the targets."""
+    """Builds the masks of each step (``enabled``: an objective reads them); ``needs_attention`` says
+    whether the teacher must return its last-block CLS attention (AttMask) in the forward that makes
+    the targets."""
 
-    def __init__(self, cfg: Config, rank: int = 0) -> None:
-        self.enabled = uses_patches(cfg)
+    def __init__(self, cfg: Config, rank: int = 0, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.masking = cfg.masking
         self.strategy = cfg.masking.attmask
         self.needs_attention = self.enabled and self.strategy != "none"

@@ -26,10 +26,10 @@ from ..data.folder import BadImageCounter
 from ..data.loader import build_train_loader
 from ..errors import NonFiniteLossError  # defined without torch, for the command line; re-exported here
 from ..models import SyncBatchNorm1d, default_fused_attn
-from ..objectives import StepState
+from ..objectives import Reads, StepState, build_objectives
 from ..runtime import autocast_context, check_precision, resolve_device, resolve_precision
 from . import distributed as du
-from .build import build_model, build_objectives, uses_patches
+from .build import build_model
 from .ema import ema_update
 from .masks import StepMasks
 from .monitor import CollapseMonitor, JsonlLogger
@@ -158,17 +158,21 @@ class Trainer:
         torch.manual_seed(cfg.run.seed + self.rank)  # drop-path draws differ per rank, as DINO's per-rank seeds
 
         self.n_global = cfg.data.crops.n_global
-        self.patches = uses_patches(cfg)
-        self.masks = StepMasks(cfg, self.rank)
         self.objectives = build_objectives(cfg).to(self.device)
+        self.reads = Reads.union(o.reads for o in self.objectives)  # what the step builds
+        self.patches = self.reads.patch_masks
+        self.masks = StepMasks(cfg, self.rank, enabled=self.patches)
         self.loss_terms = [name for o in self.objectives for name in o.loss_terms]
-        self.cls_head = cfg.dino.weight > 0  # the [CLS] logits are read by DINO's term only
         self.optimizer = torch.optim.AdamW(param_groups(self.student), betas=cfg.optim.betas)
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.run.precision == "fp16" else None
+        # fp16's loss scaler; disabled (scale, unscale_, update do nothing, step is optimizer.step) otherwise
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.run.precision == "fp16")
         self.trainable = [p for p in self.student.parameters() if p.requires_grad]
         self.last_layer_params = [p for n, p in self.student.named_parameters() if "last_layer" in n]
         self.bad = BadImageCounter(cfg.data.max_bad_fraction)
         self.state = RunState()
+        # the first objective's teacher that has collapse monitors is watched: [CLS] with DINO's term, else [OBJ]
+        # (ODIS), else the patch targets (then through the shared head: the config refuses a separate one)
+        self.watched = next(o.collapse_keys for o in self.objectives if o.collapse_keys)
         self.collapse = CollapseMonitor(cfg.model.out_dim, cfg.run.collapse_window)
 
         ckpt_path = self.out / LATEST
@@ -217,7 +221,7 @@ class Trainer:
             "teacher": self.teacher.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "loss": self.objective_state(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "step": self.state.step,
             "epoch": self.state.epoch,
             "batch": self.state.batch,
@@ -296,7 +300,7 @@ class Trainer:
                                   "which discards the checkpoint) to start a new run") from e
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.load_objective_state(ckpt["loss"], path)
-        if self.scaler is not None and ckpt.get("scaler"):
+        if self.scaler.is_enabled() and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = RunState(
             step=ckpt["step"], epoch=ckpt["epoch"], batch=ckpt["batch"], requeues=ckpt.get("requeues", 0)
@@ -334,6 +338,7 @@ class Trainer:
 
         ``data_masks``: per global view (B, P) iBOT masks from the data; ``obj_masks``: per view (B, P_v)
         object masks and ``obj_valid`` (B, V) from ODIS's object-aware crops (see ``data/object_crops.py``).
+        The networks build what the objectives read (``self.reads``) and nothing else.
         """
         lr, wd, momentum = float(self.sched.lr[step]), float(self.sched.wd[step]), float(self.sched.momentum[step])
         for i, group in enumerate(self.optimizer.param_groups):
@@ -346,14 +351,14 @@ class Trainer:
             teacher_out = self.teacher(crops[: self.n_global], patches="targets" if self.patches else None,
                                        cls_attention=self.masks.needs_attention,
                                        obj_masks=None if obj_masks is None else obj_masks[: self.n_global],
-                                       cls_head=self.cls_head)
-            masks = self.masks(data_masks, teacher_out, state)  # None without a patch objective
+                                       cls_head="cls" in self.reads.teacher)
+            masks = self.masks(data_masks, teacher_out, state)  # None when no objective reads patch masks
             if masks is not None:
                 teacher_out.update(self.teacher.patch_targets(teacher_out["patch_z"], masks))
             if obj_valid is not None:
                 teacher_out["obj_valid"] = obj_valid  # which views hold each image's target object
             student_out = self.student_ddp(crops, masks=masks, patches="masked" if self.patches else None,
-                                           obj_masks=obj_masks, cls_head=self.cls_head)
+                                           obj_masks=obj_masks, cls_head="cls" in self.reads.student)
         terms = [objective.terms(student_out, teacher_out, masks, state) for objective in self.objectives]
         loss = sum(t.pop("loss") for t in terms)
         logged = {k: float(v.detach()) for t in terms for k, v in t.items()}
@@ -364,30 +369,27 @@ class Trainer:
                 f"wd={wd:.3g}); training stopped, the last good checkpoint is {self.out / LATEST}"
             )
 
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            if self.cfg.optim.clip_grad > 0:
-                self.scaler.unscale_(self.optimizer)
-                clip_gradients_per_param(self.trainable, self.cfg.optim.clip_grad)
-        else:
-            loss.backward()
-            if self.cfg.optim.clip_grad > 0:
-                clip_gradients_per_param(self.trainable, self.cfg.optim.clip_grad)
-        if frozen_last_layer(step, self.iters_per_epoch, self.sched.freeze_last_layer):
-            for p in self.last_layer_params:
-                p.grad = None
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        self._update_student(loss, step)
         ema_update(self.teacher, self.student, momentum)
         record = {"loss": loss.item(), **logged, "lr": lr, "wd": wd, "momentum": momentum,
                   "teacher_temp": state.teacher_temp}
         if self.patches:
             record["patch_teacher_temp"] = state.patch_teacher_temp
         return record
+
+    def _update_student(self, loss: torch.Tensor, step: int) -> None:
+        """The student's update from ``loss``: backward (scaled with fp16), DINO's per-parameter gradient
+        clipping, the last layer's gradients dropped while it is frozen, the optimizer step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.optim.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            clip_gradients_per_param(self.trainable, self.cfg.optim.clip_grad)
+        if frozen_last_layer(step, self.iters_per_epoch, self.sched.freeze_last_layer):
+            for p in self.last_layer_params:
+                p.grad = None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
@@ -487,9 +489,8 @@ class Trainer:
         rec["images_per_s"] = len(window) * images_per_step / max(elapsed, 1e-9)
         rec["bad_images"] = self.bad.bad
         rec["time"] = time.time()
-        watched = "" if "teacher_entropy" in rec else "obj_"  # the [CLS] teacher, or [OBJ]'s when ODIS trains alone
-        self.collapse.update(rec[f"{watched}teacher_entropy"], rec[f"{watched}teacher_kl_uniform"], self.state.step,
-                             len(window))
+        entropy, kl_uniform = self.watched
+        self.collapse.update(rec[entropy], rec[kl_uniform], self.state.step, len(window))
         if self.logger is not None:
             self.logger.log(rec)
         return rec

@@ -63,7 +63,7 @@ class MultiCropModel(nn.Module):
                 patches: str | None = None, cls_attention: bool = False,
                 obj_masks: list[torch.Tensor] | None = None, cls_head: bool = True) -> dict[str, torch.Tensor]:
         """``cls_head=False`` leaves out ``"cls"`` (the head on the CLS rows) when no objective reads it
-        (an ODIS run without the image-level term); ``"cls_feat"`` is always returned."""
+        (an ODIS or iBOT run without the [CLS] term); ``"cls_feat"`` is always returned."""
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         if patches not in (None, "targets", "masked"):

@@ -23,9 +23,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime import is_distributed
+
 
 def _world(group: dist.ProcessGroup | None) -> int:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return 1
     return dist.get_world_size(group)
 

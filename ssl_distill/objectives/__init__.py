@@ -1,8 +1,11 @@
 """Self-distillation objectives, one module each (see ``base.py`` for the interface)."""
-from .base import Objective, StepState
+from .base import Objective, Reads, StepState
+from .build import build_objectives
+from .center import Center
 from .dino import DINOLoss, teacher_statistics
 from .ibot import PatchLoss
 from .koleo import KoLeoLoss
 from .odis import ObjectLoss
 
-__all__ = ["Objective", "StepState", "DINOLoss", "PatchLoss", "KoLeoLoss", "ObjectLoss", "teacher_statistics"]
+__all__ = ["Objective", "Reads", "StepState", "Center", "DINOLoss", "PatchLoss", "KoLeoLoss", "ObjectLoss",
+           "build_objectives", "teacher_statistics"]

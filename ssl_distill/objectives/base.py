@@ -1,4 +1,4 @@
-"""What every objective receives and returns in the training step.
+"""What every objective declares, receives and returns in the training step.
 
 An objective is a small ``nn.Module`` with a ``terms`` method::
 
@@ -9,11 +9,15 @@ An objective is a small ``nn.Module`` with a ``terms`` method::
 masks of the step (or None), ``state`` the schedule values of this iteration. ``"loss"`` is what
 the step adds to the total (the objective applies its own weight); every other entry is logged,
 detached. Buffers an objective owns (centers) are saved in the checkpoint under their own names.
+
+Each objective declares what it reads (:class:`Reads`): the engine builds the union of its
+objectives' reads (the [CLS] head, patch targets and mask token, the [OBJ] token) and nothing else,
+without knowing any objective by name.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterable, Protocol
 
 import torch
 
@@ -28,10 +32,41 @@ class StepState:
     patch_teacher_temp: float
 
 
+@dataclass(frozen=True)
+class Reads:
+    """The step outputs an objective reads.
+
+    ``student`` / ``teacher``: names of the networks' outputs: ``"cls"`` (head logits of the [CLS]
+    tokens), ``"cls_feat"`` (the backbone's [CLS] tokens), ``"obj"`` ([OBJ] logits),
+    ``"patch_masked"`` (logits of the masked patches), ``"patch_mean"`` (teacher: the mean patch
+    logit), and ``"obj_valid"`` (teacher side, from the object-aware crops: which views hold each
+    image's object). ``patch_masks``: it reads the step's patch masks (``terms``' ``masks``), so the
+    student sees the mask token there and the teacher builds patch targets. ``object_masks``: it reads
+    the [OBJ] token, which attends to each crop's object mask.
+    """
+
+    student: tuple[str, ...] = ()
+    teacher: tuple[str, ...] = ()
+    patch_masks: bool = False
+    object_masks: bool = False
+
+    @staticmethod
+    def union(reads: Iterable[Reads]) -> Reads:
+        """What a step with all of these objectives must build."""
+        reads = list(reads)
+        return Reads(student=tuple(sorted({name for r in reads for name in r.student})),
+                     teacher=tuple(sorted({name for r in reads for name in r.teacher})),
+                     patch_masks=any(r.patch_masks for r in reads), object_masks=any(r.object_masks for r in reads))
+
+
 class Objective(Protocol):
     """See the module docstring."""
 
     loss_terms: tuple[str, ...]  # the names of its terms that enter "loss" (named in a NaN report)
+    reads: Reads
+    # its teacher's collapse monitors, (entropy, KL to uniform) as logged, or () without a teacher
+    # distribution; the run watches the first objective's that has them
+    collapse_keys: tuple[str, ...]
 
     def terms(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
               masks: torch.Tensor | None, state: StepState) -> dict[str, torch.Tensor]: ...

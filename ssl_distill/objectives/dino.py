@@ -7,20 +7,19 @@ H(P_t(x), P_s(x')) averaged over every (teacher view, student view) pair of *dif
 The center c is an EMA of the teacher's batch mean (Eq. 4), updated after the loss.
 
 With ``centering="sinkhorn_knopp"`` the teacher distribution is DINOv2's Sinkhorn-Knopp assignment
-instead (Oquab et al. 2024, Sec. 4; :func:`~ssl_distill.objectives.centering.sinkhorn_knopp`) and
-the center is not used. iBOT's [CLS] term (Zhou et al. 2022, Eq. 3, weight lambda1) is this loss.
+instead (Oquab et al. 2024, Sec. 4; :class:`~ssl_distill.objectives.center.Center`) and the center
+is not used. iBOT's [CLS] term (Zhou et al. 2022, Eq. 3, weight lambda1) is this loss.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .base import StepState
-from .centering import sinkhorn_knopp
+from .base import Reads, StepState
+from .center import Center
 
 
 class DINOLoss(nn.Module):
@@ -37,6 +36,8 @@ class DINOLoss(nn.Module):
     """
 
     loss_terms = ("dino",)
+    reads = Reads(student=("cls",), teacher=("cls",))
+    collapse_keys = ("teacher_entropy", "teacher_kl_uniform")
 
     def __init__(
         self,
@@ -49,15 +50,12 @@ class DINOLoss(nn.Module):
         centering: str = "ema",
     ) -> None:
         super().__init__()
-        if centering not in ("ema", "sinkhorn_knopp"):
-            raise ValueError(f"centering must be 'ema' or 'sinkhorn_knopp', got {centering!r}")
+        self.centering = Center(centering, center_momentum)
         self.out_dim = out_dim
         self.n_crops = n_crops
         self.n_global = n_global
         self.student_temp = student_temp
-        self.center_momentum = center_momentum
         self.weight = weight
-        self.centering = centering
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def terms(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
@@ -68,9 +66,7 @@ class DINOLoss(nn.Module):
 
     def teacher_probabilities(self, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         """P_t (G*B, K): centered and sharpened softmax, or the Sinkhorn-Knopp assignment."""
-        if self.centering == "sinkhorn_knopp":
-            return sinkhorn_knopp(teacher_out, teacher_temp)
-        return F.softmax((teacher_out - self.center) / teacher_temp, dim=-1).detach()
+        return self.centering.targets(teacher_out, self.center, teacher_temp)
 
     def forward(
         self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float
@@ -105,20 +101,8 @@ class DINOLoss(nn.Module):
 
         with torch.no_grad():
             stats = teacher_statistics(teacher_p)
-        if self.centering == "ema":
-            self.update_center(teacher_out)
+        self.centering.update(self.center, teacher_out.sum(0), len(teacher_out))  # Eq. 4, after the loss
         return {"dino": loss, **stats}
-
-    @torch.no_grad()
-    def update_center(self, teacher_out: torch.Tensor) -> None:
-        """EMA of the teacher's batch mean, all-reduced over ranks (Eq. 4)."""
-        batch_center = torch.sum(teacher_out, dim=0, keepdim=True)
-        world = 1
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(batch_center)
-            world = dist.get_world_size()
-        batch_center = batch_center / (len(teacher_out) * world)
-        self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
 
 
 def teacher_statistics(p: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -17,12 +17,11 @@ masked patches are their Sinkhorn-Knopp assignment over all ranks' masked patche
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .base import StepState
-from .centering import sinkhorn_knopp
+from .base import Reads, StepState
+from .center import Center
 from .dino import teacher_statistics
 
 
@@ -39,16 +38,16 @@ class PatchLoss(nn.Module):
     """
 
     loss_terms = ("patch",)
+    reads = Reads(student=("patch_masked",), teacher=("patch_masked", "patch_mean"), patch_masks=True)
+    collapse_keys = ("patch_teacher_entropy", "patch_teacher_kl_uniform")
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
                  weight: float = 1.0, centering: str = "ema") -> None:
         super().__init__()
-        if centering not in ("ema", "sinkhorn_knopp"):
-            raise ValueError(f"centering must be 'ema' or 'sinkhorn_knopp', got {centering!r}")
+        # Sinkhorn-Knopp over the masked patches, whose number differs between ranks
+        self.centering = Center(centering, center_momentum, rows_differ_across_ranks=True)
         self.student_temp = student_temp
-        self.center_momentum = center_momentum
         self.weight = weight
-        self.centering = centering
         self.register_buffer("patch_center", torch.zeros(1, 1, out_dim))
 
     def terms(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
@@ -77,31 +76,15 @@ class PatchLoss(nn.Module):
              :func:`~ssl_distill.objectives.dino.teacher_statistics` over the M masked patches' targets
              (zero when nothing is masked)}.
         """
-        teacher_masked = teacher_masked.float()
-        if self.centering == "sinkhorn_knopp":
-            targets = sinkhorn_knopp(teacher_masked, teacher_temp, rows_differ_across_ranks=True)
-        else:
-            targets = F.softmax((teacher_masked - self.patch_center[0]) / teacher_temp, dim=-1)
+        targets = self.centering.targets(teacher_masked.float(), self.patch_center, teacher_temp)
         log_p = F.log_softmax(student_masked.float() / self.student_temp, dim=-1)
-        per_patch = -(targets.detach() * log_p).sum(-1)  # (M,)
+        per_patch = -(targets * log_p).sum(-1)  # (M,)
         image = masks.nonzero()[:, 0]  # the (view, image) row of each masked patch
         per_image = per_patch.new_zeros(masks.shape[0]).index_add(0, image, per_patch)
         per_image = per_image / masks.sum(-1).clamp(min=1)
-        if self.centering == "ema":
-            self.update_center(teacher_mean)
+        # each rank's mean over the same number of patches: the mean of the ranks' means is the mean
+        self.centering.update(self.patch_center, teacher_mean, 1)
         with torch.no_grad():
             stats = teacher_statistics(targets)
         return {"patch": per_image.mean(), "mask_ratio": masks.float().mean().detach(),
                 **{f"patch_{k}": v for k, v in stats.items()}}
-
-    @torch.no_grad()
-    def update_center(self, teacher_mean: torch.Tensor) -> None:
-        """EMA of the mean teacher patch token over patches and images, averaged over ranks
-        (every rank holds the same number of patches)."""
-        batch_center = teacher_mean.detach().float().reshape(1, -1).clone()  # (1, K)
-        world = 1
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(batch_center)
-            world = dist.get_world_size()
-        batch_center = batch_center / world
-        self.patch_center.mul_(self.center_momentum).add_(batch_center.unsqueeze(0) * (1 - self.center_momentum))

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import StepState
+from .base import Reads, StepState
 
 PAIRWISE_EPS = 1e-8
 
@@ -85,22 +85,28 @@ class KoLeoLoss(nn.Module):
     Args:
         n_crops: crops stacked crop-major in the input (2 global crops in DINOv2).
         eps: as :func:`koleo_loss`.
+        weight: the term's weight in the total loss (``dino.koleo_weight``, 0.1 in DINOv2).
+        n_views: V, the views whose rows the step's ``student["cls_feat"]`` holds, the ``n_crops``
+            global ones first (None: the global ones only).
     """
 
     loss_terms = ("koleo",)
+    reads = Reads(student=("cls_feat",))
+    collapse_keys = ()
 
-    def __init__(self, n_crops: int = 2, eps: float = 1e-8, weight: float = 1.0) -> None:
+    def __init__(self, n_crops: int = 2, eps: float = 1e-8, weight: float = 1.0, n_views: int | None = None) -> None:
         super().__init__()
         self.n_crops = n_crops
         self.eps = eps
         self.weight = weight
+        self.n_views = n_views or n_crops
 
     def terms(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
               masks: torch.Tensor | None, state: StepState) -> dict[str, torch.Tensor]:
         """The step's interface: the student's backbone CLS features of the ``n_crops`` global views
-        (the first rows of ``student["cls_feat"]``), weighted by ``koleo_weight`` (0.1 in DINOv2)."""
-        global_rows = teacher["cls"].shape[0]  # the teacher sees the global views only: n_crops * B rows
-        koleo = self(student["cls_feat"][:global_rows].float())
+        (the first ``n_crops * B`` of the ``n_views * B`` rows of ``student["cls_feat"]``)."""
+        features = student["cls_feat"]
+        koleo = self(features[: features.shape[0] // self.n_views * self.n_crops].float())
         return {"loss": koleo * self.weight, "koleo": koleo}
 
     def forward(self, cls_tokens: torch.Tensor) -> torch.Tensor:

@@ -21,11 +21,11 @@ about the object distribution), sums and counts all-reduced over ranks.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .base import StepState
+from .base import Reads, StepState
+from .center import Center
 from .dino import teacher_statistics
 
 
@@ -42,14 +42,16 @@ class ObjectLoss(nn.Module):
     """
 
     loss_terms = ("obj",)
+    reads = Reads(student=("obj",), teacher=("obj", "obj_valid"), object_masks=True)
+    collapse_keys = ("obj_teacher_entropy", "obj_teacher_kl_uniform")
 
     def __init__(self, out_dim: int, n_crops: int, n_global: int = 2, student_temp: float = 0.1,
                  center_momentum: float = 0.9, weight: float = 1.0) -> None:
         super().__init__()
+        self.centering = Center("ema", center_momentum)
         self.n_crops = n_crops
         self.n_global = n_global
         self.student_temp = student_temp
-        self.center_momentum = center_momentum
         self.weight = weight
         self.register_buffer("obj_center", torch.zeros(1, out_dim))
 
@@ -79,7 +81,7 @@ class ObjectLoss(nn.Module):
         w = valid.t().float()  # (V, B)
         logp = F.log_softmax(student_obj.float() / self.student_temp, dim=-1).view(self.n_crops, b, k)
         teacher_obj = teacher_obj.float()
-        q = F.softmax((teacher_obj - self.obj_center) / teacher_temp, dim=-1).detach().view(self.n_global, b, k)
+        q = self.centering.targets(teacher_obj, self.obj_center, teacher_temp).view(self.n_global, b, k)
         weighted_sum = (w.unsqueeze(-1) * logp).sum(0)  # (B, K): sum over valid student views of log p_v
         total = student_obj.new_zeros((), dtype=torch.float32)
         counted = student_obj.new_zeros((), dtype=torch.float32)
@@ -93,17 +95,7 @@ class ObjectLoss(nn.Module):
         teacher_valid = w[: self.n_global].reshape(-1) > 0
         with torch.no_grad():
             stats = teacher_statistics(q.view(-1, k)[teacher_valid])
-        self.update_center(teacher_obj, teacher_valid)
+        # the valid rows only; no update when no rank has one
+        self.centering.update(self.obj_center, (teacher_obj * teacher_valid.unsqueeze(-1)).sum(0), teacher_valid.sum())
         return {"obj": loss, "obj_valid_pairs": (counted / (n_terms * b)).detach(),
                 "obj_teacher_entropy": stats["teacher_entropy"], "obj_teacher_kl_uniform": stats["teacher_kl_uniform"]}
-
-    @torch.no_grad()
-    def update_center(self, teacher_obj: torch.Tensor, valid: torch.Tensor) -> None:
-        """EMA of the mean teacher [OBJ] logit over the valid rows of every rank; no update when
-        no rank has a valid row."""
-        sums = torch.cat([(teacher_obj * valid.unsqueeze(-1)).sum(0), valid.sum().reshape(1).to(teacher_obj.dtype)])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(sums)
-        count = float(sums[-1])
-        if count > 0:
-            self.obj_center.mul_(self.center_momentum).add_(sums[:-1].unsqueeze(0) / count * (1 - self.center_momentum))
