@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,8 @@ import timm
 
 from ssl_distill.checkpoints import SPEC_METADATA_KEY, LoadedBackbone, load_any_backbone
 from ssl_distill.cli_args import export_arguments as add_arguments  # options: torch-free
+from ssl_distill.cli_args import parse_tool_arguments
+from ssl_distill.errors import run_command
 from ssl_distill.engine.checkpoint import atomic_save
 from ssl_distill.models import BackboneSpec
 
@@ -124,9 +125,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m ssl_distill.eval.export``: the same as ``ssl-distill export`` (one error handler)."""
-    from ssl_distill.cli import run as cli_run
-
-    return cli_run(["export", *(sys.argv[1:] if argv is None else argv)])
+    return run_command(run, parse_tool_arguments("export", add_arguments, argv))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ import argparse
 import dataclasses
 import json
 import math
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -54,6 +53,8 @@ from torch import Tensor, nn
 
 from ssl_distill.checkpoints import LoadedBackbone, load_any_backbone
 from ssl_distill.cli_args import linear_arguments as add_arguments  # options: torch-free
+from ssl_distill.cli_args import parse_tool_arguments
+from ssl_distill.errors import run_command
 from ssl_distill.data.folder import DataError, ImageFolderDataset, scan_image_folder
 from ssl_distill.data.multicrop import EpochSampler, collate_eval, counter_uniforms, random_resized_crop_box
 from ssl_distill.engine.checkpoint import CheckpointError, atomic_save
@@ -799,9 +800,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m ssl_distill.eval.linear``: the same as ``ssl-distill linear`` (one error handler)."""
-    from ssl_distill.cli import run as cli_run
-
-    return cli_run(["linear", *(sys.argv[1:] if argv is None else argv)])
+    return run_command(run, parse_tool_arguments("linear", add_arguments, argv))
 
 
 if __name__ == "__main__":

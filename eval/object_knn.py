@@ -36,7 +36,8 @@ from typing import Any
 import torch
 
 from ssl_distill.cli_args import object_knn_arguments as add_arguments  # options: torch-free
-from ssl_distill.errors import DataError
+from ssl_distill.cli_args import parse_tool_arguments
+from ssl_distill.errors import DataError, run_command
 
 from .features import BOX_MODES, ImageSettings, extract_box_features, pixel_crop_feature
 from .knn import default_output, knn_classify, write_results
@@ -234,9 +235,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ssl-distill object-knn", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    """``python -m ssl_distill.eval.object_knn``: the same as ``ssl-distill object-knn`` (one error handler)."""
+    return run_command(run, parse_tool_arguments("object-knn", add_arguments, argv))
 
 
 if __name__ == "__main__":

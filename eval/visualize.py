@@ -32,6 +32,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ssl_distill.cli_args import visualize_arguments as add_arguments  # options: torch-free
+from ssl_distill.cli_args import parse_tool_arguments
+from ssl_distill.errors import run_command
 from ssl_distill.models.inspect import inspect_forward
 
 __all__ = [
@@ -339,9 +341,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m ssl_distill.eval.visualize``: the same as ``ssl-distill visualize`` (one error handler)."""
-    from ssl_distill.cli import run as cli_run
-
-    return cli_run(["visualize", *(sys.argv[1:] if argv is None else argv)])
+    return run_command(run, parse_tool_arguments("visualize", add_arguments, argv))
 
 
 if __name__ == "__main__":
