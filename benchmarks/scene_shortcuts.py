@@ -33,9 +33,8 @@ from common import hardware_line  # noqa: E402
 
 from eval.features import BoxFeatures, ImageSettings, extract_box_features  # noqa: E402
 from eval.knn import knn_classify  # noqa: E402
-from ssl_distill.checkpoints import load_any_backbone  # noqa: E402
 from ssl_distill.data.boxes import read_boxes  # noqa: E402
-from ssl_distill.models.backbone import random_init_like  # noqa: E402
+from ssl_distill.eval.model import load_model  # noqa: E402
 
 
 def colour_statistics(image_root: Path, feats: BoxFeatures) -> tuple[np.ndarray, np.ndarray]:
@@ -75,10 +74,7 @@ def main() -> None:
     models = [(r, False) for r in args.runs] + ([(args.runs[0], True)] if args.random_init else [])
     print("| model | feature | class | item colour | background |\n|---|---|---|---|---|")
     for run, random_init in models:
-        loaded = load_any_backbone(run, "teacher")
-        backbone = loaded.backbone
-        if random_init:
-            backbone = random_init_like(backbone, int(loaded.config.run.seed))
+        backbone, loaded = load_model(run, "teacher", random_init=random_init)
         crops = loaded.config.data.crops
         size = int(loaded.config.model.img_size)
         settings = ImageSettings(size, size, tuple(crops.mean), tuple(crops.std))

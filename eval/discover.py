@@ -125,7 +125,6 @@ __all__ = [
     "discover_images",
     "dino_seg",
     "largest_component",
-    "load_model",
     "mask_box",
     "ncut",
     "prepare_image",
@@ -447,32 +446,6 @@ def prepare_image(img: Image.Image, patch_size: int, mean: Sequence[float] = IMA
     return pad_to_patch_multiple(x, patch_size), (img.height, img.width)
 
 
-def load_model(checkpoint: str | Path, which: str = "teacher", random_init: bool = False,
-               seed: int | None = None) -> tuple[nn.Module, Any]:
-    """(frozen backbone in eval mode, config) of a checkpoint file or run directory.
-
-    With ``random_init`` the same architecture ([OBJ] token included) gets fresh weights seeded by ``seed``
-    (default the run's seed): :func:`~ssl_distill.models.backbone.random_init_like`, like every other
-    ``--random-init`` evaluation.
-    """
-    from ssl_distill.checkpoints import load_backbone
-    from ssl_distill.models.backbone import random_init_like
-
-    backbone, cfg = load_backbone(checkpoint, which)
-    if random_init:
-        run_seed = getattr(getattr(cfg, "run", None), "seed", 0)
-        backbone = random_init_like(backbone, seed if seed is not None else run_seed)
-    return backbone.eval(), cfg
-
-
-def normalization_of(cfg: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) the model was trained with (``cfg.data.crops``), ImageNet's when unknown."""
-    crops = getattr(getattr(cfg, "data", None), "crops", None)
-    mean = tuple(getattr(crops, "mean", IMAGENET_MEAN))
-    std = tuple(getattr(crops, "std", IMAGENET_STD))
-    return mean, std
-
-
 def discover_image(backbone: nn.Module, img: Image.Image, tau: float = TAU, eps: float = EPS,
                    method: str = "auto", mean: Sequence[float] = IMAGENET_MEAN,
                    std: Sequence[float] = IMAGENET_STD, max_side: int | None = None,
@@ -610,10 +583,10 @@ def discover_images(backbone: nn.Module, image_dir: str | Path, file_names: Sequ
 # ----------------------------------------------------------------------------------- command line
 def run(args: argparse.Namespace) -> int:
     from ssl_distill.data.folder import scan_image_folder
-    from ssl_distill.engine.checkpoint import find_checkpoint
     from ssl_distill.runtime import resolve_device
 
     from .corloc import corloc, read_ground_truth
+    from .model import load_model
 
     gt = None
     if args.voc or args.coco:
@@ -632,22 +605,22 @@ def run(args: argparse.Namespace) -> int:
         names = names[: args.limit]
         if gt is not None:
             gt = {n: gt[n] for n in names}
-    backbone, cfg = load_model(args.checkpoint, args.which, args.random_init)
+    device = resolve_device(args.device, key="--device")
+    model = load_model(args.checkpoint, args.which, random_init=args.random_init, device=device)
+    backbone = model.backbone
     dinoseg_head = args.dinoseg_head if args.dinoseg else None
     if dinoseg_head is not None:  # refused before any image is read
         check_dinoseg_head(dinoseg_head, last_block_heads(backbone), "--dinoseg-head")
-    device = resolve_device(args.device, key="--device")
-    backbone.to(device)
     if hasattr(backbone, "set_fused_attn"):
         backbone.set_fused_attn(True)  # inference only: the fused kernel is the fastest forward here
-    mean, std = normalization_of(cfg)
+    mean, std = model.normalization
     out = Path(args.out) if args.out else None
     if out is None:
         ck = Path(args.checkpoint)
         name = "discover" + ("_dinoseg" if args.dinoseg else "") + ("_random_init" if args.random_init else "")
         out = (ck if ck.is_dir() else ck.parent) / name
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    info = {"checkpoint": str(find_checkpoint(args.checkpoint)), "which": "random_init" if args.random_init else args.which,
+    info = {"checkpoint": str(model.loaded.file), "which": "random_init" if args.random_init else args.which,
             "image_dir": str(image_dir), "precision": args.precision}
     res = discover_images(backbone, image_dir, names, out, args.tau, args.eps, args.solver, mean, std,
                           args.masks, args.heatmaps, args.max_side, device, amp, info, dinoseg_head=dinoseg_head)

@@ -8,14 +8,13 @@ from typing import Any
 
 import torch
 
-from ssl_distill.checkpoints import load_any_backbone
 from ssl_distill.config import ConfigError, KnnConfig, apply_overrides, config_from_dict, config_to_dict
 from ssl_distill.data.folder import DataError, scan_image_folder
-from ssl_distill.models.backbone import random_init_like
 from ssl_distill.runtime import resolve_device
 
 from .features import FeatureExtractor, FeatureSpec, ImageSettings, backbone_fingerprint, extract_folder
 from .knn import default_output, knn_classify, write_results
+from .model import load_model
 
 
 def _knn_settings(run_cfg_dict: dict[str, Any], overrides: list[str]) -> KnnConfig:
@@ -51,7 +50,8 @@ def knn_on_checkpoint(
     replace the configured folders. ``precision`` of the feature extraction: ``fp32`` (DINO's
     eval_knn.py), ``bf16`` (about 2x faster on CPU) or ``fp16`` (CUDA); None (default) takes
     ``knn.precision``, itself fp32 unless the run or a ``knn.precision=`` override sets it. With
-    ``random_init`` the same architecture is evaluated with freshly initialised weights (seeded).
+    ``random_init`` the same architecture is evaluated with freshly initialised weights (seeded,
+    :func:`~ssl_distill.eval.model.load_model`).
     Writes ``out`` (default ``<run dir>/knn[_random_init].json``) and returns the results (the
     precision used under ``precision``), whose ``accuracy`` entry maps ``k=..`` (and ``k=..,T=..``
     for extra temperatures) to top-1 / top-5 percentages; ``details`` holds per-class accuracy.
@@ -62,10 +62,8 @@ def knn_on_checkpoint(
     ``cache_dir`` (re-use features while checkpoint and data are unchanged), ``train_chunk`` (bounded
     search memory).
     """
-    loaded = load_any_backbone(checkpoint, which, key, num_heads=num_heads)
-    backbone, cfg = loaded.backbone, loaded.config
-    if random_init:
-        backbone = random_init_like(backbone, cfg.run.seed)
+    backbone, loaded = load_model(checkpoint, which, key=key, random_init=random_init, num_heads=num_heads)
+    cfg = loaded.config
     knn = _knn_settings(config_to_dict(cfg), overrides or [])
     knn = dataclasses.replace(knn, train_dir=train_dir or knn.train_dir, val_dir=val_dir or knn.val_dir,
                               precision=precision or knn.precision)

@@ -25,12 +25,14 @@ from typing import Any
 
 import timm
 
-from ssl_distill.checkpoints import SPEC_METADATA_KEY, LoadedBackbone, load_any_backbone
+from ssl_distill.checkpoints import SPEC_METADATA_KEY
 from ssl_distill.cli_args import export_arguments as add_arguments  # options: torch-free
 from ssl_distill.cli_args import parse_tool_arguments
 from ssl_distill.errors import run_command
 from ssl_distill.engine.checkpoint import atomic_save
 from ssl_distill.models import BackboneSpec
+
+from .model import load_model
 
 __all__ = ["export_backbone", "timm_model_args", "add_arguments", "run"]
 
@@ -70,15 +72,15 @@ def export_backbone(checkpoint: str | Path, out: str | Path, which: str | None =
 
     Args:
         fmt: ``"safetensors"`` or ``"pth"``; by default from ``out``'s suffix (safetensors unless ``.pth``/``.pt``).
-        which, key, spec_overrides: as :func:`ssl_distill.checkpoints.load_any_backbone`.
+        which, key, spec_overrides: as :func:`ssl_distill.eval.model.load_model`.
     """
     out = Path(out)
     if fmt is None:
         fmt = "pth" if out.suffix in (".pth", ".pt") else "safetensors"
     if fmt not in ("safetensors", "pth"):
         raise ValueError(f"format must be 'safetensors' or 'pth', got {fmt!r}")
-    loaded: LoadedBackbone = load_any_backbone(checkpoint, which, key, **spec_overrides)
-    state = {k: v.detach().contiguous().clone() for k, v in loaded.backbone.vit.state_dict().items()}
+    backbone, loaded = load_model(checkpoint, which, key=key, **spec_overrides)
+    state = {k: v.detach().contiguous().clone() for k, v in backbone.vit.state_dict().items()}
     spec = loaded.spec
     name, kwargs = timm_model_args(spec)
     out.parent.mkdir(parents=True, exist_ok=True)

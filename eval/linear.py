@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from ssl_distill.checkpoints import LoadedBackbone, load_any_backbone
+from ssl_distill.checkpoints import LoadedBackbone
 from ssl_distill.cli_args import linear_arguments as add_arguments  # options: torch-free
 from ssl_distill.cli_args import parse_tool_arguments
 from ssl_distill.errors import run_command
@@ -71,6 +71,7 @@ from .features import (
     prepare_inference,
 )
 from .knn import write_results
+from .model import load_model
 
 __all__ = [
     "LR_GRID",
@@ -682,7 +683,7 @@ def linear_on_checkpoint(checkpoint: str | Path, train_dir: str | Path | None = 
     if mode not in ("fast", "faithful", "logreg"):
         raise ValueError(f"mode must be fast, faithful or logreg, got {mode!r}")
     opts = opts or ExtractOptions()
-    loaded = load_any_backbone(checkpoint, which, key, num_heads=num_heads)
+    backbone, loaded = load_model(checkpoint, which, key=key, num_heads=num_heads)
     train_dir = train_dir or loaded.config.knn.train_dir
     val_dir = val_dir or loaded.config.knn.val_dir
     if not train_dir or not val_dir:
@@ -697,7 +698,6 @@ def linear_on_checkpoint(checkpoint: str | Path, train_dir: str | Path | None = 
     device = resolve_device(opts.device, key="--device")
     dtype = {"float32": torch.float32, "float16": torch.float16}[opts.feature_dtype]
     precision = opts.precision or loaded.config.knn.precision
-    backbone = loaded.backbone
     header = {"checkpoint": loaded.describe(), "train_dir": str(train_dir), "val_dir": str(val_dir),
               "image": dataclasses.asdict(settings), "precision": precision}
 

@@ -41,12 +41,11 @@ from ssl_distill.errors import DataError, run_command
 
 from .features import BOX_MODES, ImageSettings, extract_box_features, pixel_crop_feature
 from .knn import default_output, knn_classify, write_results
+from .model import load_model
 
 __all__ = ["add_arguments", "object_knn", "pixel_knn", "run", "NO_OBJ_TOKEN"]
 
 NO_OBJ_TOKEN = "this model has no [OBJ] token (not an ODIS model), so mode obj cannot run"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _split_files(scenes: Path) -> dict[str, Path]:
@@ -97,24 +96,21 @@ def object_knn(checkpoint: str | Path, scenes: str | Path, mode: str = "all", *,
     Args:
         mode: ``obj``, ``crop``, ``scene`` or ``all`` (every mode the model has: without an [OBJ]
             token, ``all`` runs crop and scene and says so; ``obj`` alone is an error).
-        random_init: the same architecture with fresh weights (seeded with the run's seed).
+        random_init: the same architecture with fresh weights (seeded with the run's seed,
+            :func:`~ssl_distill.eval.model.load_model`).
 
     Returns the results written to ``out`` (default ``<run dir>/object_knn[_random_init].json``):
     ``top1`` / ``top5`` per mode under ``accuracy``, per-class top-1 under ``per_class``, feature counts.
     """
-    from ssl_distill.checkpoints import load_any_backbone
     from ssl_distill.data.boxes import read_boxes
-    from ssl_distill.models.backbone import random_init_like
     from ssl_distill.runtime import resolve_device
 
     if mode not in (*BOX_MODES, "all"):
         raise ValueError(f"mode must be one of {(*BOX_MODES, 'all')}, got {mode!r}")
     scenes = Path(scenes)
     files = _split_files(scenes)
-    loaded = load_any_backbone(checkpoint, which)
-    backbone, cfg = loaded.backbone, loaded.config
-    if random_init:
-        backbone = random_init_like(backbone, int(getattr(getattr(cfg, "run", None), "seed", 0)))
+    model = load_model(checkpoint, which, random_init=random_init)
+    backbone, loaded = model
     has_obj = bool(getattr(backbone, "has_obj_token", False))
     notes: list[str] = []
     if mode == "obj" and not has_obj:
@@ -126,9 +122,7 @@ def object_knn(checkpoint: str | Path, scenes: str | Path, mode: str = "all", *,
         log(notes[-1])
     boxes = {split: read_boxes(f, f.parent) for split, f in files.items()}
     classes, index = _class_index(boxes["train"], boxes["test"])
-    crops = getattr(getattr(cfg, "data", None), "crops", None)
-    mean = tuple(getattr(crops, "mean", IMAGENET_MEAN))
-    std = tuple(getattr(crops, "std", IMAGENET_STD))
+    mean, std = model.normalization
     size = image_size or _default_image_size(boxes["train"], int(backbone.patch_size))
     settings = ImageSettings(size, size, mean, std)
     dev = resolve_device(device, key="device")

@@ -320,12 +320,12 @@ def visualize_images(backbone: nn.Module, inputs: Sequence[str | Path], out_dir:
 def run(args: argparse.Namespace) -> int:
     from ssl_distill.runtime import resolve_device
 
-    from .discover import load_model, normalization_of
+    from .model import load_model
 
-    backbone, cfg = load_model(args.checkpoint, args.which, args.random_init)
     device = resolve_device(args.device, key="--device")
-    backbone.to(device)
-    mean, std = normalization_of(cfg)
+    model = load_model(args.checkpoint, args.which, random_init=args.random_init, device=device)
+    backbone = model.backbone
+    mean, std = model.normalization
     out = Path(args.out) if args.out else None
     if out is None:
         ck = Path(args.checkpoint)
