@@ -105,6 +105,7 @@ from ssl_distill.models.inspect import (
 )
 
 from .constants import DINOSEG_HEAD, DINOSEG_MASS, EPS, TAU
+from .drawing import colorize, threshold_mass, upsample
 
 __all__ = [
     "DENSE_BELOW",
@@ -295,9 +296,7 @@ class _TokenBox:
 
     def pixel_mask(self) -> np.ndarray:
         """The object mask at pixel resolution, (H, W) bool (nearest upsampling, padding removed)."""
-        p = self.patch_size
-        big = np.kron(self.mask.astype(np.uint8), np.ones((p, p), dtype=np.uint8)).astype(bool)
-        return big[: self.image_size[0], : self.image_size[1]]
+        return upsample(self.mask, self.patch_size)[: self.image_size[0], : self.image_size[1]]
 
     def coco_bbox(self) -> list[int]:
         x0, y0, x1, y1 = self.box
@@ -416,8 +415,6 @@ def dino_seg(attention: np.ndarray, patch_size: int, image_size: tuple[int, int]
         head: the head whose map is boxed, or ``"mean"`` for the mean of the heads' maps.
         mass: share of the map's mass the kept patches hold (DINO's 0.6).
     """
-    from .visualize import threshold_mass
-
     attention = np.asarray(attention, dtype=np.float64)
     check_dinoseg_head(head, attention.shape[0])
     m = attention.mean(axis=0) if head == "mean" else attention[head]
@@ -514,10 +511,7 @@ def save_mask(res: NCutResult | DinoSegResult, path: Path) -> None:
 def save_heatmap(res: NCutResult | DinoSegResult, path: Path) -> None:
     """The map the box came from (the oriented eigenvector, or DINO-seg's attention), upsampled to the
     image and colour-mapped."""
-    from .visualize import colorize
-
-    p = res.patch_size
-    big = np.kron(res.heat_map(), np.ones((p, p)))[: res.image_size[0], : res.image_size[1]]
+    big = upsample(res.heat_map(), res.patch_size)[: res.image_size[0], : res.image_size[1]]
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(colorize(big, "inferno")).save(path)
 

@@ -36,42 +36,19 @@ from ssl_distill.cli_args import parse_tool_arguments
 from ssl_distill.errors import run_command
 from ssl_distill.models.inspect import inspect_forward
 
+from .drawing import blend, colorize, head_colors, overlay_mask, threshold_mass, upsample
+
 __all__ = [
     "AttentionMaps",
     "add_arguments",
-    "colorize",
     "compute_maps",
-    "head_colors",
-    "overlay_mask",
     "pca_rgb",
     "render",
-    "threshold_mass",
     "visualize_images",
 ]
 
 
 # ----------------------------------------------------------------------------------- maps
-def threshold_mass(maps: Tensor | np.ndarray, fraction: float) -> np.ndarray:
-    """Per map, the smallest set of patches holding at least ``fraction`` of its mass, as a bool mask.
-
-    ``maps`` (..., h, w), non-negative. Patches are taken in decreasing weight until the kept sum
-    reaches ``fraction`` of the map's total (DINO's rule: sort, cumulate, keep ``cum > 1 - t``).
-    """
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {fraction}")
-    a = torch.as_tensor(np.asarray(maps), dtype=torch.float64)
-    lead, (h, w) = a.shape[:-2], a.shape[-2:]
-    flat = a.reshape(-1, h * w)
-    flat = flat / flat.sum(dim=-1, keepdim=True)
-    val, idx = torch.sort(flat, dim=-1)  # ascending
-    cum = torch.cumsum(val, dim=-1)
-    # a hair above 1 - t so that rounding in the cumulative sum never adds an unneeded patch
-    keep_sorted = cum > (1.0 - fraction) + 1e-12
-    keep = torch.zeros_like(keep_sorted)
-    keep.scatter_(-1, idx, keep_sorted)
-    return keep.reshape(*lead, h, w).numpy()
-
-
 def pca_rgb(features: Tensor | np.ndarray) -> np.ndarray:
     """(h, w, D) patch features -> (h, w, 3) in [0, 1]: the first three principal components.
 
@@ -113,8 +90,7 @@ class AttentionMaps:
 
     def upsample(self, m: np.ndarray) -> np.ndarray:
         """A token map (h, w[, c]) -> pixel map (H, W[, c]) by nearest upsampling (one block per patch)."""
-        p = self.patch_size
-        return np.repeat(np.repeat(m, p, axis=0), p, axis=1)
+        return upsample(m, self.patch_size)
 
 
 def _crop_to_patches(img: Image.Image, patch_size: int, max_side: int | None) -> Image.Image:
@@ -151,46 +127,6 @@ def compute_maps(backbone: nn.Module, img: Image.Image, mean: Sequence[float], s
                          pca=feats, rollout=roll)
 
 
-# ----------------------------------------------------------------------------------- drawing
-def colorize(m: np.ndarray, cmap: str = "inferno", vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
-    """(H, W) values -> (H, W, 3) uint8 through a matplotlib colour map (min-max scaled by default)."""
-    import matplotlib
-
-    m = np.asarray(m, dtype=np.float64)
-    lo = float(m.min()) if vmin is None else vmin
-    hi = float(m.max()) if vmax is None else vmax
-    norm = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
-    rgba = matplotlib.colormaps[cmap](np.clip(norm, 0, 1))
-    return (rgba[..., :3] * 255).round().astype(np.uint8)
-
-
-def head_colors(n: int) -> np.ndarray:
-    """n distinct RGB colours (uint8), from matplotlib's tab10 / tab20."""
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
-    return (np.asarray([cmap(i % cmap.N)[:3] for i in range(n)]) * 255).round().astype(np.uint8)
-
-
-def _edges(mask: np.ndarray) -> np.ndarray:
-    pad = np.pad(mask, 1, mode="edge")
-    inner = pad[1:-1, 1:-1] & pad[:-2, 1:-1] & pad[2:, 1:-1] & pad[1:-1, :-2] & pad[1:-1, 2:]
-    return mask & ~inner
-
-
-def overlay_mask(image: np.ndarray, mask: np.ndarray, color: Sequence[int], alpha: float = 0.5) -> np.ndarray:
-    """Tint the (H, W) ``mask`` pixels of ``image`` with ``color`` and draw its outline in full colour."""
-    out = image.astype(np.float32).copy()
-    c = np.asarray(color, dtype=np.float32)
-    out[mask] = (1 - alpha) * out[mask] + alpha * c
-    out[_edges(mask)] = c
-    return out.round().astype(np.uint8)
-
-
-def _blend(image: np.ndarray, heat: np.ndarray, alpha: float = 0.6) -> np.ndarray:
-    return ((1 - alpha) * image.astype(np.float32) + alpha * heat.astype(np.float32)).round().astype(np.uint8)
-
-
 def render(maps: AttentionMaps, out_dir: str | Path, title: str = "") -> list[Path]:
     """Write ``grid.png``, ``head_<i>.png``, ``pca.png``, ``rollout.png`` and ``maps.npz`` into ``out_dir``."""
     import matplotlib
@@ -209,7 +145,7 @@ def render(maps: AttentionMaps, out_dir: str | Path, title: str = "") -> list[Pa
 
     # one PNG per head: heat map over the image | image with the head's mask
     for i in range(n):
-        left = _blend(img, heats[i])
+        left = blend(img, heats[i])
         right = overlay_mask(img, up_masks[i], colors[i]) if up_masks is not None else heats[i]
         gap = np.full((img.shape[0], 4, 3), 255, dtype=np.uint8)
         path = out / f"head_{i}.png"
@@ -221,7 +157,7 @@ def render(maps: AttentionMaps, out_dir: str | Path, title: str = "") -> list[Pa
         written.append(out / "pca.png")
     roll_img = colorize(maps.upsample(maps.rollout)) if maps.rollout is not None else None
     if roll_img is not None:
-        Image.fromarray(_blend(img, roll_img)).save(out / "rollout.png")
+        Image.fromarray(blend(img, roll_img)).save(out / "rollout.png")
         written.append(out / "rollout.png")
 
     # the grid: a summary row, then per row of heads their maps and their masks
@@ -232,11 +168,11 @@ def render(maps: AttentionMaps, out_dir: str | Path, title: str = "") -> list[Pa
     summary: list[tuple[np.ndarray, str]] = [(img, "image")]
     if up_masks is not None:
         summary.append((combined, f"all heads, {100 * maps.threshold:.0f}% mass"))
-    summary.append((_blend(img, colorize(maps.upsample(maps.attention.mean(0)))), "mean over heads"))
+    summary.append((blend(img, colorize(maps.upsample(maps.attention.mean(0)))), "mean over heads"))
     if pca_img is not None:
         summary.append((pca_img, "PCA of patch features"))
     if roll_img is not None:
-        summary.append((_blend(img, roll_img), "attention rollout"))
+        summary.append((blend(img, roll_img), "attention rollout"))
     ncols = max(len(summary), min(n, 6))
     head_rows = -(-n // ncols)
     rows_per_head = 2 if up_masks is not None else 1
