@@ -31,10 +31,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hardware_line  # noqa: E402
 
-from eval.features import BoxFeatures, ImageSettings, extract_box_features  # noqa: E402
-from eval.knn import knn_classify  # noqa: E402
+from ssl_distill.eval.features import BoxFeatures, ImageSettings, extract_box_features  # noqa: E402
 from ssl_distill.data.boxes import read_boxes  # noqa: E402
 from ssl_distill.eval.model import load_model  # noqa: E402
+from ssl_distill.weighted_knn import knn_classify  # noqa: E402
 
 
 def colour_statistics(image_root: Path, feats: BoxFeatures) -> tuple[np.ndarray, np.ndarray]:

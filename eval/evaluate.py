@@ -10,10 +10,12 @@ import torch
 
 from ssl_distill.config import ConfigError, KnnConfig, apply_overrides, config_from_dict, config_to_dict
 from ssl_distill.data.folder import DataError, scan_image_folder
+from ssl_distill.models.frozen_features import FeatureExtractor, FeatureSpec
 from ssl_distill.runtime import resolve_device
+from ssl_distill.weighted_knn import knn_classify
 
-from .features import FeatureExtractor, FeatureSpec, ImageSettings, backbone_fingerprint, extract_folder
-from .knn import default_output, knn_classify, write_results
+from .features import ImageSettings, backbone_fingerprint, extract_folder
+from .knn import default_output, write_results
 from .model import load_model
 
 

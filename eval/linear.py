@@ -58,18 +58,11 @@ from ssl_distill.errors import run_command
 from ssl_distill.data.folder import DataError, ImageFolderDataset, scan_image_folder
 from ssl_distill.data.multicrop import EpochSampler, collate_eval, counter_uniforms, random_resized_crop_box
 from ssl_distill.engine.checkpoint import CheckpointError, atomic_save
+from ssl_distill.models.frozen_features import FeatureExtractor, FeatureSpec, amp_dtype_for, prepare_inference
 from ssl_distill.runtime import resolve_device
 
 from .constants import LR_GRID
-from .features import (
-    FeatureExtractor,
-    FeatureSet,
-    FeatureSpec,
-    ImageSettings,
-    amp_dtype_for,
-    extract_folder,
-    prepare_inference,
-)
+from .features import FeatureSet, ImageSettings, extract_folder
 from .knn import write_results
 from .model import load_model
 

@@ -14,7 +14,7 @@ only. Three features per object (:func:`ssl_distill.eval.features.extract_box_fe
 :func:`~ssl_distill.eval.features.pixel_crop_feature`), the bar learned features must clear, as raw
 pixels are for Fashion-MNIST's k-NN.
 
-Classification is DINO's weighted k-NN (:func:`ssl_distill.eval.knn.knn_classify`: cosine similarity,
+Classification is DINO's weighted k-NN (:func:`ssl_distill.weighted_knn.knn_classify`: cosine similarity,
 ``k = 20`` neighbours voting with ``exp(sim / T)``, ``T = 0.07``, faiss exact search), the labels are the
 boxes' ``category_id`` (the ``categories`` list of ``train/boxes.json`` gives the classes; the test file
 must name the same). The view is the whole scene resized to ``image_size`` (default: the scenes' side
@@ -38,9 +38,10 @@ import torch
 from ssl_distill.cli_args import object_knn_arguments as add_arguments  # options: torch-free
 from ssl_distill.cli_args import parse_tool_arguments
 from ssl_distill.errors import DataError, run_command
+from ssl_distill.weighted_knn import knn_classify
 
 from .features import BOX_MODES, ImageSettings, extract_box_features, pixel_crop_feature
-from .knn import default_output, knn_classify, write_results
+from .knn import default_output, write_results
 from .model import load_model
 
 __all__ = ["add_arguments", "object_knn", "pixel_knn", "run", "NO_OBJ_TOKEN"]

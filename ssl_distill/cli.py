@@ -36,7 +36,7 @@ def _knn(args: argparse.Namespace) -> int:
     import torch
 
     from .eval.evaluate import knn_on_checkpoint
-    from .eval.features import FeatureSpec
+    from .models.frozen_features import FeatureSpec
 
     results = knn_on_checkpoint(
         args.checkpoint, train_dir=args.train, val_dir=args.val, which=args.which,

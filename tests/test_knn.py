@@ -9,8 +9,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ssl_distill.eval.features import extract_features
-from ssl_distill.eval.knn import class_scores, knn_classify, run_knn, search_neighbours, write_results
+from ssl_distill.eval.knn import run_knn, write_results
+from ssl_distill.models.frozen_features import extract_features
+from ssl_distill.weighted_knn import class_scores, knn_classify, search_neighbours
 
 T = 0.07
 
@@ -216,7 +217,7 @@ def test_run_knn_and_write_results(tmp_path) -> None:
 # Several temperatures, bounded-memory search, layouts and cache through knn_on_checkpoint
 # ----------------------------------------------------------------------------------------------------
 def test_several_temperatures_from_one_search(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ssl_distill.eval.knn as knn_mod
+    import ssl_distill.weighted_knn as knn_mod
 
     xtr, ytr, xte, yte = clustered(1000, 200, 16, 5, 2.0, seed=8)
     calls = {"n": 0}
@@ -242,7 +243,7 @@ def test_several_temperatures_from_one_search(monkeypatch: pytest.MonkeyPatch) -
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_chunked_search_is_exact_and_bounded(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ssl_distill.eval.knn as knn_mod
+    import ssl_distill.weighted_knn as knn_mod
 
     xtr, ytr, xte, yte = clustered(3000, 300, 24, 6, 2.0, seed=9)
     xtr, xte = xtr.to(dtype), xte.to(dtype)
@@ -278,7 +279,7 @@ def _three_class_folders(root, n_train: int = 8, n_val: int = 4) -> None:
 
 def test_knn_on_official_checkpoint_with_layouts_temperatures_and_cache(tmp_path) -> None:
     from ssl_distill.eval.evaluate import knn_on_checkpoint
-    from ssl_distill.eval.features import FeatureSpec
+    from ssl_distill.models.frozen_features import FeatureSpec
     from ssl_distill.models import BackboneSpec, ViTBackbone
 
     _three_class_folders(tmp_path, 12, 6)
@@ -326,7 +327,8 @@ def _cached_features(cache_dir, split: str) -> Tensor:
 def _extract(checkpoint, folder, precision: str) -> Tensor:
     """Features of ``folder`` as knn_on_checkpoint extracts them (its image settings), at ``precision``."""
     from ssl_distill.checkpoints import load_any_backbone
-    from ssl_distill.eval.features import FeatureExtractor, ImageSettings, extract_folder
+    from ssl_distill.eval.features import ImageSettings, extract_folder
+    from ssl_distill.models.frozen_features import FeatureExtractor
 
     loaded = load_any_backbone(checkpoint, "teacher")
     crops = loaded.config.data.crops

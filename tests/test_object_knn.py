@@ -32,9 +32,9 @@ from ssl_distill.eval.features import (
     extract_box_features,
     scene_tensor,
 )
-from ssl_distill.eval.knn import knn_classify
 from ssl_distill.eval.object_knn import NO_OBJ_TOKEN
 from ssl_distill.models import ViTBackbone
+from ssl_distill.weighted_knn import knn_classify
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
