@@ -15,7 +15,7 @@ from ssl_distill.runtime import resolve_device
 from ssl_distill.weighted_knn import knn_classify
 
 from .features import ImageSettings, backbone_fingerprint, extract_folder
-from .knn import default_output, write_results
+from .results import default_output, write_results
 from .model import load_model
 
 

@@ -63,8 +63,8 @@ from ssl_distill.runtime import resolve_device
 
 from .constants import LR_GRID
 from .features import FeatureSet, ImageSettings, extract_folder
-from .knn import write_results
 from .model import load_model
+from .results import write_results
 
 __all__ = [
     "LR_GRID",

@@ -41,7 +41,7 @@ from ssl_distill.errors import DataError, run_command
 from ssl_distill.weighted_knn import knn_classify
 
 from .features import BOX_MODES, ImageSettings, extract_box_features, pixel_crop_feature
-from .knn import default_output, write_results
+from .results import default_output, write_results
 from .model import load_model
 
 __all__ = ["add_arguments", "object_knn", "pixel_knn", "run", "NO_OBJ_TOKEN"]

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ssl_distill.eval.knn import run_knn, write_results
+from ssl_distill.eval.knn import run_knn
+from ssl_distill.eval.results import write_results
 from ssl_distill.models.frozen_features import extract_features
 from ssl_distill.weighted_knn import class_scores, knn_classify, search_neighbours
 

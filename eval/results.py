@@ -1,0 +1,52 @@
+"""Where an evaluation's results go: ``<run dir>/<name>.json`` by default, written atomically as JSON
+(tensors, numpy values, paths, dtypes and devices as plain values).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["default_output", "write_results"]
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.tolist()
+    if isinstance(obj, (np.generic, np.ndarray)):
+        return obj.tolist()
+    if isinstance(obj, (Path, torch.dtype, torch.device)):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def default_output(checkpoint: str | Path, name: str, random_init: bool = False) -> Path:
+    """``<run dir>/<name>.json`` (``<name>_random_init.json`` for random weights): where an evaluation of
+    ``checkpoint`` (a run directory or a checkpoint file in one) writes its results by default."""
+    ck = Path(checkpoint)
+    return (ck if ck.is_dir() else ck.parent) / f"{name}{'_random_init' if random_init else ''}.json"
+
+
+def write_results(results: dict, path: Path) -> None:
+    """Write ``results`` as JSON atomically: a temporary file in the same folder, fsync, ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results, indent=2, default=_json_default)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
