@@ -1,19 +1,131 @@
-"""k-NN evaluation of frozen features: extract both sets and vote (:mod:`ssl_distill.weighted_knn`, DINO's
-protocol).
+"""k-NN evaluation of frozen features (DINO's protocol, :mod:`ssl_distill.weighted_knn`): ``ssl-distill knn``
+of a checkpoint or run directory (:func:`knn_on_checkpoint`), and both sets of a pair of loaders (:func:`run_knn`).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ssl_distill.models.frozen_features import extract_features
+from ssl_distill.config import ConfigError, KnnConfig, apply_overrides, config_from_dict, config_to_dict
+from ssl_distill.data.folder import DataError, scan_image_folder
+from ssl_distill.models.frozen_features import FeatureExtractor, FeatureSpec, extract_features
+from ssl_distill.runtime import resolve_device
 from ssl_distill.weighted_knn import knn_classify
 
-__all__ = ["run_knn"]
+from .features import ImageSettings, backbone_fingerprint, extract_folder
+from .model import load_model
+from .results import default_output, write_results
+
+__all__ = ["knn_on_checkpoint", "run_knn"]
+
+
+def _knn_settings(run_cfg_dict: dict[str, Any], overrides: list[str]) -> KnnConfig:
+    for o in overrides:
+        if not o.startswith("knn."):
+            raise ConfigError(f"evaluation overrides must be knn.* keys, got {o!r}")
+    return config_from_dict(apply_overrides(run_cfg_dict, overrides)).knn
+
+
+def knn_on_checkpoint(
+    checkpoint: str | Path,
+    train_dir: str | None = None,
+    val_dir: str | None = None,
+    which: str = "teacher",
+    overrides: list[str] | None = None,
+    out: str | Path | None = None,
+    random_init: bool = False,
+    device: str = "auto",
+    precision: str | None = None,
+    *,
+    key: str | None = None,
+    num_heads: int | None = None,
+    features: FeatureSpec | None = None,
+    temperatures: Sequence[float] | None = None,
+    feature_dtype: torch.dtype = torch.float32,
+    cache_dir: str | Path | None = None,
+    train_chunk: int | None = None,
+) -> dict[str, Any]:
+    """Weighted k-NN of the frozen backbone of ``checkpoint`` (run directory, our file or an official one).
+
+    Image settings, k values and temperature come from the run's ``knn`` config section (official files:
+    224 / 256 px, ImageNet normalization), updated by ``knn.*`` overrides; ``train_dir`` / ``val_dir``
+    replace the configured folders. ``precision`` of the feature extraction: ``fp32`` (DINO's
+    eval_knn.py), ``bf16`` (about 2x faster on CPU) or ``fp16`` (CUDA); None (default) takes
+    ``knn.precision``, itself fp32 unless the run or a ``knn.precision=`` override sets it. With
+    ``random_init`` the same architecture is evaluated with freshly initialised weights (seeded,
+    :func:`~ssl_distill.eval.model.load_model`).
+    Writes ``out`` (default ``<run dir>/knn[_random_init].json``) and returns the results (the
+    precision used under ``precision``), whose ``accuracy`` entry maps ``k=..`` (and ``k=..,T=..``
+    for extra temperatures) to top-1 / top-5 percentages; ``details`` holds per-class accuracy.
+
+    Keyword-only extras: ``key`` / ``num_heads`` (see :func:`ssl_distill.checkpoints.load_any_backbone`),
+    ``features`` (layout, default CLS of the last block), ``temperatures`` (several from one search; the
+    first replaces ``knn.temperature``), ``feature_dtype`` (``torch.float16`` halves memory),
+    ``cache_dir`` (re-use features while checkpoint and data are unchanged), ``train_chunk`` (bounded
+    search memory).
+    """
+    backbone, loaded = load_model(checkpoint, which, key=key, random_init=random_init, num_heads=num_heads)
+    cfg = loaded.config
+    knn = _knn_settings(config_to_dict(cfg), overrides or [])
+    knn = dataclasses.replace(knn, train_dir=train_dir or knn.train_dir, val_dir=val_dir or knn.val_dir,
+                              precision=precision or knn.precision)
+    if not knn.train_dir or not knn.val_dir:
+        raise ConfigError("k-NN needs labeled train and val folders: pass --train and --val (or set knn.train_dir/val_dir)")
+    train_classes = scan_image_folder(knn.train_dir, labeled=True).classes
+    val_classes = scan_image_folder(knn.val_dir, labeled=True).classes
+    if train_classes != val_classes:
+        raise DataError(
+            f"train and val folders have different classes: {sorted(set(train_classes) ^ set(val_classes))}"
+        )
+    spec = features or FeatureSpec()
+    temps = [float(t) for t in temperatures] if temperatures else [float(knn.temperature)]
+    dev = resolve_device(device, key="device")
+    crops = cfg.data.crops
+    settings = ImageSettings(knn.image_size, knn.resize_size, tuple(crops.mean), tuple(crops.std))
+    extractor = FeatureExtractor(backbone, spec)
+    weights = backbone_fingerprint(backbone) if cache_dir is not None else None
+    sets = [extract_folder(extractor, d, settings, device=dev, precision=knn.precision, batch_size=knn.batch_size,
+                           num_workers=knn.num_workers, dtype=feature_dtype, cache_dir=cache_dir, weights_key=weights)
+            for d in (knn.train_dir, knn.val_dir)]
+    train_set, val_set = sets
+    num_classes = len(train_classes)
+    res: dict[str, Any] = dict(knn_classify(
+        train_set.features, train_set.labels, val_set.features, val_set.labels, ks=knn.ks,
+        temperature=temps if len(temps) > 1 else temps[0], num_classes=num_classes, train_chunk=train_chunk))
+    res.update(
+        n_train=int(train_set.features.shape[0]), n_val=int(val_set.features.shape[0]),
+        dim=int(train_set.features.shape[1]), num_classes=num_classes, ks=[int(k) for k in knn.ks],
+        temperature=temps[0] if len(temps) == 1 else temps, engine="chunked" if train_chunk else "faiss",
+        seconds_extract=sum(s.meta.get("seconds", 0.0) for s in sets if not s.cached),
+        features_cached=[s.cached for s in sets],
+    )
+    results = {
+        "checkpoint": str(loaded.file),
+        "which": "random_init" if random_init else loaded.source,
+        "format": loaded.format,
+        "train_dir": knn.train_dir,
+        "val_dir": knn.val_dir,
+        "classes": train_classes,
+        "image_size": knn.image_size,
+        "resize_size": knn.resize_size,
+        "features": spec.name(),
+        "precision": knn.precision,
+        "feature_dtype": str(feature_dtype).replace("torch.", ""),
+        "accuracy": {k: {"top1": v["top1"], "top5": v["top5"]} for k, v in res.items() if k.startswith("k=")},
+        "per_class": {k: v["per_class"] for k, v in res.items() if k.startswith("k=")},
+        "details": res,
+    }
+    if out is None:
+        out = default_output(checkpoint, "knn", random_init)
+    write_results(results, Path(out))
+    results["out"] = str(out)
+    return results
 
 
 def run_knn(

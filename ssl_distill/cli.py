@@ -35,7 +35,7 @@ def _train(args: argparse.Namespace) -> int:
 def _knn(args: argparse.Namespace) -> int:
     import torch
 
-    from .eval.evaluate import knn_on_checkpoint
+    from .eval.knn import knn_on_checkpoint
     from .models.frozen_features import FeatureSpec
 
     results = knn_on_checkpoint(

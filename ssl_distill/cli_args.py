@@ -37,7 +37,7 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def knn_arguments(k: argparse.ArgumentParser) -> None:
-    """Options of ``ssl-distill knn`` (:func:`ssl_distill.eval.evaluate.knn_on_checkpoint`)."""
+    """Options of ``ssl-distill knn`` (:func:`ssl_distill.eval.knn.knn_on_checkpoint`)."""
     k.add_argument("checkpoint", help="checkpoint file or run directory")
     k.add_argument("overrides", nargs="*", help="knn.* overrides, e.g. knn.image_size=28 knn.ks=[20]")
     k.add_argument("--train", help="labeled train folder (default: the run's knn.train_dir)")

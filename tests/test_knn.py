@@ -279,7 +279,7 @@ def _three_class_folders(root, n_train: int = 8, n_val: int = 4) -> None:
 
 
 def test_knn_on_official_checkpoint_with_layouts_temperatures_and_cache(tmp_path) -> None:
-    from ssl_distill.eval.evaluate import knn_on_checkpoint
+    from ssl_distill.eval.knn import knn_on_checkpoint
     from ssl_distill.models.frozen_features import FeatureSpec
     from ssl_distill.models import BackboneSpec, ViTBackbone
 
@@ -339,7 +339,7 @@ def _extract(checkpoint, folder, precision: str) -> Tensor:
 
 
 def test_knn_extracts_fp32_features_by_default_and_records_the_precision(tmp_path) -> None:
-    from ssl_distill.eval.evaluate import knn_on_checkpoint
+    from ssl_distill.eval.knn import knn_on_checkpoint
     from ssl_distill.models import BackboneSpec, ViTBackbone
 
     _three_class_folders(tmp_path)
@@ -367,7 +367,7 @@ def test_knn_precision_from_the_run_config_overridden_by_the_command_line(tmp_pa
     from ssl_distill.config import ConfigError, config_to_dict, load_config
     from ssl_distill.engine.checkpoint import FORMAT, atomic_save
     from ssl_distill.engine.train import build_model
-    from ssl_distill.eval.evaluate import knn_on_checkpoint
+    from ssl_distill.eval.knn import knn_on_checkpoint
 
     with pytest.raises(ConfigError, match="knn.precision must be fp32, bf16 or fp16"):
         load_config(None, ["knn.precision=fp64"])
