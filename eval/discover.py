@@ -581,6 +581,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .corloc import corloc, read_ground_truth
     from .model import load_model
+    from .results import default_output
 
     gt = None
     if args.voc or args.coco:
@@ -608,11 +609,8 @@ def run(args: argparse.Namespace) -> int:
     if hasattr(backbone, "set_fused_attn"):
         backbone.set_fused_attn(True)  # inference only: the fused kernel is the fastest forward here
     mean, std = model.normalization
-    out = Path(args.out) if args.out else None
-    if out is None:
-        ck = Path(args.checkpoint)
-        name = "discover" + ("_dinoseg" if args.dinoseg else "") + ("_random_init" if args.random_init else "")
-        out = (ck if ck.is_dir() else ck.parent) / name
+    name = "discover_dinoseg" if args.dinoseg else "discover"
+    out = Path(args.out) if args.out else default_output(args.checkpoint, name, args.random_init, suffix="")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     info = {"checkpoint": str(model.loaded.file), "which": "random_init" if args.random_init else args.which,
             "image_dir": str(image_dir), "precision": args.precision}

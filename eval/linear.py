@@ -64,7 +64,7 @@ from ssl_distill.runtime import resolve_device
 from .constants import LR_GRID
 from .features import FeatureSet, ImageSettings, extract_folder
 from .model import load_model
-from .results import write_results
+from .results import default_output, write_results
 
 __all__ = [
     "LR_GRID",
@@ -683,9 +683,7 @@ def linear_on_checkpoint(checkpoint: str | Path, train_dir: str | Path | None = 
         from ssl_distill.config import ConfigError
 
         raise ConfigError("a linear probe needs labeled train and val folders: pass --train and --val")
-    ckpt_path = Path(checkpoint)
-    base = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent
-    out = Path(out) if out is not None else base / f"linear_{mode}.json"
+    out = Path(out) if out is not None else default_output(checkpoint, f"linear_{mode}")
     cache_dir = None if opts.cache_dir == "" else Path(opts.cache_dir or out.parent / "features")
     settings = _image_settings(loaded, opts)
     device = resolve_device(opts.device, key="--device")

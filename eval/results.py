@@ -1,5 +1,5 @@
-"""Where an evaluation's results go: ``<run dir>/<name>.json`` by default, written atomically as JSON
-(tensors, numpy values, paths, dtypes and devices as plain values).
+"""Where an evaluation's results go: ``<run dir>/<name>.json`` (or a folder ``<run dir>/<name>``) by default,
+written atomically as JSON (tensors, numpy values, paths, dtypes and devices as plain values).
 """
 from __future__ import annotations
 
@@ -26,11 +26,12 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
-def default_output(checkpoint: str | Path, name: str, random_init: bool = False) -> Path:
+def default_output(checkpoint: str | Path, name: str, random_init: bool = False, suffix: str = ".json") -> Path:
     """``<run dir>/<name>.json`` (``<name>_random_init.json`` for random weights): where an evaluation of
-    ``checkpoint`` (a run directory or a checkpoint file in one) writes its results by default."""
+    ``checkpoint`` (a run directory or a checkpoint file in one) writes its results by default; ``suffix=""``
+    names an output folder."""
     ck = Path(checkpoint)
-    return (ck if ck.is_dir() else ck.parent) / f"{name}{'_random_init' if random_init else ''}.json"
+    return (ck if ck.is_dir() else ck.parent) / f"{name}{'_random_init' if random_init else ''}{suffix}"
 
 
 def write_results(results: dict, path: Path) -> None:

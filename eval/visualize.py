@@ -257,15 +257,13 @@ def run(args: argparse.Namespace) -> int:
     from ssl_distill.runtime import resolve_device
 
     from .model import load_model
+    from .results import default_output
 
     device = resolve_device(args.device, key="--device")
     model = load_model(args.checkpoint, args.which, random_init=args.random_init, device=device)
     backbone = model.backbone
     mean, std = model.normalization
-    out = Path(args.out) if args.out else None
-    if out is None:
-        ck = Path(args.checkpoint)
-        out = (ck if ck.is_dir() else ck.parent) / ("attention_random_init" if args.random_init else "attention")
+    out = Path(args.out) if args.out else default_output(args.checkpoint, "attention", args.random_init, suffix="")
     label = f"{Path(args.checkpoint).name} ({'random init' if args.random_init else args.which})"
     grids = visualize_images(backbone, args.images, out, mean, std, args.threshold or None, not args.no_pca,
                              args.rollout, args.head_fusion, args.discard_ratio, args.max_side, device, label)
