@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ssl_distill.errors import DataError
 from ssl_distill.models.frozen_features import FeatureExtractor, amp_dtype_for, extract_features, prepare_inference
 
 __all__ = [
@@ -36,7 +37,9 @@ __all__ = [
     "FeatureSet",
     "backbone_fingerprint",
     "folder_fingerprint",
+    "check_same_classes",
     "extract_folder",
+    "extract_train_val",
     "BOX_MODES",
     "BoxFeatures",
     "scene_tensor",
@@ -127,6 +130,12 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
             tmp.unlink()
 
 
+def check_same_classes(train: list[str], val: list[str]) -> None:
+    """DataError unless a train and a val folder have the same classes."""
+    if train != val:
+        raise DataError(f"train and val folders have different classes: {sorted(set(train) ^ set(val))}")
+
+
 def extract_folder(
     extractor: FeatureExtractor,
     folder: str | Path,
@@ -153,7 +162,7 @@ def extract_folder(
         weights_key: fingerprint of the weights if already known (default: hashed here).
         max_bad_fraction: above this share of unreadable (substituted) images, raise DataError.
     """
-    from ssl_distill.data.folder import BadImageCounter, DataError, scan_image_folder
+    from ssl_distill.data.folder import BadImageCounter, scan_image_folder
     from ssl_distill.data.loader import build_eval_loader
 
     if dtype not in (torch.float32, torch.float16):
@@ -201,6 +210,19 @@ def extract_folder(
         _atomic_torch_save({"features": feats, "labels": labels, "meta": meta}, cache_file)
         meta["cache_file"] = str(cache_file)
     return FeatureSet(feats, labels, list(files.classes), meta, cached=False)
+
+
+def extract_train_val(extractor: FeatureExtractor, train_dir: str | Path, val_dir: str | Path,
+                      settings: ImageSettings, *, cache_dir: str | Path | None = None,
+                      **options: Any) -> tuple[FeatureSet, FeatureSet]:
+    """:func:`extract_folder` of a train and a val folder (the weights hashed once for both cache keys);
+    ``options`` as its (device, precision, batch_size, num_workers, dtype). DataError unless the two
+    folders have the same classes."""
+    weights = backbone_fingerprint(extractor.backbone) if cache_dir is not None else None
+    train, val = (extract_folder(extractor, d, settings, cache_dir=cache_dir, weights_key=weights, **options)
+                  for d in (train_dir, val_dir))
+    check_same_classes(train.classes, val.classes)
+    return train, val
 
 
 # ----------------------------------------------------------------------------------------------------

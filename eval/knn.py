@@ -10,26 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from ssl_distill.config import ConfigError, KnnConfig, apply_overrides, config_from_dict, config_to_dict
-from ssl_distill.data.folder import DataError, scan_image_folder
+from ssl_distill.config import Config, ConfigError, KnnConfig, apply_overrides, config_from_dict, config_to_dict
+from ssl_distill.data.folder import scan_image_folder
 from ssl_distill.models.frozen_features import FeatureExtractor, FeatureSpec, extract_features
 from ssl_distill.runtime import resolve_device
 from ssl_distill.weighted_knn import knn_classify
 
-from .features import ImageSettings, backbone_fingerprint, extract_folder
+from .features import FeatureSet, ImageSettings, check_same_classes, extract_train_val
 from .model import load_model
 from .results import default_output, write_results
 
 __all__ = ["knn_on_checkpoint", "run_knn"]
-
-
-def _knn_settings(run_cfg_dict: dict[str, Any], overrides: list[str]) -> KnnConfig:
-    for o in overrides:
-        if not o.startswith("knn."):
-            raise ConfigError(f"evaluation overrides must be knn.* keys, got {o!r}")
-    return config_from_dict(apply_overrides(run_cfg_dict, overrides)).knn
 
 
 def knn_on_checkpoint(
@@ -70,48 +63,26 @@ def knn_on_checkpoint(
     ``cache_dir`` (re-use features while checkpoint and data are unchanged), ``train_chunk`` (bounded
     search memory).
     """
-    backbone, loaded = load_model(checkpoint, which, key=key, random_init=random_init, num_heads=num_heads)
-    cfg = loaded.config
-    knn = _knn_settings(config_to_dict(cfg), overrides or [])
-    knn = dataclasses.replace(knn, train_dir=train_dir or knn.train_dir, val_dir=val_dir or knn.val_dir,
-                              precision=precision or knn.precision)
-    if not knn.train_dir or not knn.val_dir:
-        raise ConfigError("k-NN needs labeled train and val folders: pass --train and --val (or set knn.train_dir/val_dir)")
-    train_classes = scan_image_folder(knn.train_dir, labeled=True).classes
-    val_classes = scan_image_folder(knn.val_dir, labeled=True).classes
-    if train_classes != val_classes:
-        raise DataError(
-            f"train and val folders have different classes: {sorted(set(train_classes) ^ set(val_classes))}"
-        )
+    model = load_model(checkpoint, which, key=key, random_init=random_init, num_heads=num_heads)
+    loaded = model.loaded
+    knn = _knn_settings(loaded.config, overrides or [], train_dir, val_dir, precision)
+    classes = scan_image_folder(knn.train_dir, labeled=True).classes
+    check_same_classes(classes, scan_image_folder(knn.val_dir, labeled=True).classes)
     spec = features or FeatureSpec()
     temps = [float(t) for t in temperatures] if temperatures else [float(knn.temperature)]
-    dev = resolve_device(device, key="device")
-    crops = cfg.data.crops
-    settings = ImageSettings(knn.image_size, knn.resize_size, tuple(crops.mean), tuple(crops.std))
-    extractor = FeatureExtractor(backbone, spec)
-    weights = backbone_fingerprint(backbone) if cache_dir is not None else None
-    sets = [extract_folder(extractor, d, settings, device=dev, precision=knn.precision, batch_size=knn.batch_size,
-                           num_workers=knn.num_workers, dtype=feature_dtype, cache_dir=cache_dir, weights_key=weights)
-            for d in (knn.train_dir, knn.val_dir)]
-    train_set, val_set = sets
-    num_classes = len(train_classes)
-    res: dict[str, Any] = dict(knn_classify(
-        train_set.features, train_set.labels, val_set.features, val_set.labels, ks=knn.ks,
-        temperature=temps if len(temps) > 1 else temps[0], num_classes=num_classes, train_chunk=train_chunk))
-    res.update(
-        n_train=int(train_set.features.shape[0]), n_val=int(val_set.features.shape[0]),
-        dim=int(train_set.features.shape[1]), num_classes=num_classes, ks=[int(k) for k in knn.ks],
-        temperature=temps[0] if len(temps) == 1 else temps, engine="chunked" if train_chunk else "faiss",
-        seconds_extract=sum(s.meta.get("seconds", 0.0) for s in sets if not s.cached),
-        features_cached=[s.cached for s in sets],
-    )
+    sets = extract_train_val(
+        FeatureExtractor(model.backbone, spec), knn.train_dir, knn.val_dir,
+        ImageSettings(knn.image_size, knn.resize_size, *model.normalization), cache_dir=cache_dir,
+        device=resolve_device(device, key="device"), precision=knn.precision, batch_size=knn.batch_size,
+        num_workers=knn.num_workers, dtype=feature_dtype)
+    res = _classify(*sets, knn.ks, temps, len(classes), train_chunk)
     results = {
         "checkpoint": str(loaded.file),
         "which": "random_init" if random_init else loaded.source,
         "format": loaded.format,
         "train_dir": knn.train_dir,
         "val_dir": knn.val_dir,
-        "classes": train_classes,
+        "classes": classes,
         "image_size": knn.image_size,
         "resize_size": knn.resize_size,
         "features": spec.name(),
@@ -126,6 +97,32 @@ def knn_on_checkpoint(
     write_results(results, Path(out))
     results["out"] = str(out)
     return results
+
+
+def _knn_settings(cfg: Config, overrides: list[str], train_dir: str | None, val_dir: str | None,
+                  precision: str | None) -> KnnConfig:
+    """The run's ``knn`` section with the ``knn.*`` overrides, then the folders and precision given (if any)."""
+    for o in overrides:
+        if not o.startswith("knn."):
+            raise ConfigError(f"evaluation overrides must be knn.* keys, got {o!r}")
+    knn = config_from_dict(apply_overrides(config_to_dict(cfg), overrides)).knn
+    knn = dataclasses.replace(knn, train_dir=train_dir or knn.train_dir, val_dir=val_dir or knn.val_dir,
+                              precision=precision or knn.precision)
+    if not knn.train_dir or not knn.val_dir:
+        raise ConfigError("k-NN needs labeled train and val folders: pass --train and --val (or set knn.train_dir/val_dir)")
+    return knn
+
+
+def _classify(train: FeatureSet, val: FeatureSet, ks: Sequence[int], temps: list[float], num_classes: int,
+              train_chunk: int | None) -> dict[str, Any]:
+    """The results' ``details``: :func:`_vote` of the val folder against the train folder, then the search
+    engine, the extraction seconds and which of the two feature sets came from the cache."""
+    res = _vote((train.features, train.labels), (val.features, val.labels), ks, temps if len(temps) > 1 else temps[0],
+                num_classes, train_chunk=train_chunk)
+    res.update(engine="chunked" if train_chunk else "faiss",
+               seconds_extract=sum(s.meta.get("seconds", 0.0) for s in (train, val) if not s.cached),
+               features_cached=[train.cached, val.cached])
+    return res
 
 
 def run_knn(
@@ -148,24 +145,29 @@ def run_knn(
     ``num_classes``, ``ks``, ``temperature``, ``engine``, ``seconds_extract`` and ``seconds_search``.
     """
     t0 = time.perf_counter()
-    train_feats, train_labels = extract_features(backbone, train_loader, device, amp_dtype, out_dtype=feature_dtype)
-    val_feats, val_labels = extract_features(backbone, val_loader, device, amp_dtype, out_dtype=feature_dtype)
+    train = extract_features(backbone, train_loader, device, amp_dtype, out_dtype=feature_dtype)
+    val = extract_features(backbone, val_loader, device, amp_dtype, out_dtype=feature_dtype)
     t1 = time.perf_counter()
-    num_classes = int(max(train_labels.max(), val_labels.max())) + 1
-    results: dict[str, Any] = dict(
-        knn_classify(train_feats, train_labels, val_feats, val_labels, ks=ks, temperature=temperature,
-                     num_classes=num_classes, engine=engine, train_chunk=train_chunk)
-    )
-    t2 = time.perf_counter()
+    num_classes = int(max(train[1].max(), val[1].max())) + 1
+    results = _vote(train, val, ks, temperature, num_classes, engine=engine, train_chunk=train_chunk)
+    results.update(engine=engine, seconds_extract=t1 - t0, seconds_search=time.perf_counter() - t1)
+    return results
+
+
+def _vote(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], ks: Sequence[int],
+          temperature: float | Sequence[float], num_classes: int, **search: Any) -> dict[str, Any]:
+    """:func:`knn_classify` of ``val`` against ``train`` ((N, D) features, (N,) labels each), its entries
+    followed by ``n_train``, ``n_val``, ``dim``, ``num_classes``, ``ks`` and ``temperature``; ``search``:
+    ``engine`` / ``train_chunk``."""
+    (train_x, train_y), (val_x, val_y) = train, val
+    results: dict[str, Any] = dict(knn_classify(train_x, train_y, val_x, val_y, ks=ks, temperature=temperature,
+                                                num_classes=num_classes, **search))
     results.update(
-        n_train=int(train_feats.shape[0]),
-        n_val=int(val_feats.shape[0]),
-        dim=int(train_feats.shape[1]),
+        n_train=int(train_x.shape[0]),
+        n_val=int(val_x.shape[0]),
+        dim=int(train_x.shape[1]),
         num_classes=num_classes,
         ks=[int(k) for k in ks],
         temperature=float(temperature) if isinstance(temperature, (int, float)) else [float(t) for t in temperature],
-        engine=engine,
-        seconds_extract=t1 - t0,
-        seconds_search=t2 - t1,
     )
     return results
