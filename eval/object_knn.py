@@ -3,7 +3,7 @@ classified from the train objects.
 
 ODIS (Hızlı, Yıldız, Marttinen 2025, "Object-level Self-Distillation for Vision Pretraining", arXiv
 2506.05409) reports k-NN "using masks at inference time": the [OBJ] token attends to the object's patches
-only. Three features per object (:func:`ssl_distill.eval.features.extract_box_features`):
+only. Three features per object (:func:`ssl_distill.eval.box_features.extract_box_features`):
 
 - ``obj``: the [OBJ] output on the whole scene with the box's patch mask (ODIS models only);
 - ``crop``: the CLS output of the box crop resized to the view size;
@@ -11,7 +11,7 @@ only. Three features per object (:func:`ssl_distill.eval.features.extract_box_fe
   image-level baseline, which cannot tell a scene's objects apart).
 
 ``--mode pixels`` needs no model: the box crop's raw pixels (grayscale, 28 x 28, mean removed,
-:func:`~ssl_distill.eval.features.pixel_crop_feature`), the bar learned features must clear, as raw
+:func:`~ssl_distill.eval.box_features.pixel_crop_feature`), the bar learned features must clear, as raw
 pixels are for Fashion-MNIST's k-NN.
 
 Classification is DINO's weighted k-NN (:func:`ssl_distill.weighted_knn.knn_classify`: cosine similarity,
@@ -40,7 +40,8 @@ from ssl_distill.cli_args import parse_tool_arguments
 from ssl_distill.errors import DataError, run_command
 from ssl_distill.weighted_knn import knn_classify
 
-from .features import BOX_MODES, ImageSettings, extract_box_features, pixel_crop_feature
+from .box_features import BOX_MODES, extract_box_features, pixel_crop_feature
+from .features import ImageSettings
 from .results import default_output, write_results
 from .model import load_model
 
