@@ -155,11 +155,50 @@ def extract_box_features(
         precision: ``fp32``, ``bf16`` or ``fp16`` as :func:`prepare_inference`.
         batch_size: rows per forward pass.
     """
-    from PIL import Image
+    modes = _checked_modes(backbone, modes, settings, batch_size)
+    root = Path(image_root).expanduser().resolve()
+    names, per_image, source = _boxed_images(root, boxes)
+    device = torch.device(device)
+    model, amp = prepare_inference(_BoxForward(backbone), precision, device)
+    size, patch = int(settings.image_size), int(getattr(backbone, "patch_size", 1))
+    mean, std = tuple(settings.mean), tuple(settings.std)
+    feats: dict[str, list[Tensor]] = {m: [] for m in modes}
+    seconds = {m: 0.0 for m in modes}
+    all_boxes, all_labels, all_index = [], [], []
+    was_training = backbone.training
+    backbone.eval()
+    t_load = 0.0
+    try:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            for first in range(0, len(names), batch_size):
+                t0 = time.perf_counter()
+                views = _load_views(root, names, per_image, range(first, min(first + batch_size, len(names))),
+                                    modes, size, patch, mean, std)
+                t_load += time.perf_counter() - t0
+                all_boxes += views.boxes
+                all_labels += views.labels
+                all_index += views.index
+                for mode in modes:
+                    t0 = time.perf_counter()
+                    feats[mode].append(_forward_mode(model, views, mode, batch_size, device))
+                    seconds[mode] += time.perf_counter() - t0
+    finally:
+        backbone.train(was_training)
+    empty = torch.zeros(0, dtype=torch.long)
+    meta = {"image_root": str(root), "boxes": source, "images": len(names),
+            "boxes_count": sum(len(b) for b in all_boxes), "image_size": size, "precision": precision,
+            "modes": list(modes), "seconds": seconds, "seconds_load": t_load, "device": str(device)}
+    return BoxFeatures(
+        features={m: torch.cat(v) if v else torch.zeros(0, 0) for m, v in feats.items()},
+        labels=torch.cat(all_labels) if all_labels else empty,
+        image_index=torch.cat(all_index) if all_index else empty,
+        boxes=torch.cat(all_boxes).float() if all_boxes else torch.zeros(0, 4),
+        file_names=list(names), meta=meta)
 
-    from ssl_distill.data.boxes import BoxesFile, patch_mask_from_boxes, read_boxes
-    from ssl_distill.data.folder import scan_image_folder
 
+def _checked_modes(backbone: nn.Module, modes: Sequence[str], settings: ImageSettings,
+                   batch_size: int) -> tuple[str, ...]:
+    """``modes`` without repeats, once the request is known to be valid (ValueError naming what is not)."""
     modes = tuple(dict.fromkeys(modes))
     bad = [m for m in modes if m not in BOX_MODES]
     if bad or not modes:
@@ -171,85 +210,94 @@ def extract_box_features(
         raise ValueError(f"image_size must be a positive multiple of the patch size {p}, got {size}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    root = Path(image_root).expanduser().resolve()
-    whole = boxes is None
-    if whole:
+    return modes
+
+
+#: per image: its boxes (K, 4) xyxy and their category ids (K,), or (None, None) for one whole-image box
+_ImageBoxes = tuple[Any, Any]
+
+
+def _boxed_images(root: Path, boxes: Any) -> tuple[list[str], list[_ImageBoxes], str | None]:
+    """(image names, their boxes, the boxes file's path): the images of ``boxes`` that have any, or every
+    image below ``root`` with one whole-image box when ``boxes`` is None (path None)."""
+    from ssl_distill.data.boxes import BoxesFile, read_boxes
+    from ssl_distill.data.folder import scan_image_folder
+
+    if boxes is None:
         names = scan_image_folder(root, labeled=False).paths
-        per_image = [(None, None) for _ in names]
-    else:
-        bf = boxes if isinstance(boxes, BoxesFile) else read_boxes(boxes, root)
-        names, per_image = [], []
-        for name in bf.boxes:
-            xyxy, cats = bf.boxes_for(name)
-            if len(xyxy):
-                names.append(name)
-                per_image.append((xyxy, cats))
-    device = torch.device(device)
-    model, amp = prepare_inference(_BoxForward(backbone), precision, device)
-    mean, std = tuple(settings.mean), tuple(settings.std)
-    feats: dict[str, list[Tensor]] = {m: [] for m in modes}
-    seconds = {m: 0.0 for m in modes}
-    all_boxes, all_labels, all_index = [], [], []
+        return names, [(None, None) for _ in names], None
+    bf = boxes if isinstance(boxes, BoxesFile) else read_boxes(boxes, root)
+    names, per_image = [], []
+    for name in bf.boxes:
+        xyxy, cats = bf.boxes_for(name)
+        if len(xyxy):
+            names.append(name)
+            per_image.append((xyxy, cats))
+    return names, per_image, str(getattr(bf, "path", boxes))
 
-    def run(x: Tensor, obj_mask: Tensor | None, obj: bool) -> Tensor:
-        outs = []
-        for start in range(0, x.shape[0], batch_size):
-            xb = x[start : start + batch_size].to(device)
-            mb = None if obj_mask is None else obj_mask[start : start + batch_size].to(device)
-            outs.append(model(xb, mb, obj).float().cpu())
-        return torch.cat(outs)
 
-    was_training = backbone.training
-    backbone.eval()
-    t_load = 0.0
-    chunk = max(1, batch_size)
-    try:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-            for first in range(0, len(names), chunk):
-                t0 = time.perf_counter()
-                scenes, crops, masks, rows = [], [], [], []
-                for i in range(first, min(first + chunk, len(names))):
-                    with Image.open(root / names[i]) as im:
-                        img = im.convert("RGB")
-                    w, h = img.size
-                    xyxy, cats = per_image[i]
-                    if xyxy is None:
-                        xyxy = torch.tensor([[0.0, 0.0, float(w), float(h)]])
-                        cats = torch.tensor([-1])
-                    else:
-                        xyxy, cats = torch.as_tensor(xyxy, dtype=torch.float32), torch.as_tensor(cats)
-                    scenes.append(scene_tensor(img, size, mean, std))
-                    rows += [len(scenes) - 1] * len(xyxy)
-                    all_boxes.append(xyxy)
-                    all_labels.append(cats.long())
-                    all_index.append(torch.full((len(xyxy),), i, dtype=torch.long))
-                    if "crop" in modes:
-                        crops += [crop_tensor(img, b.tolist(), size, mean, std) for b in xyxy]
-                    if "obj" in modes and not whole:
-                        masks.append(patch_mask_from_boxes(boxes_to_view(xyxy, w, h, size), size, size, p))
-                x = torch.stack(scenes)
-                row = torch.tensor(rows, dtype=torch.long)
-                t_load += time.perf_counter() - t0
-                for mode in modes:
-                    t0 = time.perf_counter()
-                    if mode == "scene":
-                        out = run(x, None, False)[row]
-                    elif mode == "crop":
-                        out = run(torch.stack(crops), None, False)
-                    else:
-                        out = run(x[row], None if whole else torch.cat(masks), True)
-                    feats[mode].append(out)
-                    seconds[mode] += time.perf_counter() - t0
-    finally:
-        backbone.train(was_training)
-    n = sum(len(b) for b in all_boxes)
-    empty = torch.zeros(0, dtype=torch.long)
-    meta = {"image_root": str(root), "boxes": None if whole else str(getattr(bf, "path", boxes)), "images": len(names),
-            "boxes_count": n, "image_size": size, "precision": precision, "modes": list(modes),
-            "seconds": seconds, "seconds_load": t_load, "device": str(device)}
-    return BoxFeatures(
-        features={m: torch.cat(v) if v else torch.zeros(0, 0) for m, v in feats.items()},
-        labels=torch.cat(all_labels) if all_labels else empty,
-        image_index=torch.cat(all_index) if all_index else empty,
-        boxes=torch.cat(all_boxes).float() if all_boxes else torch.zeros(0, 4),
-        file_names=list(names), meta=meta)
+@dataclass
+class _Views:
+    """What the model sees of a few images: their scene views (S, 3, size, size) and the scene row of each
+    of their B boxes (B,); the boxes' crop views (3, size, size) and (h * w,) patch masks where those modes
+    run; and per image, its boxes (K, 4) float32, their labels (K,) and the image's index (K,)."""
+
+    scenes: Tensor
+    row: Tensor
+    crops: list[Tensor]
+    masks: list[Tensor]
+    boxes: list[Tensor]
+    labels: list[Tensor]
+    index: list[Tensor]
+
+
+def _load_views(root: Path, names: list[str], per_image: list[_ImageBoxes], indices: range, modes: Sequence[str],
+                size: int, patch: int, mean: tuple[float, ...], std: tuple[float, ...]) -> _Views:
+    """The :class:`_Views` of images ``indices`` of ``names``."""
+    from PIL import Image
+
+    from ssl_distill.data.boxes import patch_mask_from_boxes
+
+    scenes, rows, crops, masks, all_boxes, labels, index = [], [], [], [], [], [], []
+    for i in indices:
+        with Image.open(root / names[i]) as im:
+            img = im.convert("RGB")
+        w, h = img.size
+        xyxy, cats = per_image[i]
+        whole = xyxy is None
+        if whole:
+            xyxy = torch.tensor([[0.0, 0.0, float(w), float(h)]])
+            cats = torch.tensor([-1])
+        else:
+            xyxy, cats = torch.as_tensor(xyxy, dtype=torch.float32), torch.as_tensor(cats)
+        scenes.append(scene_tensor(img, size, mean, std))
+        rows += [len(scenes) - 1] * len(xyxy)
+        all_boxes.append(xyxy)
+        labels.append(cats.long())
+        index.append(torch.full((len(xyxy),), i, dtype=torch.long))
+        if "crop" in modes:
+            crops += [crop_tensor(img, b.tolist(), size, mean, std) for b in xyxy]
+        if "obj" in modes and not whole:
+            masks.append(patch_mask_from_boxes(boxes_to_view(xyxy, w, h, size), size, size, patch))
+    return _Views(torch.stack(scenes), torch.tensor(rows, dtype=torch.long), crops, masks, all_boxes, labels, index)
+
+
+def _forward_mode(model: nn.Module, views: _Views, mode: str, batch_size: int, device: torch.device) -> Tensor:
+    """(B, D) float32 features of the views' boxes in ``mode`` (the :class:`_BoxForward` ``model``)."""
+    if mode == "scene":
+        return _forward(model, views.scenes, None, False, batch_size, device)[views.row]
+    if mode == "crop":
+        return _forward(model, torch.stack(views.crops), None, False, batch_size, device)
+    obj_mask = torch.cat(views.masks) if views.masks else None  # none: whole images, [OBJ] attends everywhere
+    return _forward(model, views.scenes[views.row], obj_mask, True, batch_size, device)
+
+
+def _forward(model: nn.Module, x: Tensor, obj_mask: Tensor | None, obj: bool, batch_size: int,
+             device: torch.device) -> Tensor:
+    """``model(x, obj_mask, obj)`` in batches of ``batch_size`` rows on ``device``, float32 on the CPU."""
+    outs = []
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start : start + batch_size].to(device)
+        mb = None if obj_mask is None else obj_mask[start : start + batch_size].to(device)
+        outs.append(model(xb, mb, obj).float().cpu())
+    return torch.cat(outs)
