@@ -129,53 +129,82 @@ def compute_maps(backbone: nn.Module, img: Image.Image, mean: Sequence[float], s
 
 def render(maps: AttentionMaps, out_dir: str | Path, title: str = "") -> list[Path]:
     """Write ``grid.png``, ``head_<i>.png``, ``pca.png``, ``rollout.png`` and ``maps.npz`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pictures = _Pictures.of(maps)
+    written = _write_pictures(maps.image, pictures, out)
+    written.insert(0, _write_grid(maps, pictures, out / "grid.png", title))
+    written.append(_write_arrays(maps, out / "maps.npz"))
+    return written
+
+
+@dataclass
+class _Pictures:
+    """One image's maps as (H, W, 3) uint8 pictures: each head's heat map and, with a threshold, its (H, W)
+    mask and colour; the PCA and the rollout (when computed)."""
+
+    heats: list[np.ndarray]
+    masks: list[np.ndarray] | None
+    colors: np.ndarray
+    pca: np.ndarray | None
+    rollout: np.ndarray | None
+
+    @classmethod
+    def of(cls, maps: AttentionMaps) -> _Pictures:
+        return cls(heats=[colorize(maps.upsample(a)) for a in maps.attention],
+                   masks=[maps.upsample(m) for m in maps.masks] if maps.masks is not None else None,
+                   colors=head_colors(maps.num_heads),
+                   pca=(maps.upsample(maps.pca) * 255).round().astype(np.uint8) if maps.pca is not None else None,
+                   rollout=colorize(maps.upsample(maps.rollout)) if maps.rollout is not None else None)
+
+
+def _write_pictures(img: np.ndarray, pictures: _Pictures, out: Path) -> list[Path]:
+    """``head_<i>.png`` (heat map over the image | image with the head's mask), ``pca.png``, ``rollout.png``."""
+    written: list[Path] = []
+    for i, heat in enumerate(pictures.heats):
+        right = overlay_mask(img, pictures.masks[i], pictures.colors[i]) if pictures.masks is not None else heat
+        gap = np.full((img.shape[0], 4, 3), 255, dtype=np.uint8)
+        path = out / f"head_{i}.png"
+        Image.fromarray(np.concatenate([blend(img, heat), gap, right], axis=1)).save(path)
+        written.append(path)
+    if pictures.pca is not None:
+        Image.fromarray(pictures.pca).save(out / "pca.png")
+        written.append(out / "pca.png")
+    if pictures.rollout is not None:
+        Image.fromarray(blend(img, pictures.rollout)).save(out / "rollout.png")
+        written.append(out / "rollout.png")
+    return written
+
+
+def _summary_row(maps: AttentionMaps, pictures: _Pictures) -> list[tuple[np.ndarray, str]]:
+    """The grid's first row: the image, all heads' masks, the mean map, the PCA and the rollout (those there are)."""
+    img = maps.image
+    summary: list[tuple[np.ndarray, str]] = [(img, "image")]
+    if pictures.masks is not None:
+        combined = img.copy()
+        for mask, color in zip(pictures.masks, pictures.colors):
+            combined = overlay_mask(combined, mask, color, alpha=0.35)
+        summary.append((combined, f"all heads, {100 * maps.threshold:.0f}% mass"))
+    summary.append((blend(img, colorize(maps.upsample(maps.attention.mean(0)))), "mean over heads"))
+    if pictures.pca is not None:
+        summary.append((pictures.pca, "PCA of patch features"))
+    if pictures.rollout is not None:
+        summary.append((blend(img, pictures.rollout), "attention rollout"))
+    return summary
+
+
+def _write_grid(maps: AttentionMaps, pictures: _Pictures, path: Path, title: str) -> Path:
+    """``grid.png``: the summary row, then per row of heads their maps (and their masks)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    img = maps.image
-    n = maps.num_heads
-    colors = head_colors(n)
-    heats = [colorize(maps.upsample(a)) for a in maps.attention]
-    up_masks = [maps.upsample(m) for m in maps.masks] if maps.masks is not None else None
-
-    # one PNG per head: heat map over the image | image with the head's mask
-    for i in range(n):
-        left = blend(img, heats[i])
-        right = overlay_mask(img, up_masks[i], colors[i]) if up_masks is not None else heats[i]
-        gap = np.full((img.shape[0], 4, 3), 255, dtype=np.uint8)
-        path = out / f"head_{i}.png"
-        Image.fromarray(np.concatenate([left, gap, right], axis=1)).save(path)
-        written.append(path)
-    pca_img = (maps.upsample(maps.pca) * 255).round().astype(np.uint8) if maps.pca is not None else None
-    if pca_img is not None:
-        Image.fromarray(pca_img).save(out / "pca.png")
-        written.append(out / "pca.png")
-    roll_img = colorize(maps.upsample(maps.rollout)) if maps.rollout is not None else None
-    if roll_img is not None:
-        Image.fromarray(blend(img, roll_img)).save(out / "rollout.png")
-        written.append(out / "rollout.png")
-
-    # the grid: a summary row, then per row of heads their maps and their masks
-    combined = img.copy()
-    if up_masks is not None:
-        for i in range(n):
-            combined = overlay_mask(combined, up_masks[i], colors[i], alpha=0.35)
-    summary: list[tuple[np.ndarray, str]] = [(img, "image")]
-    if up_masks is not None:
-        summary.append((combined, f"all heads, {100 * maps.threshold:.0f}% mass"))
-    summary.append((blend(img, colorize(maps.upsample(maps.attention.mean(0)))), "mean over heads"))
-    if pca_img is not None:
-        summary.append((pca_img, "PCA of patch features"))
-    if roll_img is not None:
-        summary.append((blend(img, roll_img), "attention rollout"))
+    img, n, colors = maps.image, maps.num_heads, pictures.colors
+    summary = _summary_row(maps, pictures)
     ncols = max(len(summary), min(n, 6))
     head_rows = -(-n // ncols)
-    rows_per_head = 2 if up_masks is not None else 1
+    rows_per_head = 2 if pictures.masks is not None else 1
     nrows = 1 + head_rows * rows_per_head
     aspect = img.shape[0] / img.shape[1]
     fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.6 * aspect * nrows + 0.6), squeeze=False)
@@ -186,20 +215,22 @@ def render(maps: AttentionMaps, out_dir: str | Path, title: str = "") -> list[Pa
         axes[0, j].set_title(label, fontsize=9)
     for i in range(n):
         r, c = 1 + (i // ncols) * rows_per_head, i % ncols
-        axes[r, c].imshow(heats[i])
+        axes[r, c].imshow(pictures.heats[i])
         axes[r, c].set_title(f"head {i}", fontsize=9, color=tuple(colors[i] / 255))
-        if up_masks is not None:
-            axes[r + 1, c].imshow(overlay_mask(img, up_masks[i], colors[i]))
+        if pictures.masks is not None:
+            axes[r + 1, c].imshow(overlay_mask(img, pictures.masks[i], colors[i]))
             kept = float(maps.masks[i].mean())
             axes[r + 1, c].set_title(f"head {i}: {100 * kept:.0f}% of patches", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = out / "grid.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    written.insert(0, path)
+    return path
 
+
+def _write_arrays(maps: AttentionMaps, path: Path) -> Path:
+    """``maps.npz``: the raw maps (attention, masks, pca, rollout: those there are)."""
     arrays = {"attention": maps.attention}
     if maps.masks is not None:
         arrays["masks"] = maps.masks
@@ -207,9 +238,8 @@ def render(maps: AttentionMaps, out_dir: str | Path, title: str = "") -> list[Pa
         arrays["pca"] = maps.pca
     if maps.rollout is not None:
         arrays["rollout"] = maps.rollout
-    np.savez_compressed(out / "maps.npz", **arrays)
-    written.append(out / "maps.npz")
-    return written
+    np.savez_compressed(path, **arrays)
+    return path
 
 
 # ----------------------------------------------------------------------------------- batch mode
