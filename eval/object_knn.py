@@ -112,16 +112,8 @@ def object_knn(checkpoint: str | Path, scenes: str | Path, mode: str = "all", *,
     scenes = Path(scenes)
     files = _split_files(scenes)
     model = load_model(checkpoint, which, random_init=random_init)
-    backbone, loaded = model
-    has_obj = bool(getattr(backbone, "has_obj_token", False))
-    notes: list[str] = []
-    if mode == "obj" and not has_obj:
-        raise ValueError(NO_OBJ_TOKEN)
-    modes = list(BOX_MODES) if mode == "all" else [mode]
-    if not has_obj and "obj" in modes:
-        modes.remove("obj")
-        notes.append(NO_OBJ_TOKEN + "; running crop and scene only.")
-        log(notes[-1])
+    backbone, loaded = model.backbone, model.loaded
+    modes, notes = _modes_of(bool(getattr(backbone, "has_obj_token", False)), mode, log)
     boxes = {split: read_boxes(f, f.parent) for split, f in files.items()}
     classes, index = _class_index(boxes["train"], boxes["test"])
     mean, std = model.normalization
@@ -141,25 +133,42 @@ def object_knn(checkpoint: str | Path, scenes: str | Path, mode: str = "all", *,
         "notes": notes, "accuracy": {}, "per_class": {}, "details": {},
     }
     for m in modes:
-        t0 = time.perf_counter()
-        res = knn_classify(feats["train"].features[m], labels["train"], feats["test"].features[m], labels["test"],
-                           ks=(k,), temperature=temperature, num_classes=len(classes))
-        entry = res[f"k={k}"]
-        results["accuracy"][m] = {"top1": entry["top1"], "top5": entry["top5"]}
-        results["per_class"][m] = entry["per_class"]
-        results["details"][m] = {
-            "k_used": entry["k"], "dim": int(feats["train"].features[m].shape[1]),
-            "n_train_features": int(feats["train"].features[m].shape[0]),
-            "n_test_features": int(feats["test"].features[m].shape[0]),
-            "seconds_extract": feats["train"].meta["seconds"][m] + feats["test"].meta["seconds"][m],
-            "seconds_search": time.perf_counter() - t0,
-        }
+        results["accuracy"][m], results["per_class"][m], results["details"][m] = _knn_entry(
+            (feats["train"].features[m], labels["train"]), (feats["test"].features[m], labels["test"]), k,
+            temperature, len(classes), feats["train"].meta["seconds"][m] + feats["test"].meta["seconds"][m])
     results["seconds_load"] = feats["train"].meta["seconds_load"] + feats["test"].meta["seconds_load"]
     if out is None:
         out = default_output(checkpoint, "object_knn", random_init)
     write_results(results, Path(out))
     results["out"] = str(out)
     return results
+
+
+def _modes_of(has_obj: bool, mode: str, log: Any) -> tuple[list[str], list[str]]:
+    """(the modes ``mode`` runs, notes): ``all`` is every mode the model has, leaving obj out with a note
+    (logged) when it has no [OBJ] token; ``obj`` alone on such a model is a ValueError."""
+    if mode == "obj" and not has_obj:
+        raise ValueError(NO_OBJ_TOKEN)
+    modes = list(BOX_MODES) if mode == "all" else [mode]
+    notes: list[str] = []
+    if not has_obj and "obj" in modes:
+        modes.remove("obj")
+        notes.append(NO_OBJ_TOKEN + "; running crop and scene only.")
+        log(notes[-1])
+    return modes, notes
+
+
+def _knn_entry(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], k: int,
+               temperature: float, num_classes: int,
+               seconds_extract: float) -> tuple[dict[str, float], list[float | None], dict[str, Any]]:
+    """k-NN of one feature of the test boxes against the train boxes ((N, D) features, (N,) labels each):
+    (top-1 / top-5, per-class top-1, details: k used, dim, feature counts, extraction and search seconds)."""
+    t0 = time.perf_counter()
+    entry = knn_classify(*train, *test, ks=(k,), temperature=temperature, num_classes=num_classes)[f"k={k}"]
+    details = {"k_used": entry["k"], "dim": int(train[0].shape[1]), "n_train_features": int(train[0].shape[0]),
+               "n_test_features": int(test[0].shape[0]), "seconds_extract": seconds_extract,
+               "seconds_search": time.perf_counter() - t0}
+    return {"top1": entry["top1"], "top5": entry["top5"]}, entry["per_class"], details
 
 
 def pixel_knn(scenes: str | Path, size: int = 28, *, k: int = 20, temperature: float = 0.07,
@@ -191,19 +200,13 @@ def pixel_knn(scenes: str | Path, size: int = 28, *, k: int = 20, temperature: f
             cats += [int(v) for v in c]
         feats[split] = torch.stack(rows) if rows else torch.zeros(0, size * size)
         labels[split] = _labels(cats, index, files[split])
-    seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    entry = knn_classify(feats["train"], labels["train"], feats["test"], labels["test"], ks=(k,),
-                         temperature=temperature, num_classes=len(classes))[f"k={k}"]
+    accuracy, per_class, details = _knn_entry((feats["train"], labels["train"]), (feats["test"], labels["test"]), k,
+                                              temperature, len(classes), time.perf_counter() - t0)
     results: dict[str, Any] = {
         "checkpoint": None, "which": "pixels", "scenes": str(scenes.resolve()), "classes": classes,
         "modes": ["pixels"], "k": k, "temperature": temperature, "pixel_size": size,
         "n_train": int(labels["train"].numel()), "n_test": int(labels["test"].numel()), "notes": [],
-        "accuracy": {"pixels": {"top1": entry["top1"], "top5": entry["top5"]}},
-        "per_class": {"pixels": entry["per_class"]},
-        "details": {"pixels": {"k_used": entry["k"], "dim": size * size, "n_train_features": int(labels["train"].numel()),
-                               "n_test_features": int(labels["test"].numel()), "seconds_extract": seconds,
-                               "seconds_search": time.perf_counter() - t0}},
+        "accuracy": {"pixels": accuracy}, "per_class": {"pixels": per_class}, "details": {"pixels": details},
     }
     out = Path(out) if out is not None else scenes / "object_knn_pixels.json"
     write_results(results, out)
