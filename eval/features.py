@@ -19,13 +19,16 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from ssl_distill.errors import DataError
 from ssl_distill.models.frozen_features import FeatureExtractor, amp_dtype_for, extract_features, prepare_inference
+
+if TYPE_CHECKING:
+    from ssl_distill.data.folder import FileList
 
 __all__ = [
     "ImageSettings",
@@ -66,7 +69,7 @@ def backbone_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def folder_fingerprint(files: Any) -> str:
+def folder_fingerprint(files: FileList) -> str:
     """Hash of a :class:`~ssl_distill.data.folder.FileList`: root, relative paths, labels, sizes and mtimes."""
     h = hashlib.blake2b(digest_size=16)
     h.update(str(files.root).encode())
@@ -150,8 +153,7 @@ def extract_folder(
         weights_key: fingerprint of the weights if already known (default: hashed here).
         max_bad_fraction: above this share of unreadable (substituted) images, raise DataError.
     """
-    from ssl_distill.data.folder import BadImageCounter, scan_image_folder
-    from ssl_distill.data.loader import build_eval_loader
+    from ssl_distill.data.folder import scan_image_folder
 
     if dtype not in (torch.float32, torch.float16):
         raise ValueError(f"feature dtype must be float32 or float16, got {dtype}")
@@ -165,20 +167,51 @@ def extract_folder(
     }
     cache_file = None
     if cache_dir is not None:
-        key_src = dict(meta, weights=weights_key or backbone_fingerprint(extractor.backbone),
-                       data=folder_fingerprint(files), version=1)
-        key = hashlib.blake2b(json.dumps(key_src, sort_keys=True).encode(), digest_size=12).hexdigest()
-        meta["key"] = key
-        cache_file = Path(cache_dir) / f"{files.root.name}-{key}.pt"
-        if cache_file.is_file():
-            try:
-                obj = torch.load(cache_file, map_location="cpu", weights_only=True)
-                feats, labels = obj["features"], obj["labels"]
-                if feats.shape[0] == len(files) and feats.dtype == dtype:
-                    return FeatureSet(feats, labels, list(files.classes),
-                                      dict(obj.get("meta", meta), cache_file=str(cache_file)), cached=True)
-            except Exception as e:  # a damaged cache file: extract again
-                warnings.warn(f"ignoring unreadable feature cache {cache_file}: {e}", stacklevel=2)
+        cache_file = _cache_file(Path(cache_dir), files, meta, weights_key or backbone_fingerprint(extractor.backbone))
+        cached = _read_cache(cache_file, files, dtype, meta)
+        if cached is not None:
+            return cached
+    feats, labels, run = _extract_files(extractor, files, settings, device, precision, batch_size, num_workers, dtype,
+                                        max_bad_fraction)
+    meta.update(run)
+    if cache_file is not None:
+        _atomic_torch_save({"features": feats, "labels": labels, "meta": meta}, cache_file)
+        meta["cache_file"] = str(cache_file)
+    return FeatureSet(feats, labels, list(files.classes), meta, cached=False)
+
+
+def _cache_file(cache_dir: Path, files: FileList, meta: dict[str, Any], weights: str) -> Path:
+    """``<cache_dir>/<folder name>-<key>.pt``, the key a hash of ``meta`` (layout, view, precision, dtype),
+    the weights' fingerprint and the folder's; sets ``meta["key"]``."""
+    key_src = dict(meta, weights=weights, data=folder_fingerprint(files), version=1)
+    key = hashlib.blake2b(json.dumps(key_src, sort_keys=True).encode(), digest_size=12).hexdigest()
+    meta["key"] = key
+    return cache_dir / f"{files.root.name}-{key}.pt"
+
+
+def _read_cache(cache_file: Path, files: FileList, dtype: torch.dtype, meta: dict[str, Any]) -> FeatureSet | None:
+    """The cached features of ``files`` when ``cache_file`` is there, readable and fits (row count, dtype)."""
+    if not cache_file.is_file():
+        return None
+    try:
+        obj = torch.load(cache_file, map_location="cpu", weights_only=True)
+        feats, labels = obj["features"], obj["labels"]
+        if feats.shape[0] == len(files) and feats.dtype == dtype:
+            return FeatureSet(feats, labels, list(files.classes),
+                              dict(obj.get("meta", meta), cache_file=str(cache_file)), cached=True)
+    except Exception as e:  # a damaged cache file: extract again
+        warnings.warn(f"ignoring unreadable feature cache {cache_file}: {e}", stacklevel=3)
+    return None
+
+
+def _extract_files(extractor: FeatureExtractor, files: FileList, settings: ImageSettings, device: torch.device,
+                   precision: str, batch_size: int, num_workers: int, dtype: torch.dtype,
+                   max_bad_fraction: float) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """(N, F) features and (N,) labels of ``files`` in folder order, and the pass's seconds, images/s, count of
+    unreadable (substituted) images and device; DataError above ``max_bad_fraction`` unreadable images."""
+    from ssl_distill.data.folder import BadImageCounter
+    from ssl_distill.data.loader import build_eval_loader
+
     loader = build_eval_loader(files.root, settings.image_size, settings.resize_size, batch_size, num_workers,
                                tuple(settings.mean), tuple(settings.std))
     counting = _CountBad(loader)
@@ -192,12 +225,8 @@ def extract_folder(
         counter.finalize()
     except DataError as e:
         raise DataError(f"{files.root}: {e}") from e
-    meta.update(seconds=seconds, images_per_s=len(files) / max(seconds, 1e-9), bad_images=counting.bad,
-                device=str(device))
-    if cache_file is not None:
-        _atomic_torch_save({"features": feats, "labels": labels, "meta": meta}, cache_file)
-        meta["cache_file"] = str(cache_file)
-    return FeatureSet(feats, labels, list(files.classes), meta, cached=False)
+    return feats, labels, {"seconds": seconds, "images_per_s": len(files) / max(seconds, 1e-9),
+                           "bad_images": counting.bad, "device": str(device)}
 
 
 def extract_train_val(extractor: FeatureExtractor, train_dir: str | Path, val_dir: str | Path,
