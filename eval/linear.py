@@ -356,23 +356,13 @@ def fast_probe(train: FeatureSet, test: FeatureSet, embed_dim: int, max_blocks: 
     t_train = time.perf_counter() - t0
     held_logits = grid.logits(x_train, held_idx)
     test_logits = grid.logits(x_test)
-    held_y, test_y = train.labels[held_idx], test.labels
-    rows = []
-    for i, h in enumerate(heads):
-        h1, h5 = topk_accuracy(held_logits[:, i], held_y)
-        t1, t5 = topk_accuracy(test_logits[:, i], test_y)
-        rows.append({"name": h.name(), "blocks": h.blocks, "avgpool": h.avgpool, "lr": h.lr,
-                     "lr_scaled": h.lr * batch_size / 256.0, "holdout_top1": h1, "holdout_top5": h5,
-                     "test_top1": t1, "test_top5": t5, "final_train_loss": losses[i]})
+    test_y = test.labels
+    rows = _grid_rows(heads, batch_size, losses, (held_logits, train.labels[held_idx]), (test_logits, test_y))
     # best on held-out top-1; ties: lower held-out loss is not tracked, so the first (smallest lr) wins
     best_i = max(range(len(rows)), key=lambda i: (rows[i]["holdout_top1"], rows[i]["holdout_top5"], -i))
     best = rows[best_i]
-    pred = test_logits[:, best_i].argmax(dim=1)
+    per_class = _per_class_top1(test_logits[:, best_i].argmax(dim=1), test_y, num_classes)
     lr_values = sorted({h.lr for h in heads})
-    per_class = []
-    for c in range(num_classes):
-        mask = test_y == c
-        per_class.append(100.0 * float((pred[mask] == c).float().mean()) if mask.any() else None)
     return {
         "mode": "fast", "selection": "held-out split of train", "best": best,
         "top1": best["test_top1"], "top5": best["test_top5"], "per_class": per_class,
@@ -383,6 +373,29 @@ def fast_probe(train: FeatureSet, test: FeatureSet, embed_dim: int, max_blocks: 
         "holdout_fraction": holdout, "compute": compute, "seconds_train": t_train,
         "best_head_state": grid.head_state(best_i),
     }
+
+
+def _grid_rows(heads: Sequence[HeadSpec], batch_size: int, losses: list[float], held: tuple[Tensor, Tensor],
+               test: tuple[Tensor, Tensor]) -> list[dict[str, Any]]:
+    """One row per head: its settings, held-out and test top-1 / top-5 from its logits ((N, heads, C), labels
+    (N,) of each split) and its final training loss."""
+    rows = []
+    for i, h in enumerate(heads):
+        h1, h5 = topk_accuracy(held[0][:, i], held[1])
+        t1, t5 = topk_accuracy(test[0][:, i], test[1])
+        rows.append({"name": h.name(), "blocks": h.blocks, "avgpool": h.avgpool, "lr": h.lr,
+                     "lr_scaled": h.lr * batch_size / 256.0, "holdout_top1": h1, "holdout_top5": h5,
+                     "test_top1": t1, "test_top5": t5, "final_train_loss": losses[i]})
+    return rows
+
+
+def _per_class_top1(pred: Tensor, labels: Tensor, num_classes: int) -> list[float | None]:
+    """(N,) predictions and labels -> top-1 % per class, None for a class without test items."""
+    per_class = []
+    for c in range(num_classes):
+        mask = labels == c
+        per_class.append(100.0 * float((pred[mask] == c).float().mean()) if mask.any() else None)
+    return per_class
 
 
 # ----------------------------------------------------------------------------------------------------
