@@ -92,7 +92,6 @@ import scipy.sparse.linalg
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from ssl_distill.cli_args import discover_arguments as add_arguments  # options: torch-free
 from ssl_distill.cli_args import parse_tool_arguments
@@ -106,6 +105,7 @@ from ssl_distill.models.inspect import (
 
 from .constants import DINOSEG_HEAD, DINOSEG_MASS, EPS, TAU
 from .drawing import colorize, threshold_mass, upsample
+from .images import readable_images, shrink
 
 __all__ = [
     "DENSE_BELOW",
@@ -432,10 +432,7 @@ def prepare_image(img: Image.Image, patch_size: int, mean: Sequence[float] = IMA
     ``max_side`` optionally shrinks images whose longer side exceeds it (aspect kept); by default
     the native resolution is used.
     """
-    img = img.convert("RGB")
-    if max_side is not None and max(img.size) > max_side:
-        f = max_side / max(img.size)
-        img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.BICUBIC)
+    img = shrink(img, max_side)
     arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -532,18 +529,11 @@ def discover_images(backbone: nn.Module, image_dir: str | Path, file_names: Sequ
     whole image as their box, are marked ``ncut_degenerate`` in the boxes file, and are listed once on
     stderr (not one warning each).
     """
-    from ssl_distill.data.folder import _DECODE_ERRORS, load_rgb
-
     image_dir, out_dir = Path(image_dir), Path(out_dir)
     entries, boxes, degenerate = [], {}, {}
     t0 = time.perf_counter()
-    bar = tqdm(file_names, desc="discover", unit="img", disable=(not sys.stderr.isatty()) if progress is None else not progress)
-    for name in bar:
-        try:
-            img = load_rgb(image_dir / name)
-        except _DECODE_ERRORS as e:
-            print(f"warning: skipping unreadable image {image_dir / name}: {e}", file=sys.stderr)
-            continue
+    for i, img in readable_images([image_dir / name for name in file_names], "discover", progress):
+        name = file_names[i]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DegenerateGraphWarning)  # summarised below
             res = discover_image(backbone, img, tau, eps, method, mean, std, max_side, device, amp_dtype,

@@ -20,7 +20,6 @@ computed by :mod:`ssl_distill.models.inspect` only when asked; the model itself 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from ssl_distill.cli_args import visualize_arguments as add_arguments  # options: torch-free
 from ssl_distill.cli_args import parse_tool_arguments
@@ -37,6 +35,7 @@ from ssl_distill.errors import run_command
 from ssl_distill.models.inspect import inspect_forward
 
 from .drawing import blend, colorize, head_colors, overlay_mask, threshold_mass, upsample
+from .images import readable_images, shrink
 
 __all__ = [
     "AttentionMaps",
@@ -94,10 +93,7 @@ class AttentionMaps:
 
 
 def _crop_to_patches(img: Image.Image, patch_size: int, max_side: int | None) -> Image.Image:
-    img = img.convert("RGB")
-    if max_side is not None and max(img.size) > max_side:
-        f = max_side / max(img.size)
-        img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.BICUBIC)
+    img = shrink(img, max_side)
     w, h = img.width // patch_size * patch_size, img.height // patch_size * patch_size
     if w == 0 or h == 0:
         raise ValueError(f"image {img.width}x{img.height} is smaller than one {patch_size}px patch")
@@ -266,17 +262,10 @@ def visualize_images(backbone: nn.Module, inputs: Sequence[str | Path], out_dir:
                      discard_ratio: float = 0.0, max_side: int | None = None, device: torch.device | str = "cpu",
                      title: str = "", progress: bool | None = None) -> list[Path]:
     """Figures for image files and folders (batch mode, with a progress bar); returns the grid PNGs."""
-    from ssl_distill.data.folder import _DECODE_ERRORS, load_rgb
-
     items = _image_list(inputs)
     grids: list[Path] = []
-    bar = tqdm(items, desc="visualize", unit="img", disable=(not sys.stderr.isatty()) if progress is None else not progress)
-    for path, name in bar:
-        try:
-            img = load_rgb(path)
-        except _DECODE_ERRORS as e:
-            print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
-            continue
+    for i, img in readable_images([path for path, _ in items], "visualize", progress):
+        path, name = items[i]
         maps = compute_maps(backbone, img, mean, std, threshold, pca, rollout, head_fusion, discard_ratio, max_side, device)
         grids.append(render(maps, Path(out_dir) / name, title=f"{title}  {path.name}".strip())[0])
     return grids
