@@ -541,9 +541,7 @@ def discover_images(backbone: nn.Module, image_dir: str | Path, file_names: Sequ
         if res.degenerate:
             degenerate[name] = res.degenerate
         if max_side is not None and (img.height, img.width) != res.image_size:  # box back to the original pixels
-            fx, fy = img.width / res.image_size[1], img.height / res.image_size[0]
-            x0, y0, x1, y1 = res.box
-            res.box = (round(x0 * fx), round(y0 * fy), min(round(x1 * fx), img.width), min(round(y1 * fy), img.height))
+            res.box = _rescaled_box(res.box, res.image_size, img.size)
         boxes[name] = list(res.box)
         entries.append({"file_name": name, "width": img.width, "height": img.height, "box": res.box,
                         **res.box_fields()})
@@ -553,15 +551,29 @@ def discover_images(backbone: nn.Module, image_dir: str | Path, file_names: Sequ
             save_heatmap(res, out_dir / "heatmaps" / _png_name(name))
     seconds = time.perf_counter() - t0
     if degenerate:
-        listed = ", ".join(list(degenerate)[:5]) + (", ..." if len(degenerate) > 5 else "")
-        print(f"warning: {len(degenerate)} of {len(entries)} images have no unique normalized cut (constant graph "
-              f"or repeated eigenvalue); their box is the whole image, marked ncut_degenerate: {listed}",
-              file=sys.stderr)
+        _warn_degenerate(list(degenerate), len(entries))
     how = ({"method": "tokencut", "tau": tau, "eps": eps, "solver": method} if dinoseg_head is None
            else {"method": "dinoseg", "head": dinoseg_head, "mass": DINOSEG_MASS})
     path = write_coco_boxes(out_dir / "boxes.json", entries, {**(info or {}), **how, "n_degenerate": len(degenerate)})
     return {"boxes": boxes, "boxes_file": str(path), "seconds": seconds, "how": how,
             "images_per_s": len(entries) / seconds if seconds > 0 else float("nan"), "degenerate": degenerate}
+
+
+def _rescaled_box(box: tuple[int, int, int, int], shrunk: tuple[int, int],
+                  size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A box on the image shrunk to ``shrunk`` (H, W), back in the pixels of the original (W, H) ``size``."""
+    width, height = size
+    fx, fy = width / shrunk[1], height / shrunk[0]
+    x0, y0, x1, y1 = box
+    return round(x0 * fx), round(y0 * fy), min(round(x1 * fx), width), min(round(y1 * fy), height)
+
+
+def _warn_degenerate(names: list[str], n_images: int) -> None:
+    """One line on stderr for the images without a unique cut (the first five named)."""
+    listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    print(f"warning: {len(names)} of {n_images} images have no unique normalized cut (constant graph "
+          f"or repeated eigenvalue); their box is the whole image, marked ncut_degenerate: {listed}",
+          file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------- command line
