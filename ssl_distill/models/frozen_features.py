@@ -196,13 +196,7 @@ def extract_features(
     N is ``len(loader.dataset)`` when the loader has a sized dataset, else ``max(index) + 1``.
     """
     device = torch.device(device)
-    n_expected = _dataset_length(loader)
-    feats: Tensor | None = None
-    labels: Tensor | None = None
-    seen: Tensor | None = None
-    # Without a sized dataset, collect and assemble at the end.
-    chunks: list[tuple[Tensor, Tensor, Tensor]] = []
-
+    rows = _Rows(_dataset_length(loader), out_dtype)
     was_training = model.training
     model.eval()
     bar = tqdm(loader, desc="features", unit="batch", disable=not sys.stderr.isatty(), leave=False)
@@ -218,40 +212,63 @@ def extract_features(
                 if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != images.shape[0]:
                     shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                     raise ValueError(f"model(images) must return (B, D) features; got {shape} for B={images.shape[0]}")
-                out = out.to(device="cpu", dtype=out_dtype)
-                if n_expected is None:
-                    chunks.append((index, label, out))
-                    continue
-                if feats is None:
-                    feats = torch.zeros(n_expected, out.shape[1], dtype=out_dtype)
-                    labels = torch.full((n_expected,), -1, dtype=torch.long)
-                    seen = torch.zeros(n_expected, dtype=torch.long)
-                if index.numel() and (index.min() < 0 or index.max() >= n_expected):
-                    raise ValueError(f"batch index out of range [0, {n_expected}): {index.min()}..{index.max()}")
-                feats[index] = out
-                labels[index] = label  # type: ignore[index]
-                seen.index_add_(0, index, torch.ones_like(index))  # type: ignore[union-attr]
+                rows.add(index, label, out.to(device="cpu", dtype=out_dtype))
     finally:
         bar.close()
         model.train(was_training)
+    return rows.table()
 
-    if n_expected is None:
+
+class _Rows:
+    """Feature rows and labels written at their dataset index: into (N, D) and (N,) tables when the dataset's
+    size N is known, else collected and assembled at the end (N = max(index) + 1)."""
+
+    def __init__(self, n: int | None, dtype: torch.dtype) -> None:
+        self.n, self.dtype = n, dtype
+        self.feats: Tensor | None = None
+        self.labels: Tensor | None = None
+        self.seen: Tensor | None = None
+        self.chunks: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def add(self, index: Tensor, label: Tensor, out: Tensor) -> None:
+        """A batch: (B,) int64 indices and labels, (B, D) features."""
+        n = self.n
+        if n is None:
+            self.chunks.append((index, label, out))
+            return
+        if self.feats is None:
+            self.feats = torch.zeros(n, out.shape[1], dtype=self.dtype)
+            self.labels = torch.full((n,), -1, dtype=torch.long)
+            self.seen = torch.zeros(n, dtype=torch.long)
+        if index.numel() and (index.min() < 0 or index.max() >= n):
+            raise ValueError(f"batch index out of range [0, {n}): {index.min()}..{index.max()}")
+        self.feats[index] = out
+        self.labels[index] = label  # type: ignore[index]
+        self.seen.index_add_(0, index, torch.ones_like(index))  # type: ignore[union-attr]
+
+    def table(self) -> tuple[Tensor, Tensor]:
+        """(N, D) features and (N,) labels; ValueError unless every index was seen exactly once."""
+        if self.n is None:
+            self._assemble()
+        if self.feats is None or self.seen is None or self.labels is None:
+            raise ValueError("the loader yielded no batches")
+        missing = int((self.seen == 0).sum())
+        repeated = int((self.seen > 1).sum())
+        if missing or repeated:
+            raise ValueError(
+                f"each dataset index must appear exactly once: {missing} missing, {repeated} repeated "
+                f"(drop_last loaders and distributed samplers are not supported here)"
+            )
+        return self.feats, self.labels
+
+    def _assemble(self) -> None:
+        chunks = self.chunks
         if not chunks:
             raise ValueError("the loader yielded no batches")
         index = torch.cat([c[0] for c in chunks])
-        n_expected = int(index.max()) + 1
-        feats = torch.zeros(n_expected, chunks[0][2].shape[1], dtype=out_dtype)
-        labels = torch.full((n_expected,), -1, dtype=torch.long)
-        feats[index] = torch.cat([c[2] for c in chunks])
-        labels[index] = torch.cat([c[1] for c in chunks])
-        seen = torch.bincount(index, minlength=n_expected)
-    if feats is None or seen is None or labels is None:
-        raise ValueError("the loader yielded no batches")
-    missing = int((seen == 0).sum())
-    repeated = int((seen > 1).sum())
-    if missing or repeated:
-        raise ValueError(
-            f"each dataset index must appear exactly once: {missing} missing, {repeated} repeated "
-            f"(drop_last loaders and distributed samplers are not supported here)"
-        )
-    return feats, labels
+        n = int(index.max()) + 1
+        self.feats = torch.zeros(n, chunks[0][2].shape[1], dtype=self.dtype)
+        self.labels = torch.full((n,), -1, dtype=torch.long)
+        self.feats[index] = torch.cat([c[2] for c in chunks])
+        self.labels[index] = torch.cat([c[1] for c in chunks])
+        self.seen = torch.bincount(index, minlength=n)
