@@ -217,18 +217,7 @@ def knn_classify(
         num_classes = max_label + 1
     elif max_label >= num_classes:
         raise ValueError(f"label {max_label} out of range for num_classes={num_classes}")
-    k_max = min(max(ks), n)
-    if train_chunk is not None:
-        if not torch.isfinite(test_feats).all():
-            raise ValueError("features contain NaN or inf")
-        sims, idx = search_neighbours_chunked(train_feats, test_feats, k_max, query_chunk, train_chunk)
-    else:
-        train = _normalize(train_feats)
-        test = _normalize(test_feats)
-        if not (torch.isfinite(train).all() and torch.isfinite(test).all()):
-            raise ValueError("features contain NaN or inf")
-        sims, idx = search_neighbours(train, test, k_max, engine=engine, query_chunk=query_chunk)
-        del train, test
+    sims, idx = _nearest(train_feats, test_feats, min(max(ks), n), engine, query_chunk, train_chunk)
     neighbour_labels = train_labels.to(idx.device)[idx]  # (M, k_max)
     targets = test_labels.to(idx.device)
 
@@ -238,6 +227,22 @@ def knn_classify(
                                 query_chunk).items():
             results[key if t_index == 0 else f"{key},T={temperature:g}"] = entry
     return results
+
+
+def _nearest(train_feats: Tensor, test_feats: Tensor, k: int, engine: str, query_chunk: int,
+             train_chunk: int | None) -> tuple[Tensor, Tensor]:
+    """(M, k) cosine similarities and train indices of the test rows' ``k`` nearest train rows: one search,
+    :func:`search_neighbours` on normalized features, or :func:`search_neighbours_chunked` with ``train_chunk``.
+    ValueError on a NaN or infinite feature."""
+    if train_chunk is not None:
+        if not torch.isfinite(test_feats).all():
+            raise ValueError("features contain NaN or inf")
+        return search_neighbours_chunked(train_feats, test_feats, k, query_chunk, train_chunk)
+    train = _normalize(train_feats)
+    test = _normalize(test_feats)
+    if not (torch.isfinite(train).all() and torch.isfinite(test).all()):
+        raise ValueError("features contain NaN or inf")
+    return search_neighbours(train, test, k, engine=engine, query_chunk=query_chunk)
 
 
 def _vote(sims: Tensor, neighbour_labels: Tensor, targets: Tensor, ks: Sequence[int], n: int, m: int,
