@@ -25,9 +25,8 @@ from xml.etree import ElementTree as ET
 import numpy as np
 
 from ssl_distill.cli_args import corloc_arguments as add_arguments  # options: torch-free
-from ssl_distill.cli_args import parse_tool_arguments
+from ssl_distill.cli_args import tool_main
 from ssl_distill.errors import AnnotationError  # defined without torch, for the command line; re-exported here
-from ssl_distill.errors import run_command
 
 __all__ = [
     "AnnotationError",
@@ -223,9 +222,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ssl_distill.eval.corloc``: the same as ``ssl-distill corloc`` (one error handler)."""
-    return run_command(run, parse_tool_arguments("corloc", add_arguments, argv))
+main = tool_main("corloc", add_arguments, run)  # python -m ssl_distill.eval.corloc
 
 
 if __name__ == "__main__":

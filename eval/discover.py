@@ -94,8 +94,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ssl_distill.cli_args import discover_arguments as add_arguments  # options: torch-free
-from ssl_distill.cli_args import parse_tool_arguments
-from ssl_distill.errors import run_command
+from ssl_distill.cli_args import tool_main
 from ssl_distill.models.inspect import (
     cls_attention_maps,
     last_block_heads,
@@ -627,9 +626,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ssl_distill.eval.discover``: the same as ``ssl-distill discover`` (one error handler)."""
-    return run_command(run, parse_tool_arguments("discover", add_arguments, argv))
+main = tool_main("discover", add_arguments, run)  # python -m ssl_distill.eval.discover
 
 
 if __name__ == "__main__":

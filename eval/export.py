@@ -27,8 +27,7 @@ import timm
 
 from ssl_distill.checkpoints import SPEC_METADATA_KEY
 from ssl_distill.cli_args import export_arguments as add_arguments  # options: torch-free
-from ssl_distill.cli_args import parse_tool_arguments
-from ssl_distill.errors import run_command
+from ssl_distill.cli_args import tool_main
 from ssl_distill.engine.checkpoint import atomic_save
 from ssl_distill.models import BackboneSpec
 
@@ -125,9 +124,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ssl_distill.eval.export``: the same as ``ssl-distill export`` (one error handler)."""
-    return run_command(run, parse_tool_arguments("export", add_arguments, argv))
+main = tool_main("export", add_arguments, run)  # python -m ssl_distill.eval.export
 
 
 if __name__ == "__main__":

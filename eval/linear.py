@@ -55,8 +55,7 @@ from torch import Tensor, nn
 from ssl_distill.checkpoints import LoadedBackbone
 from ssl_distill.config import ConfigError
 from ssl_distill.cli_args import linear_arguments as add_arguments  # options: torch-free
-from ssl_distill.cli_args import parse_tool_arguments
-from ssl_distill.errors import run_command
+from ssl_distill.cli_args import tool_main
 from ssl_distill.data.folder import DataError, ImageFolderDataset, scan_image_folder
 from ssl_distill.data.multicrop import EpochSampler, collate_eval, counter_uniforms, random_resized_crop_box
 from ssl_distill.engine.checkpoint import CheckpointError, atomic_save
@@ -839,9 +838,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ssl_distill.eval.linear``: the same as ``ssl-distill linear`` (one error handler)."""
-    return run_command(run, parse_tool_arguments("linear", add_arguments, argv))
+main = tool_main("linear", add_arguments, run)  # python -m ssl_distill.eval.linear
 
 
 if __name__ == "__main__":

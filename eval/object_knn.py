@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from ssl_distill.cli_args import object_knn_arguments as add_arguments  # options: torch-free
-from ssl_distill.cli_args import parse_tool_arguments
-from ssl_distill.errors import DataError, run_command
+from ssl_distill.cli_args import tool_main
+from ssl_distill.errors import DataError
 from ssl_distill.weighted_knn import knn_classify
 
 from .box_features import BOX_MODES, extract_box_features, pixel_crop_feature
@@ -233,9 +233,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ssl_distill.eval.object_knn``: the same as ``ssl-distill object-knn`` (one error handler)."""
-    return run_command(run, parse_tool_arguments("object-knn", add_arguments, argv))
+main = tool_main("object-knn", add_arguments, run)  # python -m ssl_distill.eval.object_knn
 
 
 if __name__ == "__main__":

@@ -30,8 +30,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ssl_distill.cli_args import visualize_arguments as add_arguments  # options: torch-free
-from ssl_distill.cli_args import parse_tool_arguments
-from ssl_distill.errors import run_command
+from ssl_distill.cli_args import tool_main
 from ssl_distill.models.inspect import inspect_forward
 
 from .drawing import blend, colorize, head_colors, overlay_mask, threshold_mass, upsample
@@ -292,9 +291,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ssl_distill.eval.visualize``: the same as ``ssl-distill visualize`` (one error handler)."""
-    return run_command(run, parse_tool_arguments("visualize", add_arguments, argv))
+main = tool_main("visualize", add_arguments, run)  # python -m ssl_distill.eval.visualize
 
 
 if __name__ == "__main__":
