@@ -95,6 +95,7 @@ from torch import Tensor, nn
 
 from ssl_distill.cli_args import discover_arguments as add_arguments  # options: torch-free
 from ssl_distill.cli_args import tool_main
+from ssl_distill.eval_constants import DINOSEG_HEAD, DINOSEG_MASS, EPS, TAU
 from ssl_distill.models.inspect import (
     cls_attention_maps,
     last_block_heads,
@@ -102,7 +103,6 @@ from ssl_distill.models.inspect import (
     pad_to_patch_multiple,
 )
 
-from .constants import DINOSEG_HEAD, DINOSEG_MASS, EPS, TAU
 from .drawing import colorize, threshold_mass, upsample
 from .images import readable_images, shrink
 

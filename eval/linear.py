@@ -53,17 +53,17 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ssl_distill.checkpoints import LoadedBackbone
-from ssl_distill.config import ConfigError
 from ssl_distill.cli_args import linear_arguments as add_arguments  # options: torch-free
 from ssl_distill.cli_args import tool_main
+from ssl_distill.config import ConfigError
 from ssl_distill.data.folder import DataError, ImageFolderDataset, scan_image_folder
 from ssl_distill.data.multicrop import EpochSampler, collate_eval, counter_uniforms, random_resized_crop_box
 from ssl_distill.engine.checkpoint import CheckpointError, atomic_save
+from ssl_distill.eval_constants import LR_GRID
 from ssl_distill.models.backbone import ViTBackbone
 from ssl_distill.models.frozen_features import FeatureExtractor, FeatureSpec, amp_dtype_for, prepare_inference
 from ssl_distill.runtime import resolve_device
 
-from .constants import LR_GRID
 from .features import FeatureSet, ImageSettings, check_same_classes, extract_train_val
 from .model import load_model
 from .results import default_output, write_results

@@ -12,7 +12,7 @@ import argparse
 from collections.abc import Callable, Sequence
 
 from ssl_distill.errors import run_command
-from ssl_distill.eval.constants import DINOSEG_HEAD, EPS, LR_GRID, TAU
+from ssl_distill.eval_constants import DINOSEG_HEAD, EPS, LR_GRID, TAU
 
 __all__ = [
     "corloc_arguments", "demo_arguments", "discover_arguments", "export_arguments", "knn_arguments",
