@@ -13,7 +13,8 @@ from tqdm import tqdm
 __all__ = ["readable_images", "shrink"]
 
 
-def readable_images(paths: Sequence[Path], desc: str, progress: bool | None = None) -> Iterator[tuple[int, Image.Image]]:
+def readable_images(paths: Sequence[Path], desc: str,
+                    progress: bool | None = None) -> Iterator[tuple[int, Image.Image]]:
     """(index into ``paths``, RGB image) of every readable file, under a progress bar (``progress`` None: shown
     on a terminal); an unreadable file gets a warning on stderr and is skipped."""
     from ssl_distill.data.folder import _DECODE_ERRORS, load_rgb

@@ -115,10 +115,10 @@ def _knn_settings(cfg: Config, overrides: list[str], train_dir: str | None, val_
 
 def _classify(train: FeatureSet, val: FeatureSet, ks: Sequence[int], temps: list[float], num_classes: int,
               train_chunk: int | None) -> dict[str, Any]:
-    """The results' ``details``: :func:`_vote` of the val folder against the train folder, then the search
-    engine, the extraction seconds and which of the two feature sets came from the cache."""
-    res = _vote((train.features, train.labels), (val.features, val.labels), ks, temps if len(temps) > 1 else temps[0],
-                num_classes, train_chunk=train_chunk)
+    """The results' ``details``: :func:`_knn_with_counts` of the val folder against the train folder, then the
+    search engine, the extraction seconds and which of the two feature sets came from the cache."""
+    res = _knn_with_counts((train.features, train.labels), (val.features, val.labels), ks,
+                           temps if len(temps) > 1 else temps[0], num_classes, train_chunk=train_chunk)
     res.update(engine="chunked" if train_chunk else "faiss",
                seconds_extract=sum(s.meta.get("seconds", 0.0) for s in (train, val) if not s.cached),
                features_cached=[train.cached, val.cached])
@@ -149,12 +149,12 @@ def run_knn(
     val = extract_features(backbone, val_loader, device, amp_dtype, out_dtype=feature_dtype)
     t1 = time.perf_counter()
     num_classes = int(max(train[1].max(), val[1].max())) + 1
-    results = _vote(train, val, ks, temperature, num_classes, engine=engine, train_chunk=train_chunk)
+    results = _knn_with_counts(train, val, ks, temperature, num_classes, engine=engine, train_chunk=train_chunk)
     results.update(engine=engine, seconds_extract=t1 - t0, seconds_search=time.perf_counter() - t1)
     return results
 
 
-def _vote(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], ks: Sequence[int],
+def _knn_with_counts(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], ks: Sequence[int],
           temperature: float | Sequence[float], num_classes: int, **search: Any) -> dict[str, Any]:
     """:func:`knn_classify` of ``val`` against ``train`` ((N, D) features, (N,) labels each), its entries
     followed by ``n_train``, ``n_val``, ``dim``, ``num_classes``, ``ks`` and ``temperature``; ``search``:
