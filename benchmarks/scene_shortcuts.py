@@ -26,14 +26,12 @@ import torch
 from PIL import Image
 from sklearn.cluster import KMeans
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hardware_line  # noqa: E402
 
+from ssl_distill.data.boxes import read_boxes  # noqa: E402
 from ssl_distill.eval.box_features import BoxFeatures, extract_box_features  # noqa: E402
 from ssl_distill.eval.features import ImageSettings  # noqa: E402
-from ssl_distill.data.boxes import read_boxes  # noqa: E402
 from ssl_distill.eval.model import load_model  # noqa: E402
 from ssl_distill.weighted_knn import knn_classify  # noqa: E402
 
