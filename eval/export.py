@@ -19,16 +19,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import timm
 
 from ssl_distill.atomic import atomic_write
-from ssl_distill.checkpoints import SPEC_METADATA_KEY, LoadedBackbone, atomic_save, load_any_backbone
+from ssl_distill.checkpoints import SPEC_METADATA_KEY, atomic_save
 from ssl_distill.cli_args import export_arguments as add_arguments  # options: torch-free
+from ssl_distill.cli_args import tool_main
 from ssl_distill.models import BackboneSpec
+
+from .model import load_model
 
 __all__ = ["export_backbone", "timm_model_args", "add_arguments", "run"]
 
@@ -68,15 +70,15 @@ def export_backbone(checkpoint: str | Path, out: str | Path, which: str | None =
 
     Args:
         fmt: ``"safetensors"`` or ``"pth"``; by default from ``out``'s suffix (safetensors unless ``.pth``/``.pt``).
-        which, key, spec_overrides: as :func:`ssl_distill.checkpoints.load_any_backbone`.
+        which, key, spec_overrides: as :func:`ssl_distill.eval.model.load_model`.
     """
     out = Path(out)
     if fmt is None:
         fmt = "pth" if out.suffix in (".pth", ".pt") else "safetensors"
     if fmt not in ("safetensors", "pth"):
         raise ValueError(f"format must be 'safetensors' or 'pth', got {fmt!r}")
-    loaded: LoadedBackbone = load_any_backbone(checkpoint, which, key, **spec_overrides)
-    state = {k: v.detach().contiguous().clone() for k, v in loaded.backbone.vit.state_dict().items()}
+    backbone, loaded = load_model(checkpoint, which, key=key, **spec_overrides)
+    state = {k: v.detach().contiguous().clone() for k, v in backbone.vit.state_dict().items()}
     spec = loaded.spec
     name, kwargs = timm_model_args(spec)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -116,11 +118,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ssl_distill.eval.export``: the same as ``ssl-distill export`` (one error handler)."""
-    from ssl_distill.cli import run as cli_run
-
-    return cli_run(["export", *(sys.argv[1:] if argv is None else argv)])
+main = tool_main("export", add_arguments, run)  # python -m ssl_distill.eval.export
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def run_demo(config: str | None = None, data_dir: str = "data/fmnist", overrides
 
     ``limit_per_class`` keeps the first N images of each class in both splits (a quick try-out; the
     README's figures use all of them)."""
-    from ssl_distill.eval.evaluate import knn_on_checkpoint
+    from ssl_distill.eval.knn import knn_on_checkpoint
 
     t0 = time.perf_counter()
     root = build_fashion_mnist_folders(data_dir, limit_per_class=limit_per_class)

@@ -146,8 +146,8 @@ class OnlineKnn:
 
     def evaluate(self, step: int, backbone: nn.Module) -> dict[str, Any]:
         """One evaluation of ``backbone``'s CLS features on the two subsets; returns the log record."""
-        from ssl_distill.eval.features import FeatureExtractor, extract_features, prepare_inference
-        from ssl_distill.eval.knn import knn_classify
+        from ..models.frozen_features import FeatureExtractor, extract_features, prepare_inference
+        from ..weighted_knn import knn_classify
 
         assert self.subsets is not None, "only rank 0 evaluates"
         knn, crops = self.cfg.knn, self.cfg.data.crops
