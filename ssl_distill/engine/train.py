@@ -87,16 +87,12 @@ class Trainer:
             torch.set_num_threads(threads)
         self.device = device or resolve_device(cfg.run.device)
         check_precision(self.device, cfg.run.precision)
-        # rank 0's choice for every rank: "auto" times matmuls, and ranks must not train in different precisions
-        self.precision = du.gather_objects(resolve_precision(self.device, cfg.run.precision))[0]
-        if cfg.run.precision == "auto" and du.is_main():
-            print(f"run.precision=auto: {self.precision} (bf16 matmuls are "
-                  f"{'faster' if self.precision == 'bf16' else 'slower'} than fp32 on this {self.device.type})")
         self.world = du.world_size()
         self.rank = du.rank()
         np.random.seed(cfg.run.seed + self.rank)
         # a checkpoint we cannot resume from stops the run before anything is scanned, built or written
         resume_from = None if fresh else read_training_checkpoint(self.out / LATEST, self.out)
+        self.precision = self._choose_precision(resume_from)
 
         created = du.is_main() and not self.out.exists()
         if du.is_main():
@@ -113,6 +109,22 @@ class Trainer:
             if created:  # a failed start leaves no half-made run directory behind
                 shutil.rmtree(self.out, ignore_errors=True)
             raise
+
+    def _choose_precision(self, resume_from: dict[str, Any] | None) -> str:
+        """The precision this run trains in: the config's, or for ``auto`` the one the run chose at its start
+        (kept in the checkpoint: a timing taken on a busy machine must not switch a resumed run's precision),
+        else rank 0's measurement for every rank (ranks must not train in different precisions)."""
+        asked = self.cfg.run.precision
+        kept = (resume_from or {}).get("precision")
+        if asked == "auto" and kept is not None and (kept != "fp16" or self.device.type == "cuda"):
+            if du.is_main():
+                print(f"run.precision=auto: {kept}, as the run chose at its start")
+            return kept
+        precision = du.gather_objects(resolve_precision(self.device, asked))[0]
+        if asked == "auto" and du.is_main():
+            print(f"run.precision=auto: {precision} (bf16 matmuls are "
+                  f"{'faster' if precision == 'bf16' else 'slower'} than fp32 on this {self.device.type})")
+        return precision
 
     def _build(self, fresh: bool, resume_from: dict[str, Any] | None) -> None:
         """Data, schedules, models, optimizer and loss; then the checkpoint's state, if resuming."""
@@ -227,6 +239,7 @@ class Trainer:
             "batch": self.state.batch,
             "requeues": self.state.requeues,
             "world_size": self.world,
+            "precision": self.precision,
             "config": config_to_dict(self.cfg),
             "rngs": rngs,
             "bad_images": {"bad": self.bad.bad, "seen": self.bad.seen},
