@@ -670,6 +670,16 @@ def validate(cfg: Config) -> None:
     _check_monitor(cfg)
 
 
+def config_notes(cfg: Config) -> list[str]:
+    """Settings that are valid but probably not what was meant, one sentence each (``train`` prints them)."""
+    c = cfg.data.crops
+    notes = []
+    if c.n_local and c.local_size > c.global_size:
+        notes.append(f"data.crops.local_size={c.local_size} is larger than global_size={c.global_size}: the local "
+                     "views (small crops of the image) are usually the smaller ones (DINO: 96 and 224)")
+    return notes
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
     with atomic_write(path) as tmp, open(tmp, "w") as f:

@@ -21,7 +21,7 @@ from ..checkpoints import (
     FORMAT, LATEST, CheckpointError, atomic_save, describe_mismatch, load_any_backbone, load_state_strict,
     read_training_checkpoint, rng_state, set_rng_state,
 )
-from ..config import Config, config_diff, config_from_dict, config_to_dict, save_config
+from ..config import Config, config_diff, config_from_dict, config_notes, config_to_dict, save_config
 from ..data.folder import BadImageCounter
 from ..data.loader import build_train_loader
 from ..errors import NonFiniteLossError  # defined without torch, for the command line; re-exported here
@@ -133,6 +133,9 @@ class Trainer:
                 print(f"note: {torch.get_num_threads()} compute threads + {cfg.data.num_workers} data worker(s) on "
                       f"{cores} cores: workers will stall the compute threads; data.num_workers=0 is usually "
                       "faster on a small CPU")
+        if du.is_main():
+            for note in config_notes(cfg):
+                print(f"note: {note}")
         fused = cfg.model.fused_attn if cfg.model.fused_attn is not None else default_fused_attn(self.device)
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         self.student = build_model(cfg, cfg.model.drop_path_rate).to(self.device)
@@ -358,7 +361,8 @@ class Trainer:
             if obj_valid is not None:
                 teacher_out["obj_valid"] = obj_valid  # which views hold each image's target object
             student_out = self.student_ddp(crops, masks=masks, patches="masked" if self.patches else None,
-                                           obj_masks=obj_masks, cls_head="cls" in self.reads.student)
+                                           obj_masks=obj_masks, cls_head="cls" in self.reads.student,
+                                           n_global=self.n_global)  # the masks are the global views' only
         terms = [objective.terms(student_out, teacher_out, masks, state) for objective in self.objectives]
         loss = sum(t.pop("loss") for t in terms)
         logged = {k: float(v.detach()) for t in terms for k, v in t.items()}
