@@ -486,15 +486,18 @@ class Trainer:
 
     def _log(self, window: list[dict[str, float]], elapsed: float, images_per_step: int) -> dict[str, Any]:
         rec: dict[str, Any] = {"step": self.state.step, "epoch": self.state.epoch}
-        for k in window[0]:
-            rec[k] = float(np.mean([w[k] for w in window]))
+        # a monitor that a step did not compute (no masked patch, no valid [OBJ] view) is absent from its
+        # record: the mean over the steps that computed it, and left out of the line when none did
+        for k in dict.fromkeys(k for w in window for k in w):
+            rec[k] = float(np.mean([w[k] for w in window if k in w]))
         for k in ("lr", "wd", "momentum", "teacher_temp"):
             rec[k] = window[-1][k]
         rec["images_per_s"] = len(window) * images_per_step / max(elapsed, 1e-9)
         rec["bad_images"] = self.bad.bad
         rec["time"] = time.time()
         entropy, kl_uniform = self.watched
-        self.collapse.update(rec[entropy], rec[kl_uniform], self.state.step, len(window))
+        if entropy in rec:
+            self.collapse.update(rec[entropy], rec[kl_uniform], self.state.step, sum(entropy in w for w in window))
         if self.logger is not None:
             self.logger.log(rec)
         return rec
