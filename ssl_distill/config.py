@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -574,10 +575,13 @@ def _check_objectives(cfg: Config) -> None:
     if mk.pred_start_epoch > 0 and not masked:
         raise ConfigError(f"masking.pred_start_epoch={mk.pred_start_epoch} delays the patch masks, but nothing masks "
                           "patches: remove it, or set masking.shape / masking.attmask with ibot.weight")
-    if masked and mk.pred_start_epoch >= cfg.optim.epochs:
-        raise ConfigError(f"masking.pred_start_epoch={mk.pred_start_epoch} is not before the end of the run "
-                          f"(optim.epochs={cfg.optim.epochs}): no patch would be masked and the patch term would never "
-                          "train; lower it (0 in iBOT), or train without the patch term (ibot.weight=0, masking none)")
+    # masks drawn with the batch know each sample's whole epoch only: they start at the first whole epoch
+    start = mk.pred_start_epoch if mk.attmask != "none" else math.ceil(mk.pred_start_epoch)
+    if masked and start >= cfg.optim.epochs:
+        raise ConfigError(f"masking.pred_start_epoch={mk.pred_start_epoch} leaves no epoch of the run to mask "
+                          f"(optim.epochs={cfg.optim.epochs}; masks from the data start at a whole epoch): the patch "
+                          "term would never train; lower it (0 in iBOT), or train without it (ibot.weight=0, masking "
+                          "none)")
 
 
 def _check_monitor(cfg: Config) -> None:

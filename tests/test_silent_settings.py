@@ -9,6 +9,7 @@ import pytest
 
 from ssl_distill.cli import run as cli
 from ssl_distill.config import load_config
+from ssl_distill.data.boxes import BoxesWarning
 from ssl_distill.engine.train import Trainer
 
 from test_end_to_end import CONFIG, make_folder, tiny_overrides
@@ -34,9 +35,10 @@ def cli_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     (IBOT + ["masking.masking_prob=0"], "masking.masking_prob=0.0 applies to AttMask's masks only, and "
                                         "masking.attmask=none"),
     (["masking.masking_prob=0.2"], "masking.masking_prob=0.2 applies to AttMask's masks only"),  # DINO
-    (IBOT + ["masking.pred_start_epoch=3"], r"masking.pred_start_epoch=3.0 is not before the end of the run "
-                                            r"\(optim.epochs=3.0\): no patch would be masked"),
-    (ATTMASK + ["masking.pred_start_epoch=5", "optim.epochs=4.5"], "pred_start_epoch=5.0 is not before the end"),
+    (IBOT + ["masking.pred_start_epoch=3"], r"masking.pred_start_epoch=3.0 leaves no epoch of the run to mask "
+                                            r"\(optim.epochs=3.0; masks from the data start at a whole epoch\)"),
+    (IBOT + ["masking.pred_start_epoch=2.5"], "pred_start_epoch=2.5 leaves no epoch"),  # sample epochs 0, 1, 2
+    (ATTMASK + ["masking.pred_start_epoch=5", "optim.epochs=4.5"], "pred_start_epoch=5.0 leaves no epoch"),
     (["masking.pred_start_epoch=1"], "masking.pred_start_epoch=1.0 delays the patch masks, but nothing masks"),
     (ODIS + ["data.crops.object_aware_local=true", "data.crops.n_local=0"],
      "object_aware_local=true draws the local crops around the target object, but data.crops.n_local=0"),
@@ -51,7 +53,7 @@ def test_settings_that_would_do_nothing_are_refused_before_anything_is_written(o
 
 def test_the_same_settings_where_they_act_are_accepted():
     load_config(CONFIG, ATTMASK + ["masking.masking_prob=1", "masking.pred_start_epoch=2.9"])
-    load_config(CONFIG, IBOT + ["masking.pred_start_epoch=1"])
+    load_config(CONFIG, IBOT + ["masking.pred_start_epoch=1.5"])  # masks from epoch 2 of 3
     load_config(CONFIG, ODIS + ["data.crops.object_aware_local=true", "data.crops.n_local=1"])
 
 
@@ -64,8 +66,10 @@ def test_odis_boxes_that_all_fall_outside_their_images_are_refused_leaving_no_ru
              "categories": [{"id": 1, "name": "thing"}]}
     (tmp_path / "boxes.json").write_text(json.dumps(boxes))
     out = tmp_path / "run"
-    err = cli_error(["train", str(CONFIG), *tiny_overrides(images, out), "odis.weight=1",
-                     f"data.boxes={tmp_path / 'boxes.json'}"], capsys)
+    with pytest.warns(BoxesWarning) as warned:  # one warning per kind of dropped box, then the error
+        err = cli_error(["train", str(CONFIG), *tiny_overrides(images, out), "odis.weight=1",
+                         f"data.boxes={tmp_path / 'boxes.json'}"], capsys)
+    assert len(warned) == 2
     assert err == (f"error: boxes file {tmp_path / 'boxes.json'} leaves no box to train on (8 images listed, 4 boxes "
                    "outside their image, 4 of zero width or height): the object term would be 0 for the whole run; "
                    "give each box in its image's pixels, as COCO's [x, y, width, height]")
