@@ -3,30 +3,20 @@ monitor that a step did not compute is left out of the log line instead of logge
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 
-from ssl_distill.cli import run as cli
 from ssl_distill.config import load_config
 from ssl_distill.data.boxes import BoxesWarning
 from ssl_distill.engine.train import Trainer
 
+import test_bad_input
+from test_bad_input import cli_error
 from test_end_to_end import CONFIG, make_folder, tiny_overrides
 
 IBOT = ["ibot.weight=1", "masking.shape=block"]
 ATTMASK = ["ibot.weight=1", "masking.attmask=high"]
 ODIS = ["odis.weight=1", "data.boxes=boxes.json"]
-
-
-def cli_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """The command line's exit 1, and the last line on stderr (no traceback) returned."""
-    with pytest.raises(SystemExit) as e:
-        cli(args)
-    assert e.value.code == 1
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err, err
-    return err.splitlines()[-1]
 
 
 @pytest.mark.parametrize("overrides, expect", [
@@ -44,11 +34,7 @@ def cli_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
      "object_aware_local=true draws the local crops around the target object, but data.crops.n_local=0"),
 ])
 def test_settings_that_would_do_nothing_are_refused_before_anything_is_written(overrides, expect, tmp_path, capsys):
-    out = tmp_path / "run"
-    err = cli_error(["train", str(CONFIG), f"run.output_dir={out}", *overrides], capsys)
-    assert err.startswith("config error: ")
-    assert re.search(expect, err), err
-    assert not out.exists()
+    test_bad_input.test_out_of_range_values_name_the_key_and_write_nothing(overrides, expect, tmp_path, capsys)
 
 
 def test_the_same_settings_where_they_act_are_accepted():
