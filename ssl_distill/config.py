@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -509,6 +510,13 @@ def _check_masking(mk: MaskingConfig) -> None:
         raise ConfigError(f"masking.attmask={mk.attmask} builds the masks from the teacher's attention, and "
                           f"masking.shape={mk.shape} from the data: choose one (set masking.shape=none for AttMask)")
     _check_range("masking.masking_prob", mk.masking_prob, 0, 1)
+    if mk.attmask != "none" and mk.masking_prob == 0:
+        raise ConfigError(f"masking.masking_prob=0 masks no view, so the patch term of masking.attmask={mk.attmask} "
+                          "would never train: give it a probability above 0 (0.5 in AttMask)")
+    if mk.attmask == "none" and mk.masking_prob != MaskingConfig.masking_prob:
+        raise ConfigError(f"masking.masking_prob={mk.masking_prob} applies to AttMask's masks only, and masking.attmask"
+                          f"=none: remove it (block and random masks leave a view unmasked through a 0 entry in "
+                          f"masking.pred_ratio, as iBOT), or set masking.attmask")
     why = "; a ratio is the fraction of a global view's patches to mask, and masking all of them leaves nothing to see"
     if not mk.pred_ratio:
         raise ConfigError("masking.pred_ratio is empty: give at least one ratio, e.g. [0.3]")
@@ -564,6 +572,16 @@ def _check_objectives(cfg: Config) -> None:
         what = f"masking.attmask={mk.attmask}" if mk.attmask != "none" else f"masking.shape={mk.shape}"
         raise ConfigError(f"{what} masks patches for a masked-image objective, but ibot.weight=0 turns that "
                           "objective off: set ibot.weight (1.0 in iBOT and AttMask), or masking to none for DINO")
+    if mk.pred_start_epoch > 0 and not masked:
+        raise ConfigError(f"masking.pred_start_epoch={mk.pred_start_epoch} delays the patch masks, but nothing masks "
+                          "patches: remove it, or set masking.shape / masking.attmask with ibot.weight")
+    # masks drawn with the batch know each sample's whole epoch only: they start at the first whole epoch
+    start = mk.pred_start_epoch if mk.attmask != "none" else math.ceil(mk.pred_start_epoch)
+    if masked and start >= cfg.optim.epochs:
+        raise ConfigError(f"masking.pred_start_epoch={mk.pred_start_epoch} leaves no epoch of the run to mask "
+                          f"(optim.epochs={cfg.optim.epochs}; masks from the data start at a whole epoch): the patch "
+                          "term would never train; lower it (0 in iBOT), or train without it (ibot.weight=0, masking "
+                          "none)")
 
 
 def _check_monitor(cfg: Config) -> None:
@@ -593,6 +611,9 @@ def _check_boxes(d: DataConfig) -> None:
     if d.crops.object_aware_local and d.boxes is None:
         raise ConfigError("data.crops.object_aware_local=true draws local crops around boxes, but data.boxes is "
                           "null: set data.boxes to a COCO-style boxes file, or object_aware_local to false")
+    if d.crops.object_aware_local and d.crops.n_local == 0:
+        raise ConfigError("data.crops.object_aware_local=true draws the local crops around the target object, but "
+                          "data.crops.n_local=0 makes no local crop: set n_local, or object_aware_local to false")
 
 
 def validate(cfg: Config) -> None:
@@ -668,6 +689,16 @@ def validate(cfg: Config) -> None:
     _check_masking(cfg.masking)
     _check_objectives(cfg)
     _check_monitor(cfg)
+
+
+def config_notes(cfg: Config) -> list[str]:
+    """Settings that are valid but probably not what was meant, one sentence each (``train`` prints them)."""
+    c = cfg.data.crops
+    notes = []
+    if c.n_local and c.local_size > c.global_size:
+        notes.append(f"data.crops.local_size={c.local_size} is larger than global_size={c.global_size}: the local "
+                     "views (small crops of the image) are usually the smaller ones (DINO: 96 and 224)")
+    return notes
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

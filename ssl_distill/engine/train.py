@@ -21,7 +21,7 @@ from ..checkpoints import (
     FORMAT, LATEST, CheckpointError, atomic_save, describe_mismatch, load_any_backbone, load_state_strict,
     read_training_checkpoint, rng_state, set_rng_state,
 )
-from ..config import Config, config_diff, config_from_dict, config_to_dict, save_config
+from ..config import Config, config_diff, config_from_dict, config_notes, config_to_dict, save_config
 from ..data.folder import BadImageCounter
 from ..data.loader import build_train_loader
 from ..errors import NonFiniteLossError  # defined without torch, for the command line; re-exported here
@@ -145,6 +145,9 @@ class Trainer:
                 print(f"note: {torch.get_num_threads()} compute threads + {cfg.data.num_workers} data worker(s) on "
                       f"{cores} cores: workers will stall the compute threads; data.num_workers=0 is usually "
                       "faster on a small CPU")
+        if du.is_main():
+            for note in config_notes(cfg):
+                print(f"note: {note}")
         fused = cfg.model.fused_attn if cfg.model.fused_attn is not None else default_fused_attn(self.device)
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         self.student = build_model(cfg, cfg.model.drop_path_rate).to(self.device)
@@ -371,7 +374,8 @@ class Trainer:
             if obj_valid is not None:
                 teacher_out["obj_valid"] = obj_valid  # which views hold each image's target object
             student_out = self.student_ddp(crops, masks=masks, patches="masked" if self.patches else None,
-                                           obj_masks=obj_masks, cls_head="cls" in self.reads.student)
+                                           obj_masks=obj_masks, cls_head="cls" in self.reads.student,
+                                           n_global=self.n_global)  # the masks are the global views' only
         terms = [objective.terms(student_out, teacher_out, masks, state) for objective in self.objectives]
         loss = sum(t.pop("loss") for t in terms)
         logged = {k: float(v.detach()) for t in terms for k, v in t.items()}
@@ -495,15 +499,18 @@ class Trainer:
 
     def _log(self, window: list[dict[str, float]], elapsed: float, images_per_step: int) -> dict[str, Any]:
         rec: dict[str, Any] = {"step": self.state.step, "epoch": self.state.epoch}
-        for k in window[0]:
-            rec[k] = float(np.mean([w[k] for w in window]))
+        # a monitor that a step did not compute (no masked patch, no valid [OBJ] view) is absent from its
+        # record: the mean over the steps that computed it, and left out of the line when none did
+        for k in dict.fromkeys(k for w in window for k in w):
+            rec[k] = float(np.mean([w[k] for w in window if k in w]))
         for k in ("lr", "wd", "momentum", "teacher_temp"):
             rec[k] = window[-1][k]
         rec["images_per_s"] = len(window) * images_per_step / max(elapsed, 1e-9)
         rec["bad_images"] = self.bad.bad
         rec["time"] = time.time()
         entropy, kl_uniform = self.watched
-        self.collapse.update(rec[entropy], rec[kl_uniform], self.state.step, len(window))
+        if entropy in rec:
+            self.collapse.update(rec[entropy], rec[kl_uniform], self.state.step, sum(entropy in w for w in window))
         if self.logger is not None:
             self.logger.log(rec)
         return rec

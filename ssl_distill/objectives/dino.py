@@ -111,10 +111,11 @@ def teacher_statistics(p: torch.Tensor) -> dict[str, torch.Tensor]:
     ``teacher_entropy`` = mean_n H(p_n): near log K means uniform collapse, near 0 means sharp
     outputs. ``teacher_kl_uniform`` = KL(mean_n p_n || U) = log K - H(mean p): near log K means
     every sample picks the same prototype (one-dimension collapse), near 0 a spread-out batch.
-    Both are zero for an empty p (N = 0: no masked patch, no valid [OBJ] view in the batch).
+    An empty p (N = 0: no masked patch, no valid [OBJ] view in the batch) gives neither: nothing was
+    measured, and a 0 would read as a perfectly sharp teacher (the step's log leaves them out).
     """
     if p.shape[0] == 0:
-        return {"teacher_entropy": p.new_zeros(()), "teacher_kl_uniform": p.new_zeros(())}
+        return {}
     k = p.shape[-1]
     logp = torch.log(p.clamp_min(1e-30))
     entropy = -(p * logp).sum(-1).mean()
