@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from ..atomic import remove_stale_temporaries
 from ..checkpoints import (
-    FORMAT, LATEST, CheckpointError, atomic_save, describe_mismatch, load_any_backbone, load_state_strict,
-    read_training_checkpoint, rng_state, set_rng_state,
+    FORMAT, LATEST, CheckpointError, atomic_save, describe_mismatch, load_state_strict, read_training_checkpoint,
+    rng_state, set_rng_state,
 )
 from ..config import Config, config_diff, config_from_dict, config_to_dict, save_config
 from ..data.folder import BadImageCounter
@@ -29,7 +29,7 @@ from ..models import SyncBatchNorm1d, default_fused_attn
 from ..objectives import Reads, StepState, build_objectives
 from ..runtime import autocast_context, check_precision, resolve_device, resolve_precision
 from . import distributed as du
-from .build import build_model
+from .build import build_model, load_backbone_weights
 from .ema import ema_update
 from .masks import StepMasks
 from .monitor import CollapseMonitor, JsonlLogger
@@ -198,18 +198,10 @@ class Trainer:
         """Start the student's backbone (and so the teacher's) from ``path``; the file's mask token is
         kept only where this run has one (iBOT's ``masked_embed`` starts at zero otherwise, as iBOT), and
         its position embedding is resampled to this run's patch grid when the sizes differ."""
-        loaded = load_any_backbone(path, obj_token=self.student.backbone.has_obj_token)
-        state = loaded.backbone.state_dict()
-        ours = self.student.backbone.state_dict()
-        if "masked_embed" in ours and "masked_embed" not in state:
-            state["masked_embed"] = ours["masked_embed"]
-        if "masked_embed" not in ours:
-            state.pop("masked_embed", None)
-        resampled = self.student.backbone.fit_pos_embed(state)  # a file trained at another image size
-        if resampled and du.is_main():
-            print(f"model.init_from: {resampled}")
-        load_state_strict(self.student.backbone, state, f"model.init_from={path} ({loaded.format} backbone)")
+        loaded, resampled = load_backbone_weights(self.student.backbone, path, f"model.init_from={path}")
         if du.is_main():
+            if resampled:
+                print(f"model.init_from: {resampled}")
             print(f"backbone initialised from {path} ({loaded.format}, {loaded.source}); heads start fresh")
 
     # ------------------------------------------------------------------ checkpoints
