@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from ssl_distill.config import ConfigError, load_config
 from ssl_distill.engine.schedules import Schedules, warmup_cosine_constant
@@ -69,3 +70,69 @@ def test_schedules_hold_the_gram_weight_and_the_dino_local_weight():
     assert (local[:6] == 1.0).all() and (local[9:] == 0.5).all() and local[7] == pytest.approx(0.75)
     plain = Schedules.from_config(load_config(CONFIG), iters_per_epoch=10, world=1)
     assert (plain.gram_weight == 0).all() and (plain.dino_local_weight == 1.0).all()  # exactly 1: DINO unchanged
+
+
+# ---------------------------------------------------------------------------------------------- Gram crops
+def _batch(crops_cfg, photos, transform=None, photometric=True):
+    """One collated batch of the photos (seed = 100 + index), through the training views (or ``transform``)."""
+    from PIL import Image
+
+    from ssl_distill.data.collate import MultiCropCollate
+    from ssl_distill.data.views import MultiCropTransform
+
+    transform = transform or MultiCropTransform(crops_cfg)
+    samples = []
+    for i, path in enumerate(photos):
+        img = Image.open(path).convert("RGB")
+        out = transform(img, 100 + i) if not isinstance(transform, tuple) else transform[0](img, 100 + i, transform[1])
+        extra = out if isinstance(out, dict) else {"image": out}
+        samples.append({"label": 0, "index": i, "bad": 0, "seed": 100 + i, **extra})
+    return MultiCropCollate(crops_cfg, photometric=photometric)(samples)
+
+
+def _photos(photo_folder):
+    return sorted(p for p in photo_folder.rglob("*") if p.suffix in (".png", ".jpg") and "extra" not in p.parts)
+
+
+def test_gram_crops_leave_the_views_unchanged_and_share_their_geometry_and_photometry(photo_folder):
+    import dataclasses
+
+    from ssl_distill.config import CropsConfig
+
+    photos = _photos(photo_folder)
+    plain = CropsConfig(global_size=32, local_size=16, n_local=2)
+    without = _batch(plain, photos)
+    assert "gram_crops" not in without
+    # same size, distortions on: exactly the global views (same box, flip and photometric draws)
+    same = _batch(dataclasses.replace(plain, gram_size=32, gram_no_distortions=False), photos)
+    assert all(a.equal(b) for a, b in zip(same["crops"], without["crops"]))  # the views did not move
+    assert len(same["gram_crops"]) == 2 and all(g.equal(c) for g, c in zip(same["gram_crops"], without["crops"]))
+    # no distortions: the global views' pixels, only normalised
+    raw = _batch(plain, photos, photometric=False)["crops"]
+    clean = _batch(dataclasses.replace(plain, gram_size=32), photos)["gram_crops"]
+    mean, std = torch.tensor(plain.mean).view(1, 3, 1, 1), torch.tensor(plain.std).view(1, 3, 1, 1)
+    for g, u8 in zip(clean, raw[:2]):
+        torch.testing.assert_close(g, (u8.float() / 255 - mean) / std, rtol=0, atol=1e-6)
+    # twice the size: the same box and flip at 64 px, which downsampled is the 32-px view
+    big = _batch(dataclasses.replace(plain, gram_size=64), photos, photometric=False)["gram_crops"]
+    for g, u8 in zip(big, raw[:2]):
+        assert g.shape[-2:] == (64, 64)
+        down = torch.nn.functional.interpolate(g.float(), size=(32, 32), mode="area")
+        assert (down - u8.float()).abs().mean() < 6  # of 255; a mirrored or moved crop differs by far more
+        assert (down.flip(-1) - u8.float()).abs().mean() > 12
+
+
+def test_gram_crops_follow_the_object_aware_global_views(photo_folder):
+    import dataclasses
+
+    from ssl_distill.config import CropsConfig
+    from ssl_distill.data.object_crops import ObjectMultiCropTransform
+
+    photos = _photos(photo_folder)
+    crops = CropsConfig(global_size=32, local_size=16, n_local=2)
+    boxes = np.array([[10.0, 10.0, 200.0, 200.0]])
+    gram = dataclasses.replace(crops, gram_size=32, gram_no_distortions=False)
+    without = _batch(crops, photos, (ObjectMultiCropTransform(crops, 8), boxes))
+    batch = _batch(gram, photos, (ObjectMultiCropTransform(gram, 8), boxes))
+    assert batch["obj_valid"].any() and len(batch["obj_masks"]) == 4
+    assert all(g.equal(c) for g, c in zip(batch["gram_crops"], without["crops"]))
