@@ -309,3 +309,24 @@ def test_gram_added_to_a_resumed_run_takes_its_teacher_now_or_is_refused(gram_da
     _run(gram_data, out, [*late, "gram.it_load_ema_teacher=4", "gram.start_step=4"])
     assert load_file(out / "checkpoint.pth")["gram"]["ready"]
     assert [r["step"] for r in _records(out) if r.get("kind") == "gram_teacher"] == [4]
+
+
+@pytest.mark.slow
+def test_the_report_draws_the_gram_monitors(gram_data, tmp_path):
+    from matplotlib.figure import Figure
+    from matplotlib.image import imread
+
+    from ssl_distill.report import read_run, write_report
+    from ssl_distill.report.figure import _gram
+
+    gram, plain = tmp_path / "gram", tmp_path / "plain"
+    _run(gram_data, gram, ["gram.weight=1", "gram.it_load_ema_teacher=2", "gram.start_step=2",
+                           "data.crops.gram_size=64", "optim.epochs=1"])
+    _run(gram_data, plain, ["optim.epochs=1"])
+    runs = [read_run(gram), read_run(plain)]
+    assert runs[0].loss_terms() == ["loss", "dino", "gram"]  # the monitors and weights are not loss terms
+    legend = [name for name, _ in _gram(Figure().add_subplot(), runs, ["C0", "C1"], "step", 1.0)]
+    assert legend == ["student patches", "Gram teacher patches", "Gram weight (right axis)"]
+    with_gram = imread(write_report([gram, plain], out=tmp_path / "both.png").figure)
+    without = imread(write_report([plain], out=tmp_path / "plain.png").figure)
+    assert with_gram.shape[0] > without.shape[0]  # one row more: Gram anchoring
