@@ -305,7 +305,7 @@ class PhotometricAugment:
 
     def normalize(self, u8: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> float32 (x / 255 - mean) / std, no photometric op (the same arithmetic)."""
-        x = u8.to(torch.float32).mul_(1.0 / 255.0)
+        x = new_batch_tensor(u8.shape, torch.float32, u8.device).copy_(u8).mul_(1.0 / 255.0)
         return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
 
     def __call__(self, views: Sequence[torch.Tensor], seeds: Sequence[int] | torch.Tensor) -> list[torch.Tensor]:
