@@ -18,10 +18,10 @@ from tqdm import tqdm
 
 from ..atomic import remove_stale_temporaries
 from ..checkpoints import (
-    FORMAT, LATEST, CheckpointError, atomic_save, describe_mismatch, load_any_backbone, load_state_strict,
-    read_training_checkpoint, rng_state, set_rng_state,
+    FORMAT, LATEST, CheckpointError, atomic_save, describe_mismatch, load_state_strict, read_training_checkpoint,
+    rng_state, set_rng_state,
 )
-from ..config import Config, config_diff, config_from_dict, config_notes, config_to_dict, save_config
+from ..config import Config, ConfigError, config_diff, config_from_dict, config_notes, config_to_dict, save_config
 from ..data.folder import BadImageCounter
 from ..data.loader import build_train_loader
 from ..errors import NonFiniteLossError  # defined without torch, for the command line; re-exported here
@@ -29,8 +29,9 @@ from ..models import SyncBatchNorm1d, default_fused_attn
 from ..objectives import Reads, StepState, build_objectives
 from ..runtime import autocast_context, check_precision, resolve_device, resolve_precision
 from . import distributed as du
-from .build import build_model
+from .build import build_model, load_backbone_weights
 from .ema import ema_update
+from .gram_teacher import GramTeacher
 from .masks import StepMasks
 from .monitor import CollapseMonitor, JsonlLogger
 from .online_knn import OnlineKnn
@@ -178,6 +179,10 @@ class Trainer:
         self.patches = self.reads.patch_masks
         self.masks = StepMasks(cfg, self.rank, enabled=self.patches)
         self.loss_terms = [name for o in self.objectives for name in o.loss_terms]
+        # Gram anchoring's frozen teacher, when the Gram term reads one (the live EMA teacher needs none)
+        self.gram = GramTeacher(cfg, self.teacher.backbone) if "gram_patch" in self.reads.teacher else None
+        if self.gram is not None and (resume_from is None or "gram" not in resume_from):
+            self._start_gram_teacher(0 if resume_from is None else resume_from["step"])
         self.optimizer = torch.optim.AdamW(param_groups(self.student), betas=cfg.optim.betas)
         # fp16's loss scaler; disabled (scale, unscale_, update do nothing, step is optimizer.step) otherwise
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.run.precision == "fp16")
@@ -213,24 +218,30 @@ class Trainer:
         """Start the student's backbone (and so the teacher's) from ``path``; the file's mask token is
         kept only where this run has one (iBOT's ``masked_embed`` starts at zero otherwise, as iBOT), and
         its position embedding is resampled to this run's patch grid when the sizes differ."""
-        loaded = load_any_backbone(path, obj_token=self.student.backbone.has_obj_token)
-        state = loaded.backbone.state_dict()
-        ours = self.student.backbone.state_dict()
-        if "masked_embed" in ours and "masked_embed" not in state:
-            state["masked_embed"] = ours["masked_embed"]
-        if "masked_embed" not in ours:
-            state.pop("masked_embed", None)
-        resampled = self.student.backbone.fit_pos_embed(state)  # a file trained at another image size
-        if resampled and du.is_main():
-            print(f"model.init_from: {resampled}")
-        load_state_strict(self.student.backbone, state, f"model.init_from={path} ({loaded.format} backbone)")
+        loaded, resampled = load_backbone_weights(self.student.backbone, path, f"model.init_from={path}")
         if du.is_main():
+            if resampled:
+                print(f"model.init_from: {resampled}")
             print(f"backbone initialised from {path} ({loaded.format}, {loaded.source}); heads start fresh")
+
+    def _start_gram_teacher(self, step: int) -> None:
+        """The Gram teacher's first weights, for a run (or a resumed one that had none) starting at ``step``:
+        the ``gram.ckpt`` file now, or the EMA teacher before step ``gram.it_load_ema_teacher``."""
+        g = self.cfg.gram
+        if g.ckpt is not None:
+            note = self.gram.load_file(g.ckpt)
+            if du.is_main():
+                print(note)
+        elif g.it_load_ema_teacher < step:
+            raise ConfigError(f"gram.it_load_ema_teacher={g.it_load_ema_teacher} takes the Gram teacher from the EMA "
+                              f"teacher before that step, but this run resumes at step {step} without one: set it "
+                              f"to {step} or later (and gram.start_step no earlier), or give gram.ckpt")
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_dict(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
-        """Everything a resume needs; ``rngs`` holds every rank's RNG states, in rank order."""
-        return {
+        """Everything a resume needs; ``rngs`` holds every rank's RNG states, in rank order. A run with a
+        frozen Gram teacher adds ``"gram"`` (:meth:`GramTeacher.state_dict`)."""
+        ckpt = {
             "format": FORMAT,
             "student": self.student.state_dict(),
             "teacher": self.teacher.state_dict(),
@@ -247,6 +258,9 @@ class Trainer:
             "rngs": rngs,
             "bad_images": {"bad": self.bad.bad, "seen": self.bad.seen},
         }
+        if self.gram is not None:
+            ckpt["gram"] = self.gram.state_dict()
+        return ckpt
 
     def save_checkpoint(self) -> None:
         """Rank 0 writes ``checkpoint.pth`` atomically (temporary name, then rename); all ranks call it.
@@ -316,6 +330,8 @@ class Trainer:
                                   "which discards the checkpoint) to start a new run") from e
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.load_objective_state(ckpt["loss"], path)
+        if self.gram is not None and "gram" in ckpt:
+            self.gram.load_state_dict(ckpt["gram"], str(path))
         if self.scaler.is_enabled() and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = RunState(
@@ -333,28 +349,34 @@ class Trainer:
         """The schedule values the objectives see at ``step``."""
         return StepState(step=step, epoch=step / self.iters_per_epoch,
                          teacher_temp=float(self.sched.teacher_temp[step]),
-                         patch_teacher_temp=float(self.sched.patch_teacher_temp[step]))
+                         patch_teacher_temp=float(self.sched.patch_teacher_temp[step]),
+                         gram_weight=float(self.sched.gram_weight[step]),
+                         dino_local_weight=float(self.sched.dino_local_weight[step]))
 
     def step_inputs(self, batch: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None,
-                                                          list[torch.Tensor] | None, torch.Tensor | None]:
-        """A loader batch's (crops, data masks, object masks, object validity) on the run's device: the
-        arguments of :meth:`train_step` after ``step`` (None where the batch has no such entry)."""
+                                                          list[torch.Tensor] | None, torch.Tensor | None,
+                                                          list[torch.Tensor] | None]:
+        """A loader batch's (crops, data masks, object masks, object validity, Gram crops) on the run's
+        device: the arguments of :meth:`train_step` after ``step`` (None where the batch has no such entry)."""
         dev = self.device
         crops = [c.to(dev, non_blocking=True) for c in batch["crops"]]
         masks = [m.to(dev) for m in batch["masks"]] if "masks" in batch else None
         objects = [m.to(dev) for m in batch["obj_masks"]] if "obj_masks" in batch else None
         valid = batch["obj_valid"].to(dev) if "obj_valid" in batch else None
-        return crops, masks, objects, valid
+        gram = [c.to(dev, non_blocking=True) for c in batch["gram_crops"]] if "gram_crops" in batch else None
+        return crops, masks, objects, valid, gram
 
     def train_step(self, crops: list[torch.Tensor], step: int, data_masks: list[torch.Tensor] | None = None,
-                   obj_masks: list[torch.Tensor] | None = None, obj_valid: torch.Tensor | None = None
-                   ) -> dict[str, float]:
-        """One iteration for every objective (cf. DINO's ``train_one_epoch``, iBOT's, DINOv2's):
-        teacher outputs -> masks -> student outputs -> objectives' terms -> update -> EMA.
+                   obj_masks: list[torch.Tensor] | None = None, obj_valid: torch.Tensor | None = None,
+                   gram_crops: list[torch.Tensor] | None = None) -> dict[str, float]:
+        """One iteration for every objective (cf. DINO's ``train_one_epoch``, iBOT's, DINOv2's, DINOv3's):
+        teacher outputs -> masks -> student outputs -> objectives' terms -> update -> EMA (-> Gram teacher).
 
         ``data_masks``: per global view (B, P) iBOT masks from the data; ``obj_masks``: per view (B, P_v)
-        object masks and ``obj_valid`` (B, V) from ODIS's object-aware crops (see ``data/object_crops.py``).
-        The networks build what the objectives read (``self.reads``) and nothing else.
+        object masks and ``obj_valid`` (B, V) from ODIS's object-aware crops (see ``data/object_crops.py``);
+        ``gram_crops``: per global view (B, 3, g, g), the frozen Gram teacher's input. The networks build
+        what the objectives read (``self.reads``) and nothing else; the Gram teacher runs only while the
+        Gram term's weight is above 0.
         """
         lr, wd, momentum = float(self.sched.lr[step]), float(self.sched.wd[step]), float(self.sched.momentum[step])
         for i, group in enumerate(self.optimizer.param_groups):
@@ -362,12 +384,15 @@ class Trainer:
             if i == 0:  # only the regularised group
                 group["weight_decay"] = wd
         state = self.step_state(step)
+        if self.gram is not None and self.gram.before_step(step, self.teacher.backbone):
+            self._gram_event(step, "snapshot")
 
         with autocast_context(self.device, self.precision):
             teacher_out = self.teacher(crops[: self.n_global], patches="targets" if self.patches else None,
                                        cls_attention=self.masks.needs_attention,
                                        obj_masks=None if obj_masks is None else obj_masks[: self.n_global],
-                                       cls_head="cls" in self.reads.teacher)
+                                       cls_head="cls" in self.reads.teacher,
+                                       patch_tokens="patch_global" in self.reads.teacher)
             masks = self.masks(data_masks, teacher_out, state)  # None when no objective reads patch masks
             if masks is not None:
                 teacher_out.update(self.teacher.patch_targets(teacher_out["patch_z"], masks))
@@ -375,12 +400,17 @@ class Trainer:
                 teacher_out["obj_valid"] = obj_valid  # which views hold each image's target object
             student_out = self.student_ddp(crops, masks=masks, patches="masked" if self.patches else None,
                                            obj_masks=obj_masks, cls_head="cls" in self.reads.student,
+                                           patch_tokens="patch_global" in self.reads.student,
                                            n_global=self.n_global)  # the masks are the global views' only
+            if self.gram is not None and state.gram_weight > 0:
+                if gram_crops is None:
+                    raise ValueError("the Gram teacher reads the batch's Gram crops: set data.crops.gram_size")
+                teacher_out["gram_patch"] = self.gram.patches(gram_crops)
         terms = [objective.terms(student_out, teacher_out, masks, state) for objective in self.objectives]
         loss = sum(t.pop("loss") for t in terms)
         logged = {k: float(v.detach()) for t in terms for k, v in t.items()}
         if not math.isfinite(loss.item()):
-            values = ", ".join(f"{k}={logged[k]:.4g}" for k in self.loss_terms)
+            values = ", ".join(f"{k}={logged[k]:.4g}" for k in self.loss_terms if k in logged)
             raise NonFiniteLossError(
                 f"non-finite loss at step {step}: {values} (lr={lr:.3g}, teacher_temp={state.teacher_temp:.4g}, "
                 f"wd={wd:.3g}); training stopped, the last good checkpoint is {self.out / LATEST}"
@@ -388,11 +418,22 @@ class Trainer:
 
         self._update_student(loss, step)
         ema_update(self.teacher, self.student, momentum)
+        if self.gram is not None and self.gram.after_step(step, self.teacher.backbone):
+            self._gram_event(step, "refresh")
         record = {"loss": loss.item(), **logged, "lr": lr, "wd": wd, "momentum": momentum,
                   "teacher_temp": state.teacher_temp}
         if self.patches:
             record["patch_teacher_temp"] = state.patch_teacher_temp
+        if self.cfg.gram.on:
+            record.update(gram_weight=state.gram_weight, dino_local_weight=state.dino_local_weight)
         return record
+
+    def _gram_event(self, step: int, event: str) -> None:
+        """One ``"kind": "gram_teacher"`` log record: the Gram teacher took the EMA teacher's weights before
+        step ``step`` (``"snapshot"``) or after it (``"refresh"``, with the count so far)."""
+        if self.logger is not None:
+            self.logger.log({"kind": "gram_teacher", "step": step, "event": event, "refreshes": self.gram.refreshes,
+                             "time": time.time()})
 
     def _update_student(self, loss: torch.Tensor, step: int) -> None:
         """The student's update from ``loss``: backward (scaled with fp16), DINO's per-parameter gradient
@@ -499,12 +540,14 @@ class Trainer:
 
     def _log(self, window: list[dict[str, float]], elapsed: float, images_per_step: int) -> dict[str, Any]:
         rec: dict[str, Any] = {"step": self.state.step, "epoch": self.state.epoch}
-        # a monitor that a step did not compute (no masked patch, no valid [OBJ] view) is absent from its
-        # record: the mean over the steps that computed it, and left out of the line when none did
+        # a monitor that a step did not compute (no masked patch, no valid [OBJ] view, the Gram terms before
+        # their start) is absent from its record: the mean over the steps that computed it, and left out of
+        # the line when none did
         for k in dict.fromkeys(k for w in window for k in w):
             rec[k] = float(np.mean([w[k] for w in window if k in w]))
-        for k in ("lr", "wd", "momentum", "teacher_temp"):
-            rec[k] = window[-1][k]
+        for k in ("lr", "wd", "momentum", "teacher_temp", "gram_weight", "dino_local_weight"):
+            if k in window[-1]:
+                rec[k] = window[-1][k]
         rec["images_per_s"] = len(window) * images_per_step / max(elapsed, 1e-9)
         rec["bad_images"] = self.bad.bad
         rec["time"] = time.time()

@@ -44,7 +44,9 @@ class MultiCropModel(nn.Module):
       ``masks.nonzero()`` (view, image, patch), with ``patches="masked"``: the patch objective reads
       the student only there, so the head runs on those rows alone;
     - ``"cls_attention"``: (G*B, P) last-block CLS -> patch attention of the first group, averaged
-      over heads, with ``cls_attention=True`` (AttMask).
+      over heads, with ``cls_attention=True`` (AttMask);
+    - ``"patch_global"``: (G*B, P, D) the backbone's final-norm patch tokens of the first group (the
+      mask token where ``masks`` say), with ``patch_tokens=True`` (Gram anchoring).
 
     ``masks`` (G*B, P) bool marks the patches of the first group replaced by the mask token.
     ``n_global`` (G) says that the first G crops are the global views: when they carry masks, patch
@@ -70,7 +72,7 @@ class MultiCropModel(nn.Module):
     def forward(self, crops: list[torch.Tensor] | torch.Tensor, masks: torch.Tensor | None = None,
                 patches: str | None = None, cls_attention: bool = False,
                 obj_masks: list[torch.Tensor] | None = None, cls_head: bool = True,
-                n_global: int | None = None) -> dict[str, torch.Tensor]:
+                n_global: int | None = None, patch_tokens: bool = False) -> dict[str, torch.Tensor]:
         """``cls_head=False`` leaves out ``"cls"`` (the head on the CLS rows) when no objective reads it
         (an ODIS or iBOT run without the [CLS] term); ``"cls_feat"`` is always returned."""
         if isinstance(crops, torch.Tensor):
@@ -84,7 +86,7 @@ class MultiCropModel(nn.Module):
                 raise ValueError("obj_masks need a backbone built with obj_token=True")
             if len(obj_masks) != len(crops):
                 raise ValueError(f"obj_masks must hold one mask per crop: {len(obj_masks)} for {len(crops)} crops")
-        roles = masks is not None or patches is not None or cls_attention
+        roles = masks is not None or patches is not None or cls_attention or patch_tokens
         groups = group_by_resolution(crops, first=n_global if roles and n_global else 0)
         if masks is not None and len(masks) != (groups[0][1] - groups[0][0]) * len(crops[0]):
             raise ValueError(f"masks has {len(masks)} rows for the {groups[0][1] - groups[0][0]} crop(s) of "
@@ -95,7 +97,7 @@ class MultiCropModel(nn.Module):
             x = torch.cat(crops[s:e])
             first = index == 0
             obj_mask = None if obj_masks is None else torch.cat(obj_masks[s:e])
-            if obj_mask is not None or (first and (masks is not None or patches or cls_attention)):
+            if obj_mask is not None or (first and (masks is not None or patches or cls_attention or patch_tokens)):
                 tokens = self.backbone.forward_tokens(x, mask=masks if first else None,
                                                       cls_attention=cls_attention and first, obj_mask=obj_mask)
                 cls_feats.append(tokens["cls"])
@@ -105,6 +107,8 @@ class MultiCropModel(nn.Module):
                     continue
                 if cls_attention:
                     out["cls_attention"] = tokens["cls_attention"]
+                if patch_tokens:
+                    out["patch_global"] = tokens["patch"]
                 if patches == "targets":
                     b, p, d = tokens["patch"].shape
                     out["patch_z"] = self._patch_head.project(tokens["patch"].reshape(b * p, d)).view(b, p, -1)
