@@ -1,0 +1,175 @@
+"""Where a training step's time goes: phase by phase and op by op (torch.profiler), on this CPU.
+
+Two steps: the demo's (``configs/dinov2_style_tiny_fmnist.yaml``: DINOv2-style objective, 4-block ViT-tiny,
+patch 7, 2 x 28 + 4 x 14 crops of Fashion-MNIST-sized images, batch 64, bf16) and the ViT-S/16 DINO step
+(``configs/dino_vit_small16.yaml``: 2 x 224 + 10 x 96, batch 8, bf16, out_dim 65536). For each: the step's
+median time and GFLOP/s beside the bf16 GEMM ceiling measured in the same run, the time of each phase
+(teacher forward, student forward, objectives, backward, gradient clipping, optimizer, EMA), and the ops
+with the most self time, grouped (GEMM, attention products, casts and copies, elementwise, normalisation,
+softmax, reductions, optimizer arithmetic).
+
+What it showed on the 2-core AMD EPYC (AVX512-BF16, bf16 GEMM ceiling 389 GFLOP/s quiet), eager, before
+issue 28's changes, 1 compute thread (the machine was shared: 2 threads stalled on every op):
+the demo's step is 50.6 GFLOP; the GEMMs (mm 36%, addmm 27%, bmm 3%: the blocks' linears at
+M = 2176 / 1280 tokens, K = N = 192..768, and the heads) hold 66% of its time and run at the ceiling's rate
+(200-220 GFLOP/s a thread for those shapes); the rest is ~7,000 small ops a step: autocast's bf16 casts and
+their backward (copy_ / _to_copy, 5%), GELU and its backward (6%), the residual adds, scalings and
+LayerNorms (6%), softmax forward and backward (2%), and AdamW's per-parameter arithmetic for 77 tensors
+(addcdiv_, lerp_, sqrt, addcmul_, mul_, add_: 3%) with a ``.item()`` of each step count; every one pays a
+parallel region's start. The ViT-S/16 step is dominated by GEMMs too, its head's 65536-wide last layer and
+loss (softmax / log-softmax over 12 x 8 x 65536 logits) being the largest non-block share.
+Usage: python benchmarks/bench_step_profile.py [--step demo|vits16] [--steps N] [--rows R] [--threads T]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench_train_step import ROOT, Step, batch_folder
+from ssl_distill.config import load_config
+from ssl_distill.engine import train as train_module
+from ssl_distill.engine.train import Trainer
+from ssl_distill.hardware import gemm_gflops, hardware_line
+
+GROUPS = {
+    "GEMM (linear layers, heads)": ("aten::mm", "aten::addmm", "aten::mkldnn_convolution", "aten::convolution_backward",
+                                    "aten::_mkl_linear", "aten::linear"),
+    "attention products": ("aten::bmm", "aten::baddbmm"),
+    "casts and copies": ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::cat"),
+    "normalisation": ("aten::native_layer_norm", "aten::native_layer_norm_backward", "aten::native_batch_norm",
+                      "aten::native_batch_norm_backward"),
+    "softmax": ("aten::_softmax", "aten::_softmax_backward_data", "aten::_log_softmax",
+                "aten::_log_softmax_backward_data"),
+    "optimizer arithmetic": ("aten::addcdiv_", "aten::lerp_", "aten::addcmul_", "aten::sqrt", "aten::_foreach_mul_",
+                             "aten::_foreach_add_", "aten::_foreach_norm", "aten::_fused_adamw_"),
+    "reductions": ("aten::sum", "aten::mean", "aten::linalg_vector_norm", "aten::max", "aten::norm"),
+}
+
+
+def demo_step(tmp: Path, batch_size: int = 64, overrides: list[str] = ()) -> Step:
+    """The demo recipe's step on a folder of 28 x 28 images (Fashion-MNIST's when the Debian package is
+    installed, else the stripes of the tests), bf16."""
+    from ssl_distill.data.fashion_mnist import build_fashion_mnist_folders
+
+    try:
+        data = build_fashion_mnist_folders(tmp / "fmnist", limit_per_class=-(-2 * batch_size // 10)) / "train"
+    except Exception:  # noqa: BLE001 (no Fashion-MNIST here: any 28-px folder has the same step)
+        data = batch_folder(tmp / "photos", 2 * batch_size)
+    return make_step("dinov2_style_tiny_fmnist.yaml", data, tmp / "demo", [
+        f"data.batch_size={batch_size}", "run.precision=bf16", "monitor.knn_every_epochs=0", "optim.epochs=1000",
+        *overrides])
+
+
+def vits16_step(tmp: Path, batch_size: int = 8, overrides: list[str] = ()) -> Step:
+    """The ViT-S/16 DINO step (2 x 224 + 10 x 96, out_dim 65536) on the photo folder, bf16."""
+    data = batch_folder(tmp / "photos", batch_size)
+    return make_step("dino_vit_small16.yaml", data, tmp / "vits16", [
+        f"data.batch_size={batch_size}", "run.precision=bf16", "optim.epochs=1000", *overrides])
+
+
+def make_step(recipe: str, data: Path, out: Path, overrides: list[str]) -> Step:
+    cfg = load_config(ROOT / "configs" / recipe, [f"data.train_dir={data}", f"run.output_dir={out}",
+                                                  "data.num_workers=0", "run.progress=false", *overrides])
+    trainer = Trainer(cfg, fresh=True)
+    trainer.sampler.set_epoch(0)
+    step = Step(trainer, trainer.step_inputs(next(iter(trainer.loader))), cfg.data.batch_size, 0.0)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step.run(0)
+    with FlopCounterMode(display=False) as counter:
+        step.run(1)
+    step.gflop = counter.get_total_flops() / 1e9
+    return step
+
+
+class Phases:
+    """Wall time of each phase of ``trainer``'s steps, by wrapping the calls the step makes."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.seconds: collections.Counter[str] = collections.Counter()
+        self.undo = []
+        self._wrap(trainer.teacher, "forward", "teacher forward")
+        self._wrap(trainer.student, "forward", "student forward")
+        for objective in trainer.objectives:
+            self._wrap(objective, "terms", "objectives")
+        self._wrap(torch.Tensor, "backward", "backward")
+        self._wrap(train_module, "clip_gradients_per_param", "gradient clipping")
+        self._wrap(trainer.optimizer, "step", "optimizer")
+        self._wrap(train_module, "ema_update", "EMA")
+
+    def _wrap(self, owner, name: str, phase: str) -> None:
+        real = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                self.seconds[phase] += time.perf_counter() - t0
+
+        had = name in vars(owner)
+        setattr(owner, name, timed)
+        self.undo.append(lambda: setattr(owner, name, real) if had else delattr(owner, name))
+
+    def close(self) -> None:
+        for undo in reversed(self.undo):
+            undo()
+
+
+def report(name: str, step: Step, steps: int, rows: int) -> None:
+    times = [step.run(2 + i) for i in range(steps)]
+    median = statistics.median(times)
+    bf16 = gemm_gflops(torch.bfloat16)
+    print(f"\n{name}: {step.gflop:.1f} GFLOP/step, median {median * 1e3:.0f} ms = {step.gflop / median:.0f} GFLOP/s, "
+          f"{100 * step.gflop / median / bf16:.0f}% of the bf16 GEMM ceiling ({bf16:.0f} GFLOP/s, measured now)")
+    phases = Phases(step.trainer)
+    try:
+        total = sum(step.run(2 + steps + i) for i in range(steps))
+    finally:
+        phases.close()
+    for phase, seconds in phases.seconds.most_common():
+        print(f"  {phase:<20} {1e3 * seconds / steps:7.1f} ms  {100 * seconds / total:5.1f}%")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(steps):
+            step.run(2 + 2 * steps + i)
+    events = prof.key_averages()
+    total_us = sum(e.self_cpu_time_total for e in events)
+    grouped: collections.Counter[str] = collections.Counter()
+    for e in events:
+        group = next((g for g, ops in GROUPS.items() if e.key in ops), "other (elementwise, views, Python)")
+        grouped[group] += e.self_cpu_time_total
+    print(f"  ops by group (self time, {len(events)} distinct ops, "
+          f"{sum(e.count for e in events) // steps} calls a step):")
+    for group, us in grouped.most_common():
+        print(f"    {group:<36} {100 * us / total_us:5.1f}%")
+    print(f"  top {rows} ops:")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:rows]:
+        print(f"    {e.key:<36} {100 * e.self_cpu_time_total / total_us:5.1f}%  {e.count // steps:5d} calls a step")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--step", choices=["demo", "vits16", "both"], default="both")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--rows", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=0, help="compute threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(hardware_line())
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.step in ("demo", "both"):
+            report("demo step (batch 64)", demo_step(Path(tmp)), args.steps, args.rows)
+        if args.step in ("vits16", "both"):
+            report("ViT-S/16 step (batch 8)", vits16_step(Path(tmp)), args.steps, args.rows)
+
+
+if __name__ == "__main__":
+    main()
