@@ -28,6 +28,7 @@ from ..data.masking import true_positions
 from ..errors import NonFiniteLossError  # defined without torch, for the command line; re-exported here
 from ..models import SyncBatchNorm1d, default_fused_attn
 from ..objectives import Reads, StepState, build_objectives
+from ..objectives.base import TeacherRows
 from ..runtime import autocast_context, check_precision, resolve_device, resolve_precision
 from . import distributed as du
 from .build import build_model, load_backbone_weights
@@ -36,7 +37,7 @@ from .gram_teacher import GramTeacher
 from .masks import StepMasks, to_device
 from .monitor import CollapseMonitor, JsonlLogger
 from .online_knn import OnlineKnn
-from .records import LogWindow, StepRecord
+from .records import LogWindow, StepRecord, reduce_over_ranks
 from .schedules import Schedules, frozen_last_layer, total_iterations
 from .stop import NAMES, REQUEUE, StopSignals
 
@@ -244,9 +245,11 @@ class Trainer:
                               f"to {step} or later (and gram.start_step no earlier), or give gram.ckpt")
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint_dict(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
-        """Everything a resume needs; ``rngs`` holds every rank's RNG states, in rank order. A run with a
-        frozen Gram teacher adds ``"gram"`` (:meth:`GramTeacher.state_dict`)."""
+    def checkpoint_dict(self, rngs: list[dict[str, Any]], bad: tuple[int, int]) -> dict[str, Any]:
+        """Everything a resume needs; ``rngs`` holds every rank's RNG states, in rank order, ``bad`` the
+        unreadable and seen images summed over the ranks. A run with a frozen Gram teacher adds ``"gram"``
+        (:meth:`GramTeacher.state_dict`)."""
+        bad_images, seen = bad
         ckpt = {
             "format": FORMAT,
             "student": self.student.state_dict(),
@@ -262,7 +265,7 @@ class Trainer:
             "precision": self.precision,
             "config": config_to_dict(self.cfg),
             "rngs": rngs,
-            "bad_images": {"bad": self.bad.bad, "seen": self.bad.seen},
+            "bad_images": {"bad": bad_images, "seen": seen},
         }
         if self.gram is not None:
             ckpt["gram"] = self.gram.state_dict()
@@ -272,13 +275,14 @@ class Trainer:
         """Rank 0 writes ``checkpoint.pth`` atomically (temporary name, then rename); all ranks call it.
 
         With several processes it first checks that every rank holds the same teacher (they must:
-        identical all-reduced student updates), and gathers every rank's RNG states.
+        identical all-reduced student updates), and gathers every rank's RNG states and image counts.
         """
-        rngs = du.gather_objects(rng_state())
+        gathered = du.gather_objects((rng_state(), self.bad.bad, self.bad.seen))
         if self.world > 1:
             self._check_teachers_agree()
         if du.is_main():
-            ckpt = self.checkpoint_dict(rngs)
+            ckpt = self.checkpoint_dict([g[0] for g in gathered], (sum(g[1] for g in gathered),
+                                                                   sum(g[2] for g in gathered)))
             atomic_save(ckpt, self.out / LATEST)
             k = self.cfg.run.keep_every_epochs
             if k and self.state.batch == 0 and self.state.epoch % k == 0 and self.state.step > 0:
@@ -345,7 +349,8 @@ class Trainer:
         self.state = RunState(
             step=ckpt["step"], epoch=ckpt["epoch"], batch=ckpt["batch"], requeues=ckpt.get("requeues", 0)
         )
-        self.bad.bad, self.bad.seen = ckpt["bad_images"]["bad"], ckpt["bad_images"]["seen"]
+        if self.rank == 0:  # the checkpoint holds every rank's count; the log sums the ranks' counts
+            self.bad.bad, self.bad.seen = ckpt["bad_images"]["bad"], ckpt["bad_images"]["seen"]
         rngs = ckpt["rngs"] if "rngs" in ckpt else [ckpt["rng"]]
         if len(rngs) == self.world:
             set_rng_state(rngs[self.rank])
@@ -432,7 +437,9 @@ class Trainer:
         if self.cfg.gram.on:
             schedule.update(gram_weight=state.gram_weight, dino_local_weight=state.dino_local_weight)
         loss_value = loss.item()  # the step's one wait for the device
-        record = StepRecord({"loss": loss_value, **{k: v.detach() for t in terms for k, v in t.items()}}, schedule)
+        record = StepRecord({"loss": loss_value, **{k: v.detach() for t in terms for k, v in t.items()
+                                                      if not isinstance(v, TeacherRows)}},
+                            schedule, {k: v for t in terms for k, v in t.items() if isinstance(v, TeacherRows)})
         if not math.isfinite(loss_value):  # the terms are read only now
             values = ", ".join(f"{k}={record[k]:.4g}" for k in self.loss_terms if k in record)
             raise NonFiniteLossError(
@@ -560,15 +567,24 @@ class Trainer:
         """The log line of the steps in ``window`` (read from the device now, in one transfer): each value's
         mean over the steps that computed it (a monitor that a step did not compute: no masked patch, no
         valid [OBJ] view, the Gram terms before their start, is absent from its record, and left out of the
-        line when no step did); schedule values at the window's last step."""
+        line when no step did); schedule values at the window's last step. With several processes the loss
+        terms and monitors are those of the global batch and ``bad_images`` counts every rank's
+        (:mod:`~ssl_distill.engine.records`); ``images_per_s`` is always global: every rank's images per
+        second of rank 0's wall-clock."""
         rec: dict[str, Any] = {"step": self.state.step, "epoch": self.state.epoch}
         means, steps = window.means()
+        counters = {"bad_images": self.bad.bad}
+        if self.world > 1:
+            reduced, reduced_steps, counters = reduce_over_ranks(window, self.device, counters)
+            means.update(reduced)
+            steps.update(reduced_steps)
+            counters["bad_images"] = int(counters["bad_images"])
         rec.update(means)
         for k in ("lr", "wd", "momentum", "teacher_temp", "gram_weight", "dino_local_weight"):
             if k in window.records[-1]:
                 rec[k] = window.records[-1][k]
         rec["images_per_s"] = len(window) * images_per_step / max(elapsed, 1e-9)
-        rec["bad_images"] = self.bad.bad
+        rec.update(counters)
         rec["time"] = time.time()
         entropy, kl_uniform = self.watched
         if entropy in rec:

@@ -78,7 +78,7 @@ class PatchLoss(nn.Module):
             {"patch": scalar loss, "mask_ratio": fraction of masked patches (detached),
              "patch_teacher_entropy", "patch_teacher_kl_uniform": the collapse monitors of
              :func:`~ssl_distill.objectives.dino.teacher_statistics` over the M masked patches' targets
-             (absent when nothing is masked: not measured)}.
+             (absent when nothing is masked: not measured) and their "patch_teacher_rows"}.
         """
         targets = self.centering.targets(teacher_masked.float(), self.patch_center, teacher_temp)
         log_p = F.log_softmax(student_masked.float() / self.student_temp, dim=-1)
@@ -91,6 +91,5 @@ class PatchLoss(nn.Module):
         # each rank's mean over the same number of patches: the mean of the ranks' means is the mean
         self.centering.update(self.patch_center, teacher_mean, 1)
         with torch.no_grad():
-            stats = teacher_statistics(targets)
-        return {"patch": per_image.mean(), "mask_ratio": masks.float().mean().detach(),
-                **{f"patch_{k}": v for k, v in stats.items()}}
+            stats = teacher_statistics(targets, prefix="patch_")
+        return {"patch": per_image.mean(), "mask_ratio": masks.float().mean().detach(), **stats}

@@ -78,7 +78,8 @@ class ObjectLoss(nn.Module):
         Returns:
             {"obj": scalar loss, "obj_valid_pairs": fraction of (image, pair) terms that count,
              "obj_teacher_entropy", "obj_teacher_kl_uniform": collapse monitors of the valid
-             teacher rows (nats), absent when no view is valid}; all but "obj" detached.
+             teacher rows (nats) and their "obj_teacher_rows", absent when no view is valid}; all but "obj"
+             detached.
         """
         k = student_obj.shape[-1]
         b = valid.shape[0]
@@ -99,8 +100,9 @@ class ObjectLoss(nn.Module):
         teacher_valid = w[: self.n_global].reshape(-1) > 0
         rows = q.view(-1, k)
         with torch.no_grad():
-            stats = teacher_statistics(rows[teacher_valid] if valid_rows is None else rows.index_select(0, valid_rows))
+            stats = teacher_statistics(rows[teacher_valid] if valid_rows is None else rows.index_select(0, valid_rows),
+                                       prefix="obj_")
         # the valid rows only; no update when no rank has one
         self.centering.update(self.obj_center, (teacher_obj * teacher_valid.unsqueeze(-1)).sum(0), teacher_valid.sum())
         return {"obj": loss, "obj_valid_pairs": (counted / (n_terms * b)).detach(),
-                **{f"obj_{k}": v for k, v in stats.items()}}
+                **stats}
