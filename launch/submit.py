@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ssl_distill.atomic import check_output_folder
 from ssl_distill.cli_args import submit_arguments as add_arguments  # noqa: F401  (options: torch-free)
 from ssl_distill.config import Config, load_config
 from ssl_distill.errors import DataError
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_requeues is not None:
         overrides.append(f"run.max_requeues={args.max_requeues}")
     cfg = load_config(args.config, overrides)  # config errors surface here, not in the queue
-    out = Path(cfg.run.output_dir).resolve()
+    out = check_output_folder(Path(cfg.run.output_dir).resolve(), "run.output_dir")
     cfg.run.output_dir = str(out)  # jobs may start in another working directory
     train_dir = Path(cfg.data.train_dir).resolve()
     if not train_dir.is_dir():

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..atomic import remove_stale_temporaries
+from ..atomic import check_output_folder, remove_stale_temporaries
 from ..checkpoints import (
     FORMAT, LATEST, CheckpointError, atomic_save, describe_mismatch, load_any_backbone, load_state_strict,
     read_training_checkpoint, rng_state, set_rng_state,
@@ -81,7 +81,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, fresh: bool = False, device: torch.device | None = None) -> None:
         self.cfg = cfg
-        self.out = Path(cfg.run.output_dir)
+        self.out = check_output_folder(cfg.run.output_dir, "run.output_dir")
         threads = cfg.run.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0))
         if threads > 0:
             torch.set_num_threads(threads)
