@@ -249,6 +249,8 @@ def export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", dest="fmt", choices=["safetensors", "pth"], default=None,
                         help="default: from the output suffix")
     parser.add_argument("--num-heads", type=int, default=None, help="head count, for non-standard widths")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing output file (never a training checkpoint or the file read)")
 
 
 def visualize_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,7 +2,17 @@
 resumes that would break the schedule, signals, and paths in the way; each ends in one sentence."""
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
+import torch
+
+from ssl_distill.checkpoints import FORMAT, LATEST, atomic_save
+from ssl_distill.cli import run as cli
+from ssl_distill.config import config_to_dict, load_config
+from ssl_distill.engine.build import build_model
 
 from test_bad_input import cli_error
 from test_end_to_end import CONFIG, make_folder, tiny_overrides
@@ -11,6 +21,62 @@ from test_end_to_end import CONFIG, make_folder, tiny_overrides
 @pytest.fixture(scope="module")
 def train_dir(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp("safety") / "train", 8, 0)
+
+
+ODIS = ["odis.weight=1", "dino.weight=0", "ibot.weight=1", "masking.shape=block", "data.boxes=boxes.json"]
+
+
+def written_run(out: Path, extra: tuple[str, ...] = ()) -> Path:
+    """A run directory holding a training checkpoint of a tiny model (written directly, no training)."""
+    cfg = load_config(CONFIG, tiny_overrides(out / "no_images", out) + list(extra))
+    torch.manual_seed(0)
+    teacher, student = build_model(cfg, 0.0), build_model(cfg, 0.0)
+    atomic_save({"format": FORMAT, "teacher": teacher.state_dict(), "student": student.state_dict(),
+                 "config": config_to_dict(cfg)}, out / LATEST)
+    return out
+
+
+# ---------------------------------------------------------------- export replaces nothing it should not
+@pytest.mark.parametrize("name", [LATEST, "checkpoint_epoch0001.pth"])
+def test_export_never_replaces_a_training_checkpoint(name, tmp_path, capsys):
+    run = written_run(tmp_path / "run")
+    if name != LATEST:
+        shutil.copy(run / LATEST, run / name)
+    before = (run / name).read_bytes()
+    for force in ([], ["--force"]):
+        err = cli_error(["export", str(run), str(run / name), *force], capsys)
+        assert f"{run / name} is a training checkpoint" in err and "another file" in err, err
+    assert (run / name).read_bytes() == before and not (run / name).with_suffix(".json").exists()
+
+
+def test_export_replaces_an_existing_file_only_with_force_and_never_the_file_it_reads(tmp_path, capsys):
+    run = written_run(tmp_path / "run")
+    out = tmp_path / "backbone.safetensors"
+    out.write_bytes(b"an older export")
+    err = cli_error(["export", str(run), str(out)], capsys)
+    assert f"{out} exists: pass --force" in err
+    assert out.read_bytes() == b"an older export"
+    assert cli(["export", str(run), str(out), "--force"]) == 0 and out.read_bytes() != b"an older export"
+    sidecar = out.with_suffix(".json")  # the description beside the file is guarded the same way
+    other = tmp_path / "backbone.pth"
+    err = cli_error(["export", str(run), str(other)], capsys)
+    assert f"{sidecar} exists: pass --force" in err and not other.exists()
+    err = cli_error(["export", str(out), str(out), "--force"], capsys)
+    assert f"{out} is the checkpoint being exported" in err
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    err = cli_error(["export", str(run), str(folder)], capsys)
+    assert f"{folder} is a folder: name the output file" in err and not any(folder.iterdir())
+
+
+def test_export_of_an_odis_run_lists_the_obj_token_among_what_it_leaves_out(tmp_path, capsys):
+    run = written_run(tmp_path / "run", tuple(ODIS))
+    out = tmp_path / "odis.safetensors"
+    assert cli(["export", str(run), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "obj_token ([OBJ] token), obj_pos_embed ([OBJ] token)" in printed and "masked_embed (mask token)" in printed
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert {"obj_token", "obj_pos_embed", "masked_embed"} == set(info["dropped"])
 
 
 # ---------------------------------------------------------------- a file where a folder is expected
