@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from ssl_distill.checkpoints import FORMAT, LATEST, atomic_save
+from ssl_distill.checkpoints import FORMAT, LATEST, atomic_save, load_file
 from ssl_distill.cli import run as cli
 from ssl_distill.config import config_to_dict, load_config
 from ssl_distill.engine.build import build_model
+from ssl_distill.engine.train import Trainer, train
 
 from test_bad_input import cli_error
 from test_end_to_end import CONFIG, make_folder, tiny_overrides
@@ -98,3 +100,60 @@ def test_a_file_as_the_discover_output_is_refused_before_any_work(tmp_path, caps
     err = cli_error(["discover", str(tmp_path / "no_run"), "--images", str(tmp_path), "--out", str(notes)], capsys)
     assert f"--out={notes} is a file, not a folder" in err
     assert notes.read_text() == "mine"
+
+
+# ---------------------------------------------------------------- a new run keeps nothing of an earlier one
+def test_fresh_moves_every_file_of_the_earlier_run_aside(train_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    over = tiny_overrides(train_dir, out) + ["run.keep_every_epochs=1"]
+    train(load_config(CONFIG, over))  # 2 epochs: checkpoint_epoch0001.pth and 0002.pth
+    (out / "knn.json").write_text("{}")  # an evaluation of the earlier run
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    train(load_config(CONFIG, over + ["optim.epochs=1"]), fresh=True)
+    said = capsys.readouterr().out
+    assert "--fresh: moved the earlier run's checkpoint.pth, checkpoint_epoch0001.pth, checkpoint_epoch0002.pth" in said
+    (previous,) = (out / "previous").iterdir()
+    assert str(previous) in said
+    assert sorted(p.name for p in out.iterdir()) == [LATEST, "checkpoint_epoch0001.pth", "config.yaml",
+                                                     "filelist.json", "log.jsonl", "notes.txt", "previous"]
+    moved = {p.name: p.read_bytes() for p in previous.iterdir()}
+    assert moved == {k: v for k, v in before.items() if k != "notes.txt"}  # moved whole, nothing deleted
+    assert load_file(out / LATEST)["step"] == 4  # 16 images / batch 4 x 1 epoch
+
+
+def online_knn(val_dir: Path) -> list[str]:
+    return ["monitor.knn_every_epochs=1", f"knn.train_dir={val_dir}", f"knn.val_dir={val_dir}",
+            "knn.image_size=32", "knn.resize_size=32", "knn.ks=[3]", "knn.num_workers=0", "monitor.knn_precision=fp32"]
+
+
+def failing_first_step(trainer: Trainer, monkeypatch) -> None:
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(trainer, "train_step", fail)
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_start_that_fails_before_its_first_step_leaves_no_run_behind(existed, train_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    if existed:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    over = tiny_overrides(train_dir, out) + online_knn(train_dir) + ["run.stop_at_step=1"]
+    trainer = Trainer(load_config(CONFIG, over))
+    failing_first_step(trainer, monkeypatch)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.fit()  # after its step-0 k-NN record
+    if not existed:
+        assert not out.exists()  # the directory this start created is not a run
+        return
+    assert (out / "notes.txt").read_text() == "mine" and "kind" in (out / "log.jsonl").read_text()
+    monkeypatch.undo()
+    rerun = time.time()
+    Trainer(load_config(CONFIG, over)).fit()
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    knn = [r for r in records if r.get("kind") == "knn" and r["step"] == 0]
+    assert len(knn) == 1 and knn[0]["time"] >= rerun  # the rerun's own random-init point
+    (previous,) = (out / "previous").iterdir()
+    assert {"log.jsonl", "config.yaml"} <= {p.name for p in previous.iterdir()}

@@ -76,7 +76,7 @@ def read_training_checkpoint(path: Path, run_dir: Path) -> dict[str, Any] | None
     if not path.exists():
         return None
     how = (f"move it out of {run_dir}, train into another run.output_dir, or pass --fresh to start over "
-           "(which deletes it)")
+           "(which moves it aside, into previous/)")
     try:
         ckpt, _ = read_checkpoint(path)
     except CheckpointError as e:

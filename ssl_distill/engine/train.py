@@ -34,6 +34,7 @@ from .ema import ema_update
 from .masks import StepMasks
 from .monitor import CollapseMonitor, JsonlLogger
 from .online_knn import OnlineKnn
+from .run_dir import move_earlier_run_aside
 from .schedules import Schedules, frozen_last_layer, total_iterations
 from .stop import NAMES, REQUEUE, StopSignals
 
@@ -98,7 +99,7 @@ class Trainer:
         # a checkpoint we cannot resume from stops the run before anything is scanned, built or written
         resume_from = None if fresh else read_training_checkpoint(self.out / LATEST, self.out)
 
-        created = du.is_main() and not self.out.exists()
+        self.created = du.is_main() and not self.out.exists()  # by this start: removed again if it fails
         if du.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             removed = remove_stale_temporaries(self.out)
@@ -106,15 +107,32 @@ class Trainer:
                 print(f"removed {len(removed)} temporary file(s) left in {self.out} by interrupted checkpoint "
                       f"saves ({sum(size for _, size in removed) / 2**20:.1f} MiB): "
                       f"{', '.join(path.name for path, _ in removed)}")
+            if resume_from is None:
+                self._move_earlier_run_aside(fresh)
         du.barrier()
         try:
-            self._build(fresh, resume_from)
+            self._build(resume_from)
         except BaseException:
-            if created:  # a failed start leaves no half-made run directory behind
-                shutil.rmtree(self.out, ignore_errors=True)
+            self._discard_if_not_a_run()
             raise
 
-    def _build(self, fresh: bool, resume_from: dict[str, Any] | None) -> None:
+    def _move_earlier_run_aside(self, fresh: bool) -> None:
+        """A new run starts with none of an earlier run's files under the names it writes (see ``run_dir.py``):
+        with ``--fresh``, or after a start that failed before its first checkpoint."""
+        moved = move_earlier_run_aside(self.out)
+        if moved is None:
+            return
+        folder, names = moved
+        why = "--fresh" if fresh else f"no {LATEST} to resume from in {self.out}"
+        print(f"{why}: moved the earlier run's {', '.join(names)} into {folder}; this run starts at step 0")
+
+    def _discard_if_not_a_run(self) -> None:
+        """A start that fails before its first step leaves no run directory behind, where it created it."""
+        state = getattr(self, "state", None)
+        if self.created and (state is None or state.step == 0):
+            shutil.rmtree(self.out, ignore_errors=True)
+
+    def _build(self, resume_from: dict[str, Any] | None) -> None:
         """Data, schedules, models, optimizer and loss; then the checkpoint's state, if resuming."""
         cfg = self.cfg
         self.loader, self.sampler = build_train_loader(cfg, self.out / "filelist.json", self.rank, self.world)
@@ -175,13 +193,9 @@ class Trainer:
         self.watched = next(o.collapse_keys for o in self.objectives if o.collapse_keys)
         self.collapse = CollapseMonitor(cfg.model.out_dim, cfg.run.collapse_window)
 
-        ckpt_path = self.out / LATEST
         if resume_from is not None:
-            self._resume(resume_from, ckpt_path)
+            self._resume(resume_from, self.out / LATEST)
         elif du.is_main():
-            if fresh and ckpt_path.exists():
-                ckpt_path.unlink()
-                (self.out / "log.jsonl").unlink(missing_ok=True)
             save_config(cfg, self.out / "config.yaml")
         self.logger = (
             JsonlLogger(self.out / "log.jsonl", self.out / "tensorboard" if cfg.run.tensorboard else None)
@@ -297,7 +311,7 @@ class Trainer:
         except CheckpointError as e:
             raise CheckpointError(f"{e}. The run directory holds another model: resume with its config "
                                   f"({self.out / 'config.yaml'}), or use another run.output_dir (or --fresh, "
-                                  "which discards the checkpoint) to start a new run") from e
+                                  "which moves the earlier run's files aside) to start a new run") from e
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.load_objective_state(ckpt["loss"], path)
         if self.scaler.is_enabled() and ckpt.get("scaler"):
@@ -398,9 +412,12 @@ class Trainer:
         A stop signal (see ``stop.py``) ends the loop after the current step with a checkpoint;
         the record then has ``stopped`` = ``"stop"``, ``"requeue"`` or ``"requeue-limit"``.
         """
+        ended = False
         try:
             with StopSignals() as signals:
-                return self._loop(signals)
+                last = self._loop(signals)
+            ended = True
+            return last
         except Exception as e:
             if self.world > 1:  # say which rank and step; the others fail at their next collective
                 print(f"rank {self.rank}: training failed at step {self.state.step}: {type(e).__name__}: {e}",
@@ -409,6 +426,8 @@ class Trainer:
         finally:
             if self.logger is not None:
                 self.logger.close()
+            if not ended:  # e.g. the first step does not fit in memory: its step-0 k-NN record goes too
+                self._discard_if_not_a_run()
 
     def _loop(self, signals: StopSignals) -> dict[str, Any]:
         cfg, st = self.cfg, self.state
