@@ -157,3 +157,31 @@ def test_a_start_that_fails_before_its_first_step_leaves_no_run_behind(existed, 
     assert len(knn) == 1 and knn[0]["time"] >= rerun  # the rerun's own random-init point
     (previous,) = (out / "previous").iterdir()
     assert {"log.jsonl", "config.yaml"} <= {p.name for p in previous.iterdir()}
+
+
+# ---------------------------------------------------------------- a resume follows the run's schedule
+def test_a_resume_that_would_break_the_schedule_is_refused(train_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    over = tiny_overrides(train_dir, out)
+    train(load_config(CONFIG, over + ["run.stop_at_step=2"]))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    err = cli_error(["train", str(CONFIG), *over, "data.batch_size=8", "optim.lr=0.001"], capsys)
+    assert "data.batch_size: 4 -> 8; optim.lr: 0.002 -> 0.001" in err, err
+    assert "--fresh" in err and "another run.output_dir" in err and str(out / "config.yaml") in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing read, built or written
+
+
+def test_an_accepted_change_is_recorded_and_config_yaml_holds_the_run_as_resumed(train_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    over = tiny_overrides(train_dir, out)
+    train(load_config(CONFIG, over + ["run.stop_at_step=2"]))
+    capsys.readouterr()
+    train(load_config(CONFIG, over + ["run.log_every=1", "data.crops.flip_p=0.2", "run.stop_at_step=3"]))
+    assert "note: config differs from the checkpoint's" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    changes = [r for r in records if r.get("kind") == "config_change"]
+    assert len(changes) == 1 and changes[0]["step"] == 2
+    assert changes[0]["changes"] == {"data.crops.flip_p": [0.5, 0.2], "run.log_every": [2, 1]}  # stop_at_step: not
+    saved = load_config(out / "config.yaml")
+    assert (saved.run.log_every, saved.data.crops.flip_p, saved.run.stop_at_step) == (1, 0.2, 3)
+    assert load_file(out / LATEST)["step"] == 3

@@ -21,7 +21,7 @@ from ..checkpoints import (
     FORMAT, LATEST, CheckpointError, atomic_save, describe_mismatch, load_any_backbone, load_state_strict,
     read_training_checkpoint, rng_state, set_rng_state,
 )
-from ..config import Config, config_diff, config_from_dict, config_to_dict, save_config
+from ..config import Config, ConfigError, config_changes, config_from_dict, config_to_dict, save_config
 from ..data.folder import BadImageCounter
 from ..data.loader import build_train_loader
 from ..errors import NonFiniteLossError  # defined without torch, for the command line; re-exported here
@@ -35,7 +35,7 @@ from .masks import StepMasks
 from .monitor import CollapseMonitor, JsonlLogger
 from .online_knn import OnlineKnn
 from .run_dir import move_earlier_run_aside
-from .schedules import Schedules, frozen_last_layer, total_iterations
+from .schedules import SCHEDULE_KEYS, Schedules, frozen_last_layer, total_iterations
 from .stop import NAMES, REQUEUE, StopSignals
 
 
@@ -98,6 +98,7 @@ class Trainer:
         np.random.seed(cfg.run.seed + self.rank)
         # a checkpoint we cannot resume from stops the run before anything is scanned, built or written
         resume_from = None if fresh else read_training_checkpoint(self.out / LATEST, self.out)
+        self.config_changes = {} if resume_from is None else self._changes_since(resume_from)
 
         self.created = du.is_main() and not self.out.exists()  # by this start: removed again if it fails
         if du.is_main():
@@ -125,6 +126,19 @@ class Trainer:
         folder, names = moved
         why = "--fresh" if fresh else f"no {LATEST} to resume from in {self.out}"
         print(f"{why}: moved the earlier run's {', '.join(names)} into {folder}; this run starts at step 0")
+
+    def _changes_since(self, ckpt: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """This config's changes from the checkpoint's, ``{key: (old, new)}``; a change to what the run's schedule
+        is computed from (:data:`SCHEDULE_KEYS`: batch size, lr, epochs ...) is refused before anything is built."""
+        # the checkpoint's config with today's defaults for sections it predates, so only real changes show
+        changes = config_changes(config_to_dict(config_from_dict(ckpt["config"])), config_to_dict(self.cfg))
+        refused = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items() if key in SCHEDULE_KEYS]
+        if refused:
+            raise ConfigError(
+                f"{self.out / LATEST} resumes a schedule that these settings define, so they cannot change "
+                f"mid-run: {'; '.join(refused)}; resume with the run's values ({self.out / 'config.yaml'}), or "
+                "start a new run with --fresh (the earlier run's files move aside) or another run.output_dir")
+        return changes
 
     def _discard_if_not_a_run(self) -> None:
         """A start that fails before its first step leaves no run directory behind, where it created it."""
@@ -195,13 +209,17 @@ class Trainer:
 
         if resume_from is not None:
             self._resume(resume_from, self.out / LATEST)
-        elif du.is_main():
-            save_config(cfg, self.out / "config.yaml")
+        if du.is_main():
+            save_config(cfg, self.out / "config.yaml")  # the run's config as it goes on
         self.logger = (
             JsonlLogger(self.out / "log.jsonl", self.out / "tensorboard" if cfg.run.tensorboard else None)
             if du.is_main()
             else None
         )
+        # a resume's accepted changes, on the record; run.stop_at_step is where each invocation stops, not a change
+        changed = {key: list(values) for key, values in self.config_changes.items() if key != "run.stop_at_step"}
+        if changed and self.logger is not None:
+            self.logger.log({"kind": "config_change", "step": self.state.step, "changes": changed, "time": time.time()})
         self.online_knn = OnlineKnn(cfg, self.out, self.iters_per_epoch, self.total_steps, self.device, self.logger)
         boxes = getattr(self.loader.dataset, "boxes", None)
         if boxes is not None and self.logger is not None:  # ODIS: every kept, clipped and dropped box counted
@@ -301,8 +319,7 @@ class Trainer:
         if ckpt.get("world_size", 1) != self.world:
             print(f"note: resuming a {ckpt['world_size']}-process run with {self.world} process(es); "
                   "the data order of the rest of the epoch changes")
-        # the checkpoint's config with today's defaults for sections it predates, so only real changes show
-        diff = config_diff(config_to_dict(config_from_dict(ckpt["config"])), config_to_dict(self.cfg))
+        diff = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in self.config_changes.items()]
         if diff and du.is_main():
             print("note: config differs from the checkpoint's:\n  " + "\n  ".join(diff))
         try:
