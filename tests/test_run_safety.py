@@ -3,7 +3,9 @@ resumes that would break the schedule, signals, and paths in the way; each ends 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -185,3 +187,65 @@ def test_an_accepted_change_is_recorded_and_config_yaml_holds_the_run_as_resumed
     saved = load_config(out / "config.yaml")
     assert (saved.run.log_every, saved.data.crops.flip_p, saved.run.stop_at_step) == (1, 0.2, 3)
     assert load_file(out / LATEST)["step"] == 3
+
+
+# ---------------------------------------------------------------- signals: exit codes and a second Ctrl-C
+def signal_during_step(monkeypatch, at: int, sig: signal.Signals) -> None:
+    """Every Trainer sends ``sig`` to its own process while step ``at`` runs (the loop ends after that step)."""
+    real = Trainer.train_step
+
+    def step(self, crops, index, *masks):
+        out = real(self, crops, index, *masks)
+        if index == at:
+            os.kill(os.getpid(), sig)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_run_stopped_by_a_signal_exits_with_its_shell_code_after_its_checkpoint(sig, code, train_dir, tmp_path,
+                                                                                  monkeypatch, capsys):
+    out = tmp_path / "run"
+    signal_during_step(monkeypatch, 4, sig)
+    assert cli(["train", str(CONFIG), *tiny_overrides(train_dir, out)]) == code  # a finished run exits 0
+    printed = capsys.readouterr()
+    assert json.loads(printed.out.strip().splitlines()[-1])["signal"] == sig.name
+    assert f"(exit code {code}); run the same command to resume" in printed.err
+    assert load_file(out / LATEST)["step"] == 5
+
+
+def test_exit_codes_of_the_ways_a_run_ends(monkeypatch):
+    from ssl_distill.launch.submit import LOCAL_REQUEUE_EXIT, exit_code_after
+
+    for var in ("SUBMITIT_LOCAL_JOB_ID", "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID"):
+        monkeypatch.delenv(var, raising=False)
+    last = {"step": 5, "requeues": 0}
+    assert exit_code_after(last, 0) == 0  # finished
+    assert exit_code_after({**last, "stopped": "stop", "signal": "SIGTERM"}, 1) == 143  # every rank
+    assert exit_code_after({**last, "stopped": "requeue", "signal": "SIGUSR2"}, 0) == 140  # no scheduler to requeue
+    monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "7")
+    assert exit_code_after({**last, "stopped": "requeue", "signal": "SIGUSR2"}, 0) == LOCAL_REQUEUE_EXIT
+
+
+def test_a_second_ctrl_c_during_the_checkpoint_write_says_what_is_on_disk(train_dir, tmp_path, monkeypatch, capsys):
+    from ssl_distill.atomic import atomic_write
+
+    out = tmp_path / "run"
+    signal_during_step(monkeypatch, 4, signal.SIGINT)  # the first Ctrl-C: checkpoint after this step, then stop
+
+    def save_interrupted(obj, path):  # the second Ctrl-C arrives while that checkpoint is being written
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
+            if obj["step"] == 5:
+                f.write(b"half a checkpoint")
+                os.kill(os.getpid(), signal.SIGINT)
+            torch.save(obj, f)
+
+    monkeypatch.setattr("ssl_distill.engine.train.atomic_save", save_interrupted)
+    with pytest.raises(SystemExit) as e:
+        cli(["train", str(CONFIG), *tiny_overrides(train_dir, out)])
+    assert e.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"interrupted (Ctrl-C): training stopped at once after 5 steps; {out / LATEST} holds step 4")  # epoch end
+    assert not any("Traceback" in line for line in err)
+    assert load_file(out / LATEST)["step"] == 4 and not list(out.glob(".*tmp-*"))  # the last checkpoint, whole

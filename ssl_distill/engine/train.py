@@ -202,6 +202,7 @@ class Trainer:
         self.last_layer_params = [p for n, p in self.student.named_parameters() if "last_layer" in n]
         self.bad = BadImageCounter(cfg.data.max_bad_fraction)
         self.state = RunState()
+        self.saved_step: int | None = None  # the step the checkpoint on disk holds (rank 0)
         # the first objective's teacher that has collapse monitors is watched: [CLS] with DINO's term, else [OBJ]
         # (ODIS), else the patch targets (then through the shared head: the config refuses a separate one)
         self.watched = next(o.collapse_keys for o in self.objectives if o.collapse_keys)
@@ -276,10 +277,12 @@ class Trainer:
         if du.is_main():
             ckpt = self.checkpoint_dict(rngs)
             atomic_save(ckpt, self.out / LATEST)
+            self.saved_step = self.state.step
             k = self.cfg.run.keep_every_epochs
             if k and self.state.batch == 0 and self.state.epoch % k == 0 and self.state.step > 0:
                 atomic_save(ckpt, self.out / f"checkpoint_epoch{self.state.epoch:04d}.pth")
         du.barrier()
+        self.saved_step = self.state.step  # every rank, once rank 0 has written it
 
     def _check_teachers_agree(self) -> None:
         """Every rank holds the same teacher parameters, buffers (BatchNorm running statistics) and
@@ -336,6 +339,7 @@ class Trainer:
         self.state = RunState(
             step=ckpt["step"], epoch=ckpt["epoch"], batch=ckpt["batch"], requeues=ckpt.get("requeues", 0)
         )
+        self.saved_step = self.state.step
         self.bad.bad, self.bad.seen = ckpt["bad_images"]["bad"], ckpt["bad_images"]["seen"]
         rngs = ckpt["rngs"] if "rngs" in ckpt else [ckpt["rng"]]
         if len(rngs) == self.world:
@@ -427,7 +431,8 @@ class Trainer:
         """Train until ``optim.epochs`` (or ``run.stop_at_step``); returns the last log record.
 
         A stop signal (see ``stop.py``) ends the loop after the current step with a checkpoint;
-        the record then has ``stopped`` = ``"stop"``, ``"requeue"`` or ``"requeue-limit"``.
+        the record then has ``stopped`` = ``"stop"``, ``"requeue"`` or ``"requeue-limit"`` and ``signal``
+        (``"SIGTERM"`` ...).
         """
         ended = False
         try:
@@ -440,6 +445,10 @@ class Trainer:
                 print(f"rank {self.rank}: training failed at step {self.state.step}: {type(e).__name__}: {e}",
                       file=sys.stderr, flush=True)
             raise
+        except KeyboardInterrupt:  # a second Ctrl-C (stop.py), perhaps in a checkpoint write: say what is on disk
+            held = ("no checkpoint was written yet" if self.saved_step is None else
+                    f"{self.out / LATEST} holds step {self.saved_step}")
+            raise KeyboardInterrupt(f"training stopped at once after {self.state.step} steps; {held}") from None
         finally:
             if self.logger is not None:
                 self.logger.close()
@@ -490,7 +499,7 @@ class Trainer:
                 request = signals.poll()
                 if request and st.step < stop_at:  # checkpoint this step and leave (the last step just ends)
                     bar.close()
-                    return self._stop(request, window, t_window, images_per_step, last)
+                    return self._stop(request, signals.signal_name(request), window, t_window, images_per_step, last)
                 if end_of_epoch or st.step % cfg.run.checkpoint_every == 0 or st.step == stop_at:
                     self.save_checkpoint()
                 if st.step >= stop_at or end_of_epoch:
@@ -499,9 +508,9 @@ class Trainer:
         self.bad.finalize()
         return last
 
-    def _stop(self, request: int, window: list[dict[str, float]], t_window: float,
+    def _stop(self, request: int, signal_name: str, window: list[dict[str, float]], t_window: float,
               images_per_step: int, last: dict[str, Any]) -> dict[str, Any]:
-        """Checkpoint the step that just finished and report why the loop ended."""
+        """Checkpoint the step that just finished and report why the loop ended (and on which signal)."""
         if window:
             last = self._log(window, time.perf_counter() - t_window, images_per_step)
         stopped = NAMES[request]
@@ -514,7 +523,8 @@ class Trainer:
         if du.is_main():
             print(f"stopped at step {self.state.step} ({stopped}); checkpoint {self.out / LATEST} holds that step",
                   file=sys.stderr, flush=True)
-        return {**last, "step": self.state.step, "stopped": stopped, "requeues": self.state.requeues}
+        return {**last, "step": self.state.step, "stopped": stopped, "signal": signal_name,
+                "requeues": self.state.requeues}
 
     def _log(self, window: list[dict[str, float]], elapsed: float, images_per_step: int) -> dict[str, Any]:
         rec: dict[str, Any] = {"step": self.state.step, "epoch": self.state.epoch}
