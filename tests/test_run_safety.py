@@ -249,3 +249,27 @@ def test_a_second_ctrl_c_during_the_checkpoint_write_says_what_is_on_disk(train_
     assert err[-1] == (f"interrupted (Ctrl-C): training stopped at once after 5 steps; {out / LATEST} holds step 4")  # epoch end
     assert not any("Traceback" in line for line in err)
     assert load_file(out / LATEST)["step"] == 4 and not list(out.glob(".*tmp-*"))  # the last checkpoint, whole
+
+
+# ---------------------------------------------------------------- settings first, folders named by their key
+def test_demo_checks_its_settings_before_writing_any_image(tmp_path, capsys):
+    data = tmp_path / "fmnist"
+    err = cli_error(["demo", "--data", str(data), "--limit-per-class", "1", "optim.lrr=0.1"], capsys)
+    assert "did you mean 'optim.lr'" in err and not data.exists()
+
+
+def test_a_missing_knn_folder_is_named_by_its_key(train_dir, tmp_path, capsys):
+    missing = tmp_path / "gone"
+    run = written_run(tmp_path / "run", (f"knn.train_dir={missing}", f"knn.val_dir={train_dir}"))
+    err = cli_error(["knn", str(run)], capsys)
+    assert err == (f"error: knn.train_dir={missing} (from the run config): does not exist; pass --train with a "
+                   "labeled folder (<class>/<image>)")
+    err = cli_error(["knn", str(run), f"knn.val_dir={missing}", "--train", str(train_dir)], capsys)
+    assert f"error: knn.val_dir={missing}: does not exist" in err
+    err = cli_error(["knn", str(run), "--train", str(train_dir), "--val", str(missing)], capsys)
+    assert f"--val {missing}: does not exist" in err
+    out = tmp_path / "new_run"
+    err = cli_error(["train", str(CONFIG), *tiny_overrides(train_dir, out), "monitor.knn_every_epochs=1",
+                     f"knn.train_dir={missing}", f"knn.val_dir={train_dir}"], capsys)
+    assert f"knn.train_dir={missing} (the online k-NN's train folder): does not exist" in err
+    assert "monitor.knn_every_epochs=0" in err and not out.exists()
