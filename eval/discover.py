@@ -576,6 +576,7 @@ def _warn_degenerate(names: list[str], n_images: int) -> None:
 
 # ----------------------------------------------------------------------------------- command line
 def run(args: argparse.Namespace) -> int:
+    from ssl_distill.atomic import check_output_folder
     from ssl_distill.data.folder import scan_image_folder
     from ssl_distill.runtime import resolve_device
 
@@ -583,6 +584,9 @@ def run(args: argparse.Namespace) -> int:
     from .model import load_model
     from .results import default_output
 
+    name = "discover_dinoseg" if args.dinoseg else "discover"
+    out = Path(args.out) if args.out else default_output(args.checkpoint, name, args.random_init, suffix="")
+    check_output_folder(out, "--out")  # before any image is read or model loaded
     gt = None
     if args.voc or args.coco:
         gt = read_ground_truth(args.voc, args.coco, args.split)
@@ -609,8 +613,6 @@ def run(args: argparse.Namespace) -> int:
     if hasattr(backbone, "set_fused_attn"):
         backbone.set_fused_attn(True)  # inference only: the fused kernel is the fastest forward here
     mean, std = model.normalization
-    name = "discover_dinoseg" if args.dinoseg else "discover"
-    out = Path(args.out) if args.out else default_output(args.checkpoint, name, args.random_init, suffix="")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     info = {"checkpoint": str(model.loaded.file), "which": "random_init" if args.random_init else args.which,
             "image_dir": str(image_dir), "precision": args.precision}

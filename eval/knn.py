@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ssl_distill.config import Config, ConfigError, KnnConfig, apply_overrides, config_from_dict, config_to_dict
-from ssl_distill.data.folder import scan_image_folder
+from ssl_distill.data.folder import require_folder, scan_image_folder
 from ssl_distill.models.frozen_features import FeatureExtractor, FeatureSpec, extract_features
 from ssl_distill.runtime import resolve_device
 from ssl_distill.weighted_knn import knn_classify
@@ -110,6 +110,11 @@ def _knn_settings(cfg: Config, overrides: list[str], train_dir: str | None, val_
                               precision=precision or knn.precision)
     if not knn.train_dir or not knn.val_dir:
         raise ConfigError("k-NN needs labeled train and val folders: pass --train and --val (or set knn.train_dir/val_dir)")
+    for split, given in (("train", train_dir), ("val", val_dir)):  # a folder of the run's config may be gone
+        folder, key = getattr(knn, f"{split}_dir"), f"knn.{split}_dir"
+        overridden = any(o.startswith(key + "=") for o in overrides)
+        named = f"--{split} {folder}" if given else f"{key}={folder}{'' if overridden else ' (from the run config)'}"
+        require_folder(folder, named, f"pass --{split} with a labeled folder (<class>/<image>)")
     return knn
 
 

@@ -829,13 +829,18 @@ def save_config(cfg: Config, path: str | Path) -> None:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
 
 
-def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts."""
-    out = []
+def config_changes(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """The dotted keys whose values differ between two nested dicts: ``{key: (a's value, b's value)}``, sorted."""
+    out: dict[str, tuple[Any, Any]] = {}
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += config_diff(va, vb, prefix + k + ".")
+            out.update(config_changes(va, vb, prefix + k + "."))
         elif va != vb:
-            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+            out[prefix + k] = (va, vb)
     return out
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts, as ``key: a -> b`` lines."""
+    return [f"{k}: {va!r} -> {vb!r}" for k, (va, vb) in config_changes(a, b, prefix).items()]
