@@ -103,10 +103,31 @@ def test_report_of_an_older_run_still_going_notes_what_is_missing(tmp_path):
     assert "no online k-NN records" in notes and "no config.yaml" in notes
     row = next(line for line in report.markdown.splitlines() if line.startswith("| old |"))
     assert row.startswith("| old | 30 | < 1 | — | 5.0000 | — | — | — |")  # no time: no wall-clock, no K: no ratio
-    # an empty run directory (a run just submitted) still gives a figure and says why it is empty
+    # an empty run directory beside it: no curve of its own, a note in the table
     empty = tmp_path / "new"
     empty.mkdir()
-    assert "no log.jsonl yet" in write_report([empty]).markdown
+    assert "new: no log.jsonl yet" in write_report([run, empty], out=tmp_path / "both.png").markdown
+
+
+def test_report_with_nothing_to_draw_says_why_and_writes_nothing(tmp_path):
+    """An empty folder, a run that has not logged its first step, a folder of runs: one sentence, no blank figure."""
+    from ssl_distill.errors import DataError
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=f"nothing to draw yet: {empty} has no log.jsonl \\(not a run directory"):
+        write_report([empty])
+    started = tmp_path / "runs" / "started"
+    started.mkdir(parents=True)
+    (started / "config.yaml").write_text("run: {}\n")
+    (started / "log.jsonl").write_text('{"step": 0, "kind": "config_note"}\n')
+    with pytest.raises(DataError, match="has no training records in its log.jsonl \\(the run has not logged"):
+        write_report([started, empty])
+    (tmp_path / "runs" / "done").mkdir()
+    (tmp_path / "runs" / "done" / "log.jsonl").write_text("")
+    with pytest.raises(DataError, match="runs has no log.jsonl, but its subfolders done, started have one: give"):
+        write_report([tmp_path / "runs"])
+    assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob("*.md"))
 
 
 def test_report_refuses_a_missing_directory_and_wrong_names(tmp_path):
