@@ -218,8 +218,9 @@ def discover_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dinoseg", action="store_true",
                         help="DINO-seg instead of TokenCut: the box of the largest component of one head's [CLS] "
                              "attention kept to 60%% of its mass (the LOST / TokenCut baseline)")
-    parser.add_argument("--dinoseg-head", type=_head, default=DINOSEG_HEAD,
-                        help=f"DINO-seg's head: an index, or 'mean' of the heads (default {DINOSEG_HEAD}, LOST's)")
+    parser.add_argument("--dinoseg-head", type=_head, default=None,
+                        help=f"DINO-seg's head: an index, or 'mean' of the heads (default {DINOSEG_HEAD}, LOST's, "
+                             "or 'mean' on models with fewer heads)")
     parser.add_argument("--which", default="teacher", choices=["teacher", "student"])
     parser.add_argument("--random-init", action="store_true", help="same architecture, random weights")
     parser.add_argument("--max-side", type=int, default=None, help="shrink images whose longer side exceeds this")
