@@ -135,7 +135,7 @@ class Trainer:
                       "faster on a small CPU")
         fused = cfg.model.fused_attn if cfg.model.fused_attn is not None else default_fused_attn(self.device)
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-        self.student = build_model(cfg, cfg.model.drop_path_rate).to(self.device)
+        self.student = build_model(cfg, cfg.model.drop_path_rate, cfg.model.rope_rescale_coords).to(self.device)
         if cfg.model.init_from and resume_from is None:
             self._init_backbone(cfg.model.init_from)
         self.teacher = build_model(cfg, 0.0).to(self.device)  # no drop-path in the teacher

@@ -6,7 +6,9 @@ tokens as named outputs, the normalized tokens of the last ``n`` blocks (DINO's
 between the fused attention kernel and the plain matmul-softmax path (on CPU the plain path's
 backward is about 2x faster, measured here). :class:`TokenBackbone` holds what does not depend on how
 positions enter (named outputs, mask token, [OBJ] token and its attention mask, last-block CLS attention,
-intermediate layers); :class:`ViTBackbone` is the learned-position ViT on it.
+intermediate layers); :class:`ViTBackbone` is the learned-position ViT on it, and
+:class:`ssl_distill.models.rope_backbone.RopeViTBackbone` DINOv3's RoPE ViT. :class:`BackboneSpec`
+describes both (``pos_embed``).
 
 Architecture variants of the official releases are built with timm's own options:
 
@@ -46,7 +48,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import SwiGLUPacked
+from timm.layers import SwiGLUPacked, apply_rot_embed_cat
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -67,6 +69,12 @@ POS_INTERP = ("timm", "dino")
 OBJ_KEYS = ("obj_token", "obj_pos_embed")  # the [OBJ] parameters of ViTBackbone (outside ``vit``)
 
 
+def timm_mlp_ratio(hidden: int, width: int) -> float:
+    """timm's ``mlp_ratio`` for an MLP hidden width: timm computes ``int(width * mlp_ratio)``, so the ratio is
+    nudged where float rounding would lose a unit."""
+    return hidden / width if int(width * (hidden / width)) == hidden else (hidden + 0.5) / width
+
+
 @dataclass
 class BackboneSpec:
     """Everything needed to rebuild a backbone (stored in checkpoints)."""
@@ -85,6 +93,11 @@ class BackboneSpec:
     reg_tokens: int = 0  # register tokens (DINOv2 _reg4: 4)
     no_embed_class: bool = False  # position embedding without the prefix tokens (set with registers)
     pos_interp: str = "timm"  # "timm" | "dino": see the module docstring
+    # position encoding: "learned" (ViTBackbone, this module) | "rope" (DINOv3: models/rope_backbone.py)
+    pos_embed: str = "learned"
+    rope_theta: float = 100.0  # RoPE period base (rope only; DINOv3: pos_embed_rope_base, timm: rope_temperature)
+    rope_rescale_coords: float | None = None  # RoPE coordinate rescaling while training (rope only; None: off)
+    norm_eps: float | None = None  # LayerNorm eps (rope only); None: DINOv3's 1e-5 (learned: timm's 1e-6)
 
     def dims(self) -> tuple[int, int, int]:
         if self.arch not in VIT_SIZES:
@@ -105,12 +118,10 @@ class BackboneSpec:
         width, depth, heads = self.dims()
         if width % heads:
             raise ValueError(f"embed_dim {width} is not divisible by num_heads {heads}")
-        hidden = self.mlp_hidden()
-        # timm computes int(width * mlp_ratio); nudge the ratio so that float rounding cannot lose a unit
-        ratio = self.mlp_ratio if int(width * self.mlp_ratio) == hidden else (hidden + 0.5) / width
         kwargs: dict[str, Any] = dict(
             img_size=self.img_size, patch_size=self.patch_size, num_classes=0, embed_dim=width, depth=depth,
-            num_heads=heads, mlp_ratio=ratio, qkv_bias=self.qkv_bias, drop_path_rate=self.drop_path_rate,
+            num_heads=heads, mlp_ratio=timm_mlp_ratio(self.mlp_hidden(), width), qkv_bias=self.qkv_bias,
+            drop_path_rate=self.drop_path_rate,
         )
         if self.layer_scale is not None:
             kwargs["init_values"] = self.layer_scale
@@ -125,13 +136,17 @@ class BackboneSpec:
 
 # the config's model section and BackboneSpec share these fields
 _SPEC_FIELDS = ("arch", "patch_size", "img_size", "depth", "embed_dim", "num_heads", "mlp_ratio", "mlp_layer",
-                "qkv_bias", "layer_scale", "reg_tokens", "no_embed_class", "pos_interp")
+                "qkv_bias", "layer_scale", "reg_tokens", "no_embed_class", "pos_interp", "pos_embed", "rope_theta",
+                "norm_eps")
 
 
-def spec_from_config(cfg: Config, drop_path_rate: float = 0.0) -> BackboneSpec:
-    """The backbone described by a config's model section (evaluation and teacher: no drop-path)."""
+def spec_from_config(cfg: Config, drop_path_rate: float = 0.0,
+                     rope_rescale_coords: float | None = None) -> BackboneSpec:
+    """The backbone described by a config's model section (evaluation and teacher: no drop-path, no RoPE
+    coordinate augmentation; the student passes the config's values)."""
     m = cfg.model
-    return BackboneSpec(**{f: getattr(m, f) for f in _SPEC_FIELDS}, drop_path_rate=drop_path_rate)
+    return BackboneSpec(**{f: getattr(m, f) for f in _SPEC_FIELDS}, drop_path_rate=drop_path_rate,
+                        rope_rescale_coords=rope_rescale_coords)
 
 
 def config_from_spec(spec: BackboneSpec) -> Config:
@@ -230,6 +245,26 @@ def _attention_dtype(h: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return h.dtype
+
+
+def fused_qkv_bias(attn: nn.Module) -> torch.Tensor | None:
+    """The bias of an attention module's fused ``qkv`` projection, (3 D,) or None.
+
+    timm's ``Attention`` keeps it in ``qkv.bias``; its ``EvaAttention`` (DINOv3) in ``q_bias``, a zero
+    ``k_bias`` buffer and ``v_bias``, concatenated in its forward as here.
+    """
+    if attn.qkv.bias is not None:
+        return attn.qkv.bias
+    q_bias = getattr(attn, "q_bias", None)
+    return None if q_bias is None else torch.cat((q_bias, attn.k_bias, attn.v_bias))
+
+
+def rotate_patches(t: torch.Tensor, rope: torch.Tensor, num_prefix_tokens: int, half: bool = True) -> torch.Tensor:
+    """RoPE on the patch tokens of queries or keys (B, heads, N, head_dim), as timm's ``EvaAttention``:
+    ``rope`` (P, 2 head_dim) is [sin | cos], in the rotate-half layout (DINOv3) or the interleaved one;
+    the prefix tokens are not rotated."""
+    rotated = apply_rot_embed_cat(t[:, :, num_prefix_tokens:], rope, half=half)
+    return torch.cat([t[:, :, :num_prefix_tokens], rotated], dim=2).type_as(t)
 
 
 class TokenBackbone(nn.Module):
@@ -373,17 +408,20 @@ class TokenBackbone(nn.Module):
             out["cls_attention"] = attention
         return out
 
-    def _cls_attention(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) input of ``block`` -> (B, P) its CLS -> patch attention, mean over heads."""
+    def _cls_attention(self, block: nn.Module, h: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, D) input of ``block`` -> (B, P) its CLS -> patch attention, mean over heads (the keys
+        rotated by ``rope`` (P, 2 head_dim) where the block takes one; CLS, a prefix token, is not)."""
         attn = block.attn
         x = block.norm1(h)
-        d = attn.num_heads * attn.head_dim
-        w, b = attn.qkv.weight, attn.qkv.bias
+        w, b = attn.qkv.weight, fused_qkv_bias(attn)
+        d = w.shape[0] // 3
         q = F.linear(x[:, :1], w[:d], None if b is None else b[:d])  # (B, 1, D) the CLS query only
         k = F.linear(x, w[d : 2 * d], None if b is None else b[d : 2 * d])  # (B, T, D)
         bsz, t, _ = x.shape
-        q = attn.q_norm(q.view(bsz, 1, attn.num_heads, attn.head_dim).transpose(1, 2))
-        k = attn.k_norm(k.view(bsz, t, attn.num_heads, attn.head_dim).transpose(1, 2))
+        q = attn.q_norm(q.view(bsz, 1, attn.num_heads, -1).transpose(1, 2))
+        k = attn.k_norm(k.view(bsz, t, attn.num_heads, -1).transpose(1, 2))
+        if rope is not None:
+            k = rotate_patches(k, rope, self.num_prefix_tokens)
         logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, heads, 1, T)
         prefix = self.num_prefix_tokens
         if self.has_obj_token:  # CLS does not attend to [OBJ] (key 1): drop it
@@ -399,7 +437,7 @@ class TokenBackbone(nn.Module):
         ``T = num_prefix_tokens + patches`` ([CLS, registers..., patches]; with [OBJ]: [CLS, OBJ,
         registers..., patches], the [OBJ] token attending to the patches of ``obj_mask`` (B, P), or to
         every patch when it is None); with ``norm`` each output goes through the final LayerNorm, as DINO
-        and DINOv2 do for linear evaluation.
+        and DINOv2 do for linear evaluation (and DINOv3 for its untied-norm-free releases).
         """
         if not 1 <= n <= self.depth:
             raise ValueError(f"n must be in [1, {self.depth}], got {n}")
