@@ -1,5 +1,5 @@
 """Training a RoPE (DINOv3-architecture) backbone through the existing Trainer: DINO + iBOT terms on it, a stop and
-a bit-identical resume."""
+a bit-identical resume, and ``model.init_from`` on an official DINOv3 file."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from dinov3_reference import random_dinov3
 from ssl_distill.checkpoints import load_file
 from ssl_distill.config import load_config
 from ssl_distill.engine.train import Trainer, train
@@ -37,3 +38,28 @@ def test_a_rope_run_trains_stops_and_resumes_bit_identically(tmp_path):
     assert "backbone.vit.rope.periods" in a["teacher"] and "backbone.vit.blocks.0.attn.q_bias" in a["teacher"]
     log = [json.loads(line) for line in (part / "log.jsonl").read_text().splitlines()]
     assert log and all(math.isfinite(r["loss"]) and math.isfinite(r["patch"]) for r in log)
+
+
+def test_init_from_an_official_dinov3_file_starts_student_and_teacher_from_it(tmp_path):
+    """student = teacher = the file's weights exactly (its bf16-rounded periods included), and the iBOT run's
+    mask token starts as the file's ``mask_token``; heads start fresh."""
+    data = make_folder(tmp_path / "data", 4, seed=0)
+    ref = random_dinov3(0, dim=192, depth=2, heads=3, patch=8, bf16_periods=True)
+    torch.save(ref.state_dict(), tmp_path / "dinov3_vit_pretrain.pth")
+    cfg = load_config(CONFIG, tiny_overrides(data, tmp_path / "run") + ROPE + IBOT
+                      + [f"model.init_from={tmp_path / 'dinov3_vit_pretrain.pth'}"])
+    trainer = Trainer(cfg)
+    official = ref.state_dict()
+    for net in (trainer.student, trainer.teacher):
+        bb = net.backbone
+        assert torch.equal(bb.masked_embed, official["mask_token"])
+        assert torch.equal(bb.vit.rope.periods, official["rope_embed.periods"])
+        assert torch.equal(bb.vit.reg_token, official["storage_tokens"])
+        assert torch.equal(bb.vit.blocks[1].gamma_2, official["blocks.1.ls2.gamma"])
+        assert torch.equal(bb.vit.blocks[1].mlp.fc1.weight, official["blocks.1.mlp.fc1.weight"])
+        q, _, v = official["blocks.0.attn.qkv.bias"].chunk(3)
+        assert torch.equal(bb.vit.blocks[0].attn.q_bias, q) and torch.equal(bb.vit.blocks[0].attn.v_bias, v)
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.teacher.backbone.eval()(x), ref.forward_features(x)["x_norm_clstoken"],
+                                   rtol=1e-5, atol=1e-5)

@@ -196,13 +196,13 @@ class Trainer:
 
     def _init_backbone(self, path: str) -> None:
         """Start the student's backbone (and so the teacher's) from ``path``; the file's mask token is
-        kept only where this run has one (iBOT's ``masked_embed`` starts at zero otherwise, as iBOT), and
-        its position embedding is resampled to this run's patch grid when the sizes differ."""
+        kept only where this run has one (iBOT's ``masked_embed`` starts at zero when the file has none, as
+        iBOT), and its position embedding is resampled to this run's patch grid when the sizes differ."""
         loaded = load_any_backbone(path, obj_token=self.student.backbone.has_obj_token)
         state = loaded.backbone.state_dict()
         ours = self.student.backbone.state_dict()
         if "masked_embed" in ours and "masked_embed" not in state:
-            state["masked_embed"] = ours["masked_embed"]
+            state["masked_embed"] = ours["masked_embed"] if loaded.mask_token is None else loaded.mask_token
         if "masked_embed" not in ours:
             state.pop("masked_embed", None)
         resampled = self.student.backbone.fit_pos_embed(state)  # a file trained at another image size

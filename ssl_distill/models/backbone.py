@@ -542,6 +542,10 @@ class ViTBackbone(TokenBackbone):
         self.obj_token.copy_(init["obj_token"])
         self.obj_pos_embed.copy_(init["obj_pos_embed"])
 
+    def fill_obj(self, state: dict[str, torch.Tensor]) -> bool:
+        """Add the [OBJ] parameters to a state dict of this backbone that lacks them (:func:`fill_obj_from_cls`)."""
+        return fill_obj_from_cls(state, self.vit.no_embed_class)
+
     def _embed(self, x: torch.Tensor, mask: torch.Tensor | None = None, obj_mask: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
         v = self.vit

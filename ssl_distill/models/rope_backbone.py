@@ -177,6 +177,22 @@ class RopeViTBackbone(TokenBackbone):
         nn.init.uniform_(proj.weight, -bound, bound)
         nn.init.uniform_(proj.bias, -bound, bound)
 
+    @torch.no_grad()
+    def init_obj_from_cls(self) -> None:
+        """Set ``obj_token`` to the class token: ODIS starting from a backbone without [OBJ]."""
+        if self.obj_token is None:
+            raise ValueError("init_obj_from_cls needs a backbone built with obj_token=True")
+        self.obj_token.copy_(self.vit.cls_token)
+
+    def fill_obj(self, state: dict[str, torch.Tensor]) -> bool:
+        """Add ``obj_token`` (from ``vit.cls_token``) to a state dict of this backbone that lacks it."""
+        if "obj_token" in state:
+            return False
+        if "vit.cls_token" not in state:
+            raise ValueError("no vit.cls_token to initialise the [OBJ] token from")
+        state["obj_token"] = state["vit.cls_token"].detach().clone().reshape(1, 1, -1)
+        return True
+
     def _embed(self, x: torch.Tensor, mask: torch.Tensor | None = None, obj_mask: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
         v = self.vit
