@@ -1,6 +1,6 @@
 """DINOv3's RoPE ViT as a backbone, and official DINOv3 files: features against the reference model
 (tests/dinov3_reference.py, the official architecture at random weights, saved in the released layout and in the
-``teacher_checkpoint.pth`` layout), refusals, the mask token and the [OBJ] token.
+``teacher_checkpoint.pth`` layout), refusals, export to timm's DINOv3 model, the mask token and the [OBJ] token.
 
 Relative errors are normwise: max |ours - reference| / max |reference| over each compared tensor. The ViT-S/16 and
 S+/16 models have their width, heads, MLP, registers and RoPE, but 4 of their 12 blocks (CPU time; every block is
@@ -8,16 +8,19 @@ the same code).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file as load_safetensors
 from torch import Tensor
 
 from dinov3_reference import DinoV3ViT, random_dinov3
 from ssl_distill.checkpoints import CheckpointError, load_any_backbone
 from ssl_distill.config import ConfigError, load_config
+from ssl_distill.eval.export import export_backbone
 from ssl_distill.models import BackboneSpec, RopeViTBackbone, build_backbone
 from ssl_distill.models import inspect as ins
 from ssl_distill.models.backbone import random_init_like
@@ -172,6 +175,40 @@ def test_foreign_truncated_and_mismatched_files_are_refused_by_name(tmp_path: Pa
     with torch.no_grad():
         torch.testing.assert_close(load_any_backbone(tmp_path / "no_mask.pth").backbone(x),
                                    load_any_backbone(good).backbone(x))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export to timm's DINOv3 model
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_export_loads_strictly_in_timms_dinov3_model(files, tmp_path: Path, name: str, fmt: str) -> None:
+    ref, path = files[f"{name}-teacher"]
+    ours = load_any_backbone(path).backbone
+    info = export_backbone(path, tmp_path / f"out.{fmt}")
+    expected = "vit_small_plus_patch16_dinov3_qkvb" if name == "vits16plus" else "vit_small_patch16_dinov3_qkvb"
+    assert info["timm_model"] == expected and json.loads(Path(info["sidecar"]).read_text())["rope_periods"]
+    model = timm.create_model(info["timm_model"], pretrained=False, **info["timm_kwargs"]).eval()
+    exported = torch.load(tmp_path / f"out.{fmt}") if fmt == "pth" else load_safetensors(tmp_path / f"out.{fmt}")
+    model.load_state_dict(exported, strict=True)
+    x = images(96, 128)
+    with torch.no_grad():
+        theirs = model.forward_features(x)
+        mine = ours.forward_tokens(x)
+    # S+'s periods are the formula's: equal features; S's bf16-rounded ones: copy them in as the sidecar says
+    if name == "vits16plus":
+        assert "match exactly" in info["note"] and rel_err(theirs[:, 5:], mine["patch"]) <= 1e-5
+    else:
+        assert "copy them" in info["note"] and rel_err(theirs[:, 5:], mine["patch"]) > 1e-5
+        model.rope.periods.copy_(torch.tensor(info["rope_periods"]))
+        with torch.no_grad():
+            theirs = model.forward_features(x)
+    assert rel_err(theirs[:, 0], mine["cls"]) <= 1e-5 and rel_err(theirs[:, 1:5], mine["reg"]) <= 1e-5
+    assert rel_err(theirs[:, 5:], mine["patch"]) <= 1e-5
+    # and back into ssl-distill: safetensors carries the exact spec and periods; .pth the formula periods
+    again = load_any_backbone(tmp_path / f"out.{fmt}").backbone
+    assert again.spec.pos_embed == "rope" and again.spec.num_heads == 6
+    assert torch.equal(again.vit.rope.periods, ours.vit.rope.periods) == (fmt == "safetensors" or name == "vits16plus")
 
 
 # ----------------------------------------------------------------------------------------------------

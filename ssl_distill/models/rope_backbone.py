@@ -51,10 +51,12 @@ from torch import nn
 
 from .backbone import BackboneSpec, TokenBackbone, timm_mlp_ratio
 
-__all__ = ["DINOV3_NORM_EPS", "RopeViTBackbone", "eva_kwargs"]
+__all__ = ["DINOV3_NORM_EPS", "RopeViTBackbone", "dinov3_timm_args", "eva_kwargs", "rope_export"]
 
 DINOV3_NORM_EPS = 1e-5  # the official "layernormbf16": an ordinary LayerNorm with eps 1e-5
-
+# timm's DINOv3 model names by (width, SwiGLU): every dimension is passed explicitly besides
+_TIMM_NAMES = {(384, False): "vit_small", (384, True): "vit_small_plus", (768, False): "vit_base",
+               (1024, False): "vit_large", (1280, True): "vit_huge_plus", (4096, True): "vit_7b"}
 
 
 def _dims(spec: BackboneSpec) -> tuple[int, int, int, int]:
@@ -107,11 +109,40 @@ def eva_kwargs(spec: BackboneSpec) -> dict[str, Any]:
     )
 
 
+def dinov3_timm_args(spec: BackboneSpec) -> tuple[str, dict[str, Any]]:
+    """(timm model name, JSON keyword arguments) that build ``spec`` with ``timm.create_model``.
+
+    The ``_qkvb`` variants where the model has a qkv bias (timm's plain DINOv3 names have none); every
+    dimension is explicit, so any width and depth works under the nearest name. timm's DINOv3 models use
+    LayerNorm eps 1e-5; another ``norm_eps`` needs ``norm_layer=partial(timm.layers.LayerNorm, eps=...)``
+    besides these arguments (it has no JSON form).
+    """
+    size = _TIMM_NAMES.get((spec.dims()[0], spec.mlp_layer == "swiglu"),
+                           "vit_small_plus" if spec.mlp_layer == "swiglu" else "vit_small")
+    return f"{size}_patch16_dinov3{'_qkvb' if spec.qkv_bias and size != 'vit_7b' else ''}", _model_kwargs(spec)
+
+
 def _timm_rope(spec: BackboneSpec) -> RotaryEmbeddingDinoV3:
     """timm's DINOv3 RoPE for ``spec``: its periods are the fp32 formula ``theta ** (4 i / D_head)``."""
     width, _, heads = spec.dims()
     return RotaryEmbeddingDinoV3(dim=width // heads, temperature=spec.rope_theta, rotate_half=True,
                                  rescale_coords=spec.rope_rescale_coords)
+
+
+def rope_export(backbone: RopeViTBackbone, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What exporting a RoPE backbone to timm adds to the export's sidecar: its periods and a note on them.
+
+    Removes ``rope.periods`` from ``state`` (the backbone's ``vit`` state dict): timm's model does not store
+    them but computes the fp32 formula from ``rope_temperature``.
+    """
+    periods = state.pop("rope.periods")
+    if torch.equal(periods, _timm_rope(backbone.spec).periods):
+        note = "timm computes these RoPE periods itself (rope_temperature): the features match exactly"
+    else:
+        note = ("this model's RoPE periods are not the fp32 formula timm computes (a released file's are bf16-rounded):"
+                " for the same features, copy them after loading: "
+                "model.rope.periods.copy_(torch.tensor(info['rope_periods']))")
+    return {"rope_periods": periods.tolist(), "note": note}
 
 
 class RopeViTBackbone(TokenBackbone):
