@@ -2,7 +2,7 @@
 
 Target: bf16 at least 2x the fp32 images/s.
 
-Measured through :func:`ssl_distill.eval.features.prepare_inference`, the path every evaluation uses
+Measured through :func:`ssl_distill.models.frozen_features.prepare_inference`, the path every evaluation uses
 (fp32: fused attention; bf16 on CPU: a bfloat16 copy of the model), on batches of random images
 (model only), in alternating rounds because the machine is shared; both wall-clock images/s and
 images per CPU-second of this process (less sensitive to other processes) are printed, best round.
@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ssl_distill.eval.features import ImageSettings, extract_folder
 from ssl_distill.hardware import hardware_line
-from ssl_distill.eval.features import FeatureExtractor, FeatureSpec, ImageSettings, extract_folder, prepare_inference
 from ssl_distill.models import BackboneSpec, ViTBackbone
+from ssl_distill.models.frozen_features import FeatureExtractor, FeatureSpec, prepare_inference
 
 
 def timed(fn, x: torch.Tensor) -> tuple[float, float]:  # noqa: ANN001

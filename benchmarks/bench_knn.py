@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ssl_distill.hardware import gemm_seconds, hardware_line, peak_rss_mib
-from ssl_distill.eval.knn import knn_classify, search_neighbours
+from ssl_distill.weighted_knn import knn_classify, search_neighbours
 
 KS = (10, 20, 100, 200)
 T = 0.07

@@ -62,12 +62,11 @@ from ssl_distill.eval.discover import (  # noqa: E402
     affinity,
     bipartition,
     discover_image,
-    load_model,
     ncut,
-    normalization_of,
     prepare_image,
     seed_component,
 )
+from ssl_distill.eval.model import load_model  # noqa: E402
 from ssl_distill.models import BackboneSpec, ViTBackbone  # noqa: E402
 from ssl_distill.models.inspect import last_block_keys  # noqa: E402
 
@@ -279,11 +278,12 @@ def main() -> None:
 
     if args.checkpoint:
         subset = scene_list[: args.corloc_images] if args.corloc_images else scene_list
-        trained, cfg = load_model(args.checkpoint)
+        model = load_model(args.checkpoint)
+        trained = model.backbone
         trained.set_fused_attn(True)
-        mean, std = normalization_of(cfg)
+        mean, std = model.normalization
         t = corloc_of(trained, subset, mean, std)
-        run_seed = getattr(getattr(cfg, "run", None), "seed", 0)
+        run_seed = model.loaded.config.run.seed
         rands = []
         for k in range(max(args.random_init_seeds, 1)):
             rand, _ = load_model(args.checkpoint, random_init=True, seed=run_seed + k)

@@ -62,6 +62,16 @@ REG_LS = ["model.reg_tokens=4", "model.layer_scale=1e-5"]
 ROPE = ["model.pos_embed=rope", *REG_LS]  # DINOv3's ViT-S/16 (rope_rescale_coords: 2, its default)
 
 
+def batch_folder(dst: Path, batch_size: int) -> Path:
+    """:func:`photo_folder` with the photos copied under other names until it holds ``batch_size`` images."""
+    data = photo_folder(dst)
+    photos = sorted(data.iterdir())
+    for k in range(1, -(-batch_size // len(photos))):
+        for f in photos:
+            (data / f"{f.stem}_{k}{f.suffix}").write_bytes(f.read_bytes())
+    return data
+
+
 def photo_boxes(folder: Path) -> Path:
     """A COCO boxes file for the photo folder: per photo two boxes (the central half and a corner
     quarter), so object-aware crops have a target and a distractor."""
@@ -151,11 +161,7 @@ def main() -> None:
     print(cuda_line() if gpu else hardware_line())
     bs = args.batch_size
     with tempfile.TemporaryDirectory() as tmp:
-        data = photo_folder(Path(tmp) / "photos")
-        photos = sorted(data.iterdir())
-        for k in range(1, -(-bs // len(photos))):  # a batch of bs images: the photos again under other names
-            for f in photos:
-                (data / f"{f.stem}_{k}{f.suffix}").write_bytes(f.read_bytes())
+        data = batch_folder(Path(tmp) / "photos", bs)
         dino_step = prepare(bf16, data, Path(tmp) / "bf16")
         ips, gflop = images_per_s([dino_step], args.steps)[0], dino_step.gflop
         if gpu:

@@ -15,7 +15,6 @@ the ``file_name`` of COCO's ``images`` entries), the same key the discovery boxe
 from __future__ import annotations
 
 import argparse
-import sys
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from xml.etree import ElementTree as ET
 import numpy as np
 
 from ssl_distill.cli_args import corloc_arguments as add_arguments  # options: torch-free
+from ssl_distill.cli_args import tool_main
 from ssl_distill.errors import AnnotationError  # defined without torch, for the command line; re-exported here
 
 __all__ = [
@@ -222,11 +222,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ssl_distill.eval.corloc``: the same as ``ssl-distill corloc`` (one error handler)."""
-    from ssl_distill.cli import run as cli_run
-
-    return cli_run(["corloc", *(sys.argv[1:] if argv is None else argv)])
+main = tool_main("corloc", add_arguments, run)  # python -m ssl_distill.eval.corloc
 
 
 if __name__ == "__main__":

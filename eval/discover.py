@@ -92,10 +92,11 @@ import scipy.sparse.linalg
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from ssl_distill.atomic import atomic_write
 from ssl_distill.cli_args import discover_arguments as add_arguments  # options: torch-free
+from ssl_distill.cli_args import tool_main
+from ssl_distill.eval_constants import DINOSEG_HEAD, DINOSEG_MASS, EPS, TAU
 from ssl_distill.models.inspect import (
     cls_attention_maps,
     last_block_heads,
@@ -103,7 +104,8 @@ from ssl_distill.models.inspect import (
     pad_to_patch_multiple,
 )
 
-from .constants import DINOSEG_HEAD, DINOSEG_MASS, EPS, TAU
+from .drawing import colorize, threshold_mass, upsample
+from .images import readable_images, shrink
 
 __all__ = [
     "DENSE_BELOW",
@@ -124,7 +126,6 @@ __all__ = [
     "discover_images",
     "dino_seg",
     "largest_component",
-    "load_model",
     "mask_box",
     "ncut",
     "prepare_image",
@@ -295,9 +296,7 @@ class _TokenBox:
 
     def pixel_mask(self) -> np.ndarray:
         """The object mask at pixel resolution, (H, W) bool (nearest upsampling, padding removed)."""
-        p = self.patch_size
-        big = np.kron(self.mask.astype(np.uint8), np.ones((p, p), dtype=np.uint8)).astype(bool)
-        return big[: self.image_size[0], : self.image_size[1]]
+        return upsample(self.mask, self.patch_size)[: self.image_size[0], : self.image_size[1]]
 
     def coco_bbox(self) -> list[int]:
         x0, y0, x1, y1 = self.box
@@ -416,8 +415,6 @@ def dino_seg(attention: np.ndarray, patch_size: int, image_size: tuple[int, int]
         head: the head whose map is boxed, or ``"mean"`` for the mean of the heads' maps.
         mass: share of the map's mass the kept patches hold (DINO's 0.6).
     """
-    from .visualize import threshold_mass
-
     attention = np.asarray(attention, dtype=np.float64)
     check_dinoseg_head(head, attention.shape[0])
     m = attention.mean(axis=0) if head == "mean" else attention[head]
@@ -435,41 +432,12 @@ def prepare_image(img: Image.Image, patch_size: int, mean: Sequence[float] = IMA
     ``max_side`` optionally shrinks images whose longer side exceeds it (aspect kept); by default
     the native resolution is used.
     """
-    img = img.convert("RGB")
-    if max_side is not None and max(img.size) > max_side:
-        f = max_side / max(img.size)
-        img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.BICUBIC)
+    img = shrink(img, max_side)
     arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     x = ((arr - m) / s)[None]
     return pad_to_patch_multiple(x, patch_size), (img.height, img.width)
-
-
-def load_model(checkpoint: str | Path, which: str = "teacher", random_init: bool = False,
-               seed: int | None = None) -> tuple[nn.Module, Any]:
-    """(frozen backbone in eval mode, config) of a checkpoint file or run directory.
-
-    With ``random_init`` the same architecture ([OBJ] token included) gets fresh weights seeded by ``seed``
-    (default the run's seed): :func:`~ssl_distill.models.backbone.random_init_like`, like every other
-    ``--random-init`` evaluation.
-    """
-    from ssl_distill.checkpoints import load_backbone
-    from ssl_distill.models.backbone import random_init_like
-
-    backbone, cfg = load_backbone(checkpoint, which)
-    if random_init:
-        run_seed = getattr(getattr(cfg, "run", None), "seed", 0)
-        backbone = random_init_like(backbone, seed if seed is not None else run_seed)
-    return backbone.eval(), cfg
-
-
-def normalization_of(cfg: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) the model was trained with (``cfg.data.crops``), ImageNet's when unknown."""
-    crops = getattr(getattr(cfg, "data", None), "crops", None)
-    mean = tuple(getattr(crops, "mean", IMAGENET_MEAN))
-    std = tuple(getattr(crops, "std", IMAGENET_STD))
-    return mean, std
 
 
 def discover_image(backbone: nn.Module, img: Image.Image, tau: float = TAU, eps: float = EPS,
@@ -538,10 +506,7 @@ def save_mask(res: NCutResult | DinoSegResult, path: Path) -> None:
 def save_heatmap(res: NCutResult | DinoSegResult, path: Path) -> None:
     """The map the box came from (the oriented eigenvector, or DINO-seg's attention), upsampled to the
     image and colour-mapped."""
-    from .visualize import colorize
-
-    p = res.patch_size
-    big = np.kron(res.heat_map(), np.ones((p, p)))[: res.image_size[0], : res.image_size[1]]
+    big = upsample(res.heat_map(), res.patch_size)[: res.image_size[0], : res.image_size[1]]
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(colorize(big, "inferno")).save(path)
 
@@ -562,18 +527,11 @@ def discover_images(backbone: nn.Module, image_dir: str | Path, file_names: Sequ
     whole image as their box, are marked ``ncut_degenerate`` in the boxes file, and are listed once on
     stderr (not one warning each).
     """
-    from ssl_distill.data.folder import _DECODE_ERRORS, load_rgb
-
     image_dir, out_dir = Path(image_dir), Path(out_dir)
     entries, boxes, degenerate = [], {}, {}
     t0 = time.perf_counter()
-    bar = tqdm(file_names, desc="discover", unit="img", disable=(not sys.stderr.isatty()) if progress is None else not progress)
-    for name in bar:
-        try:
-            img = load_rgb(image_dir / name)
-        except _DECODE_ERRORS as e:
-            print(f"warning: skipping unreadable image {image_dir / name}: {e}", file=sys.stderr)
-            continue
+    for i, img in readable_images([image_dir / name for name in file_names], "discover", progress):
+        name = file_names[i]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DegenerateGraphWarning)  # summarised below
             res = discover_image(backbone, img, tau, eps, method, mean, std, max_side, device, amp_dtype,
@@ -581,9 +539,7 @@ def discover_images(backbone: nn.Module, image_dir: str | Path, file_names: Sequ
         if res.degenerate:
             degenerate[name] = res.degenerate
         if max_side is not None and (img.height, img.width) != res.image_size:  # box back to the original pixels
-            fx, fy = img.width / res.image_size[1], img.height / res.image_size[0]
-            x0, y0, x1, y1 = res.box
-            res.box = (round(x0 * fx), round(y0 * fy), min(round(x1 * fx), img.width), min(round(y1 * fy), img.height))
+            res.box = _rescaled_box(res.box, res.image_size, img.size)
         boxes[name] = list(res.box)
         entries.append({"file_name": name, "width": img.width, "height": img.height, "box": res.box,
                         **res.box_fields()})
@@ -593,10 +549,7 @@ def discover_images(backbone: nn.Module, image_dir: str | Path, file_names: Sequ
             save_heatmap(res, out_dir / "heatmaps" / _png_name(name))
     seconds = time.perf_counter() - t0
     if degenerate:
-        listed = ", ".join(list(degenerate)[:5]) + (", ..." if len(degenerate) > 5 else "")
-        print(f"warning: {len(degenerate)} of {len(entries)} images have no unique normalized cut (constant graph "
-              f"or repeated eigenvalue); their box is the whole image, marked ncut_degenerate: {listed}",
-              file=sys.stderr)
+        _warn_degenerate(list(degenerate), len(entries))
     how = ({"method": "tokencut", "tau": tau, "eps": eps, "solver": method} if dinoseg_head is None
            else {"method": "dinoseg", "head": dinoseg_head, "mass": DINOSEG_MASS})
     path = write_coco_boxes(out_dir / "boxes.json", entries, {**(info or {}), **how, "n_degenerate": len(degenerate)})
@@ -604,14 +557,36 @@ def discover_images(backbone: nn.Module, image_dir: str | Path, file_names: Sequ
             "images_per_s": len(entries) / seconds if seconds > 0 else float("nan"), "degenerate": degenerate}
 
 
+def _rescaled_box(box: tuple[int, int, int, int], shrunk: tuple[int, int],
+                  size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A box on the image shrunk to ``shrunk`` (H, W), back in the pixels of the original (W, H) ``size``."""
+    width, height = size
+    fx, fy = width / shrunk[1], height / shrunk[0]
+    x0, y0, x1, y1 = box
+    return round(x0 * fx), round(y0 * fy), min(round(x1 * fx), width), min(round(y1 * fy), height)
+
+
+def _warn_degenerate(names: list[str], n_images: int) -> None:
+    """One line on stderr for the images without a unique cut (the first five named)."""
+    listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    print(f"warning: {len(names)} of {n_images} images have no unique normalized cut (constant graph "
+          f"or repeated eigenvalue); their box is the whole image, marked ncut_degenerate: {listed}",
+          file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------------- command line
 def run(args: argparse.Namespace) -> int:
+    from ssl_distill.atomic import check_output_folder
     from ssl_distill.data.folder import scan_image_folder
-    from ssl_distill.checkpoints import find_checkpoint
     from ssl_distill.runtime import resolve_device
 
     from .corloc import corloc, read_ground_truth
+    from .model import load_model
+    from .results import default_output
 
+    name = "discover_dinoseg" if args.dinoseg else "discover"
+    out = Path(args.out) if args.out else default_output(args.checkpoint, name, args.random_init, suffix="")
+    check_output_folder(out, "--out")  # before any image is read or model loaded
     gt = None
     if args.voc or args.coco:
         gt = read_ground_truth(args.voc, args.coco, args.split)
@@ -629,22 +604,17 @@ def run(args: argparse.Namespace) -> int:
         names = names[: args.limit]
         if gt is not None:
             gt = {n: gt[n] for n in names}
-    backbone, cfg = load_model(args.checkpoint, args.which, args.random_init)
+    device = resolve_device(args.device, key="--device")
+    model = load_model(args.checkpoint, args.which, random_init=args.random_init, device=device)
+    backbone = model.backbone
     dinoseg_head = args.dinoseg_head if args.dinoseg else None
     if dinoseg_head is not None:  # refused before any image is read
         check_dinoseg_head(dinoseg_head, last_block_heads(backbone), "--dinoseg-head")
-    device = resolve_device(args.device, key="--device")
-    backbone.to(device)
     if hasattr(backbone, "set_fused_attn"):
         backbone.set_fused_attn(True)  # inference only: the fused kernel is the fastest forward here
-    mean, std = normalization_of(cfg)
-    out = Path(args.out) if args.out else None
-    if out is None:
-        ck = Path(args.checkpoint)
-        name = "discover" + ("_dinoseg" if args.dinoseg else "") + ("_random_init" if args.random_init else "")
-        out = (ck if ck.is_dir() else ck.parent) / name
+    mean, std = model.normalization
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    info = {"checkpoint": str(find_checkpoint(args.checkpoint)), "which": "random_init" if args.random_init else args.which,
+    info = {"checkpoint": str(model.loaded.file), "which": "random_init" if args.random_init else args.which,
             "image_dir": str(image_dir), "precision": args.precision}
     res = discover_images(backbone, image_dir, names, out, args.tau, args.eps, args.solver, mean, std,
                           args.masks, args.heatmaps, args.max_side, device, amp, info, dinoseg_head=dinoseg_head)
@@ -657,11 +627,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ssl_distill.eval.discover``: the same as ``ssl-distill discover`` (one error handler)."""
-    from ssl_distill.cli import run as cli_run
-
-    return cli_run(["discover", *(sys.argv[1:] if argv is None else argv)])
+main = tool_main("discover", add_arguments, run)  # python -m ssl_distill.eval.discover
 
 
 if __name__ == "__main__":

@@ -1,285 +1,133 @@
-"""Weighted k-NN classification of frozen features (Wu et al. 2018, as used by DINO, Caron et al. 2021).
-
-Protocol (DINO's ``eval_knn.py`` / ``knn_classifier``):
-
-- train and test features are L2-normalized (in float32, whatever the input dtype);
-  the similarity is the cosine = inner product of normalized features;
-- the ``k`` most similar train features vote for their class with weight ``exp(sim / T)``, ``T = 0.07``;
-  the class score is the sum of the weights of its voters;
-- top-1: the highest-scoring class is the label; top-5: the label is among the ``min(5, k, C)``
-  highest-scoring classes (``min(5, k)`` as DINO, and over all ``C`` classes when ``C < 5``).
-
-Implementation notes:
-
-- One nearest-neighbour search with ``k_max = max(ks)`` serves every ``k``: neighbours come back sorted by
-  decreasing similarity, so the ``k`` nearest are the first ``k`` columns.
-- Engine ``"faiss"`` (default): exact inner-product search with ``faiss.IndexFlatIP`` on CPU (BLAS similarity
-  blocks + heap selection). Engine ``"torch"``: exact float32 ``torch.mm`` in query chunks + ``torch.topk``,
-  on the features' device (the fast choice on a GPU). Both are exact float32 searches; they may order two
-  train items differently only when their similarities agree to ~1e-7 (different summation order).
-- Ties between class scores: the scores are ranked with ``scores.sort(dim=1, descending=True)``, the
-  same call DINO's ``knn_classifier`` makes, so tied classes come out in whatever order torch's sort
-  gives (on CPU in practice: the lower class index first for small class counts; unspecified for large
-  ones, where tied classes are mostly the zero-score classes that only top-5 can reach). Class scores
-  are accumulated with ``scatter_add`` in neighbour order, which can differ from DINO's one-hot sum in
-  the last bit; that only matters for two non-zero class scores that are equal to ~1e-7.
-- ``k > N`` (fewer train items than ``k``) is clipped to ``N``; the entry keeps its requested name
-  (``"k=200"``) and records the ``k`` actually used under ``"k"``.
-- Self-matches: train and test are treated as separate sets and nothing is excluded; a test item that is
-  also in the train set finds itself at similarity 1 (as in DINO, where train and val are disjoint).
-- Several temperatures: the vote weights are recomputed from the same neighbours for every ``T``; the
-  first temperature gives the ``"k=<k>"`` entries, the others ``"k=<k>,T=<T>"``.
-- Bounded memory (``train_chunk``): the search walks the train set in chunks of ``train_chunk`` rows,
-  normalizing each chunk to float32 on the fly and merging the running top-``k``; nothing of size
-  ``N x D`` in float32 is ever made (features can stay float16), and the similarity blocks are
-  ``query_chunk x train_chunk``. Same exact float32 similarities as the other engines.
+"""k-NN evaluation of frozen features (DINO's protocol, :mod:`ssl_distill.weighted_knn`): ``ssl-distill knn``
+of a checkpoint or run directory (:func:`knn_on_checkpoint`), and both sets of a pair of loaders (:func:`run_knn`).
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import faiss
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_distill.atomic import atomic_write
+from ssl_distill.config import Config, ConfigError, KnnConfig, apply_overrides, config_from_dict, config_to_dict
+from ssl_distill.data.folder import require_folder, scan_image_folder
+from ssl_distill.models.frozen_features import FeatureExtractor, FeatureSpec, extract_features
+from ssl_distill.runtime import resolve_device
+from ssl_distill.weighted_knn import knn_classify
 
-from .features import extract_features
+from .features import FeatureSet, ImageSettings, check_same_classes, extract_train_val
+from .model import load_model
+from .results import default_output, write_results
 
-__all__ = ["knn_classify", "search_neighbours", "search_neighbours_chunked", "class_scores", "run_knn",
-           "write_results"]
-
-ENGINES = ("faiss", "torch")
-
-
-def _normalize(x: Tensor) -> Tensor:
-    """(N, D) any float dtype -> (N, D) float32, rows of unit L2 norm (zero rows stay zero)."""
-    return F.normalize(x.float(), p=2, dim=1).contiguous()
+__all__ = ["knn_on_checkpoint", "run_knn"]
 
 
-def search_neighbours(
-    train_feats: Tensor,
-    test_feats: Tensor,
-    k: int,
-    engine: str = "faiss",
-    query_chunk: int = 1024,
-) -> tuple[Tensor, Tensor]:
-    """Exact top-``k`` inner-product search.
-
-    Args:
-        train_feats: (N, D) float32 (already normalized for cosine).
-        test_feats: (M, D) float32.
-        k: neighbours per query, ``1 <= k <= N``.
-        engine: ``"faiss"`` (CPU, ``IndexFlatIP``) or ``"torch"`` (``mm`` + ``topk`` on the features' device).
-        query_chunk: queries per similarity block for the torch engine (memory ~ ``query_chunk * N`` floats);
-            faiss blocks internally.
-
-    Returns:
-        sims: (M, k) float32, sorted by decreasing similarity.
-        idx: (M, k) int64 indices into the train set. Both on the train features' device
-            (CPU for faiss).
-    """
-    n = train_feats.shape[0]
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, {n}], got {k}")
-    if engine == "faiss":
-        train_np = np.ascontiguousarray(train_feats.detach().float().cpu().numpy())
-        test_np = np.ascontiguousarray(test_feats.detach().float().cpu().numpy())
-        index = faiss.IndexFlatIP(train_np.shape[1])
-        index.add(train_np)
-        sims, idx = index.search(test_np, k)
-        return torch.from_numpy(sims), torch.from_numpy(idx)
-    if engine == "torch":
-        test_feats = test_feats.to(train_feats.device)
-        sims_out, idx_out = [], []
-        train_t = train_feats.t()
-        for start in range(0, test_feats.shape[0], query_chunk):
-            sim = torch.mm(test_feats[start : start + query_chunk], train_t)  # (B, N)
-            s, i = sim.topk(k, dim=1, largest=True, sorted=True)
-            sims_out.append(s)
-            idx_out.append(i)
-        if not sims_out:
-            return train_feats.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long, device=train_feats.device)
-        return torch.cat(sims_out), torch.cat(idx_out)
-    raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-
-
-def search_neighbours_chunked(
-    train_feats: Tensor,
-    test_feats: Tensor,
-    k: int,
-    query_chunk: int = 1024,
-    train_chunk: int = 65536,
-) -> tuple[Tensor, Tensor]:
-    """Exact cosine top-``k`` with bounded memory: raw (unnormalized, any float dtype) features in.
-
-    Each train chunk is normalized to float32 when used; each query chunk keeps a running top-``k``.
-    Returns (M, k) float32 similarities (decreasing) and int64 train indices, on the train features' device.
-    """
-    n = train_feats.shape[0]
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, {n}], got {k}")
-    if query_chunk < 1 or train_chunk < 1:
-        raise ValueError("query_chunk and train_chunk must be positive")
-    device = train_feats.device
-    sims_out, idx_out = [], []
-    for qs in range(0, test_feats.shape[0], query_chunk):
-        q = _normalize(test_feats[qs : qs + query_chunk].to(device))
-        best_s = torch.full((q.shape[0], 0), float("-inf"), device=device)
-        best_i = torch.zeros((q.shape[0], 0), dtype=torch.long, device=device)
-        for ts in range(0, n, train_chunk):
-            t = _normalize(train_feats[ts : ts + train_chunk])
-            if not torch.isfinite(t).all():
-                raise ValueError("features contain NaN or inf")
-            s, i = torch.mm(q, t.t()).topk(min(k, t.shape[0]), dim=1, largest=True, sorted=True)
-            best_s, order = torch.cat([best_s, s], dim=1).topk(min(k, best_s.shape[1] + s.shape[1]), dim=1)
-            best_i = torch.cat([best_i, i + ts], dim=1).gather(1, order)
-        sims_out.append(best_s)
-        idx_out.append(best_i)
-    if not sims_out:
-        return torch.zeros(0, k, device=device), torch.zeros(0, k, dtype=torch.long, device=device)
-    return torch.cat(sims_out), torch.cat(idx_out)
-
-
-def class_scores(sims: Tensor, neighbour_labels: Tensor, temperature: float, num_classes: int) -> Tensor:
-    """Weighted votes: ``score[m, c] = sum_j [label_j == c] * exp(sim_j / T)`` over the given neighbours.
-
-    Args:
-        sims: (M, k) similarities of the k neighbours.
-        neighbour_labels: (M, k) int64 class of each neighbour.
-    Returns:
-        (M, C) float32 class scores.
-    """
-    weights = (sims.float() / temperature).exp()
-    scores = torch.zeros(sims.shape[0], num_classes, dtype=torch.float32, device=sims.device)
-    return scores.scatter_add_(1, neighbour_labels, weights)
-
-
-def _check_inputs(
-    train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test_labels: Tensor, ks: Sequence[int]
-) -> None:
-    if train_feats.dim() != 2 or test_feats.dim() != 2 or train_feats.shape[1] != test_feats.shape[1]:
-        raise ValueError(
-            f"features must be (N, D) and (M, D); got {tuple(train_feats.shape)}, {tuple(test_feats.shape)}"
-        )
-    if train_labels.shape != (train_feats.shape[0],) or test_labels.shape != (test_feats.shape[0],):
-        raise ValueError("labels must be (N,) and (M,) matching the features")
-    if train_feats.shape[0] == 0 or test_feats.shape[0] == 0:
-        raise ValueError("the train and test sets must not be empty")
-    if not ks or any(int(k) != k or k < 1 for k in ks):
-        raise ValueError(f"ks must be positive integers, got {ks}")
-    for name, lab in (("train", train_labels), ("test", test_labels)):
-        if lab.is_floating_point() or lab.is_complex():
-            raise ValueError(f"{name} labels must be integer class indices, got {lab.dtype}")
-        if lab.numel() and int(lab.min()) < 0:
-            raise ValueError(f"{name} labels must be >= 0 (unlabeled data, label -1, cannot be evaluated by k-NN)")
-
-
-def knn_classify(
-    train_feats: Tensor,
-    train_labels: Tensor,
-    test_feats: Tensor,
-    test_labels: Tensor,
-    ks: Sequence[int] = (10, 20, 100, 200),
-    temperature: float | Sequence[float] = 0.07,
-    num_classes: int | None = None,
-    query_chunk: int = 1024,
-    engine: str = "faiss",
+def knn_on_checkpoint(
+    checkpoint: str | Path,
+    train_dir: str | None = None,
+    val_dir: str | None = None,
+    which: str = "teacher",
+    overrides: list[str] | None = None,
+    out: str | Path | None = None,
+    random_init: bool = False,
+    device: str = "auto",
+    precision: str | None = None,
+    *,
+    key: str | None = None,
+    num_heads: int | None = None,
+    features: FeatureSpec | None = None,
+    temperatures: Sequence[float] | None = None,
+    feature_dtype: torch.dtype = torch.float32,
+    cache_dir: str | Path | None = None,
     train_chunk: int | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Weighted k-NN accuracy of ``test`` against ``train`` for every ``k`` in ``ks`` (one search).
+) -> dict[str, Any]:
+    """Weighted k-NN of the frozen backbone of ``checkpoint`` (run directory, our file or an official one).
 
-    Args:
-        train_feats: (N, D) float32 / float16 / bfloat16; normalized here in float32.
-        train_labels: (N,) int64 class indices ``>= 0``.
-        test_feats: (M, D).
-        test_labels: (M,) int64.
-        ks: neighbour counts; each ``k > N`` is clipped to ``N``.
-        temperature: ``T`` in the vote weight ``exp(sim / T)``, or several: the first one gives the
-            ``"k=.."`` entries, each other one ``"k=..,T=.."`` entries (same neighbours, one search).
-        num_classes: ``C``; default ``max(label) + 1`` over train and test labels.
-        query_chunk: queries per block (torch engine similarity blocks; vote blocks for both engines).
-        engine: ``"faiss"`` (default) or ``"torch"``; see the module docstring.
-        train_chunk: if set, search with :func:`search_neighbours_chunked` (bounded memory, features
-            kept in their dtype) whatever the engine.
+    Image settings, k values and temperature come from the run's ``knn`` config section (official files:
+    224 / 256 px, ImageNet normalization), updated by ``knn.*`` overrides; ``train_dir`` / ``val_dir``
+    replace the configured folders. ``precision`` of the feature extraction: ``fp32`` (DINO's
+    eval_knn.py), ``bf16`` (about 2x faster on CPU) or ``fp16`` (CUDA); None (default) takes
+    ``knn.precision``, itself fp32 unless the run or a ``knn.precision=`` override sets it. With
+    ``random_init`` the same architecture is evaluated with freshly initialised weights (seeded,
+    :func:`~ssl_distill.eval.model.load_model`).
+    Writes ``out`` (default ``<run dir>/knn[_random_init].json``) and returns the results (the
+    precision used under ``precision``), whose ``accuracy`` entry maps ``k=..`` (and ``k=..,T=..``
+    for extra temperatures) to top-1 / top-5 percentages; ``details`` holds per-class accuracy.
 
-    Returns:
-        ``{"k=10": {"top1": %, "top5": %, "k": k_used, "per_class": [top-1 % per class, None when the
-        class has no test item]}, "k=20": {...}, ...}`` with one entry per ``k`` in ``ks``.
+    Keyword-only extras: ``key`` / ``num_heads`` (see :func:`ssl_distill.checkpoints.load_any_backbone`),
+    ``features`` (layout, default CLS of the last block), ``temperatures`` (several from one search; the
+    first replaces ``knn.temperature``), ``feature_dtype`` (``torch.float16`` halves memory),
+    ``cache_dir`` (re-use features while checkpoint and data are unchanged), ``train_chunk`` (bounded
+    search memory).
     """
-    _check_inputs(train_feats, train_labels, test_feats, test_labels, ks)
-    temps = [float(temperature)] if isinstance(temperature, (int, float)) else [float(t) for t in temperature]
-    if not temps or not all(t > 0 for t in temps):
-        raise ValueError(f"temperatures must be > 0, got {temperature}")
-    train_labels, test_labels = train_labels.long(), test_labels.long()
-    n, m = train_feats.shape[0], test_feats.shape[0]  # m > 0 (checked)
-    max_label = int(max(train_labels.max(), test_labels.max()))
-    if num_classes is None:
-        num_classes = max_label + 1
-    elif max_label >= num_classes:
-        raise ValueError(f"label {max_label} out of range for num_classes={num_classes}")
-    k_max = min(max(ks), n)
-    if train_chunk is not None:
-        if not torch.isfinite(test_feats).all():
-            raise ValueError("features contain NaN or inf")
-        sims, idx = search_neighbours_chunked(train_feats, test_feats, k_max, query_chunk, train_chunk)
-    else:
-        train = _normalize(train_feats)
-        test = _normalize(test_feats)
-        if not (torch.isfinite(train).all() and torch.isfinite(test).all()):
-            raise ValueError("features contain NaN or inf")
-        sims, idx = search_neighbours(train, test, k_max, engine=engine, query_chunk=query_chunk)
-        del train, test
-    neighbour_labels = train_labels.to(idx.device)[idx]  # (M, k_max)
-    targets = test_labels.to(idx.device)
-
-    results: dict[str, dict[str, Any]] = {}
-    for t_index, temperature in enumerate(temps):
-        for key, entry in _vote(sims, neighbour_labels, targets, ks, n, m, temperature, num_classes,
-                                query_chunk).items():
-            results[key if t_index == 0 else f"{key},T={temperature:g}"] = entry
+    model = load_model(checkpoint, which, key=key, random_init=random_init, num_heads=num_heads)
+    loaded = model.loaded
+    knn = _knn_settings(loaded.config, overrides or [], train_dir, val_dir, precision)
+    classes = scan_image_folder(knn.train_dir, labeled=True).classes
+    check_same_classes(classes, scan_image_folder(knn.val_dir, labeled=True).classes)
+    spec = features or FeatureSpec()
+    temps = [float(t) for t in temperatures] if temperatures else [float(knn.temperature)]
+    sets = extract_train_val(
+        FeatureExtractor(model.backbone, spec), knn.train_dir, knn.val_dir,
+        ImageSettings(knn.image_size, knn.resize_size, *model.normalization), cache_dir=cache_dir,
+        device=resolve_device(device, key="device"), precision=knn.precision, batch_size=knn.batch_size,
+        num_workers=knn.num_workers, dtype=feature_dtype)
+    res = _classify(*sets, knn.ks, temps, len(classes), train_chunk)
+    results = {
+        "checkpoint": str(loaded.file),
+        "which": "random_init" if random_init else loaded.source,
+        "format": loaded.format,
+        "train_dir": knn.train_dir,
+        "val_dir": knn.val_dir,
+        "classes": classes,
+        "image_size": knn.image_size,
+        "resize_size": knn.resize_size,
+        "features": spec.name(),
+        "precision": knn.precision,
+        "feature_dtype": str(feature_dtype).replace("torch.", ""),
+        "accuracy": {k: {"top1": v["top1"], "top5": v["top5"]} for k, v in res.items() if k.startswith("k=")},
+        "per_class": {k: v["per_class"] for k, v in res.items() if k.startswith("k=")},
+        "details": res,
+    }
+    if out is None:
+        out = default_output(checkpoint, "knn", random_init)
+    write_results(results, Path(out))
+    results["out"] = str(out)
     return results
 
 
-def _vote(sims: Tensor, neighbour_labels: Tensor, targets: Tensor, ks: Sequence[int], n: int, m: int,
-          temperature: float, num_classes: int, query_chunk: int) -> dict[str, dict[str, Any]]:
-    """Top-1 / top-5 / per-class accuracy of weighted votes among the first k neighbours, for each k."""
-    idx_device = sims.device
-    results: dict[str, dict[str, Any]] = {}
-    for k in ks:
-        k_used = min(int(k), n)
-        n_top5 = min(5, k_used, num_classes)
-        correct1 = torch.zeros(m, dtype=torch.bool, device=idx_device)
-        correct5 = torch.zeros(m, dtype=torch.bool, device=idx_device)
-        for start in range(0, m, query_chunk):
-            stop = min(start + query_chunk, m)
-            block = slice(start, stop)
-            scores = class_scores(sims[block, :k_used], neighbour_labels[block, :k_used], temperature, num_classes)
-            _, ranked = scores.sort(dim=1, descending=True)  # the call DINO's knn_classifier makes
-            hit = ranked[:, :n_top5] == targets[start:stop, None]
-            correct1[start:stop] = hit[:, 0]
-            correct5[start:stop] = hit.any(dim=1)
-        results[f"k={k}"] = {
-            "top1": 100.0 * int(correct1.sum()) / m,
-            "top5": 100.0 * int(correct5.sum()) / m,
-            "k": k_used,
-            "per_class": _per_class(correct1.cpu(), targets.cpu(), num_classes),
-            "temperature": temperature,
-        }
-    return results
+def _knn_settings(cfg: Config, overrides: list[str], train_dir: str | None, val_dir: str | None,
+                  precision: str | None) -> KnnConfig:
+    """The run's ``knn`` section with the ``knn.*`` overrides, then the folders and precision given (if any)."""
+    for o in overrides:
+        if not o.startswith("knn."):
+            raise ConfigError(f"evaluation overrides must be knn.* keys, got {o!r}")
+    knn = config_from_dict(apply_overrides(config_to_dict(cfg), overrides)).knn
+    knn = dataclasses.replace(knn, train_dir=train_dir or knn.train_dir, val_dir=val_dir or knn.val_dir,
+                              precision=precision or knn.precision)
+    if not knn.train_dir or not knn.val_dir:
+        raise ConfigError("k-NN needs labeled train and val folders: pass --train and --val (or set knn.train_dir/val_dir)")
+    for split, given in (("train", train_dir), ("val", val_dir)):  # a folder of the run's config may be gone
+        folder, key = getattr(knn, f"{split}_dir"), f"knn.{split}_dir"
+        overridden = any(o.startswith(key + "=") for o in overrides)
+        named = f"--{split} {folder}" if given else f"{key}={folder}{'' if overridden else ' (from the run config)'}"
+        require_folder(folder, named, f"pass --{split} with a labeled folder (<class>/<image>)")
+    return knn
 
 
-def _per_class(correct: Tensor, targets: Tensor, num_classes: int) -> list[float | None]:
-    """(M,) bool, (M,) int64 -> top-1 % per class, ``None`` for classes without test items."""
-    total = torch.bincount(targets, minlength=num_classes)
-    good = torch.bincount(targets, weights=correct.double(), minlength=num_classes)
-    return [100.0 * float(g) / int(t) if int(t) else None for g, t in zip(good.tolist(), total.tolist())]
+def _classify(train: FeatureSet, val: FeatureSet, ks: Sequence[int], temps: list[float], num_classes: int,
+              train_chunk: int | None) -> dict[str, Any]:
+    """The results' ``details``: :func:`_knn_with_counts` of the val folder against the train folder, then the
+    search engine, the extraction seconds and which of the two feature sets came from the cache."""
+    res = _knn_with_counts((train.features, train.labels), (val.features, val.labels), ks,
+                           temps if len(temps) > 1 else temps[0], num_classes, train_chunk=train_chunk)
+    res.update(engine="chunked" if train_chunk else "faiss",
+               seconds_extract=sum(s.meta.get("seconds", 0.0) for s in (train, val) if not s.cached),
+               features_cached=[train.cached, val.cached])
+    return res
 
 
 def run_knn(
@@ -302,48 +150,29 @@ def run_knn(
     ``num_classes``, ``ks``, ``temperature``, ``engine``, ``seconds_extract`` and ``seconds_search``.
     """
     t0 = time.perf_counter()
-    train_feats, train_labels = extract_features(backbone, train_loader, device, amp_dtype, out_dtype=feature_dtype)
-    val_feats, val_labels = extract_features(backbone, val_loader, device, amp_dtype, out_dtype=feature_dtype)
+    train = extract_features(backbone, train_loader, device, amp_dtype, out_dtype=feature_dtype)
+    val = extract_features(backbone, val_loader, device, amp_dtype, out_dtype=feature_dtype)
     t1 = time.perf_counter()
-    num_classes = int(max(train_labels.max(), val_labels.max())) + 1
-    results: dict[str, Any] = dict(
-        knn_classify(train_feats, train_labels, val_feats, val_labels, ks=ks, temperature=temperature,
-                     num_classes=num_classes, engine=engine, train_chunk=train_chunk)
-    )
-    t2 = time.perf_counter()
-    results.update(
-        n_train=int(train_feats.shape[0]),
-        n_val=int(val_feats.shape[0]),
-        dim=int(train_feats.shape[1]),
-        num_classes=num_classes,
-        ks=[int(k) for k in ks],
-        temperature=float(temperature) if isinstance(temperature, (int, float)) else [float(t) for t in temperature],
-        engine=engine,
-        seconds_extract=t1 - t0,
-        seconds_search=t2 - t1,
-    )
+    num_classes = int(max(train[1].max(), val[1].max())) + 1
+    results = _knn_with_counts(train, val, ks, temperature, num_classes, engine=engine, train_chunk=train_chunk)
+    results.update(engine=engine, seconds_extract=t1 - t0, seconds_search=time.perf_counter() - t1)
     return results
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.tolist()
-    if isinstance(obj, (np.generic, np.ndarray)):
-        return obj.tolist()
-    if isinstance(obj, (Path, torch.dtype, torch.device)):
-        return str(obj)
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
-
-
-def default_output(checkpoint: str | Path, name: str, random_init: bool = False) -> Path:
-    """``<run dir>/<name>.json`` (``<name>_random_init.json`` for random weights): where an evaluation of
-    ``checkpoint`` (a run directory or a checkpoint file in one) writes its results by default."""
-    ck = Path(checkpoint)
-    return (ck if ck.is_dir() else ck.parent) / f"{name}{'_random_init' if random_init else ''}.json"
-
-
-def write_results(results: dict, path: Path) -> None:
-    """Write ``results`` as JSON atomically: a temporary file in the same folder, fsync, ``os.replace``."""
-    text = json.dumps(results, indent=2, default=_json_default)
-    with atomic_write(path) as tmp:
-        tmp.write_text(text + "\n")
+def _knn_with_counts(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], ks: Sequence[int],
+          temperature: float | Sequence[float], num_classes: int, **search: Any) -> dict[str, Any]:
+    """:func:`knn_classify` of ``val`` against ``train`` ((N, D) features, (N,) labels each), its entries
+    followed by ``n_train``, ``n_val``, ``dim``, ``num_classes``, ``ks`` and ``temperature``; ``search``:
+    ``engine`` / ``train_chunk``."""
+    (train_x, train_y), (val_x, val_y) = train, val
+    results: dict[str, Any] = dict(knn_classify(train_x, train_y, val_x, val_y, ks=ks, temperature=temperature,
+                                                num_classes=num_classes, **search))
+    results.update(
+        n_train=int(train_x.shape[0]),
+        n_val=int(val_x.shape[0]),
+        dim=int(train_x.shape[1]),
+        num_classes=num_classes,
+        ks=[int(k) for k in ks],
+        temperature=float(temperature) if isinstance(temperature, (int, float)) else [float(t) for t in temperature],
+    )
+    return results

@@ -37,14 +37,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
-import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -52,26 +52,23 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from ssl_distill.checkpoints import CheckpointError, LoadedBackbone, atomic_save, load_any_backbone
+from ssl_distill.checkpoints import CheckpointError, LoadedBackbone, atomic_save
 from ssl_distill.cli_args import linear_arguments as add_arguments  # options: torch-free
+from ssl_distill.cli_args import tool_main
+from ssl_distill.config import ConfigError
 from ssl_distill.data.folder import DataError, ImageFolderDataset, scan_image_folder
 from ssl_distill.data.eval_transform import collate_eval
 from ssl_distill.data.rng import Stream, counter_uniforms
 from ssl_distill.data.sampler import EpochSampler
 from ssl_distill.data.views import random_resized_crop_box
+from ssl_distill.eval_constants import LR_GRID
+from ssl_distill.models.backbone import ViTBackbone
+from ssl_distill.models.frozen_features import FeatureExtractor, FeatureSpec, amp_dtype_for, prepare_inference
 from ssl_distill.runtime import resolve_device
 
-from .constants import LR_GRID
-from .features import (
-    FeatureExtractor,
-    FeatureSet,
-    FeatureSpec,
-    ImageSettings,
-    amp_dtype_for,
-    extract_folder,
-    prepare_inference,
-)
-from .knn import write_results
+from .features import FeatureSet, ImageSettings, check_same_classes, extract_train_val
+from .model import load_model
+from .results import default_output, write_results
 
 __all__ = [
     "LR_GRID",
@@ -357,23 +354,13 @@ def fast_probe(train: FeatureSet, test: FeatureSet, embed_dim: int, max_blocks: 
     t_train = time.perf_counter() - t0
     held_logits = grid.logits(x_train, held_idx)
     test_logits = grid.logits(x_test)
-    held_y, test_y = train.labels[held_idx], test.labels
-    rows = []
-    for i, h in enumerate(heads):
-        h1, h5 = topk_accuracy(held_logits[:, i], held_y)
-        t1, t5 = topk_accuracy(test_logits[:, i], test_y)
-        rows.append({"name": h.name(), "blocks": h.blocks, "avgpool": h.avgpool, "lr": h.lr,
-                     "lr_scaled": h.lr * batch_size / 256.0, "holdout_top1": h1, "holdout_top5": h5,
-                     "test_top1": t1, "test_top5": t5, "final_train_loss": losses[i]})
+    test_y = test.labels
+    rows = _grid_rows(heads, batch_size, losses, (held_logits, train.labels[held_idx]), (test_logits, test_y))
     # best on held-out top-1; ties: lower held-out loss is not tracked, so the first (smallest lr) wins
     best_i = max(range(len(rows)), key=lambda i: (rows[i]["holdout_top1"], rows[i]["holdout_top5"], -i))
     best = rows[best_i]
-    pred = test_logits[:, best_i].argmax(dim=1)
+    per_class = _per_class_top1(test_logits[:, best_i].argmax(dim=1), test_y, num_classes)
     lr_values = sorted({h.lr for h in heads})
-    per_class = []
-    for c in range(num_classes):
-        mask = test_y == c
-        per_class.append(100.0 * float((pred[mask] == c).float().mean()) if mask.any() else None)
     return {
         "mode": "fast", "selection": "held-out split of train", "best": best,
         "top1": best["test_top1"], "top5": best["test_top5"], "per_class": per_class,
@@ -384,6 +371,29 @@ def fast_probe(train: FeatureSet, test: FeatureSet, embed_dim: int, max_blocks: 
         "holdout_fraction": holdout, "compute": compute, "seconds_train": t_train,
         "best_head_state": grid.head_state(best_i),
     }
+
+
+def _grid_rows(heads: Sequence[HeadSpec], batch_size: int, losses: list[float], held: tuple[Tensor, Tensor],
+               test: tuple[Tensor, Tensor]) -> list[dict[str, Any]]:
+    """One row per head: its settings, held-out and test top-1 / top-5 from its logits ((N, heads, C), labels
+    (N,) of each split) and its final training loss."""
+    rows = []
+    for i, h in enumerate(heads):
+        h1, h5 = topk_accuracy(held[0][:, i], held[1])
+        t1, t5 = topk_accuracy(test[0][:, i], test[1])
+        rows.append({"name": h.name(), "blocks": h.blocks, "avgpool": h.avgpool, "lr": h.lr,
+                     "lr_scaled": h.lr * batch_size / 256.0, "holdout_top1": h1, "holdout_top5": h5,
+                     "test_top1": t1, "test_top5": t5, "final_train_loss": losses[i]})
+    return rows
+
+
+def _per_class_top1(pred: Tensor, labels: Tensor, num_classes: int) -> list[float | None]:
+    """(N,) predictions and labels -> top-1 % per class, None for a class without test items."""
+    per_class = []
+    for c in range(num_classes):
+        mask = labels == c
+        per_class.append(100.0 * float((pred[mask] == c).float().mean()) if mask.any() else None)
+    return per_class
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -519,108 +529,37 @@ def faithful_probe(extractor: FeatureExtractor, train_dir: str | Path, val_dir: 
     amp_dtype_for(precision, device)  # validates before any work
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / "linear_checkpoint.pth"
     train_files = scan_image_folder(train_dir, labeled=True)
     val_files = scan_image_folder(val_dir, labeled=True)
-    if train_files.classes != val_files.classes:
-        raise DataError(f"train and val folders have different classes: "
-                        f"{sorted(set(train_files.classes) ^ set(val_files.classes))}")
-    num_classes = len(train_files.classes)
+    check_same_classes(train_files.classes, val_files.classes)
     settings_id = {"identity": identity or {}, "layout": extractor.spec.name(), "epochs": epochs, "lr": lr,
                    "batch_size": batch_size, "seed": seed, "image": dataclasses.asdict(settings),
                    "precision": precision, "n_train": len(train_files), "classes": train_files.classes}
     settings_id = json.loads(json.dumps(settings_id))  # tuples -> lists, as stored
-    torch.manual_seed(seed)
-    head = nn.Linear(extractor.dim, num_classes)
-    head.weight.data.normal_(mean=0.0, std=0.01)
-    head.bias.data.zero_()
-    head.to(device)
-    optimizer = torch.optim.SGD(head.parameters(), lr * batch_size / 256.0, momentum=0.9, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=0)
-    state = {"epoch": 0, "batch": 0, "step": 0, "best_top1": 0.0, "history": []}
-    if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ck.get("format") != FAITHFUL_FORMAT:
-            raise CheckpointError(f"{ckpt_path} is not a linear-probe checkpoint")
-        if ck["settings"] != settings_id:
-            diff = sorted(k for k in settings_id if ck["settings"].get(k) != settings_id[k])
-            raise CheckpointError(f"{ckpt_path} was written with other settings ({', '.join(diff)}); "
-                                  "use another output directory or delete it")
-        head.load_state_dict(ck["head"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        state = ck["state"]
-        print(f"[linear] resuming from {ckpt_path}: epoch {state['epoch']}, batch {state['batch']}", flush=True)
-
-    def save() -> None:
-        atomic_save({"format": FAITHFUL_FORMAT, "settings": settings_id, "head": head.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state},
-                    ckpt_path)
-
-    transform = RandomResizedCropFlip(settings.image_size, mean=settings.mean, std=settings.std)
-    dataset = ImageFolderDataset(train_files, transform)
-    sampler = EpochSampler(len(train_files), seed, drop_last=False, batch_size=batch_size)
-    n_batches = -(-len(train_files) // batch_size)  # the loader keeps the last partial batch
+    probe = _FaithfulHead(out_dir / "linear_checkpoint.pth", settings_id, extractor.dim, len(train_files.classes),
+                          lr * batch_size / 256.0, epochs, seed, device)
+    batches = _TrainBatches(ImageFolderDataset(train_files, RandomResizedCropFlip(
+        settings.image_size, mean=settings.mean, std=settings.std)), seed, batch_size, num_workers, device)
     from ssl_distill.data.loader import build_eval_loader
 
     val_loader = build_eval_loader(val_files.root, settings.image_size, settings.resize_size, batch_size,
                                    num_workers, tuple(settings.mean), tuple(settings.std))
     model, amp = prepare_inference(extractor, precision, device)
     model.eval()
-    head.train()
+    probe.head.train()
     t0 = time.perf_counter()
-    stopped = False
-
-    def remaining_batches() -> Any:
-        """This epoch's batches from ``state["batch"]`` on; none when a checkpoint written on the epoch's
-        last step resumes (only the epoch's end, scheduler step and validation, is left to run)."""
-        if state["batch"] >= n_batches:
-            return ()
-        sampler.set_epoch(state["epoch"])
-        sampler.set_start_batch(state["batch"])
-        return torch.utils.data.DataLoader(
-            dataset, batch_sampler=torch.utils.data.BatchSampler(sampler, batch_size, drop_last=False),
-            collate_fn=collate_eval, num_workers=num_workers, pin_memory=device.type == "cuda")
-
+    state, stopped = probe.state, False
     while state["epoch"] < epochs and not stopped:
-        for batch in remaining_batches():
-            x = batch["image"].to(device, non_blocking=True)
-            y = batch["label"].to(device)
-            with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-                f = model(x)
-            loss = F.cross_entropy(head(f.float()), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            state["batch"] += 1
-            state["step"] += 1
-            if state["batch"] == n_batches:  # the epoch's last batch: its loss goes into the history
-                state["train_loss"] = float(loss.detach())
-            if checkpoint_every and state["step"] % checkpoint_every == 0:
-                save()
-            if stop_after_steps is not None and state["step"] >= stop_after_steps:
-                stopped = True
-                break
-        if stopped and state["batch"] < n_batches:
-            save()
+        stopped = probe.train_epoch(model, amp, batches, checkpoint_every, stop_after_steps)
+        if stopped and state["batch"] < batches.n_batches:
+            probe.save()
             break
-        with warnings.catch_warnings():  # resumed at an epoch's end, no optimizer.step() has run in this process
-            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
-            scheduler.step()
-        state["epoch"] += 1
-        state["batch"] = 0
-        if state["epoch"] % val_freq == 0 or state["epoch"] == epochs:
-            top1, top5, vloss = _evaluate_head(model, head, val_loader, device, amp)
-            state["best_top1"] = max(state["best_top1"], top1)
-            state["history"].append({"epoch": state["epoch"], "top1": top1, "top5": top5, "val_loss": vloss,
-                                     "train_loss": state.get("train_loss"), "lr": optimizer.param_groups[0]["lr"]})
-            print(f"[linear] epoch {state['epoch']}/{epochs}: val top-1 {top1:.2f}% top-5 {top5:.2f}% "
-                  f"(best top-1 {state['best_top1']:.2f}%)", flush=True)
-        save()
+        probe.end_epoch(model, amp, val_loader, epochs, val_freq)
+        probe.save()
     last = state["history"][-1] if state["history"] else {}
     done = state["epoch"] >= epochs
     if done:
-        atomic_save({"weight": head.weight.detach().cpu(), "bias": head.bias.detach().cpu(),
+        atomic_save({"weight": probe.head.weight.detach().cpu(), "bias": probe.head.bias.detach().cpu(),
                      "layout": extractor.spec.name()}, out_dir / "linear_head.pth")
     return {
         "mode": "faithful", "complete": done, "epoch": state["epoch"], "step": state["step"], "epochs": epochs,
@@ -629,8 +568,110 @@ def faithful_probe(extractor: FeatureExtractor, train_dir: str | Path, val_dir: 
         "note": "top1/top5: last evaluated epoch; best_top1_over_epochs is selected on the val set, as DINO reports",
         "history": state["history"], "lr_scaled": lr * batch_size / 256.0, "batch_size": batch_size,
         "layout": extractor.spec.name(), "n_train": len(train_files), "n_test": len(val_files),
-        "checkpoint": str(ckpt_path), "seconds": time.perf_counter() - t0,
+        "checkpoint": str(probe.path), "seconds": time.perf_counter() - t0,
     }
+
+
+class _TrainBatches:
+    """The faithful probe's training batches, epoch by epoch, in the order :class:`EpochSampler` draws from
+    (seed, epoch); the last partial batch is kept."""
+
+    def __init__(self, dataset: ImageFolderDataset, seed: int, batch_size: int, num_workers: int,
+                 device: torch.device) -> None:
+        self.dataset, self.batch_size, self.num_workers, self.device = dataset, batch_size, num_workers, device
+        self.sampler = EpochSampler(len(dataset), seed, drop_last=False, batch_size=batch_size)
+        self.n_batches = -(-len(dataset) // batch_size)
+
+    def remaining(self, epoch: int, batch: int) -> Any:
+        """Epoch ``epoch``'s batches from ``batch`` on; none when a checkpoint written on the epoch's last
+        step resumes (only the epoch's end, scheduler step and validation, is left to run)."""
+        if batch >= self.n_batches:
+            return ()
+        self.sampler.set_epoch(epoch)
+        self.sampler.set_start_batch(batch)
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=torch.utils.data.BatchSampler(self.sampler, self.batch_size, drop_last=False),
+            collate_fn=collate_eval, num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+
+
+class _FaithfulHead:
+    """The faithful probe's linear head (N(0, 0.01), bias 0), its SGD and cosine schedule, and its progress
+    (``state``: epoch, batch, step, best top-1, history), checkpointed to ``path`` under ``settings``;
+    resumed from there when the file exists (the settings must match)."""
+
+    def __init__(self, path: Path, settings: dict[str, Any], in_dim: int, num_classes: int, lr: float,
+                 epochs: int, seed: int, device: torch.device) -> None:
+        self.path, self.settings, self.device = path, settings, device
+        torch.manual_seed(seed)
+        self.head = nn.Linear(in_dim, num_classes)
+        self.head.weight.data.normal_(mean=0.0, std=0.01)
+        self.head.bias.data.zero_()
+        self.head.to(device)
+        self.optimizer = torch.optim.SGD(self.head.parameters(), lr, momentum=0.9, weight_decay=0.0)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, epochs, eta_min=0)
+        self.state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "best_top1": 0.0, "history": []}
+        if path.is_file():
+            self._resume()
+
+    def _resume(self) -> None:
+        ck = torch.load(self.path, map_location="cpu", weights_only=True)
+        if ck.get("format") != FAITHFUL_FORMAT:
+            raise CheckpointError(f"{self.path} is not a linear-probe checkpoint")
+        if ck["settings"] != self.settings:
+            diff = sorted(k for k in self.settings if ck["settings"].get(k) != self.settings[k])
+            raise CheckpointError(f"{self.path} was written with other settings ({', '.join(diff)}); "
+                                  "use another output directory or delete it")
+        self.head.load_state_dict(ck["head"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.state = ck["state"]
+        print(f"[linear] resuming from {self.path}: epoch {self.state['epoch']}, batch {self.state['batch']}",
+              flush=True)
+
+    def save(self) -> None:
+        atomic_save({"format": FAITHFUL_FORMAT, "settings": self.settings, "head": self.head.state_dict(),
+                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "state": self.state}, self.path)
+
+    def train_epoch(self, model: nn.Module, amp: torch.dtype | None, batches: _TrainBatches, checkpoint_every: int,
+                    stop_after_steps: int | None) -> bool:
+        """SGD steps on the rest of the current epoch; True when ``stop_after_steps`` steps are done."""
+        state, device = self.state, self.device
+        for batch in batches.remaining(state["epoch"], state["batch"]):
+            x = batch["image"].to(device, non_blocking=True)
+            y = batch["label"].to(device)
+            with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                f = model(x)
+            loss = F.cross_entropy(self.head(f.float()), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            state["batch"] += 1
+            state["step"] += 1
+            if state["batch"] == batches.n_batches:  # the epoch's last batch: its loss goes into the history
+                state["train_loss"] = float(loss.detach())
+            if checkpoint_every and state["step"] % checkpoint_every == 0:
+                self.save()
+            if stop_after_steps is not None and state["step"] >= stop_after_steps:
+                return True
+        return False
+
+    def end_epoch(self, model: nn.Module, amp: torch.dtype | None, val_loader: Any, epochs: int,
+                  val_freq: int) -> None:
+        """The schedule's step, the next epoch, and the validation every ``val_freq`` epochs and at the end."""
+        state = self.state
+        with warnings.catch_warnings():  # resumed at an epoch's end, no optimizer.step() has run in this process
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
+        state["epoch"] += 1
+        state["batch"] = 0
+        if state["epoch"] % val_freq == 0 or state["epoch"] == epochs:
+            top1, top5, vloss = _evaluate_head(model, self.head, val_loader, self.device, amp)
+            state["best_top1"] = max(state["best_top1"], top1)
+            state["history"].append({"epoch": state["epoch"], "top1": top1, "top5": top5, "val_loss": vloss,
+                                     "train_loss": state.get("train_loss"), "lr": self.optimizer.param_groups[0]["lr"]})
+            print(f"[linear] epoch {state['epoch']}/{epochs}: val top-1 {top1:.2f}% top-5 {top5:.2f}% "
+                  f"(best top-1 {state['best_top1']:.2f}%)", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -680,57 +721,27 @@ def linear_on_checkpoint(checkpoint: str | Path, train_dir: str | Path | None = 
     if mode not in ("fast", "faithful", "logreg"):
         raise ValueError(f"mode must be fast, faithful or logreg, got {mode!r}")
     opts = opts or ExtractOptions()
-    loaded = load_any_backbone(checkpoint, which, key, num_heads=num_heads)
+    backbone, loaded = load_model(checkpoint, which, key=key, num_heads=num_heads)
     train_dir = train_dir or loaded.config.knn.train_dir
     val_dir = val_dir or loaded.config.knn.val_dir
     if not train_dir or not val_dir:
-        from ssl_distill.config import ConfigError
-
         raise ConfigError("a linear probe needs labeled train and val folders: pass --train and --val")
-    ckpt_path = Path(checkpoint)
-    base = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent
-    out = Path(out) if out is not None else base / f"linear_{mode}.json"
+    out = Path(out) if out is not None else default_output(checkpoint, f"linear_{mode}")
     cache_dir = None if opts.cache_dir == "" else Path(opts.cache_dir or out.parent / "features")
     settings = _image_settings(loaded, opts)
     device = resolve_device(opts.device, key="--device")
     dtype = {"float32": torch.float32, "float16": torch.float16}[opts.feature_dtype]
     precision = opts.precision or loaded.config.knn.precision
-    backbone = loaded.backbone
     header = {"checkpoint": loaded.describe(), "train_dir": str(train_dir), "val_dir": str(val_dir),
               "image": dataclasses.asdict(settings), "precision": precision}
-
-    def features(spec: FeatureSpec) -> tuple[FeatureSet, FeatureSet]:
-        from .features import backbone_fingerprint
-
-        extractor = FeatureExtractor(backbone, spec)
-        weights = backbone_fingerprint(backbone) if cache_dir is not None else None
-        sets = [extract_folder(extractor, d, settings, device=device, precision=precision,
-                               batch_size=opts.batch_size, num_workers=opts.num_workers, dtype=dtype,
-                               cache_dir=cache_dir, weights_key=weights) for d in (train_dir, val_dir)]
-        if sets[0].classes != sets[1].classes:
-            raise DataError(f"train and val folders have different classes: "
-                            f"{sorted(set(sets[0].classes) ^ set(sets[1].classes))}")
-        return sets[0], sets[1]
-
+    extract = functools.partial(extract_train_val, train_dir=train_dir, val_dir=val_dir, settings=settings,
+                                cache_dir=cache_dir, device=device, precision=precision, batch_size=opts.batch_size,
+                                num_workers=opts.num_workers, dtype=dtype)
     t0 = time.perf_counter()
     if mode == "fast":
-        blocks = tuple(sorted(set(min(int(b), backbone.depth) for b in mode_kwargs.pop("blocks", (1, 4)))))
-        lrs = tuple(mode_kwargs.pop("lrs", LR_GRID))
-        max_blocks = max(blocks)
-        train, test = features(FeatureSpec("cls+mean", max_blocks))
-        res = fast_probe(train, test, backbone.embed_dim, max_blocks, head_grid(blocks, (False, True), lrs),
-                         device=device, **mode_kwargs)
-        head_file = out.with_name(out.stem + "_best_head.pth")
-        atomic_save(res.pop("best_head_state"), head_file)
-        res["best_head_file"] = str(head_file)
-        res["features"] = {"train": _meta(train), "test": _meta(test)}
+        res = _fast_mode(backbone, extract, out.with_name(out.stem + "_best_head.pth"), device=device, **mode_kwargs)
     elif mode == "logreg":
-        n_last = min(int(mode_kwargs.pop("n_last_blocks", 1)), backbone.depth)
-        spec = FeatureSpec(mode_kwargs.pop("layout", "cls"), n_last)
-        train, test = features(spec)
-        res = logreg_probe(train, test, **mode_kwargs)
-        res["layout"] = spec.name()
-        res["features"] = {"train": _meta(train), "test": _meta(test)}
+        res = _logreg_mode(backbone, extract, **mode_kwargs)
     else:
         n_last = min(int(mode_kwargs.pop("n_last_blocks", 4)), backbone.depth)
         spec = _faithful_layout(n_last, bool(mode_kwargs.pop("avgpool", False)))
@@ -743,6 +754,36 @@ def linear_on_checkpoint(checkpoint: str | Path, train_dir: str | Path | None = 
     res = {**header, **res, "seconds_total": time.perf_counter() - t0}
     write_results(res, out)
     res["out"] = str(out)
+    return res
+
+
+#: extractor -> (train, test) features of the probe's folders (extract_train_val with the probe's settings)
+_Extract = Callable[[FeatureExtractor], tuple[FeatureSet, FeatureSet]]
+
+
+def _fast_mode(backbone: ViTBackbone, extract: _Extract, head_file: Path, blocks: Sequence[int] = (1, 4),
+               lrs: Sequence[float] = LR_GRID, **kwargs: Any) -> dict[str, Any]:
+    """:func:`fast_probe` of the grid over ``blocks`` (clipped to the depth) x mean token or not x ``lrs``, on
+    the features of the largest block count; the best head is written to ``head_file``."""
+    blocks = tuple(sorted(set(min(int(b), backbone.depth) for b in blocks)))
+    max_blocks = max(blocks)
+    train, test = extract(FeatureExtractor(backbone, FeatureSpec("cls+mean", max_blocks)))
+    res = fast_probe(train, test, backbone.embed_dim, max_blocks, head_grid(blocks, (False, True), tuple(lrs)),
+                     **kwargs)
+    atomic_save(res.pop("best_head_state"), head_file)
+    res["best_head_file"] = str(head_file)
+    res["features"] = {"train": _meta(train), "test": _meta(test)}
+    return res
+
+
+def _logreg_mode(backbone: ViTBackbone, extract: _Extract, n_last_blocks: int = 1, layout: str = "cls",
+                 **kwargs: Any) -> dict[str, Any]:
+    """:func:`logreg_probe` on the ``layout`` features of the last ``n_last_blocks`` blocks (clipped to the depth)."""
+    spec = FeatureSpec(layout, min(int(n_last_blocks), backbone.depth))
+    train, test = extract(FeatureExtractor(backbone, spec))
+    res = logreg_probe(train, test, **kwargs)
+    res["layout"] = spec.name()
+    res["features"] = {"train": _meta(train), "test": _meta(test)}
     return res
 
 
@@ -796,11 +837,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ssl_distill.eval.linear``: the same as ``ssl-distill linear`` (one error handler)."""
-    from ssl_distill.cli import run as cli_run
-
-    return cli_run(["linear", *(sys.argv[1:] if argv is None else argv)])
+main = tool_main("linear", add_arguments, run)  # python -m ssl_distill.eval.linear
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ classified from the train objects.
 
 ODIS (Hızlı, Yıldız, Marttinen 2025, "Object-level Self-Distillation for Vision Pretraining", arXiv
 2506.05409) reports k-NN "using masks at inference time": the [OBJ] token attends to the object's patches
-only. Three features per object (:func:`ssl_distill.eval.features.extract_box_features`):
+only. Three features per object (:func:`ssl_distill.eval.box_features.extract_box_features`):
 
 - ``obj``: the [OBJ] output on the whole scene with the box's patch mask (ODIS models only);
 - ``crop``: the CLS output of the box crop resized to the view size;
@@ -11,10 +11,10 @@ only. Three features per object (:func:`ssl_distill.eval.features.extract_box_fe
   image-level baseline, which cannot tell a scene's objects apart).
 
 ``--mode pixels`` needs no model: the box crop's raw pixels (grayscale, 28 x 28, mean removed,
-:func:`~ssl_distill.eval.features.pixel_crop_feature`), the bar learned features must clear, as raw
+:func:`~ssl_distill.eval.box_features.pixel_crop_feature`), the bar learned features must clear, as raw
 pixels are for Fashion-MNIST's k-NN.
 
-Classification is DINO's weighted k-NN (:func:`ssl_distill.eval.knn.knn_classify`: cosine similarity,
+Classification is DINO's weighted k-NN (:func:`ssl_distill.weighted_knn.knn_classify`: cosine similarity,
 ``k = 20`` neighbours voting with ``exp(sim / T)``, ``T = 0.07``, faiss exact search), the labels are the
 boxes' ``category_id`` (the ``categories`` list of ``train/boxes.json`` gives the classes; the test file
 must name the same). The view is the whole scene resized to ``image_size`` (default: the scenes' side
@@ -36,16 +36,18 @@ from typing import Any
 import torch
 
 from ssl_distill.cli_args import object_knn_arguments as add_arguments  # options: torch-free
+from ssl_distill.cli_args import tool_main
 from ssl_distill.errors import DataError
+from ssl_distill.weighted_knn import knn_classify
 
-from .features import BOX_MODES, ImageSettings, extract_box_features, pixel_crop_feature
-from .knn import default_output, knn_classify, write_results
+from .box_features import BOX_MODES, extract_box_features, pixel_crop_feature
+from .features import ImageSettings
+from .results import default_output, write_results
+from .model import load_model
 
 __all__ = ["add_arguments", "object_knn", "pixel_knn", "run", "NO_OBJ_TOKEN"]
 
 NO_OBJ_TOKEN = "this model has no [OBJ] token (not an ODIS model), so mode obj cannot run"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _split_files(scenes: Path) -> dict[str, Path]:
@@ -96,38 +98,25 @@ def object_knn(checkpoint: str | Path, scenes: str | Path, mode: str = "all", *,
     Args:
         mode: ``obj``, ``crop``, ``scene`` or ``all`` (every mode the model has: without an [OBJ]
             token, ``all`` runs crop and scene and says so; ``obj`` alone is an error).
-        random_init: the same architecture with fresh weights (seeded with the run's seed).
+        random_init: the same architecture with fresh weights (seeded with the run's seed,
+            :func:`~ssl_distill.eval.model.load_model`).
 
     Returns the results written to ``out`` (default ``<run dir>/object_knn[_random_init].json``):
     ``top1`` / ``top5`` per mode under ``accuracy``, per-class top-1 under ``per_class``, feature counts.
     """
-    from ssl_distill.checkpoints import load_any_backbone
     from ssl_distill.data.boxes import read_boxes
-    from ssl_distill.models.backbone import random_init_like
     from ssl_distill.runtime import resolve_device
 
     if mode not in (*BOX_MODES, "all"):
         raise ValueError(f"mode must be one of {(*BOX_MODES, 'all')}, got {mode!r}")
     scenes = Path(scenes)
     files = _split_files(scenes)
-    loaded = load_any_backbone(checkpoint, which)
-    backbone, cfg = loaded.backbone, loaded.config
-    if random_init:
-        backbone = random_init_like(backbone, int(getattr(getattr(cfg, "run", None), "seed", 0)))
-    has_obj = bool(getattr(backbone, "has_obj_token", False))
-    notes: list[str] = []
-    if mode == "obj" and not has_obj:
-        raise ValueError(NO_OBJ_TOKEN)
-    modes = list(BOX_MODES) if mode == "all" else [mode]
-    if not has_obj and "obj" in modes:
-        modes.remove("obj")
-        notes.append(NO_OBJ_TOKEN + "; running crop and scene only.")
-        log(notes[-1])
+    model = load_model(checkpoint, which, random_init=random_init)
+    backbone, loaded = model.backbone, model.loaded
+    modes, notes = _modes_of(bool(getattr(backbone, "has_obj_token", False)), mode, log)
     boxes = {split: read_boxes(f, f.parent) for split, f in files.items()}
     classes, index = _class_index(boxes["train"], boxes["test"])
-    crops = getattr(getattr(cfg, "data", None), "crops", None)
-    mean = tuple(getattr(crops, "mean", IMAGENET_MEAN))
-    std = tuple(getattr(crops, "std", IMAGENET_STD))
+    mean, std = model.normalization
     size = image_size or _default_image_size(boxes["train"], int(backbone.patch_size))
     settings = ImageSettings(size, size, mean, std)
     dev = resolve_device(device, key="device")
@@ -144,25 +133,42 @@ def object_knn(checkpoint: str | Path, scenes: str | Path, mode: str = "all", *,
         "notes": notes, "accuracy": {}, "per_class": {}, "details": {},
     }
     for m in modes:
-        t0 = time.perf_counter()
-        res = knn_classify(feats["train"].features[m], labels["train"], feats["test"].features[m], labels["test"],
-                           ks=(k,), temperature=temperature, num_classes=len(classes))
-        entry = res[f"k={k}"]
-        results["accuracy"][m] = {"top1": entry["top1"], "top5": entry["top5"]}
-        results["per_class"][m] = entry["per_class"]
-        results["details"][m] = {
-            "k_used": entry["k"], "dim": int(feats["train"].features[m].shape[1]),
-            "n_train_features": int(feats["train"].features[m].shape[0]),
-            "n_test_features": int(feats["test"].features[m].shape[0]),
-            "seconds_extract": feats["train"].meta["seconds"][m] + feats["test"].meta["seconds"][m],
-            "seconds_search": time.perf_counter() - t0,
-        }
+        results["accuracy"][m], results["per_class"][m], results["details"][m] = _knn_entry(
+            (feats["train"].features[m], labels["train"]), (feats["test"].features[m], labels["test"]), k,
+            temperature, len(classes), feats["train"].meta["seconds"][m] + feats["test"].meta["seconds"][m])
     results["seconds_load"] = feats["train"].meta["seconds_load"] + feats["test"].meta["seconds_load"]
     if out is None:
         out = default_output(checkpoint, "object_knn", random_init)
     write_results(results, Path(out))
     results["out"] = str(out)
     return results
+
+
+def _modes_of(has_obj: bool, mode: str, log: Any) -> tuple[list[str], list[str]]:
+    """(the modes ``mode`` runs, notes): ``all`` is every mode the model has, leaving obj out with a note
+    (logged) when it has no [OBJ] token; ``obj`` alone on such a model is a ValueError."""
+    if mode == "obj" and not has_obj:
+        raise ValueError(NO_OBJ_TOKEN)
+    modes = list(BOX_MODES) if mode == "all" else [mode]
+    notes: list[str] = []
+    if not has_obj and "obj" in modes:
+        modes.remove("obj")
+        notes.append(NO_OBJ_TOKEN + "; running crop and scene only.")
+        log(notes[-1])
+    return modes, notes
+
+
+def _knn_entry(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], k: int,
+               temperature: float, num_classes: int,
+               seconds_extract: float) -> tuple[dict[str, float], list[float | None], dict[str, Any]]:
+    """k-NN of one feature of the test boxes against the train boxes ((N, D) features, (N,) labels each):
+    (top-1 / top-5, per-class top-1, details: k used, dim, feature counts, extraction and search seconds)."""
+    t0 = time.perf_counter()
+    entry = knn_classify(*train, *test, ks=(k,), temperature=temperature, num_classes=num_classes)[f"k={k}"]
+    details = {"k_used": entry["k"], "dim": int(train[0].shape[1]), "n_train_features": int(train[0].shape[0]),
+               "n_test_features": int(test[0].shape[0]), "seconds_extract": seconds_extract,
+               "seconds_search": time.perf_counter() - t0}
+    return {"top1": entry["top1"], "top5": entry["top5"]}, entry["per_class"], details
 
 
 def pixel_knn(scenes: str | Path, size: int = 28, *, k: int = 20, temperature: float = 0.07,
@@ -194,19 +200,13 @@ def pixel_knn(scenes: str | Path, size: int = 28, *, k: int = 20, temperature: f
             cats += [int(v) for v in c]
         feats[split] = torch.stack(rows) if rows else torch.zeros(0, size * size)
         labels[split] = _labels(cats, index, files[split])
-    seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    entry = knn_classify(feats["train"], labels["train"], feats["test"], labels["test"], ks=(k,),
-                         temperature=temperature, num_classes=len(classes))[f"k={k}"]
+    accuracy, per_class, details = _knn_entry((feats["train"], labels["train"]), (feats["test"], labels["test"]), k,
+                                              temperature, len(classes), time.perf_counter() - t0)
     results: dict[str, Any] = {
         "checkpoint": None, "which": "pixels", "scenes": str(scenes.resolve()), "classes": classes,
         "modes": ["pixels"], "k": k, "temperature": temperature, "pixel_size": size,
         "n_train": int(labels["train"].numel()), "n_test": int(labels["test"].numel()), "notes": [],
-        "accuracy": {"pixels": {"top1": entry["top1"], "top5": entry["top5"]}},
-        "per_class": {"pixels": entry["per_class"]},
-        "details": {"pixels": {"k_used": entry["k"], "dim": size * size, "n_train_features": int(labels["train"].numel()),
-                               "n_test_features": int(labels["test"].numel()), "seconds_extract": seconds,
-                               "seconds_search": time.perf_counter() - t0}},
+        "accuracy": {"pixels": accuracy}, "per_class": {"pixels": per_class}, "details": {"pixels": details},
     }
     out = Path(out) if out is not None else scenes / "object_knn_pixels.json"
     write_results(results, out)
@@ -233,10 +233,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ssl-distill object-knn", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+main = tool_main("object-knn", add_arguments, run)  # python -m ssl_distill.eval.object_knn
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ computed by :mod:`ssl_distill.models.inspect` only when asked; the model itself 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,47 +28,25 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from ssl_distill.cli_args import visualize_arguments as add_arguments  # options: torch-free
+from ssl_distill.cli_args import tool_main
 from ssl_distill.models.inspect import inspect_forward
+
+from .drawing import blend, colorize, head_colors, overlay_mask, threshold_mass, upsample
+from .images import readable_images, shrink
 
 __all__ = [
     "AttentionMaps",
     "add_arguments",
-    "colorize",
     "compute_maps",
-    "head_colors",
-    "overlay_mask",
     "pca_rgb",
     "render",
-    "threshold_mass",
     "visualize_images",
 ]
 
 
 # ----------------------------------------------------------------------------------- maps
-def threshold_mass(maps: Tensor | np.ndarray, fraction: float) -> np.ndarray:
-    """Per map, the smallest set of patches holding at least ``fraction`` of its mass, as a bool mask.
-
-    ``maps`` (..., h, w), non-negative. Patches are taken in decreasing weight until the kept sum
-    reaches ``fraction`` of the map's total (DINO's rule: sort, cumulate, keep ``cum > 1 - t``).
-    """
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {fraction}")
-    a = torch.as_tensor(np.asarray(maps), dtype=torch.float64)
-    lead, (h, w) = a.shape[:-2], a.shape[-2:]
-    flat = a.reshape(-1, h * w)
-    flat = flat / flat.sum(dim=-1, keepdim=True)
-    val, idx = torch.sort(flat, dim=-1)  # ascending
-    cum = torch.cumsum(val, dim=-1)
-    # a hair above 1 - t so that rounding in the cumulative sum never adds an unneeded patch
-    keep_sorted = cum > (1.0 - fraction) + 1e-12
-    keep = torch.zeros_like(keep_sorted)
-    keep.scatter_(-1, idx, keep_sorted)
-    return keep.reshape(*lead, h, w).numpy()
-
-
 def pca_rgb(features: Tensor | np.ndarray) -> np.ndarray:
     """(h, w, D) patch features -> (h, w, 3) in [0, 1]: the first three principal components.
 
@@ -111,15 +88,11 @@ class AttentionMaps:
 
     def upsample(self, m: np.ndarray) -> np.ndarray:
         """A token map (h, w[, c]) -> pixel map (H, W[, c]) by nearest upsampling (one block per patch)."""
-        p = self.patch_size
-        return np.repeat(np.repeat(m, p, axis=0), p, axis=1)
+        return upsample(m, self.patch_size)
 
 
 def _crop_to_patches(img: Image.Image, patch_size: int, max_side: int | None) -> Image.Image:
-    img = img.convert("RGB")
-    if max_side is not None and max(img.size) > max_side:
-        f = max_side / max(img.size)
-        img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.BICUBIC)
+    img = shrink(img, max_side)
     w, h = img.width // patch_size * patch_size, img.height // patch_size * patch_size
     if w == 0 or h == 0:
         raise ValueError(f"image {img.width}x{img.height} is smaller than one {patch_size}px patch")
@@ -149,95 +122,84 @@ def compute_maps(backbone: nn.Module, img: Image.Image, mean: Sequence[float], s
                          pca=feats, rollout=roll)
 
 
-# ----------------------------------------------------------------------------------- drawing
-def colorize(m: np.ndarray, cmap: str = "inferno", vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
-    """(H, W) values -> (H, W, 3) uint8 through a matplotlib colour map (min-max scaled by default)."""
-    import matplotlib
-
-    m = np.asarray(m, dtype=np.float64)
-    lo = float(m.min()) if vmin is None else vmin
-    hi = float(m.max()) if vmax is None else vmax
-    norm = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
-    rgba = matplotlib.colormaps[cmap](np.clip(norm, 0, 1))
-    return (rgba[..., :3] * 255).round().astype(np.uint8)
-
-
-def head_colors(n: int) -> np.ndarray:
-    """n distinct RGB colours (uint8), from matplotlib's tab10 / tab20."""
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
-    return (np.asarray([cmap(i % cmap.N)[:3] for i in range(n)]) * 255).round().astype(np.uint8)
-
-
-def _edges(mask: np.ndarray) -> np.ndarray:
-    pad = np.pad(mask, 1, mode="edge")
-    inner = pad[1:-1, 1:-1] & pad[:-2, 1:-1] & pad[2:, 1:-1] & pad[1:-1, :-2] & pad[1:-1, 2:]
-    return mask & ~inner
-
-
-def overlay_mask(image: np.ndarray, mask: np.ndarray, color: Sequence[int], alpha: float = 0.5) -> np.ndarray:
-    """Tint the (H, W) ``mask`` pixels of ``image`` with ``color`` and draw its outline in full colour."""
-    out = image.astype(np.float32).copy()
-    c = np.asarray(color, dtype=np.float32)
-    out[mask] = (1 - alpha) * out[mask] + alpha * c
-    out[_edges(mask)] = c
-    return out.round().astype(np.uint8)
-
-
-def _blend(image: np.ndarray, heat: np.ndarray, alpha: float = 0.6) -> np.ndarray:
-    return ((1 - alpha) * image.astype(np.float32) + alpha * heat.astype(np.float32)).round().astype(np.uint8)
-
-
 def render(maps: AttentionMaps, out_dir: str | Path, title: str = "") -> list[Path]:
     """Write ``grid.png``, ``head_<i>.png``, ``pca.png``, ``rollout.png`` and ``maps.npz`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pictures = _Pictures.of(maps)
+    written = _write_pictures(maps.image, pictures, out)
+    written.insert(0, _write_grid(maps, pictures, out / "grid.png", title))
+    written.append(_write_arrays(maps, out / "maps.npz"))
+    return written
+
+
+@dataclass
+class _Pictures:
+    """One image's maps as (H, W, 3) uint8 pictures: each head's heat map and, with a threshold, its (H, W)
+    mask and colour; the PCA and the rollout (when computed)."""
+
+    heats: list[np.ndarray]
+    masks: list[np.ndarray] | None
+    colors: np.ndarray
+    pca: np.ndarray | None
+    rollout: np.ndarray | None
+
+    @classmethod
+    def of(cls, maps: AttentionMaps) -> _Pictures:
+        return cls(heats=[colorize(maps.upsample(a)) for a in maps.attention],
+                   masks=[maps.upsample(m) for m in maps.masks] if maps.masks is not None else None,
+                   colors=head_colors(maps.num_heads),
+                   pca=(maps.upsample(maps.pca) * 255).round().astype(np.uint8) if maps.pca is not None else None,
+                   rollout=colorize(maps.upsample(maps.rollout)) if maps.rollout is not None else None)
+
+
+def _write_pictures(img: np.ndarray, pictures: _Pictures, out: Path) -> list[Path]:
+    """``head_<i>.png`` (heat map over the image | image with the head's mask), ``pca.png``, ``rollout.png``."""
+    written: list[Path] = []
+    for i, heat in enumerate(pictures.heats):
+        right = overlay_mask(img, pictures.masks[i], pictures.colors[i]) if pictures.masks is not None else heat
+        gap = np.full((img.shape[0], 4, 3), 255, dtype=np.uint8)
+        path = out / f"head_{i}.png"
+        Image.fromarray(np.concatenate([blend(img, heat), gap, right], axis=1)).save(path)
+        written.append(path)
+    if pictures.pca is not None:
+        Image.fromarray(pictures.pca).save(out / "pca.png")
+        written.append(out / "pca.png")
+    if pictures.rollout is not None:
+        Image.fromarray(blend(img, pictures.rollout)).save(out / "rollout.png")
+        written.append(out / "rollout.png")
+    return written
+
+
+def _summary_row(maps: AttentionMaps, pictures: _Pictures) -> list[tuple[np.ndarray, str]]:
+    """The grid's first row: the image, all heads' masks, the mean map, the PCA and the rollout (those there are)."""
+    img = maps.image
+    summary: list[tuple[np.ndarray, str]] = [(img, "image")]
+    if pictures.masks is not None:
+        combined = img.copy()
+        for mask, color in zip(pictures.masks, pictures.colors):
+            combined = overlay_mask(combined, mask, color, alpha=0.35)
+        summary.append((combined, f"all heads, {100 * maps.threshold:.0f}% mass"))
+    summary.append((blend(img, colorize(maps.upsample(maps.attention.mean(0)))), "mean over heads"))
+    if pictures.pca is not None:
+        summary.append((pictures.pca, "PCA of patch features"))
+    if pictures.rollout is not None:
+        summary.append((blend(img, pictures.rollout), "attention rollout"))
+    return summary
+
+
+def _write_grid(maps: AttentionMaps, pictures: _Pictures, path: Path, title: str) -> Path:
+    """``grid.png``: the summary row, then per row of heads their maps (and their masks)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    img = maps.image
-    n = maps.num_heads
-    colors = head_colors(n)
-    heats = [colorize(maps.upsample(a)) for a in maps.attention]
-    up_masks = [maps.upsample(m) for m in maps.masks] if maps.masks is not None else None
-
-    # one PNG per head: heat map over the image | image with the head's mask
-    for i in range(n):
-        left = _blend(img, heats[i])
-        right = overlay_mask(img, up_masks[i], colors[i]) if up_masks is not None else heats[i]
-        gap = np.full((img.shape[0], 4, 3), 255, dtype=np.uint8)
-        path = out / f"head_{i}.png"
-        Image.fromarray(np.concatenate([left, gap, right], axis=1)).save(path)
-        written.append(path)
-    pca_img = (maps.upsample(maps.pca) * 255).round().astype(np.uint8) if maps.pca is not None else None
-    if pca_img is not None:
-        Image.fromarray(pca_img).save(out / "pca.png")
-        written.append(out / "pca.png")
-    roll_img = colorize(maps.upsample(maps.rollout)) if maps.rollout is not None else None
-    if roll_img is not None:
-        Image.fromarray(_blend(img, roll_img)).save(out / "rollout.png")
-        written.append(out / "rollout.png")
-
-    # the grid: a summary row, then per row of heads their maps and their masks
-    combined = img.copy()
-    if up_masks is not None:
-        for i in range(n):
-            combined = overlay_mask(combined, up_masks[i], colors[i], alpha=0.35)
-    summary: list[tuple[np.ndarray, str]] = [(img, "image")]
-    if up_masks is not None:
-        summary.append((combined, f"all heads, {100 * maps.threshold:.0f}% mass"))
-    summary.append((_blend(img, colorize(maps.upsample(maps.attention.mean(0)))), "mean over heads"))
-    if pca_img is not None:
-        summary.append((pca_img, "PCA of patch features"))
-    if roll_img is not None:
-        summary.append((_blend(img, roll_img), "attention rollout"))
+    img, n, colors = maps.image, maps.num_heads, pictures.colors
+    summary = _summary_row(maps, pictures)
     ncols = max(len(summary), min(n, 6))
     head_rows = -(-n // ncols)
-    rows_per_head = 2 if up_masks is not None else 1
+    rows_per_head = 2 if pictures.masks is not None else 1
     nrows = 1 + head_rows * rows_per_head
     aspect = img.shape[0] / img.shape[1]
     fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.6 * aspect * nrows + 0.6), squeeze=False)
@@ -248,20 +210,22 @@ def render(maps: AttentionMaps, out_dir: str | Path, title: str = "") -> list[Pa
         axes[0, j].set_title(label, fontsize=9)
     for i in range(n):
         r, c = 1 + (i // ncols) * rows_per_head, i % ncols
-        axes[r, c].imshow(heats[i])
+        axes[r, c].imshow(pictures.heats[i])
         axes[r, c].set_title(f"head {i}", fontsize=9, color=tuple(colors[i] / 255))
-        if up_masks is not None:
-            axes[r + 1, c].imshow(overlay_mask(img, up_masks[i], colors[i]))
+        if pictures.masks is not None:
+            axes[r + 1, c].imshow(overlay_mask(img, pictures.masks[i], colors[i]))
             kept = float(maps.masks[i].mean())
             axes[r + 1, c].set_title(f"head {i}: {100 * kept:.0f}% of patches", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = out / "grid.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    written.insert(0, path)
+    return path
 
+
+def _write_arrays(maps: AttentionMaps, path: Path) -> Path:
+    """``maps.npz``: the raw maps (attention, masks, pca, rollout: those there are)."""
     arrays = {"attention": maps.attention}
     if maps.masks is not None:
         arrays["masks"] = maps.masks
@@ -269,9 +233,8 @@ def render(maps: AttentionMaps, out_dir: str | Path, title: str = "") -> list[Pa
         arrays["pca"] = maps.pca
     if maps.rollout is not None:
         arrays["rollout"] = maps.rollout
-    np.savez_compressed(out / "maps.npz", **arrays)
-    written.append(out / "maps.npz")
-    return written
+    np.savez_compressed(path, **arrays)
+    return path
 
 
 # ----------------------------------------------------------------------------------- batch mode
@@ -298,17 +261,10 @@ def visualize_images(backbone: nn.Module, inputs: Sequence[str | Path], out_dir:
                      discard_ratio: float = 0.0, max_side: int | None = None, device: torch.device | str = "cpu",
                      title: str = "", progress: bool | None = None) -> list[Path]:
     """Figures for image files and folders (batch mode, with a progress bar); returns the grid PNGs."""
-    from ssl_distill.data.folder import _DECODE_ERRORS, load_rgb
-
     items = _image_list(inputs)
     grids: list[Path] = []
-    bar = tqdm(items, desc="visualize", unit="img", disable=(not sys.stderr.isatty()) if progress is None else not progress)
-    for path, name in bar:
-        try:
-            img = load_rgb(path)
-        except _DECODE_ERRORS as e:
-            print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
-            continue
+    for i, img in readable_images([path for path, _ in items], "visualize", progress):
+        path, name = items[i]
         maps = compute_maps(backbone, img, mean, std, threshold, pca, rollout, head_fusion, discard_ratio, max_side, device)
         grids.append(render(maps, Path(out_dir) / name, title=f"{title}  {path.name}".strip())[0])
     return grids
@@ -318,16 +274,14 @@ def visualize_images(backbone: nn.Module, inputs: Sequence[str | Path], out_dir:
 def run(args: argparse.Namespace) -> int:
     from ssl_distill.runtime import resolve_device
 
-    from .discover import load_model, normalization_of
+    from .model import load_model
+    from .results import default_output
 
-    backbone, cfg = load_model(args.checkpoint, args.which, args.random_init)
     device = resolve_device(args.device, key="--device")
-    backbone.to(device)
-    mean, std = normalization_of(cfg)
-    out = Path(args.out) if args.out else None
-    if out is None:
-        ck = Path(args.checkpoint)
-        out = (ck if ck.is_dir() else ck.parent) / ("attention_random_init" if args.random_init else "attention")
+    model = load_model(args.checkpoint, args.which, random_init=args.random_init, device=device)
+    backbone = model.backbone
+    mean, std = model.normalization
+    out = Path(args.out) if args.out else default_output(args.checkpoint, "attention", args.random_init, suffix="")
     label = f"{Path(args.checkpoint).name} ({'random init' if args.random_init else args.which})"
     grids = visualize_images(backbone, args.images, out, mean, std, args.threshold or None, not args.no_pca,
                              args.rollout, args.head_fusion, args.discard_ratio, args.max_side, device, label)
@@ -337,11 +291,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ssl_distill.eval.visualize``: the same as ``ssl-distill visualize`` (one error handler)."""
-    from ssl_distill.cli import run as cli_run
-
-    return cli_run(["visualize", *(sys.argv[1:] if argv is None else argv)])
+main = tool_main("visualize", add_arguments, run)  # python -m ssl_distill.eval.visualize
 
 
 if __name__ == "__main__":

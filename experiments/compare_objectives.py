@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import re
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -27,11 +27,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ssl_distill.hardware import device_sync, hardware_line  # noqa: E402
-
-from ssl_distill.config import load_config  # noqa: E402
-from ssl_distill.data.fashion_mnist import build_fashion_mnist_folders  # noqa: E402
-from ssl_distill.engine.train import Trainer  # noqa: E402
+from ssl_distill.config import load_config
+from ssl_distill.data.fashion_mnist import build_fashion_mnist_folders
+from ssl_distill.engine.train import Trainer
+from ssl_distill.hardware import device_sync, hardware_line
+from ssl_distill.report.docs import update_section
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = "dinov2_style_tiny_fmnist.yaml"  # what --variants start from
@@ -120,9 +120,10 @@ def cli(*args: str, log: Path | None = None, threads: int | None = None) -> None
 
 
 def write_table(out: Path, title: str, header: list[str], lines: list[str], rows: list[dict], budget_min: float,
-                hardware: str | None = None, seeds: list[int] | None = None) -> None:
+                hardware: str | None = None, seeds: list[int] | None = None, docs: str | None = None) -> None:
     """``out/table.json`` (the rows, the hardware line, the budget, the seeds) and ``out/table.md``; prints the
-    table. ``seeds``: the runs' ``run.seed`` values (default: the recipes' 0)."""
+    table. ``seeds``: the runs' ``run.seed`` values (default: the recipes' 0). ``docs``: also replace this
+    experiment's section of ``docs/results.md`` (named after the script that calls) with the table."""
     hardware = hardware or hardware_line()
     seeds = seeds or [0]
     (out / "table.json").write_text(json.dumps({"hardware": hardware, "budget_min": budget_min, "seeds": seeds,
@@ -131,6 +132,8 @@ def write_table(out: Path, title: str, header: list[str], lines: list[str], rows
     text = "\n".join([f"{title}, {which}, {budget_min:g} min of training each; {hardware}", "",
                       "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *lines])
     (out / "table.md").write_text(text + "\n")
+    if docs:
+        update_section(ROOT / "docs" / "results.md", docs, text)
     print(text)
 
 
@@ -143,6 +146,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=[], metavar="NAME=KEY=VALUE,...",
                     help="the demo's recipe with comma-separated overrides, run like the methods")
     ap.add_argument("--skip-linear", action="store_true", help="k-NN only")
+    ap.add_argument("--docs", action="store_true", help="also write the table into docs/results.md (its section)")
     args = ap.parse_args()
     methods = {name: METHODS[name] for name in args.methods}
     for name, overrides in parse_variants(args.variants).items():
@@ -182,7 +186,8 @@ def main() -> None:
                      f"{r['train_minutes']:.1f} | {r['knn_top1_k20']:.2f}% | "
                      + ("-" if r["linear_fast_top1"] is None else f"{r['linear_fast_top1']:.2f}%") + " |")
     write_table(out, "Fashion-MNIST", ["method", "recipe", "s/step", "epochs", "train min", "k-NN top-1 (k=20)",
-                                       "linear (fast) top-1"], lines, rows, args.budget_min)
+                                       "linear (fast) top-1"], lines, rows, args.budget_min,
+                docs="experiments/compare_objectives.py" if args.docs else None)
 
 
 if __name__ == "__main__":

@@ -44,8 +44,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ssl_distill.hardware import cuda_line, hardware_line  # noqa: E402
-from compare_objectives import cli, parse_variants, seconds_per_step, write_table  # noqa: E402
+from compare_objectives import cli, parse_variants, seconds_per_step, write_table
+from ssl_distill.hardware import cuda_line, hardware_line
 
 ROOT = Path(__file__).resolve().parents[1]
 IBOT = ["ibot.weight=1", "masking.shape=block", "masking.pred_ratio=[0,0.3]", "masking.pred_ratio_var=[0,0.2]"]
@@ -160,6 +160,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=[], metavar="NAME=KEY=VALUE,...",
                     help="more rows: ODIS on ground-truth boxes with these overrides")
     ap.add_argument("--parallel", type=int, default=1, help="runs at once (a GPU); 1 on a CPU")
+    ap.add_argument("--docs", action="store_true", help="also write the table into docs/results.md (its section)")
     ap.add_argument("--skip-discovered", action="store_true",
                     help="no ODIS on discovered boxes (it waits for DINO: a second budget of wall-clock)")
     args = ap.parse_args()
@@ -220,7 +221,7 @@ def main() -> None:
     lines += [f"| {failure} | | | | | | |" for failure in failed]
     table.insert(0, {"method": "raw pixels of the box crop", "knn_pixels": pixels})
     write_table(out, f"Scene benchmark ({scenes})", HEADER, lines, table, args.budget_min, hardware=hardware,
-                seeds=args.seeds)
+                seeds=args.seeds, docs="experiments/compare_scenes.py" if args.docs else None)
     if failed:
         sys.exit("some runs failed:\n" + "\n".join(failed))
 

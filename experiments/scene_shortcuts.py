@@ -26,12 +26,12 @@ import torch
 from PIL import Image
 from sklearn.cluster import KMeans
 
-from ssl_distill.checkpoints import load_any_backbone
 from ssl_distill.data.boxes import read_boxes
-from ssl_distill.eval.features import BoxFeatures, ImageSettings, extract_box_features
-from ssl_distill.eval.knn import knn_classify
+from ssl_distill.eval.box_features import BoxFeatures, extract_box_features
+from ssl_distill.eval.features import ImageSettings
+from ssl_distill.eval.model import load_model
 from ssl_distill.hardware import hardware_line
-from ssl_distill.models.backbone import random_init_like
+from ssl_distill.weighted_knn import knn_classify
 
 
 def colour_statistics(image_root: Path, feats: BoxFeatures) -> tuple[np.ndarray, np.ndarray]:
@@ -71,10 +71,7 @@ def main() -> None:
     models = [(r, False) for r in args.runs] + ([(args.runs[0], True)] if args.random_init else [])
     print("| model | feature | class | item colour | background |\n|---|---|---|---|---|")
     for run, random_init in models:
-        loaded = load_any_backbone(run, "teacher")
-        backbone = loaded.backbone
-        if random_init:
-            backbone = random_init_like(backbone, int(loaded.config.run.seed))
+        backbone, loaded = load_model(run, "teacher", random_init=random_init)
         crops = loaded.config.data.crops
         size = int(loaded.config.model.img_size)
         settings = ImageSettings(size, size, tuple(crops.mean), tuple(crops.std))

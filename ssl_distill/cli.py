@@ -14,8 +14,8 @@ import sys
 from typing import Callable
 
 from . import cli_args
-from .config import ConfigError, load_config
-from .errors import AnnotationError, CheckpointError, DataError, NonFiniteLossError
+from .config import load_config
+from .errors import run_command
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -35,8 +35,8 @@ def _train(args: argparse.Namespace) -> int:
 def _knn(args: argparse.Namespace) -> int:
     import torch
 
-    from .eval.evaluate import knn_on_checkpoint
-    from .eval.features import FeatureSpec
+    from .eval.knn import knn_on_checkpoint
+    from .models.frozen_features import FeatureSpec
 
     results = knn_on_checkpoint(
         args.checkpoint, train_dir=args.train, val_dir=args.val, which=args.which,
@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the subcommand; returns its exit code.
 
-    A user error (bad config, data, checkpoint, annotations, non-finite loss, invalid argument)
-    prints one line to stderr and raises SystemExit(1) instead of a traceback.
+    A user error prints one line to stderr and raises SystemExit(1) instead of a traceback
+    (:func:`ssl_distill.errors.run_command`).
     """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -178,15 +178,7 @@ def run(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if takes_overrides:
         args.overrides = list(args.overrides or []) + extra
-    try:
-        return args.func(args)
-    except ConfigError as e:
-        message = f"config error: {e}"
-    except (DataError, CheckpointError, NonFiniteLossError, AnnotationError, ValueError) as e:
-        # ValueError: argument checks of the evaluation tools (e.g. a holdout fraction outside (0, 1))
-        message = f"error: {e}"
-    print(message, file=sys.stderr)
-    raise SystemExit(1)
+    return run_command(args.func, args)
 
 
 def main(argv: list[str] | None = None) -> None:

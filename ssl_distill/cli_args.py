@@ -3,30 +3,48 @@
 ``ssl-distill --help``, a subcommand's ``--help``, an argument error and the commands that run no
 model (``submit``, ``report``) then answer in a fraction of a second; :mod:`ssl_distill.cli` imports a
 subcommand's (heavy) module only in its handler. Each ``<name>_arguments(parser)`` adds the options of
-``ssl-distill <name>``; the tools re-export theirs as ``add_arguments``.
+``ssl-distill <name>``; the tools re-export theirs as ``add_arguments``, and build their ``python -m`` entry
+points with :func:`tool_main`.
 """
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 
-from ssl_distill.eval.constants import DINOSEG_HEAD, EPS, LR_GRID, TAU
+from ssl_distill.errors import run_command
+from ssl_distill.eval_constants import DINOSEG_HEAD, EPS, LR_GRID, TAU
 
 __all__ = [
     "corloc_arguments", "demo_arguments", "discover_arguments", "export_arguments", "knn_arguments",
     "linear_arguments", "make_scenes_arguments", "object_knn_arguments", "prepare_fmnist_arguments",
-    "report_arguments", "submit_arguments", "train_arguments", "visualize_arguments",
+    "report_arguments", "submit_arguments", "tool_main", "train_arguments", "visualize_arguments",
 ]
+
+
+def tool_main(name: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+              run: Callable[[argparse.Namespace], int]) -> Callable[[Sequence[str] | None], int]:
+    """``main(argv=None)`` of a tool's ``python -m`` entry point, the same as ``ssl-distill <name>``: ``argv``
+    (default ``sys.argv[1:]``) parsed with that subcommand's options alone (same usage and argument errors),
+    then ``run`` through the one error handler, :func:`ssl_distill.errors.run_command`."""
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        parser = argparse.ArgumentParser(prog=f"ssl-distill {name}")
+        add_arguments(parser)
+        return run_command(run, parser.parse_args(argv))
+
+    return main
 
 
 def train_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``ssl-distill train`` (:func:`ssl_distill.engine.train.train`)."""
     p.add_argument("config", help="YAML recipe, e.g. configs/dino_vit_small16.yaml")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=0.001")
-    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over: the earlier run's files move into <run dir>/previous/<time>/")
 
 
 def knn_arguments(k: argparse.ArgumentParser) -> None:
-    """Options of ``ssl-distill knn`` (:func:`ssl_distill.eval.evaluate.knn_on_checkpoint`)."""
+    """Options of ``ssl-distill knn`` (:func:`ssl_distill.eval.knn.knn_on_checkpoint`)."""
     k.add_argument("checkpoint", help="checkpoint file or run directory")
     k.add_argument("overrides", nargs="*", help="knn.* overrides, e.g. knn.image_size=28 knn.ks=[20]")
     k.add_argument("--train", help="labeled train folder (default: the run's knn.train_dir)")
@@ -232,6 +250,8 @@ def export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", dest="fmt", choices=["safetensors", "pth"], default=None,
                         help="default: from the output suffix")
     parser.add_argument("--num-heads", type=int, default=None, help="head count, for non-standard widths")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing output file (never a training checkpoint or the file read)")
 
 
 def visualize_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -42,6 +43,10 @@ class CropsConfig:
     # ODIS object-aware cropping (with data.boxes; see data/object_crops.py)
     min_object_cover: float = 0.04  # a crop holds an object when the object's visible part covers this much of it
     object_aware_local: bool = False  # local crops redrawn until they hold the target too; [OBJ] then sees its box
+    # Gram anchoring's teacher crops (see the gram section): each global view's box and flip again at this size
+    gram_size: int | None = None  # null: none (official crops.gram_teacher_crops_size; 512 for 256 in the 7B stage)
+    gram_no_distortions: bool = True  # normalised only, no jitter / blur / solarize (official crops.
+    # gram_teacher_no_distortions: true in the 7B Gram stage, false by default); false: the global view's photometry
 
 
 @dataclass
@@ -136,6 +141,46 @@ class OdisConfig:
 
     weight: float = 0.0  # the [OBJ] term's weight; 1.0 in the ODIS recipes
     center_momentum: float = 0.9
+
+
+@dataclass
+class GramConfig:
+    """Gram anchoring (Siméoni et al. 2025, DINOv3; ``objectives/gram.py``): off while ``weight`` is 0.
+
+    The student's patch similarities (Gram matrix) of the global views are pulled towards a Gram
+    teacher's: the live EMA teacher (``ema_teacher``), or a frozen backbone from a file (``ckpt``) or taken
+    from the EMA teacher before step ``it_load_ema_teacher``, refreshed from it every ``update_frequency``
+    steps from step ``it_first_update`` on, at most ``max_updates`` times. A separate Gram teacher reads
+    its own crops at ``data.crops.gram_size``. The weight is 0 before ``start_step``, rises along a half
+    cosine over ``ramp_steps`` and stays at ``weight``; the DINO term's local-crop pairs go from weight 1
+    to ``dino_local_weight`` along the same ramp. Steps count iterations, as the official keys do.
+    """
+
+    weight: float = 0.0  # after the ramp (official gram.loss_weight_schedule end / loss_weight; 2.0 in the 7B stage)
+    start_step: int = 0  # weight 0 before it (official schedule warmup, start = peak = 0; 1,000,000 in the 7B stage)
+    ramp_steps: int = 0  # half-cosine ramp 0 -> weight (official schedule cosine_epochs x epoch length; 1,000)
+    dino_local_weight: float = 1.0  # DINO's local-crop pairs after the ramp (official dino.reweight_dino_local_loss
+    # with local_loss_weight_schedule end; 0.5 in the 7B stage); 1 leaves the DINO term as it is
+    img_level: bool = True  # one Gram matrix per image (official gram.img_level: true in the 7B stage, default
+    # false); false: one matrix over every global view of the batch
+    normalized: bool = True  # L2-normalise the patch features first (official gram.normalized)
+    remove_neg: bool = False  # clamp both matrices' negative entries to 0 (official gram.remove_neg)
+    remove_only_teacher_neg: bool = False  # clamp the teacher's only (official gram.remove_only_teacher_neg)
+    ema_teacher: bool = False  # the live EMA teacher on the same global views, no extra model (official same name)
+    ckpt: str | None = None  # Gram teacher backbone file or run directory (official gram.ckpt); any file
+    # model.init_from reads (ours, official DINO / iBOT / DINOv2)
+    it_load_ema_teacher: int = -1  # copy the EMA teacher in before this step; -1: never (official same name)
+    update_frequency: int = 0  # refresh from the EMA teacher after every N-th step; 0: never (official
+    # gram.update_frequency with gram.rep_update; 10,000 in the 7B stage)
+    it_first_update: int = 0  # no refresh before this step (official gram.it_first_update; 1,010,000 in the 7B stage)
+    max_updates: int | None = None  # at most this many refreshes; null: no limit (official gram.max_updates; 3)
+    compute_stats: bool = False  # also log the batch-level Gram loss on masked / unmasked patches (official
+    # gram.compute_stats: stats_only/masked_gram_loss, unmasked_gram_loss)
+
+    @property
+    def on(self) -> bool:
+        """Whether the run trains with the Gram term."""
+        return self.weight > 0
 
 
 @dataclass
@@ -262,6 +307,7 @@ class Config:
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     ibot: IbotConfig = field(default_factory=IbotConfig)
     odis: OdisConfig = field(default_factory=OdisConfig)
+    gram: GramConfig = field(default_factory=GramConfig)
 
 
 class ConfigError(ValueError):
@@ -516,6 +562,13 @@ def _check_masking(mk: MaskingConfig) -> None:
         raise ConfigError(f"masking.attmask={mk.attmask} builds the masks from the teacher's attention, and "
                           f"masking.shape={mk.shape} from the data: choose one (set masking.shape=none for AttMask)")
     _check_range("masking.masking_prob", mk.masking_prob, 0, 1)
+    if mk.attmask != "none" and mk.masking_prob == 0:
+        raise ConfigError(f"masking.masking_prob=0 masks no view, so the patch term of masking.attmask={mk.attmask} "
+                          "would never train: give it a probability above 0 (0.5 in AttMask)")
+    if mk.attmask == "none" and mk.masking_prob != MaskingConfig.masking_prob:
+        raise ConfigError(f"masking.masking_prob={mk.masking_prob} applies to AttMask's masks only, and masking.attmask"
+                          f"=none: remove it (block and random masks leave a view unmasked through a 0 entry in "
+                          f"masking.pred_ratio, as iBOT), or set masking.attmask")
     why = "; a ratio is the fraction of a global view's patches to mask, and masking all of them leaves nothing to see"
     if not mk.pred_ratio:
         raise ConfigError("masking.pred_ratio is empty: give at least one ratio, e.g. [0.3]")
@@ -593,6 +646,92 @@ def _check_objectives(cfg: Config) -> None:
         what = f"masking.attmask={mk.attmask}" if mk.attmask != "none" else f"masking.shape={mk.shape}"
         raise ConfigError(f"{what} masks patches for a masked-image objective, but ibot.weight=0 turns that "
                           "objective off: set ibot.weight (1.0 in iBOT and AttMask), or masking to none for DINO")
+    if mk.pred_start_epoch > 0 and not masked:
+        raise ConfigError(f"masking.pred_start_epoch={mk.pred_start_epoch} delays the patch masks, but nothing masks "
+                          "patches: remove it, or set masking.shape / masking.attmask with ibot.weight")
+    # masks drawn with the batch know each sample's whole epoch only: they start at the first whole epoch
+    start = mk.pred_start_epoch if mk.attmask != "none" else math.ceil(mk.pred_start_epoch)
+    if masked and start >= cfg.optim.epochs:
+        raise ConfigError(f"masking.pred_start_epoch={mk.pred_start_epoch} leaves no epoch of the run to mask "
+                          f"(optim.epochs={cfg.optim.epochs}; masks from the data start at a whole epoch): the patch "
+                          "term would never train; lower it (0 in iBOT), or train without it (ibot.weight=0, masking "
+                          "none)")
+
+
+def _check_gram(cfg: Config) -> None:
+    """gram.* and data.crops.gram_*: a Gram teacher with one source, refresh keys that agree, a term with
+    patches to compare, Gram crops only where a separate Gram teacher reads them."""
+    g, c, m = cfg.gram, cfg.data.crops, cfg.model
+    for key in ("weight", "dino_local_weight", "start_step", "ramp_steps", "update_frequency", "it_first_update"):
+        _check_range(f"gram.{key}", getattr(g, key), 0)
+    _check_range("gram.it_load_ema_teacher", g.it_load_ema_teacher, -1, hint=" (-1: never)")
+    if g.max_updates is not None:
+        _check_range("gram.max_updates", g.max_updates, 1, hint=" (null: no limit; no refresh at all: "
+                     "gram.update_frequency=0)")
+    if g.ckpt is not None and not g.ckpt.strip():
+        raise ConfigError("gram.ckpt is an empty string: give a backbone file or run directory, or null for none")
+    if not g.on:
+        used = [f"{k}={v}" for k, v in (("data.crops.gram_size", c.gram_size), ("gram.ckpt", g.ckpt)) if v is not None]
+        used += [f"gram.{k}={str(getattr(g, k)).lower()}" for k, off in (
+            ("ema_teacher", False), ("it_load_ema_teacher", -1), ("update_frequency", 0), ("dino_local_weight", 1.0))
+            if getattr(g, k) != off]
+        if used:
+            raise ConfigError(f"{', '.join(used)} {'sets' if len(used) == 1 else 'set'} up Gram anchoring, but "
+                              "gram.weight=0 turns its term off: set gram.weight (2.0 in DINOv3's Gram stage), or "
+                              "leave those keys at their defaults")
+        return
+    if g.remove_neg and g.remove_only_teacher_neg:
+        raise ConfigError("gram.remove_neg and gram.remove_only_teacher_neg are both true: they are two variants of "
+                          "the negative-entry removal (both matrices, or the teacher's only); choose one")
+    grid = c.global_size // m.patch_size
+    if g.img_level and grid * grid < 2:
+        raise ConfigError(f"gram.img_level=true compares the patches of each global view, but data.crops.global_size="
+                          f"{c.global_size} at model.patch_size={m.patch_size} gives one patch: its Gram matrix is "
+                          "always [[1]] and the term has nothing to read; use larger global crops")
+    if g.dino_local_weight != 1.0 and (cfg.dino.weight == 0 or c.n_local == 0):
+        raise ConfigError(f"gram.dino_local_weight={g.dino_local_weight} reweights the DINO term's local-crop pairs, "
+                          f"but the run has none (dino.weight={cfg.dino.weight}, data.crops.n_local={c.n_local}): "
+                          "leave it at 1")
+    if c.gram_size is not None:
+        _check_range("data.crops.gram_size", c.gram_size, 1)
+        if c.gram_size % m.patch_size:
+            raise ConfigError(f"data.crops.gram_size={c.gram_size} is not a multiple of model.patch_size="
+                              f"{m.patch_size}: the Gram teacher's patch grid would drop the last pixels")
+    sources = [key for key, on in (("gram.ema_teacher=true", g.ema_teacher),
+                                   (f"gram.ckpt={g.ckpt}", g.ckpt is not None),
+                                   (f"gram.it_load_ema_teacher={g.it_load_ema_teacher}", g.it_load_ema_teacher >= 0))
+               if on]
+    if not sources:
+        raise ConfigError("gram.weight > 0 needs a Gram teacher: gram.ema_teacher=true (the live EMA teacher), "
+                          "gram.ckpt=<backbone file> or gram.it_load_ema_teacher=<step> (a frozen copy of the EMA "
+                          "teacher taken before that step)")
+    if len(sources) > 1:
+        raise ConfigError(f"{' and '.join(sources)} both say where the Gram teacher comes from: choose one "
+                          "(gram.update_frequency refreshes a frozen one from the EMA teacher later)")
+    if g.ema_teacher:
+        if c.gram_size is not None:
+            raise ConfigError(f"gram.ema_teacher=true compares with the EMA teacher's own patches of the global views, "
+                              f"so data.crops.gram_size={c.gram_size} would render crops nobody reads: set it to null "
+                              "(or use a frozen Gram teacher: gram.ckpt or gram.it_load_ema_teacher)")
+        if g.update_frequency:
+            raise ConfigError(f"gram.update_frequency={g.update_frequency} refreshes a frozen Gram teacher from the "
+                              "EMA teacher, but gram.ema_teacher=true uses the EMA teacher itself: set "
+                              "update_frequency=0")
+    elif c.gram_size is None:
+        raise ConfigError("a frozen Gram teacher reads its own crops of the global views: set data.crops.gram_size "
+                          f"(e.g. {2 * c.global_size}, twice data.crops.global_size as DINOv3's Gram stage, or "
+                          f"{c.global_size} for the same resolution)")
+    if g.update_frequency == 0:
+        extra = [f"gram.{k}={getattr(g, k)}" for k, off in (("it_first_update", 0), ("max_updates", None))
+                 if getattr(g, k) != off]
+        if extra:
+            raise ConfigError(f"{', '.join(extra)} {'says' if len(extra) == 1 else 'say'} when Gram teacher refreshes "
+                              "happen, but gram.update_frequency=0 never refreshes it: set update_frequency, or drop "
+                              "those keys")
+    if g.it_load_ema_teacher > g.start_step:
+        raise ConfigError(f"gram.it_load_ema_teacher={g.it_load_ema_teacher} takes the Gram teacher after "
+                          f"gram.start_step={g.start_step}, where the term already runs: take it at or before the "
+                          "start step")
 
 
 def _check_monitor(cfg: Config) -> None:
@@ -622,6 +761,9 @@ def _check_boxes(d: DataConfig) -> None:
     if d.crops.object_aware_local and d.boxes is None:
         raise ConfigError("data.crops.object_aware_local=true draws local crops around boxes, but data.boxes is "
                           "null: set data.boxes to a COCO-style boxes file, or object_aware_local to false")
+    if d.crops.object_aware_local and d.crops.n_local == 0:
+        raise ConfigError("data.crops.object_aware_local=true draws the local crops around the target object, but "
+                          "data.crops.n_local=0 makes no local crop: set n_local, or object_aware_local to false")
 
 
 def validate(cfg: Config) -> None:
@@ -697,7 +839,18 @@ def validate(cfg: Config) -> None:
     _check_boxes(d)
     _check_masking(cfg.masking)
     _check_objectives(cfg)
+    _check_gram(cfg)
     _check_monitor(cfg)
+
+
+def config_notes(cfg: Config) -> list[str]:
+    """Settings that are valid but probably not what was meant, one sentence each (``train`` prints them)."""
+    c = cfg.data.crops
+    notes = []
+    if c.n_local and c.local_size > c.global_size:
+        notes.append(f"data.crops.local_size={c.local_size} is larger than global_size={c.global_size}: the local "
+                     "views (small crops of the image) are usually the smaller ones (DINO: 96 and 224)")
+    return notes
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -706,13 +859,18 @@ def save_config(cfg: Config, path: str | Path) -> None:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
 
 
-def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts."""
-    out = []
+def config_changes(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """The dotted keys whose values differ between two nested dicts: ``{key: (a's value, b's value)}``, sorted."""
+    out: dict[str, tuple[Any, Any]] = {}
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += config_diff(va, vb, prefix + k + ".")
+            out.update(config_changes(va, vb, prefix + k + "."))
         elif va != vb:
-            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+            out[prefix + k] = (va, vb)
     return out
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts, as ``key: a -> b`` lines."""
+    return [f"{k}: {va!r} -> {vb!r}" for k, (va, vb) in config_changes(a, b, prefix).items()]

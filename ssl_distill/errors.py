@@ -1,13 +1,21 @@
-"""The user errors the command line turns into one-line messages, importable without torch.
+"""The user errors the command line turns into one-line messages, and the one handler that does it;
+importable without torch.
 
-Each is defined here, not in the (torch-importing) module that raises it, so that ``ssl-distill``
+Each error is defined here, not in the (torch-importing) module that raises it, so that ``ssl-distill``
 can catch them without importing torch for commands that never run a model (``--help``,
 ``submit``, ``report``). The modules that raise them re-export them under their old names
-(``ssl_distill.data.folder.DataError`` is this ``DataError``).
+(``ssl_distill.data.folder.DataError`` is this ``DataError``). :func:`run_command` is the handler both
+``ssl-distill`` and the tools' own ``python -m`` entry points run their subcommand through.
 """
 from __future__ import annotations
 
-__all__ = ["AnnotationError", "CheckpointError", "DataError", "NonFiniteLossError"]
+import argparse
+import sys
+from collections.abc import Callable
+
+from .config import ConfigError
+
+__all__ = ["INTERRUPTED_EXIT", "AnnotationError", "CheckpointError", "DataError", "NonFiniteLossError", "run_command"]
 
 
 class DataError(ValueError):
@@ -24,3 +32,28 @@ class NonFiniteLossError(RuntimeError):
 
 class AnnotationError(ValueError):
     """A ground-truth or boxes file that cannot be read (message names the file)."""
+
+
+#: the exit code of a command stopped at once by Ctrl-C (128 + SIGINT, as a shell reports it)
+INTERRUPTED_EXIT = 130
+
+
+def run_command(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """``handler(args)``, the exit code of a subcommand.
+
+    A user error (bad config, data, checkpoint, annotations, non-finite loss, invalid argument)
+    prints one line to stderr and raises SystemExit(1) instead of a traceback; a Ctrl-C that stops the
+    command at once (training: the second one) prints one line and raises SystemExit(130).
+    """
+    code = 1
+    try:
+        return handler(args)
+    except ConfigError as e:
+        message = f"config error: {e}"
+    except (DataError, CheckpointError, NonFiniteLossError, AnnotationError, ValueError) as e:
+        # ValueError: argument checks of the evaluation tools (e.g. a holdout fraction outside (0, 1))
+        message = f"error: {e}"
+    except KeyboardInterrupt as e:  # its message, where there is one, says what is on disk
+        message, code = f"interrupted (Ctrl-C){': ' + str(e) if str(e) else ''}", INTERRUPTED_EXIT
+    print(message, file=sys.stderr)
+    raise SystemExit(code)

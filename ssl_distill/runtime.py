@@ -33,8 +33,12 @@ def resolve_device(name: str, key: str = "run.device") -> torch.device:
 
 
 def gemm_seconds(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
-    """Best time of one (n x n) @ (n x n) matmul in ``dtype`` on the CPU (after one warm-up)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    """Best time of one (n x n) @ (n x n) matmul in ``dtype`` on the CPU (after one warm-up).
+
+    The operands come from a generator of their own: the global RNG (drop path, a resumed run's restored
+    state) must not depend on whether this process has timed the CPU before."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=gen).to(dtype), torch.randn(n, n, generator=gen).to(dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):

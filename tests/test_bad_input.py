@@ -199,3 +199,15 @@ def test_auto_precision_takes_bf16_only_where_it_is_faster(monkeypatch):
     assert runtime.resolve_precision(cpu, "fp32") == "fp32" and runtime.resolve_precision(cpu, "bf16") == "bf16"
     with pytest.raises(ConfigError, match="run.precision must be fp32, bf16, fp16 or auto"):
         runtime.check_precision(cpu, "half")
+
+
+def test_timing_the_cpu_leaves_the_global_rng_alone():
+    """``run.precision`` / ``monitor.knn_precision: auto`` time matmuls once per process; that must not move the
+    global RNG (drop path draws from it, and a resumed run restores it before the online k-NN is built)."""
+    from ssl_distill import runtime
+
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    runtime.gemm_seconds(torch.float32, n=32, repeats=1)
+    assert torch.equal(torch.rand(4), expected)

@@ -80,5 +80,34 @@ def test_collapse_statistics():
     onehot_spread = F.one_hot(torch.arange(4), K).float()
     s = teacher_statistics(onehot_spread)
     assert abs(s["teacher_kl_uniform"].item() - (math.log(K) - math.log(4))) < 1e-5
-    empty = teacher_statistics(torch.empty(0, K))  # no masked patch / no valid [OBJ] view: zeros, not NaN
-    assert empty["teacher_entropy"].item() == 0.0 and empty["teacher_kl_uniform"].item() == 0.0
+    # no masked patch / no valid [OBJ] view: nothing measured (neither NaN nor a 0 that reads as a sharp teacher)
+    assert teacher_statistics(torch.empty(0, K)) == {}
+
+
+def test_local_crop_weight_1_is_the_term_unchanged_and_0_5_the_written_out_formula():
+    """DINOv3's local-crop reweighting (Gram stage): (global pairs + w * local pairs) / number of pairs."""
+    torch.manual_seed(2)
+    K, B, V, G = 48, 4, 6, 2
+    student, teacher = torch.randn(V * B, K), torch.randn(G * B, K)
+    plain = DINOLoss(K, V, G)(student, teacher, 0.04)["dino"]
+    assert torch.equal(DINOLoss(K, V, G)(student, teacher, 0.04, local_weight=1.0)["dino"], plain)
+
+    got = DINOLoss(K, V, G)(student, teacher, 0.04, local_weight=0.5)["dino"]
+    s = (student / 0.1).chunk(V)
+    t = F.softmax(teacher / 0.04, dim=-1).chunk(G)
+    total, n = 0.0, 0
+    for iq, q in enumerate(t):
+        for v in range(V):
+            if v == iq:
+                continue
+            weight = 1.0 if v < G else 0.5
+            total = total + weight * torch.sum(-q * F.log_softmax(s[v], dim=-1), dim=-1).mean()
+            n += 1
+    torch.testing.assert_close(got, total / n, rtol=1e-6, atol=1e-6)
+    # DINOv3's form: dino_global_scale * L_global + dino_local_scale * w * L_local, each L the mean over its pairs
+    global_pairs, local_pairs = G * (G - 1), G * (V - G)
+    l_global = sum(torch.sum(-t[i] * F.log_softmax(s[v], -1), -1).mean() for i in range(G) for v in range(G) if v != i)
+    l_local = sum(torch.sum(-t[i] * F.log_softmax(s[v], -1), -1).mean() for i in range(G) for v in range(G, V))
+    official = (global_pairs * l_global / global_pairs + local_pairs * 0.5 * l_local / local_pairs) / (
+        global_pairs + local_pairs)
+    torch.testing.assert_close(got, official, rtol=1e-6, atol=1e-6)

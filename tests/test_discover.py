@@ -22,7 +22,6 @@ from ssl_distill.eval.discover import (
     discover_image,
     discover_images,
     largest_component,
-    load_model,
     main,
     mask_box,
     ncut,
@@ -32,6 +31,7 @@ from ssl_distill.eval.discover import (
     seed_component,
     write_coco_boxes,
 )
+from ssl_distill.eval.model import load_model
 from ssl_distill.models import BackboneSpec, ViTBackbone
 from ssl_distill.models.inspect import cls_attention_maps, last_block_heads
 

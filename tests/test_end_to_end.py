@@ -41,6 +41,7 @@ def tiny_overrides(train_dir: Path, out: Path) -> list[str]:
         "model.out_dim=64", "model.hidden_dim=32", "model.bottleneck_dim=16",
         "optim.epochs=2", "optim.warmup_epochs=1", "model.drop_path_rate=0.1",
         "monitor.knn_every_epochs=0",  # the recipe's online k-NN reads data/fmnist; tests turn it on themselves
+        "run.precision=fp32",  # not the recipe's auto: two runs compared must not time their way to two precisions
     ]
 
 
@@ -162,3 +163,21 @@ def test_resuming_with_another_model_names_the_keys_and_the_fix(folders, tmp_pat
     with pytest.raises(CheckpointError, match=r"missing keys \['backbone\.vit\.blocks\.2\..*holds another model.*--fresh"):
         Trainer(load_config(CONFIG, over + ["model.depth=3"]))
     assert (tmp_path / "checkpoint.pth").read_bytes() == before  # nothing lost
+
+
+def test_auto_precision_is_chosen_once_per_run(folders, tmp_path, monkeypatch):
+    """``run.precision: auto`` times bf16 against fp32 at the start; a resume keeps that choice even where the
+    timing (e.g. on a busy machine) would now say otherwise, so a resumed run cannot switch precision."""
+    from ssl_distill import runtime
+
+    train_dir, _ = folders
+    overrides = tiny_overrides(train_dir, tmp_path / "run") + ["run.precision=auto"]
+    monkeypatch.setattr(runtime, "bf16_is_faster_on_cpu", lambda: True)
+    first = Trainer(load_config(CONFIG, overrides + ["run.stop_at_step=2"]))
+    assert first.precision == "bf16"
+    first.fit()
+    assert load_file(tmp_path / "run" / "checkpoint.pth")["precision"] == "bf16"
+    monkeypatch.setattr(runtime, "bf16_is_faster_on_cpu", lambda: False)
+    resumed = Trainer(load_config(CONFIG, overrides))
+    assert resumed.state.step == 2 and resumed.precision == "bf16"
+    assert Trainer(load_config(CONFIG, overrides), fresh=True).precision == "fp32"  # a new run measures again

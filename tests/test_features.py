@@ -9,15 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ssl_distill.eval.features import (
-    FeatureExtractor,
-    FeatureSpec,
-    ImageSettings,
-    amp_dtype_for,
-    backbone_fingerprint,
-    extract_folder,
-)
+from ssl_distill.eval.features import ImageSettings, backbone_fingerprint, extract_folder
 from ssl_distill.models import BackboneSpec, ViTBackbone
+from ssl_distill.models.frozen_features import FeatureExtractor, FeatureSpec, amp_dtype_for
 
 TINY = BackboneSpec(arch="vit_tiny", patch_size=8, img_size=32, depth=3)
 

@@ -169,7 +169,7 @@ def test_patch_term_by_hand():
     nothing = loss(student[:0], teacher[:0, 0], teacher.mean((0, 1))[None], torch.zeros(2, 2, dtype=torch.bool),
                    teacher_temp=1.0)
     assert nothing["patch"].item() == 0.0
-    assert nothing["patch_teacher_entropy"].item() == 0.0 and nothing["patch_teacher_kl_uniform"].item() == 0.0
+    assert "patch_teacher_entropy" not in nothing and "patch_teacher_kl_uniform" not in nothing  # not measured
 
 
 # ---------------------------------------------------------------- AttMask in the step

@@ -9,8 +9,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ssl_distill.eval.features import extract_features
-from ssl_distill.eval.knn import class_scores, knn_classify, run_knn, search_neighbours, write_results
+from ssl_distill.eval.knn import run_knn
+from ssl_distill.eval.results import write_results
+from ssl_distill.models.frozen_features import extract_features
+from ssl_distill.weighted_knn import class_scores, knn_classify, search_neighbours
 
 T = 0.07
 
@@ -216,7 +218,7 @@ def test_run_knn_and_write_results(tmp_path) -> None:
 # Several temperatures, bounded-memory search, layouts and cache through knn_on_checkpoint
 # ----------------------------------------------------------------------------------------------------
 def test_several_temperatures_from_one_search(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ssl_distill.eval.knn as knn_mod
+    import ssl_distill.weighted_knn as knn_mod
 
     xtr, ytr, xte, yte = clustered(1000, 200, 16, 5, 2.0, seed=8)
     calls = {"n": 0}
@@ -242,7 +244,7 @@ def test_several_temperatures_from_one_search(monkeypatch: pytest.MonkeyPatch) -
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_chunked_search_is_exact_and_bounded(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ssl_distill.eval.knn as knn_mod
+    import ssl_distill.weighted_knn as knn_mod
 
     xtr, ytr, xte, yte = clustered(3000, 300, 24, 6, 2.0, seed=9)
     xtr, xte = xtr.to(dtype), xte.to(dtype)
@@ -277,8 +279,8 @@ def _three_class_folders(root, n_train: int = 8, n_val: int = 4) -> None:
 
 
 def test_knn_on_official_checkpoint_with_layouts_temperatures_and_cache(tmp_path) -> None:
-    from ssl_distill.eval.evaluate import knn_on_checkpoint
-    from ssl_distill.eval.features import FeatureSpec
+    from ssl_distill.eval.knn import knn_on_checkpoint
+    from ssl_distill.models.frozen_features import FeatureSpec
     from ssl_distill.models import BackboneSpec, ViTBackbone
 
     _three_class_folders(tmp_path, 12, 6)
@@ -326,7 +328,8 @@ def _cached_features(cache_dir, split: str) -> Tensor:
 def _extract(checkpoint, folder, precision: str) -> Tensor:
     """Features of ``folder`` as knn_on_checkpoint extracts them (its image settings), at ``precision``."""
     from ssl_distill.checkpoints import load_any_backbone
-    from ssl_distill.eval.features import FeatureExtractor, ImageSettings, extract_folder
+    from ssl_distill.eval.features import ImageSettings, extract_folder
+    from ssl_distill.models.frozen_features import FeatureExtractor
 
     loaded = load_any_backbone(checkpoint, "teacher")
     crops = loaded.config.data.crops
@@ -336,7 +339,7 @@ def _extract(checkpoint, folder, precision: str) -> Tensor:
 
 
 def test_knn_extracts_fp32_features_by_default_and_records_the_precision(tmp_path) -> None:
-    from ssl_distill.eval.evaluate import knn_on_checkpoint
+    from ssl_distill.eval.knn import knn_on_checkpoint
     from ssl_distill.models import BackboneSpec, ViTBackbone
 
     _three_class_folders(tmp_path)
@@ -364,7 +367,7 @@ def test_knn_precision_from_the_run_config_overridden_by_the_command_line(tmp_pa
     from ssl_distill.cli import build_parser
     from ssl_distill.config import ConfigError, config_to_dict, load_config
     from ssl_distill.engine.train import build_model
-    from ssl_distill.eval.evaluate import knn_on_checkpoint
+    from ssl_distill.eval.knn import knn_on_checkpoint
 
     with pytest.raises(ConfigError, match="knn.precision must be fp32, bf16 or fp16"):
         load_config(None, ["knn.precision=fp64"])

@@ -1,6 +1,8 @@
 """KoLeo regulariser (Sablayrolles et al., ICLR 2019; DINOv2): a hand-computed circle, equality with a
 literal re-implementation of DINOv2's KoLeoLoss (values and gradients), DINOv2's per-crop use,
-finite gradients when two rows coincide, and the term in a training step without DINO's [CLS] term."""
+finite gradients when two rows coincide, and the term in a training step without DINO's [CLS] term: on the
+iBOT, ODIS and DINOv2-style (shared head) recipes it trains; with DINOv2's separate head it is refused at config
+time, with no run directory left behind."""
 from __future__ import annotations
 
 import json
@@ -11,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_distill.cli import run as cli
 from ssl_distill.config import load_config
 from ssl_distill.engine.train import Trainer, train
 from ssl_distill.objectives.koleo import KoLeoLoss, koleo_loss, koleo_loss_per_crop, nearest_neighbours
 
-from test_end_to_end import CONFIG, make_folder, tiny_overrides
+from scenes import make_scenes, write_coco
+from test_end_to_end import CONFIG, ROOT, make_folder, tiny_overrides
 
 # iBOT's patch term with KoLeo and without DINO's [CLS] term: no objective reads the [CLS] logits
 IBOT_KOLEO = ["ibot.weight=1", "masking.shape=block", "masking.pred_ratio=[0,0.3]", "masking.pred_ratio_var=[0,0.2]",
@@ -158,3 +162,48 @@ def test_ibot_with_koleo_and_without_the_cls_term_trains_and_logs_a_finite_koleo
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log and all(math.isfinite(r["koleo"]) and r["koleo"] != 0 for r in log)
     assert "dino" not in log[-1] and "teacher_entropy" not in log[-1]
+
+
+# ---------------------------------------------------------------- the recipes without the [CLS] term
+KOLEO_ONLY = ["dino.weight=0", "dino.koleo_weight=0.1"]
+
+
+@pytest.fixture(scope="module")
+def scene_folder(tmp_path_factory):
+    """Eight 64 x 64 scenes with one object each: (image folder, COCO boxes file)."""
+    return write_coco(tmp_path_factory.mktemp("koleo_scenes"), make_scenes(8, seed=0, size=64))
+
+
+@pytest.mark.parametrize("recipe, extra", [
+    ("ibot_tiny_fmnist.yaml", []),
+    ("odis_tiny_scenes.yaml", None),  # its images and boxes: the scene folder
+    ("dinov2_style_tiny_fmnist.yaml", ["ibot.shared_head=true"]),
+], ids=["ibot", "odis", "dinov2_shared_head"])
+def test_koleo_without_the_cls_term_trains_on_the_masked_recipes(recipe, extra, train_dir, scene_folder, tmp_path):
+    """``dino.weight=0 dino.koleo_weight=0.1`` used to fail at the first step (KeyError: 'cls') and leave a
+    run directory behind: KoLeo reads the backbone's [CLS] features, which every step builds."""
+    images, boxes = scene_folder
+    folder, extra = (images, [f"data.boxes={boxes}"]) if extra is None else (train_dir, extra)
+    out = tmp_path / "run"
+    cfg = load_config(ROOT / "configs" / recipe, tiny_overrides(folder, out) + extra + KOLEO_ONLY +
+                      ["run.stop_at_step=2", "run.log_every=1"])
+    assert train(cfg)["step"] == 2
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "kind" not in r]
+    assert len(steps) == 2 and all(math.isfinite(r["koleo"]) and r["koleo"] != 0 for r in steps)
+    assert all("dino" not in r and "teacher_entropy" not in r for r in steps)  # no [CLS] term, no [CLS] teacher
+
+
+def test_koleo_without_the_cls_term_and_a_separate_patch_head_is_refused_leaving_no_run(train_dir, tmp_path,
+                                                                                      capsys):
+    """DINOv2's separate patch head leaves the [CLS] head nothing to learn without the [CLS] term: refused
+    before anything is written."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        cli(["train", str(ROOT / "configs" / "dinov2_style_tiny_fmnist.yaml"),
+             *tiny_overrides(train_dir, out), *KOLEO_ONLY])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("config error: ") and "ibot.shared_head=false" in err
+    assert not out.exists()

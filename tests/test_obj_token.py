@@ -310,7 +310,7 @@ def test_random_init_like_keeps_obj_and_draws_the_plain_weights(tmp_path: Path) 
     assert all(torch.equal(state[k], plain[k]) for k in plain)
     assert not torch.equal(fresh.obj_token, odis.obj_token)
     _own_checkpoint(tmp_path / "odis.pth", odis)
-    from ssl_distill.eval.discover import load_model
+    from ssl_distill.eval.model import load_model
 
     rebuilt, _ = load_model(tmp_path / "odis.pth", random_init=True, seed=3)
     assert rebuilt.has_obj_token and torch.equal(rebuilt.obj_token, fresh.obj_token)

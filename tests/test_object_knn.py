@@ -1,4 +1,4 @@
-"""Per-box features (eval/features.py: extract_box_features) and ``ssl-distill object-knn`` (eval/object_knn.py).
+"""Per-box features (eval/box_features.py: extract_box_features) and ``ssl-distill object-knn`` (eval/object_knn.py).
 
 A tiny random-init ViT (vit_tiny, 2 blocks, patch 8, 32 px) on a small scene set made from hand-drawn
 bar sources (tests/test_scenes.py).
@@ -24,16 +24,11 @@ from ssl_distill.checkpoints import FORMAT, atomic_save, load_backbone
 from ssl_distill.config import config_to_dict, load_config
 from ssl_distill.data.boxes import patch_mask_from_boxes, read_boxes
 from ssl_distill.data.scenes import SceneSettings, build_scene_benchmark
-from ssl_distill.eval.features import (
-    ImageSettings,
-    boxes_to_view,
-    crop_tensor,
-    extract_box_features,
-    scene_tensor,
-)
-from ssl_distill.eval.knn import knn_classify
+from ssl_distill.eval.box_features import boxes_to_view, crop_tensor, extract_box_features, scene_tensor
+from ssl_distill.eval.features import ImageSettings
 from ssl_distill.eval.object_knn import NO_OBJ_TOKEN
 from ssl_distill.models import ViTBackbone, spec_from_config
+from ssl_distill.weighted_knn import knn_classify
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)

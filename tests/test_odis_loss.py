@@ -67,7 +67,7 @@ def test_invalid_pairs_add_nothing_and_get_no_gradient():
     torch.testing.assert_close(again["obj"], out["obj"].detach())
     nothing = ObjectLoss(k, v, g)(student, teacher, torch.zeros(b, v, dtype=torch.bool), teacher_temp=0.04)
     assert nothing["obj"].item() == 0.0 and nothing["obj_valid_pairs"].item() == 0.0
-    assert nothing["obj_teacher_entropy"].item() == 0.0 and nothing["obj_teacher_kl_uniform"].item() == 0.0
+    assert "obj_teacher_entropy" not in nothing and "obj_teacher_kl_uniform" not in nothing  # not measured
 
 
 def test_all_valid_is_dinos_loss_on_the_obj_outputs():

@@ -149,3 +149,19 @@ def test_demo_writes_its_report(tmp_path, capsys):
     table = (out / "report.md").read_text()
     assert "k-NN random init top-1" in table and "k-NN top-1" in table
     assert [r["step"] for r in read_run(out).knn] == [0, 3, 5]  # 0.5 x 5 = 2.5 -> 3, and the end
+
+
+def test_docs_sections_are_replaced_in_place(tmp_path):
+    """A generated table replaces only its own marked section; the prose around it stays; a file without the
+    markers gets the section appended."""
+    from ssl_distill.report.docs import read_section, update_section
+
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nprose before\n\n<!-- begin exp.py -->\n| old |\n<!-- end exp.py -->\n\nprose after\n")
+    update_section(doc, "exp.py", "| new |\n|---|")
+    assert doc.read_text() == ("# Results\n\nprose before\n\n<!-- begin exp.py -->\n| new |\n|---|\n"
+                               "<!-- end exp.py -->\n\nprose after\n")
+    assert read_section(doc, "exp.py") == "| new |\n|---|\n"
+    update_section(doc, "other.py", "| b |")
+    assert doc.read_text().endswith("prose after\n\n<!-- begin other.py -->\n| b |\n<!-- end other.py -->\n")
+    assert read_section(doc, "exp.py") == "| new |\n|---|\n" and read_section(tmp_path / "none.md", "x") is None

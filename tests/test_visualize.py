@@ -8,7 +8,8 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 from scenes import SKIMAGE_DATA, tiny_checkpoint
-from ssl_distill.eval.visualize import compute_maps, main, pca_rgb, threshold_mass
+from ssl_distill.eval.drawing import threshold_mass
+from ssl_distill.eval.visualize import compute_maps, main, pca_rgb
 from ssl_distill.models import BackboneSpec, ViTBackbone
 from ssl_distill.models import inspect as ins
 

@@ -21,14 +21,14 @@ from ..errors import CheckpointError
 from .backbone import ROPE_PERIODS_METADATA_KEY, SPEC_METADATA_KEY, LoadedBackbone, load_any_backbone, load_backbone
 from .files import load_file, read_checkpoint
 from .training import (
-    FORMAT, LATEST, atomic_save, describe_mismatch, find_checkpoint, load_state_strict, read_training_checkpoint,
-    rng_state, set_rng_state,
+    FORMAT, LATEST, atomic_save, describe_mismatch, find_checkpoint, is_training_checkpoint, load_state_strict,
+    read_training_checkpoint, rng_state, set_rng_state,
 )
 
 __all__ = [
     "CheckpointError",
     "ROPE_PERIODS_METADATA_KEY", "SPEC_METADATA_KEY", "LoadedBackbone", "load_any_backbone", "load_backbone",
     "load_file", "read_checkpoint",
-    "FORMAT", "LATEST", "atomic_save", "describe_mismatch", "find_checkpoint", "load_state_strict",
-    "read_training_checkpoint", "rng_state", "set_rng_state",
+    "FORMAT", "LATEST", "atomic_save", "describe_mismatch", "find_checkpoint", "is_training_checkpoint",
+    "load_state_strict", "read_training_checkpoint", "rng_state", "set_rng_state",
 ]

@@ -7,8 +7,9 @@ Which file holds what:
   benchmark's folders (not imported here, so that ``python -m`` runs them cleanly).
 - ``rng``: counter-based randomness and the one table of random streams (``rng.Stream``);
   ``sampler``: the epoch sampler (order per epoch, a seed per sample).
-- ``views``: DINO's multi-crop views (crop geometry per sample); ``photometric``: their batched
-  color jitter, grayscale, blur and solarize; ``collate``: the pretraining batch.
+- ``views``: DINO's multi-crop views (crop geometry per sample, and Gram anchoring's teacher crops);
+  ``photometric``: their batched color jitter, grayscale, blur and solarize (and the Gram crops');
+  ``collate``: the pretraining batch.
 - ``masking``: iBOT's patch masks; ``attmask``: AttMask's attention-guided masks;
   ``object_crops``: ODIS's object-aware views.
 - ``eval_transform``: the evaluation view and its batches; ``tensors``: image and batch tensor

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
+from ..errors import AnnotationError
 from .boxes import read_boxes
 from .collate import MultiCropCollate
 from .eval_transform import EvalTransform, collate_eval
@@ -36,6 +37,13 @@ def build_train_loader(
         dataset = ImageFolderDataset(files, MultiCropTransform(crops))
     else:
         boxes = read_boxes(cfg.data.boxes, files.root, paths=files.paths)
+        if not boxes.report["images_with_boxes"]:
+            r = boxes.report
+            raise AnnotationError(
+                f"boxes file {cfg.data.boxes} leaves no box to train on ({r['images']} images listed, "
+                f"{r['boxes_outside']} boxes outside their image, {r['boxes_degenerate']} of zero width or height): "
+                "the object term would be 0 for the whole run; give each box in its image's pixels, as COCO's "
+                "[x, y, width, height]")
         dataset = ImageFolderDataset(files, ObjectMultiCropTransform(crops, cfg.model.patch_size), boxes=boxes)
     masking = build_masking(cfg.masking, crops.global_size, cfg.model.patch_size, crops.n_global)
     sampler = EpochSampler(

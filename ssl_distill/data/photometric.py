@@ -9,9 +9,15 @@ Where we differ from DINO's PIL pipeline (intentionally, all small): the ops run
 without re-quantizing to uint8 between ops; contrast uses the exact (unrounded) mean luma; the blur
 is a true separable Gaussian truncated at ``ceil(3 sigma)`` (PIL approximates it with three box
 blurs).
+
+:class:`GramCropAugment` treats Gram anchoring's teacher crops (DINOv3): normalised only, or with the
+photometric parameters of their global view. DINOv3 distorts the larger crop once and resizes it to
+both sizes; here each crop is distorted at its own size with the same parameters, the blur's sigma
+scaled by ``gram_size / global_size`` so it covers the same part of the image.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -293,8 +299,39 @@ class PhotometricAugment:
             out.index_copy_(0, order_t[s:e], x)
         return out
 
+    def view(self, u8: torch.Tensor, seeds: Sequence[int] | torch.Tensor, view: int) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> float32 normalized: view ``view``'s augmentation of the samples ``seeds``."""
+        return self._one_view(u8, self.params(seeds, view))
+
+    def normalize(self, u8: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> float32 (x / 255 - mean) / std, no photometric op (the same arithmetic)."""
+        x = new_batch_tensor(u8.shape, torch.float32, u8.device).copy_(u8).mul_(1.0 / 255.0)
+        return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+
     def __call__(self, views: Sequence[torch.Tensor], seeds: Sequence[int] | torch.Tensor) -> list[torch.Tensor]:
         if len(views) != len(self.views):
             raise ValueError(f"expected {len(self.views)} views (n_global={self.crops.n_global}, "
                              f"n_local={self.crops.n_local}), got {len(views)}")
-        return [self._one_view(u8, self.params(seeds, v)) for v, u8 in enumerate(views)]
+        return [self.view(u8, seeds, v) for v, u8 in enumerate(views)]
+
+
+class GramCropAugment:
+    """The Gram teacher's crops (see the module docstring): ``(views, seeds) -> list of float32 (B, 3, s, s)``.
+
+    ``views``: the ``n_global`` uint8 Gram crops (B, 3, gram_size, gram_size), in global-view order. With
+    ``crops.gram_no_distortions`` (DINOv3's Gram stage) they are only normalized; otherwise crop g gets
+    global view g's photometric parameters (the same draws), the blur's sigma scaled to its size.
+    """
+
+    def __init__(self, crops: CropsConfig) -> None:
+        if crops.gram_size is None:
+            raise ValueError("GramCropAugment needs crops.gram_size")
+        scale = crops.gram_size / crops.global_size
+        sigma = (crops.blur_sigma[0] * scale, crops.blur_sigma[1] * scale)
+        self.augment = PhotometricAugment(dataclasses.replace(crops, blur_sigma=sigma))
+        self.distort = not crops.gram_no_distortions
+
+    def __call__(self, views: Sequence[torch.Tensor], seeds: Sequence[int] | torch.Tensor) -> list[torch.Tensor]:
+        if self.distort:
+            return [self.augment.view(u8, seeds, g) for g, u8 in enumerate(views)]
+        return [self.augment.normalize(u8) for u8 in views]

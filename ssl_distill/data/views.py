@@ -28,6 +28,12 @@ edge; the photometric differences are listed in :mod:`ssl_distill.data.photometr
 
 Configurations with more than two global views: globals after the second use ``blur_p[1]`` and are
 never solarized.
+
+Gram anchoring's teacher crops (``crops.gram_size``, DINOv3): each global view's crop box and flip again,
+rendered at ``gram_size`` from the source pixels, appended after the views. They draw no random number
+of their own, so a run's views are the same with or without them. DINOv3 crops once at the larger of
+the two sizes and resizes that crop to both; rendering each from the source gives the same geometry
+without a second resampling.
 """
 from __future__ import annotations
 
@@ -161,12 +167,22 @@ def view_crop(width: int, height: int, scale: tuple[float, float], ratio: tuple[
     return CropBox(top, left, h, w, bool(u[4 * _CROP_TRIES] < flip_p))
 
 
+def _render(img: Image.Image, crop: CropBox, size: int) -> torch.Tensor:
+    """One view of an RGB image: its box resized bicubically to ``size x size``, flipped -> uint8 (3, size, size)."""
+    box = (crop.left, crop.top, crop.left + crop.width, crop.top + crop.height)
+    view = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    if crop.flip:
+        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return pil_to_uint8_chw(view)
+
+
 class MultiCropTransform:
     """Per-sample geometry of the multi-crop views: ``(img, seed) -> list[uint8 Tensor (3, s, s)]``.
 
     For each view: a RandomResizedCrop box (torchvision's algorithm) and a flip decision drawn from
     :func:`counter_uniforms` of ``(seed, view)``, then crop + bicubic resize in one PIL call, then
-    flip. Globals first. Deterministic for a given (image, seed); photometric ops are left to
+    flip. Globals first; with ``crops.gram_size`` the ``n_global`` Gram-teacher crops follow (the global
+    views' boxes and flips at that size). Deterministic for a given (image, seed); photometric ops are left to
     :class:`~ssl_distill.data.collate.MultiCropCollate`. :meth:`geometry` and :meth:`render` are the
     two halves (object-aware cropping, :mod:`ssl_distill.data.object_crops`, draws its own geometry
     and renders it the same way).
@@ -184,14 +200,11 @@ class MultiCropTransform:
                 for spec, u in zip(self.views, uniforms)]
 
     def render(self, img: Image.Image, geometry: Sequence[CropBox]) -> list[torch.Tensor]:
-        """Crop + bicubic resize (one PIL call) + flip of an RGB image per view -> uint8 (3, s, s) each."""
-        out: list[torch.Tensor] = []
-        for spec, c in zip(self.views, geometry):
-            box = (c.left, c.top, c.left + c.width, c.top + c.height)
-            view = img.resize((spec.size, spec.size), Image.Resampling.BICUBIC, box=box)
-            if c.flip:
-                view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            out.append(pil_to_uint8_chw(view))
+        """Crop + bicubic resize (one PIL call) + flip of an RGB image per view -> uint8 (3, s, s) each;
+        then, with ``crops.gram_size``, the global views' Gram-teacher crops (3, gram_size, gram_size)."""
+        out = [_render(img, c, spec.size) for spec, c in zip(self.views, geometry)]
+        if self.crops.gram_size is not None:
+            out += [_render(img, c, self.crops.gram_size) for c in geometry[: self.crops.n_global]]
         return out
 
     def __call__(self, img: Image.Image, seed: int) -> list[torch.Tensor]:

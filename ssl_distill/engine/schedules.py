@@ -1,4 +1,4 @@
-"""Per-iteration schedules (DINO's ``cosine_scheduler`` and the teacher-temperature warmup)."""
+"""Per-iteration schedules (DINO's ``cosine_scheduler``, the teacher-temperature warmup, DINOv3's Gram ramp)."""
 from __future__ import annotations
 
 import math
@@ -7,6 +7,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import Config
+
+
+#: the settings a run's per-iteration schedules and data order are computed from (:meth:`Schedules.from_config`,
+#: the epoch sampler); a resume continues them, so they cannot change mid-run. ``optim.betas`` is here too: the
+#: optimizer state a resume loads brings the old betas back, so a change would do nothing.
+SCHEDULE_KEYS = (
+    "data.batch_size", "run.seed", "optim.epochs", "optim.lr", "optim.min_lr", "optim.warmup_epochs",
+    "optim.weight_decay", "optim.weight_decay_end", "optim.freeze_last_layer", "optim.momentum_teacher",
+    "optim.momentum_teacher_end", "optim.betas", "dino.teacher_temp", "dino.warmup_teacher_temp",
+    "dino.warmup_teacher_temp_epochs", "ibot.teacher_temp", "ibot.warmup_teacher_temp", "masking.pred_start_epoch",
+)
 
 
 def total_iterations(epochs: float, iters_per_epoch: int) -> int:
@@ -56,6 +67,21 @@ def teacher_temp_schedule(
                            np.full(total - hold - warm, temp)))
 
 
+def warmup_cosine_constant(start: float, peak: float, end: float, warmup_iters: int, cosine_iters: int,
+                           total: int) -> np.ndarray:
+    """DINOv3's ``linear_warmup_cosine_decay`` (``dinov3/train/cosine_lr_scheduler.py``), cut to ``total``.
+
+    ``warmup_iters`` values ``linspace(start, peak, endpoint=False)``, then ``cosine_iters`` values of a
+    half cosine from ``peak`` to ``end`` (both ends included: ``cos(linspace(0, pi, cosine_iters))``), then
+    ``end`` to the last iteration. The Gram weight is ``(0, 0, w)``: 0 until the start step, a cosine
+    ramp to w, then w; the DINO local-crop weight is ``(1, 1, w_local)``.
+    """
+    warmup = np.linspace(start, peak, warmup_iters, endpoint=False)
+    cosine = (peak - end) * (np.cos(np.linspace(0, np.pi, cosine_iters)) + 1) / 2 + end
+    constant = np.full(max(total - warmup_iters - cosine_iters, 0), end, dtype=np.float64)
+    return np.concatenate((warmup, cosine, constant))[:total]
+
+
 def linear_scaled_lr(base_lr: float, total_batch: int) -> float:
     """The linear scaling rule lr = base * batch / 256 (Goyal et al. 2017), as DINO."""
     return base_lr * total_batch / 256.0
@@ -75,13 +101,16 @@ class Schedules:
     momentum: np.ndarray
     teacher_temp: np.ndarray
     patch_teacher_temp: np.ndarray
+    gram_weight: np.ndarray
+    dino_local_weight: np.ndarray
     iters_per_epoch: int
     freeze_last_layer: float
 
     @classmethod
     def from_config(cls, cfg: Config, iters_per_epoch: int, world: int) -> "Schedules":
-        o, d, p = cfg.optim, cfg.dino, cfg.ibot
+        o, d, p, g = cfg.optim, cfg.dino, cfg.ibot, cfg.gram
         base_lr = linear_scaled_lr(o.lr, cfg.data.batch_size * world)
+        total = total_iterations(o.epochs, iters_per_epoch)
         return cls(
             lr=cosine_schedule(base_lr, o.min_lr, o.epochs, iters_per_epoch, o.warmup_epochs),
             wd=cosine_schedule(o.weight_decay, o.weight_decay_end, o.epochs, iters_per_epoch),
@@ -93,6 +122,8 @@ class Schedules:
                 p.warmup_teacher_temp, p.teacher_temp, d.warmup_teacher_temp_epochs, o.epochs, iters_per_epoch,
                 start_epochs=cfg.masking.pred_start_epoch,
             ),
+            gram_weight=warmup_cosine_constant(0.0, 0.0, g.weight, g.start_step, g.ramp_steps, total),
+            dino_local_weight=warmup_cosine_constant(1.0, 1.0, g.dino_local_weight, g.start_step, g.ramp_steps, total),
             iters_per_epoch=iters_per_epoch,
             freeze_last_layer=o.freeze_last_layer,
         )

@@ -16,12 +16,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..atomic import remove_stale_temporaries
+from ..atomic import check_output_folder, remove_stale_temporaries
 from ..checkpoints import (
-    FORMAT, LATEST, CheckpointError, atomic_save, describe_mismatch, load_any_backbone, load_state_strict,
-    read_training_checkpoint, rng_state, set_rng_state,
+    FORMAT, LATEST, CheckpointError, atomic_save, describe_mismatch, load_state_strict, read_training_checkpoint,
+    rng_state, set_rng_state,
 )
-from ..config import Config, config_diff, config_from_dict, config_to_dict, save_config
+from ..config import Config, ConfigError, config_changes, config_from_dict, config_notes, config_to_dict, save_config
 from ..data.folder import BadImageCounter
 from ..data.loader import build_train_loader
 from ..errors import NonFiniteLossError  # defined without torch, for the command line; re-exported here
@@ -29,12 +29,14 @@ from ..models import SyncBatchNorm1d, default_fused_attn
 from ..objectives import Reads, StepState, build_objectives
 from ..runtime import autocast_context, check_precision, resolve_device, resolve_precision
 from . import distributed as du
-from .build import build_model
+from .build import build_model, load_backbone_weights
 from .ema import ema_update
+from .gram_teacher import GramTeacher
 from .masks import StepMasks
 from .monitor import CollapseMonitor, JsonlLogger
 from .online_knn import OnlineKnn
-from .schedules import Schedules, frozen_last_layer, total_iterations
+from .run_dir import move_earlier_run_aside
+from .schedules import SCHEDULE_KEYS, Schedules, frozen_last_layer, total_iterations
 from .stop import NAMES, REQUEUE, StopSignals
 
 
@@ -81,24 +83,21 @@ class Trainer:
 
     def __init__(self, cfg: Config, fresh: bool = False, device: torch.device | None = None) -> None:
         self.cfg = cfg
-        self.out = Path(cfg.run.output_dir)
+        self.out = check_output_folder(cfg.run.output_dir, "run.output_dir")
         threads = cfg.run.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0))
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = device or resolve_device(cfg.run.device)
         check_precision(self.device, cfg.run.precision)
-        # rank 0's choice for every rank: "auto" times matmuls, and ranks must not train in different precisions
-        self.precision = du.gather_objects(resolve_precision(self.device, cfg.run.precision))[0]
-        if cfg.run.precision == "auto" and du.is_main():
-            print(f"run.precision=auto: {self.precision} (bf16 matmuls are "
-                  f"{'faster' if self.precision == 'bf16' else 'slower'} than fp32 on this {self.device.type})")
         self.world = du.world_size()
         self.rank = du.rank()
         np.random.seed(cfg.run.seed + self.rank)
         # a checkpoint we cannot resume from stops the run before anything is scanned, built or written
         resume_from = None if fresh else read_training_checkpoint(self.out / LATEST, self.out)
+        self.config_changes = {} if resume_from is None else self._changes_since(resume_from)
+        self.precision = self._choose_precision(resume_from)
 
-        created = du.is_main() and not self.out.exists()
+        self.created = du.is_main() and not self.out.exists()  # by this start: removed again if it fails
         if du.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             removed = remove_stale_temporaries(self.out)
@@ -106,15 +105,61 @@ class Trainer:
                 print(f"removed {len(removed)} temporary file(s) left in {self.out} by interrupted checkpoint "
                       f"saves ({sum(size for _, size in removed) / 2**20:.1f} MiB): "
                       f"{', '.join(path.name for path, _ in removed)}")
+            if resume_from is None:
+                self._move_earlier_run_aside(fresh)
         du.barrier()
         try:
-            self._build(fresh, resume_from)
+            self._build(resume_from)
         except BaseException:
-            if created:  # a failed start leaves no half-made run directory behind
-                shutil.rmtree(self.out, ignore_errors=True)
+            self._discard_if_not_a_run()
             raise
 
-    def _build(self, fresh: bool, resume_from: dict[str, Any] | None) -> None:
+    def _choose_precision(self, resume_from: dict[str, Any] | None) -> str:
+        """The precision this run trains in: the config's, or for ``auto`` the one the run chose at its start
+        (kept in the checkpoint: a timing taken on a busy machine must not switch a resumed run's precision),
+        else rank 0's measurement for every rank (ranks must not train in different precisions)."""
+        asked = self.cfg.run.precision
+        kept = (resume_from or {}).get("precision")
+        if asked == "auto" and kept is not None and (kept != "fp16" or self.device.type == "cuda"):
+            if du.is_main():
+                print(f"run.precision=auto: {kept}, as the run chose at its start")
+            return kept
+        precision = du.gather_objects(resolve_precision(self.device, asked))[0]
+        if asked == "auto" and du.is_main():
+            print(f"run.precision=auto: {precision} (bf16 matmuls are "
+                  f"{'faster' if precision == 'bf16' else 'slower'} than fp32 on this {self.device.type})")
+        return precision
+
+    def _move_earlier_run_aside(self, fresh: bool) -> None:
+        """A new run starts with none of an earlier run's files under the names it writes (see ``run_dir.py``):
+        with ``--fresh``, or after a start that failed before its first checkpoint."""
+        moved = move_earlier_run_aside(self.out)
+        if moved is None:
+            return
+        folder, names = moved
+        why = "--fresh" if fresh else f"no {LATEST} to resume from in {self.out}"
+        print(f"{why}: moved the earlier run's {', '.join(names)} into {folder}; this run starts at step 0")
+
+    def _changes_since(self, ckpt: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """This config's changes from the checkpoint's, ``{key: (old, new)}``; a change to what the run's schedule
+        is computed from (:data:`SCHEDULE_KEYS`: batch size, lr, epochs ...) is refused before anything is built."""
+        # the checkpoint's config with today's defaults for sections it predates, so only real changes show
+        changes = config_changes(config_to_dict(config_from_dict(ckpt["config"])), config_to_dict(self.cfg))
+        refused = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items() if key in SCHEDULE_KEYS]
+        if refused:
+            raise ConfigError(
+                f"{self.out / LATEST} resumes a schedule that these settings define, so they cannot change "
+                f"mid-run: {'; '.join(refused)}; resume with the run's values ({self.out / 'config.yaml'}), or "
+                "start a new run with --fresh (the earlier run's files move aside) or another run.output_dir")
+        return changes
+
+    def _discard_if_not_a_run(self) -> None:
+        """A start that fails before its first step leaves no run directory behind, where it created it."""
+        state = getattr(self, "state", None)
+        if self.created and (state is None or state.step == 0):
+            shutil.rmtree(self.out, ignore_errors=True)
+
+    def _build(self, resume_from: dict[str, Any] | None) -> None:
         """Data, schedules, models, optimizer and loss; then the checkpoint's state, if resuming."""
         cfg = self.cfg
         self.loader, self.sampler = build_train_loader(cfg, self.out / "filelist.json", self.rank, self.world)
@@ -133,6 +178,9 @@ class Trainer:
                 print(f"note: {torch.get_num_threads()} compute threads + {cfg.data.num_workers} data worker(s) on "
                       f"{cores} cores: workers will stall the compute threads; data.num_workers=0 is usually "
                       "faster on a small CPU")
+        if du.is_main():
+            for note in config_notes(cfg):
+                print(f"note: {note}")
         fused = cfg.model.fused_attn if cfg.model.fused_attn is not None else default_fused_attn(self.device)
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         self.student = build_model(cfg, cfg.model.drop_path_rate, cfg.model.rope_rescale_coords).to(self.device)
@@ -163,6 +211,10 @@ class Trainer:
         self.patches = self.reads.patch_masks
         self.masks = StepMasks(cfg, self.rank, enabled=self.patches)
         self.loss_terms = [name for o in self.objectives for name in o.loss_terms]
+        # Gram anchoring's frozen teacher, when the Gram term reads one (the live EMA teacher needs none)
+        self.gram = GramTeacher(cfg, self.teacher.backbone) if "gram_patch" in self.reads.teacher else None
+        if self.gram is not None and (resume_from is None or "gram" not in resume_from):
+            self._start_gram_teacher(0 if resume_from is None else resume_from["step"])
         self.optimizer = torch.optim.AdamW(param_groups(self.student), betas=cfg.optim.betas)
         # fp16's loss scaler; disabled (scale, unscale_, update do nothing, step is optimizer.step) otherwise
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.run.precision == "fp16")
@@ -170,24 +222,25 @@ class Trainer:
         self.last_layer_params = [p for n, p in self.student.named_parameters() if "last_layer" in n]
         self.bad = BadImageCounter(cfg.data.max_bad_fraction)
         self.state = RunState()
+        self.saved_step: int | None = None  # the step the checkpoint on disk holds (rank 0)
         # the first objective's teacher that has collapse monitors is watched: [CLS] with DINO's term, else [OBJ]
         # (ODIS), else the patch targets (then through the shared head: the config refuses a separate one)
         self.watched = next(o.collapse_keys for o in self.objectives if o.collapse_keys)
         self.collapse = CollapseMonitor(cfg.model.out_dim, cfg.run.collapse_window)
 
-        ckpt_path = self.out / LATEST
         if resume_from is not None:
-            self._resume(resume_from, ckpt_path)
-        elif du.is_main():
-            if fresh and ckpt_path.exists():
-                ckpt_path.unlink()
-                (self.out / "log.jsonl").unlink(missing_ok=True)
-            save_config(cfg, self.out / "config.yaml")
+            self._resume(resume_from, self.out / LATEST)
+        if du.is_main():
+            save_config(cfg, self.out / "config.yaml")  # the run's config as it goes on
         self.logger = (
             JsonlLogger(self.out / "log.jsonl", self.out / "tensorboard" if cfg.run.tensorboard else None)
             if du.is_main()
             else None
         )
+        # a resume's accepted changes, on the record; run.stop_at_step is where each invocation stops, not a change
+        changed = {key: list(values) for key, values in self.config_changes.items() if key != "run.stop_at_step"}
+        if changed and self.logger is not None:
+            self.logger.log({"kind": "config_change", "step": self.state.step, "changes": changed, "time": time.time()})
         self.online_knn = OnlineKnn(cfg, self.out, self.iters_per_epoch, self.total_steps, self.device, self.logger)
         boxes = getattr(self.loader.dataset, "boxes", None)
         if boxes is not None and self.logger is not None:  # ODIS: every kept, clipped and dropped box counted
@@ -198,24 +251,30 @@ class Trainer:
         """Start the student's backbone (and so the teacher's) from ``path``; the file's mask token is
         kept only where this run has one (iBOT's ``masked_embed`` starts at zero when the file has none, as
         iBOT), and its position embedding is resampled to this run's patch grid when the sizes differ."""
-        loaded = load_any_backbone(path, obj_token=self.student.backbone.has_obj_token)
-        state = loaded.backbone.state_dict()
-        ours = self.student.backbone.state_dict()
-        if "masked_embed" in ours and "masked_embed" not in state:
-            state["masked_embed"] = ours["masked_embed"] if loaded.mask_token is None else loaded.mask_token
-        if "masked_embed" not in ours:
-            state.pop("masked_embed", None)
-        resampled = self.student.backbone.fit_pos_embed(state)  # a file trained at another image size
-        if resampled and du.is_main():
-            print(f"model.init_from: {resampled}")
-        load_state_strict(self.student.backbone, state, f"model.init_from={path} ({loaded.format} backbone)")
+        loaded, resampled = load_backbone_weights(self.student.backbone, path, f"model.init_from={path}")
         if du.is_main():
+            if resampled:
+                print(f"model.init_from: {resampled}")
             print(f"backbone initialised from {path} ({loaded.format}, {loaded.source}); heads start fresh")
+
+    def _start_gram_teacher(self, step: int) -> None:
+        """The Gram teacher's first weights, for a run (or a resumed one that had none) starting at ``step``:
+        the ``gram.ckpt`` file now, or the EMA teacher before step ``gram.it_load_ema_teacher``."""
+        g = self.cfg.gram
+        if g.ckpt is not None:
+            note = self.gram.load_file(g.ckpt)
+            if du.is_main():
+                print(note)
+        elif g.it_load_ema_teacher < step:
+            raise ConfigError(f"gram.it_load_ema_teacher={g.it_load_ema_teacher} takes the Gram teacher from the EMA "
+                              f"teacher before that step, but this run resumes at step {step} without one: set it "
+                              f"to {step} or later (and gram.start_step no earlier), or give gram.ckpt")
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_dict(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
-        """Everything a resume needs; ``rngs`` holds every rank's RNG states, in rank order."""
-        return {
+        """Everything a resume needs; ``rngs`` holds every rank's RNG states, in rank order. A run with a
+        frozen Gram teacher adds ``"gram"`` (:meth:`GramTeacher.state_dict`)."""
+        ckpt = {
             "format": FORMAT,
             "student": self.student.state_dict(),
             "teacher": self.teacher.state_dict(),
@@ -227,10 +286,14 @@ class Trainer:
             "batch": self.state.batch,
             "requeues": self.state.requeues,
             "world_size": self.world,
+            "precision": self.precision,
             "config": config_to_dict(self.cfg),
             "rngs": rngs,
             "bad_images": {"bad": self.bad.bad, "seen": self.bad.seen},
         }
+        if self.gram is not None:
+            ckpt["gram"] = self.gram.state_dict()
+        return ckpt
 
     def save_checkpoint(self) -> None:
         """Rank 0 writes ``checkpoint.pth`` atomically (temporary name, then rename); all ranks call it.
@@ -244,10 +307,12 @@ class Trainer:
         if du.is_main():
             ckpt = self.checkpoint_dict(rngs)
             atomic_save(ckpt, self.out / LATEST)
+            self.saved_step = self.state.step
             k = self.cfg.run.keep_every_epochs
             if k and self.state.batch == 0 and self.state.epoch % k == 0 and self.state.step > 0:
                 atomic_save(ckpt, self.out / f"checkpoint_epoch{self.state.epoch:04d}.pth")
         du.barrier()
+        self.saved_step = self.state.step  # every rank, once rank 0 has written it
 
     def _check_teachers_agree(self) -> None:
         """Every rank holds the same teacher parameters, buffers (BatchNorm running statistics) and
@@ -287,8 +352,7 @@ class Trainer:
         if ckpt.get("world_size", 1) != self.world:
             print(f"note: resuming a {ckpt['world_size']}-process run with {self.world} process(es); "
                   "the data order of the rest of the epoch changes")
-        # the checkpoint's config with today's defaults for sections it predates, so only real changes show
-        diff = config_diff(config_to_dict(config_from_dict(ckpt["config"])), config_to_dict(self.cfg))
+        diff = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in self.config_changes.items()]
         if diff and du.is_main():
             print("note: config differs from the checkpoint's:\n  " + "\n  ".join(diff))
         try:
@@ -297,14 +361,17 @@ class Trainer:
         except CheckpointError as e:
             raise CheckpointError(f"{e}. The run directory holds another model: resume with its config "
                                   f"({self.out / 'config.yaml'}), or use another run.output_dir (or --fresh, "
-                                  "which discards the checkpoint) to start a new run") from e
+                                  "which moves the earlier run's files aside) to start a new run") from e
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.load_objective_state(ckpt["loss"], path)
+        if self.gram is not None and "gram" in ckpt:
+            self.gram.load_state_dict(ckpt["gram"], str(path))
         if self.scaler.is_enabled() and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = RunState(
             step=ckpt["step"], epoch=ckpt["epoch"], batch=ckpt["batch"], requeues=ckpt.get("requeues", 0)
         )
+        self.saved_step = self.state.step
         self.bad.bad, self.bad.seen = ckpt["bad_images"]["bad"], ckpt["bad_images"]["seen"]
         rngs = ckpt["rngs"] if "rngs" in ckpt else [ckpt["rng"]]
         if len(rngs) == self.world:
@@ -317,28 +384,34 @@ class Trainer:
         """The schedule values the objectives see at ``step``."""
         return StepState(step=step, epoch=step / self.iters_per_epoch,
                          teacher_temp=float(self.sched.teacher_temp[step]),
-                         patch_teacher_temp=float(self.sched.patch_teacher_temp[step]))
+                         patch_teacher_temp=float(self.sched.patch_teacher_temp[step]),
+                         gram_weight=float(self.sched.gram_weight[step]),
+                         dino_local_weight=float(self.sched.dino_local_weight[step]))
 
     def step_inputs(self, batch: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None,
-                                                          list[torch.Tensor] | None, torch.Tensor | None]:
-        """A loader batch's (crops, data masks, object masks, object validity) on the run's device: the
-        arguments of :meth:`train_step` after ``step`` (None where the batch has no such entry)."""
+                                                          list[torch.Tensor] | None, torch.Tensor | None,
+                                                          list[torch.Tensor] | None]:
+        """A loader batch's (crops, data masks, object masks, object validity, Gram crops) on the run's
+        device: the arguments of :meth:`train_step` after ``step`` (None where the batch has no such entry)."""
         dev = self.device
         crops = [c.to(dev, non_blocking=True) for c in batch["crops"]]
         masks = [m.to(dev) for m in batch["masks"]] if "masks" in batch else None
         objects = [m.to(dev) for m in batch["obj_masks"]] if "obj_masks" in batch else None
         valid = batch["obj_valid"].to(dev) if "obj_valid" in batch else None
-        return crops, masks, objects, valid
+        gram = [c.to(dev, non_blocking=True) for c in batch["gram_crops"]] if "gram_crops" in batch else None
+        return crops, masks, objects, valid, gram
 
     def train_step(self, crops: list[torch.Tensor], step: int, data_masks: list[torch.Tensor] | None = None,
-                   obj_masks: list[torch.Tensor] | None = None, obj_valid: torch.Tensor | None = None
-                   ) -> dict[str, float]:
-        """One iteration for every objective (cf. DINO's ``train_one_epoch``, iBOT's, DINOv2's):
-        teacher outputs -> masks -> student outputs -> objectives' terms -> update -> EMA.
+                   obj_masks: list[torch.Tensor] | None = None, obj_valid: torch.Tensor | None = None,
+                   gram_crops: list[torch.Tensor] | None = None) -> dict[str, float]:
+        """One iteration for every objective (cf. DINO's ``train_one_epoch``, iBOT's, DINOv2's, DINOv3's):
+        teacher outputs -> masks -> student outputs -> objectives' terms -> update -> EMA (-> Gram teacher).
 
         ``data_masks``: per global view (B, P) iBOT masks from the data; ``obj_masks``: per view (B, P_v)
-        object masks and ``obj_valid`` (B, V) from ODIS's object-aware crops (see ``data/object_crops.py``).
-        The networks build what the objectives read (``self.reads``) and nothing else.
+        object masks and ``obj_valid`` (B, V) from ODIS's object-aware crops (see ``data/object_crops.py``);
+        ``gram_crops``: per global view (B, 3, g, g), the frozen Gram teacher's input. The networks build
+        what the objectives read (``self.reads``) and nothing else; the Gram teacher runs only while the
+        Gram term's weight is above 0.
         """
         lr, wd, momentum = float(self.sched.lr[step]), float(self.sched.wd[step]), float(self.sched.momentum[step])
         for i, group in enumerate(self.optimizer.param_groups):
@@ -346,24 +419,33 @@ class Trainer:
             if i == 0:  # only the regularised group
                 group["weight_decay"] = wd
         state = self.step_state(step)
+        if self.gram is not None and self.gram.before_step(step, self.teacher.backbone):
+            self._gram_event(step, "snapshot")
 
         with autocast_context(self.device, self.precision):
             teacher_out = self.teacher(crops[: self.n_global], patches="targets" if self.patches else None,
                                        cls_attention=self.masks.needs_attention,
                                        obj_masks=None if obj_masks is None else obj_masks[: self.n_global],
-                                       cls_head="cls" in self.reads.teacher)
+                                       cls_head="cls" in self.reads.teacher,
+                                       patch_tokens="patch_global" in self.reads.teacher)
             masks = self.masks(data_masks, teacher_out, state)  # None when no objective reads patch masks
             if masks is not None:
                 teacher_out.update(self.teacher.patch_targets(teacher_out["patch_z"], masks))
             if obj_valid is not None:
                 teacher_out["obj_valid"] = obj_valid  # which views hold each image's target object
             student_out = self.student_ddp(crops, masks=masks, patches="masked" if self.patches else None,
-                                           obj_masks=obj_masks, cls_head="cls" in self.reads.student)
+                                           obj_masks=obj_masks, cls_head="cls" in self.reads.student,
+                                           patch_tokens="patch_global" in self.reads.student,
+                                           n_global=self.n_global)  # the masks are the global views' only
+            if self.gram is not None and state.gram_weight > 0:
+                if gram_crops is None:
+                    raise ValueError("the Gram teacher reads the batch's Gram crops: set data.crops.gram_size")
+                teacher_out["gram_patch"] = self.gram.patches(gram_crops)
         terms = [objective.terms(student_out, teacher_out, masks, state) for objective in self.objectives]
         loss = sum(t.pop("loss") for t in terms)
         logged = {k: float(v.detach()) for t in terms for k, v in t.items()}
         if not math.isfinite(loss.item()):
-            values = ", ".join(f"{k}={logged[k]:.4g}" for k in self.loss_terms)
+            values = ", ".join(f"{k}={logged[k]:.4g}" for k in self.loss_terms if k in logged)
             raise NonFiniteLossError(
                 f"non-finite loss at step {step}: {values} (lr={lr:.3g}, teacher_temp={state.teacher_temp:.4g}, "
                 f"wd={wd:.3g}); training stopped, the last good checkpoint is {self.out / LATEST}"
@@ -371,11 +453,22 @@ class Trainer:
 
         self._update_student(loss, step)
         ema_update(self.teacher, self.student, momentum)
+        if self.gram is not None and self.gram.after_step(step, self.teacher.backbone):
+            self._gram_event(step, "refresh")
         record = {"loss": loss.item(), **logged, "lr": lr, "wd": wd, "momentum": momentum,
                   "teacher_temp": state.teacher_temp}
         if self.patches:
             record["patch_teacher_temp"] = state.patch_teacher_temp
+        if self.cfg.gram.on:
+            record.update(gram_weight=state.gram_weight, dino_local_weight=state.dino_local_weight)
         return record
+
+    def _gram_event(self, step: int, event: str) -> None:
+        """One ``"kind": "gram_teacher"`` log record: the Gram teacher took the EMA teacher's weights before
+        step ``step`` (``"snapshot"``) or after it (``"refresh"``, with the count so far)."""
+        if self.logger is not None:
+            self.logger.log({"kind": "gram_teacher", "step": step, "event": event, "refreshes": self.gram.refreshes,
+                             "time": time.time()})
 
     def _update_student(self, loss: torch.Tensor, step: int) -> None:
         """The student's update from ``loss``: backward (scaled with fp16), DINO's per-parameter gradient
@@ -396,19 +489,29 @@ class Trainer:
         """Train until ``optim.epochs`` (or ``run.stop_at_step``); returns the last log record.
 
         A stop signal (see ``stop.py``) ends the loop after the current step with a checkpoint;
-        the record then has ``stopped`` = ``"stop"``, ``"requeue"`` or ``"requeue-limit"``.
+        the record then has ``stopped`` = ``"stop"``, ``"requeue"`` or ``"requeue-limit"`` and ``signal``
+        (``"SIGTERM"`` ...).
         """
+        ended = False
         try:
             with StopSignals() as signals:
-                return self._loop(signals)
+                last = self._loop(signals)
+            ended = True
+            return last
         except Exception as e:
             if self.world > 1:  # say which rank and step; the others fail at their next collective
                 print(f"rank {self.rank}: training failed at step {self.state.step}: {type(e).__name__}: {e}",
                       file=sys.stderr, flush=True)
             raise
+        except KeyboardInterrupt:  # a second Ctrl-C (stop.py), perhaps in a checkpoint write: say what is on disk
+            held = ("no checkpoint was written yet" if self.saved_step is None else
+                    f"{self.out / LATEST} holds step {self.saved_step}")
+            raise KeyboardInterrupt(f"training stopped at once after {self.state.step} steps; {held}") from None
         finally:
             if self.logger is not None:
                 self.logger.close()
+            if not ended:  # e.g. the first step does not fit in memory: its step-0 k-NN record goes too
+                self._discard_if_not_a_run()
 
     def _loop(self, signals: StopSignals) -> dict[str, Any]:
         cfg, st = self.cfg, self.state
@@ -454,7 +557,7 @@ class Trainer:
                 request = signals.poll()
                 if request and st.step < stop_at:  # checkpoint this step and leave (the last step just ends)
                     bar.close()
-                    return self._stop(request, window, t_window, images_per_step, last)
+                    return self._stop(request, signals.signal_name(request), window, t_window, images_per_step, last)
                 if end_of_epoch or st.step % cfg.run.checkpoint_every == 0 or st.step == stop_at:
                     self.save_checkpoint()
                 if st.step >= stop_at or end_of_epoch:
@@ -463,9 +566,9 @@ class Trainer:
         self.bad.finalize()
         return last
 
-    def _stop(self, request: int, window: list[dict[str, float]], t_window: float,
+    def _stop(self, request: int, signal_name: str, window: list[dict[str, float]], t_window: float,
               images_per_step: int, last: dict[str, Any]) -> dict[str, Any]:
-        """Checkpoint the step that just finished and report why the loop ended."""
+        """Checkpoint the step that just finished and report why the loop ended (and on which signal)."""
         if window:
             last = self._log(window, time.perf_counter() - t_window, images_per_step)
         stopped = NAMES[request]
@@ -478,19 +581,25 @@ class Trainer:
         if du.is_main():
             print(f"stopped at step {self.state.step} ({stopped}); checkpoint {self.out / LATEST} holds that step",
                   file=sys.stderr, flush=True)
-        return {**last, "step": self.state.step, "stopped": stopped, "requeues": self.state.requeues}
+        return {**last, "step": self.state.step, "stopped": stopped, "signal": signal_name,
+                "requeues": self.state.requeues}
 
     def _log(self, window: list[dict[str, float]], elapsed: float, images_per_step: int) -> dict[str, Any]:
         rec: dict[str, Any] = {"step": self.state.step, "epoch": self.state.epoch}
-        for k in window[0]:
-            rec[k] = float(np.mean([w[k] for w in window]))
-        for k in ("lr", "wd", "momentum", "teacher_temp"):
-            rec[k] = window[-1][k]
+        # a monitor that a step did not compute (no masked patch, no valid [OBJ] view, the Gram terms before
+        # their start) is absent from its record: the mean over the steps that computed it, and left out of
+        # the line when none did
+        for k in dict.fromkeys(k for w in window for k in w):
+            rec[k] = float(np.mean([w[k] for w in window if k in w]))
+        for k in ("lr", "wd", "momentum", "teacher_temp", "gram_weight", "dino_local_weight"):
+            if k in window[-1]:
+                rec[k] = window[-1][k]
         rec["images_per_s"] = len(window) * images_per_step / max(elapsed, 1e-9)
         rec["bad_images"] = self.bad.bad
         rec["time"] = time.time()
         entropy, kl_uniform = self.watched
-        self.collapse.update(rec[entropy], rec[kl_uniform], self.state.step, len(window))
+        if entropy in rec:
+            self.collapse.update(rec[entropy], rec[kl_uniform], self.state.step, sum(entropy in w for w in window))
         if self.logger is not None:
             self.logger.log(rec)
         return rec

@@ -1,4 +1,4 @@
-"""Backbone + heads over a list of crops: the one place where crops are grouped by resolution."""
+"""Backbone + heads over a list of crops: the one place where crops are grouped (by role and resolution)."""
 from __future__ import annotations
 
 import torch
@@ -11,12 +11,16 @@ def _has_batch_norm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
-def group_by_resolution(crops: list[torch.Tensor]) -> list[tuple[int, int]]:
-    """Index ranges [start, end) of consecutive crops sharing one spatial size."""
+def group_by_resolution(crops: list[torch.Tensor], first: int = 0) -> list[tuple[int, int]]:
+    """Index ranges [start, end) of consecutive crops sharing one spatial size.
+
+    ``first`` > 0 ends a group after crop ``first - 1`` whatever the sizes: ``crops[:first]`` (the
+    global views) never share a forward with later crops (the local views), even of their size.
+    """
     groups: list[tuple[int, int]] = []
     start = 0
     for i in range(1, len(crops) + 1):
-        if i == len(crops) or crops[i].shape[-2:] != crops[start].shape[-2:]:
+        if i == len(crops) or i == first or crops[i].shape[-2:] != crops[start].shape[-2:]:
             groups.append((start, i))
             start = i
     return groups
@@ -40,9 +44,15 @@ class MultiCropModel(nn.Module):
       ``masks.nonzero()`` (view, image, patch), with ``patches="masked"``: the patch objective reads
       the student only there, so the head runs on those rows alone;
     - ``"cls_attention"``: (G*B, P) last-block CLS -> patch attention of the first group, averaged
-      over heads, with ``cls_attention=True`` (AttMask).
+      over heads, with ``cls_attention=True`` (AttMask);
+    - ``"patch_global"``: (G*B, P, D) the backbone's final-norm patch tokens of the first group (the
+      mask token where ``masks`` say), with ``patch_tokens=True`` (Gram anchoring).
 
     ``masks`` (G*B, P) bool marks the patches of the first group replaced by the mask token.
+    ``n_global`` (G) says that the first G crops are the global views: when they carry masks, patch
+    outputs or attention, they form the first group on their own, so a local view of the global size is
+    never masked (iBOT runs its local views in a separate call). None, or a step without such outputs:
+    crops are grouped by size alone, as DINO's ``MultiCropWrapper``.
     ``obj_masks`` is a list of V tensors (B, P_v) bool, one per crop in crop order: the patches each
     crop's [OBJ] token may attend to. ``patch_head`` is a separate head for patch tokens (DINOv2's
     separate iBOT head); None shares ``head`` (iBOT's ``shared_head``).
@@ -61,7 +71,8 @@ class MultiCropModel(nn.Module):
 
     def forward(self, crops: list[torch.Tensor] | torch.Tensor, masks: torch.Tensor | None = None,
                 patches: str | None = None, cls_attention: bool = False,
-                obj_masks: list[torch.Tensor] | None = None, cls_head: bool = True) -> dict[str, torch.Tensor]:
+                obj_masks: list[torch.Tensor] | None = None, cls_head: bool = True,
+                n_global: int | None = None, patch_tokens: bool = False) -> dict[str, torch.Tensor]:
         """``cls_head=False`` leaves out ``"cls"`` (the head on the CLS rows) when no objective reads it
         (an ODIS or iBOT run without the [CLS] term); ``"cls_feat"`` is always returned."""
         if isinstance(crops, torch.Tensor):
@@ -75,13 +86,18 @@ class MultiCropModel(nn.Module):
                 raise ValueError("obj_masks need a backbone built with obj_token=True")
             if len(obj_masks) != len(crops):
                 raise ValueError(f"obj_masks must hold one mask per crop: {len(obj_masks)} for {len(crops)} crops")
+        roles = masks is not None or patches is not None or cls_attention or patch_tokens
+        groups = group_by_resolution(crops, first=n_global if roles and n_global else 0)
+        if masks is not None and len(masks) != (groups[0][1] - groups[0][0]) * len(crops[0]):
+            raise ValueError(f"masks has {len(masks)} rows for the {groups[0][1] - groups[0][0]} crop(s) of "
+                             f"{len(crops[0])} images in the first group: give one row per global view and image")
         out: dict[str, torch.Tensor] = {}
         cls_feats, obj_feats = [], []
-        for index, (s, e) in enumerate(group_by_resolution(crops)):
+        for index, (s, e) in enumerate(groups):
             x = torch.cat(crops[s:e])
             first = index == 0
             obj_mask = None if obj_masks is None else torch.cat(obj_masks[s:e])
-            if obj_mask is not None or (first and (masks is not None or patches or cls_attention)):
+            if obj_mask is not None or (first and (masks is not None or patches or cls_attention or patch_tokens)):
                 tokens = self.backbone.forward_tokens(x, mask=masks if first else None,
                                                       cls_attention=cls_attention and first, obj_mask=obj_mask)
                 cls_feats.append(tokens["cls"])
@@ -91,6 +107,8 @@ class MultiCropModel(nn.Module):
                     continue
                 if cls_attention:
                     out["cls_attention"] = tokens["cls_attention"]
+                if patch_tokens:
+                    out["patch_global"] = tokens["patch"]
                 if patches == "targets":
                     b, p, d = tokens["patch"].shape
                     out["patch_z"] = self._patch_head.project(tokens["patch"].reshape(b * p, d)).view(b, p, -1)

@@ -5,7 +5,7 @@ An objective is a small ``nn.Module`` with a ``terms`` method::
     terms(student, teacher, masks, state) -> {"loss": weighted scalar, "<name>": scalar, ...}
 
 ``student`` / ``teacher`` are the named outputs of :class:`~ssl_distill.models.MultiCropModel`
-(``"cls"``, ``"cls_feat"``, ``"patch_masked"``, ``"patch_mean"`` ...), ``masks`` the (G*B, P) patch
+(``"cls"``, ``"cls_feat"``, ``"patch_masked"``, ``"patch_mean"``, ``"patch_global"`` ...), ``masks`` the (G*B, P) patch
 masks of the step (or None), ``state`` the schedule values of this iteration. ``"loss"`` is what
 the step adds to the total (the objective applies its own weight); every other entry is logged,
 detached. Buffers an objective owns (centers) are saved in the checkpoint under their own names.
@@ -24,12 +24,15 @@ import torch
 
 @dataclass(frozen=True)
 class StepState:
-    """Schedule values of one iteration: the step, its (fractional) epoch and the teacher temperatures."""
+    """Schedule values of one iteration: the step, its (fractional) epoch, the teacher temperatures, and
+    Gram anchoring's weights (the Gram term's, and that of the DINO term's local-crop pairs)."""
 
     step: int
     epoch: float
     teacher_temp: float
     patch_teacher_temp: float
+    gram_weight: float = 0.0
+    dino_local_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -39,10 +42,12 @@ class Reads:
     ``student`` / ``teacher``: names of the networks' outputs: ``"cls"`` (head logits of the [CLS]
     tokens), ``"cls_feat"`` (the backbone's [CLS] tokens), ``"obj"`` ([OBJ] logits),
     ``"patch_masked"`` (logits of the masked patches), ``"patch_mean"`` (teacher: the mean patch
-    logit), and ``"obj_valid"`` (teacher side, from the object-aware crops: which views hold each
-    image's object). ``patch_masks``: it reads the step's patch masks (``terms``' ``masks``), so the
-    student sees the mask token there and the teacher builds patch targets. ``object_masks``: it reads
-    the [OBJ] token, which attends to each crop's object mask.
+    logit), ``"patch_global"`` (the backbone's final-norm patch tokens of the global views),
+    ``"obj_valid"`` (teacher side, from the object-aware crops: which views hold each image's object)
+    and ``"gram_patch"`` (teacher side: the frozen Gram teacher's patch tokens of its own crops).
+    ``patch_masks``: it reads the step's patch masks (``terms``' ``masks``), so the student sees the
+    mask token there and the teacher builds patch targets. ``object_masks``: it reads the [OBJ] token,
+    which attends to each crop's object mask.
     """
 
     student: tuple[str, ...] = ()

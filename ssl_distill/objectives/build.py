@@ -2,7 +2,8 @@
 
 They are chosen by their weights, so a recipe says what it trains with numbers, not names:
 ``dino.weight`` > 0 (the [CLS] cross-view term), ``odis.weight`` > 0 (the [OBJ] object term),
-``ibot.weight`` > 0 (the masked patch term), ``dino.koleo_weight`` > 0 (DINOv2's KoLeo regularizer).
+``ibot.weight`` > 0 (the masked patch term), ``dino.koleo_weight`` > 0 (DINOv2's KoLeo regularizer),
+``gram.weight`` > 0 (DINOv3's Gram anchoring, whose weight follows its schedule).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from ..config import Config
 from .dino import DINOLoss
+from .gram import GramLoss
 from .ibot import PatchLoss
 from .koleo import KoLeoLoss
 from .odis import ObjectLoss
@@ -35,4 +37,9 @@ def build_objectives(cfg: Config) -> nn.ModuleList:
                                     centering=p.centering))
     if d.koleo_weight > 0:
         objectives.append(KoLeoLoss(c.n_global, weight=d.koleo_weight, n_views=c.n_global + c.n_local))
+    g = cfg.gram
+    if g.on:
+        objectives.append(GramLoss(g.img_level, g.normalized, g.remove_neg, g.remove_only_teacher_neg,
+                                   target="patch_global" if g.ema_teacher else "gram_patch",
+                                   compute_stats=g.compute_stats))
     return nn.ModuleList(objectives)

@@ -9,6 +9,13 @@ The center c is an EMA of the teacher's batch mean (Eq. 4), updated after the lo
 With ``centering="sinkhorn_knopp"`` the teacher distribution is DINOv2's Sinkhorn-Knopp assignment
 instead (Oquab et al. 2024, Sec. 4; :class:`~ssl_distill.objectives.center.Center`) and the center
 is not used. iBOT's [CLS] term (Zhou et al. 2022, Eq. 3, weight lambda1) is this loss.
+
+DINOv3's Gram stage (Siméoni et al. 2025; official ``dino.reweight_dino_local_loss``) weighs the
+pairs of a global teacher view and a local student view by ``local_weight`` (1 -> 0.5 along the Gram
+ramp): with S_global and S_local the sums of those pairs' cross-entropies and n the number of pairs,
+the loss is (S_global + local_weight * S_local) / n, which is the official
+(global_terms * L_global + local_w * local_terms * L_local) / (global_terms + local_terms). At weight 1
+the term is computed exactly as without the reweighting.
 """
 from __future__ import annotations
 
@@ -61,7 +68,9 @@ class DINOLoss(nn.Module):
     def terms(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
               masks: torch.Tensor | None, state: StepState) -> dict[str, torch.Tensor]:
         """The step's interface (see :mod:`~ssl_distill.objectives.base`): CLS logits of all views."""
-        out = self(student["cls"], teacher["cls"], state.teacher_temp)
+        w = state.dino_local_weight  # 1 but in DINOv3's Gram stage: then the call is DINO's own
+        out = (self(student["cls"], teacher["cls"], state.teacher_temp) if w == 1.0
+               else self(student["cls"], teacher["cls"], state.teacher_temp, local_weight=w))
         return {"loss": out["dino"] * self.weight, **out}
 
     def teacher_probabilities(self, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
@@ -69,7 +78,7 @@ class DINOLoss(nn.Module):
         return self.centering.targets(teacher_out, self.center, teacher_temp)
 
     def forward(
-        self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float
+        self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float, local_weight: float = 1.0
     ) -> dict[str, torch.Tensor]:
         """Loss and teacher statistics; updates the center afterwards.
 
@@ -77,6 +86,8 @@ class DINOLoss(nn.Module):
             student_out: (V * B, K) student logits, crop-major.
             teacher_out: (G * B, K) teacher logits for the G global views, crop-major.
             teacher_temp: tau_t for this iteration.
+            local_weight: the weight of the pairs (global teacher view, local student view); see the
+                module docstring.
         Returns:
             {"dino": scalar loss, "teacher_entropy": mean per-sample entropy of P_t (nats),
              "teacher_kl_uniform": KL(mean_b P_t || uniform) (nats)}; the last two are detached.
@@ -90,12 +101,18 @@ class DINOLoss(nn.Module):
 
         # sum_{v != i} H(q_i, p_v) = -<q_i, S - log p_i> with S = sum_v log p_v: the same terms as
         # DINO's double loop, computed with one pass over the student views instead of G * V.
-        log_sum = student_logp.sum(0)  # (B, K)
+        if local_weight == 1.0:
+            log_sum = student_logp.sum(0)  # (B, K)
+        else:  # the global views' sum here, the local views' below with their weight
+            log_sum = student_logp[: self.n_global].sum(0)
+            local_sum = student_logp[self.n_global :].sum(0)
         total = student_out.new_zeros(())
         n_terms = 0
         for iq, q in enumerate(teacher_chunks):
             others = log_sum - student_logp[iq] if iq < self.n_crops else log_sum
             total = total - torch.sum(q * others, dim=-1).mean()
+            if local_weight != 1.0:
+                total = total - local_weight * torch.sum(q * local_sum, dim=-1).mean()
             n_terms += self.n_crops - (1 if iq < self.n_crops else 0)
         loss = total / n_terms
 
@@ -111,10 +128,11 @@ def teacher_statistics(p: torch.Tensor) -> dict[str, torch.Tensor]:
     ``teacher_entropy`` = mean_n H(p_n): near log K means uniform collapse, near 0 means sharp
     outputs. ``teacher_kl_uniform`` = KL(mean_n p_n || U) = log K - H(mean p): near log K means
     every sample picks the same prototype (one-dimension collapse), near 0 a spread-out batch.
-    Both are zero for an empty p (N = 0: no masked patch, no valid [OBJ] view in the batch).
+    An empty p (N = 0: no masked patch, no valid [OBJ] view in the batch) gives neither: nothing was
+    measured, and a 0 would read as a perfectly sharp teacher (the step's log leaves them out).
     """
     if p.shape[0] == 0:
-        return {"teacher_entropy": p.new_zeros(()), "teacher_kl_uniform": p.new_zeros(())}
+        return {}
     k = p.shape[-1]
     logp = torch.log(p.clamp_min(1e-30))
     entropy = -(p * logp).sum(-1).mean()

@@ -74,7 +74,7 @@ class PatchLoss(nn.Module):
             {"patch": scalar loss, "mask_ratio": fraction of masked patches (detached),
              "patch_teacher_entropy", "patch_teacher_kl_uniform": the collapse monitors of
              :func:`~ssl_distill.objectives.dino.teacher_statistics` over the M masked patches' targets
-             (zero when nothing is masked)}.
+             (absent when nothing is masked: not measured)}.
         """
         targets = self.centering.targets(teacher_masked.float(), self.patch_center, teacher_temp)
         log_p = F.log_softmax(student_masked.float() / self.student_temp, dim=-1)

@@ -74,7 +74,7 @@ class ObjectLoss(nn.Module):
         Returns:
             {"obj": scalar loss, "obj_valid_pairs": fraction of (image, pair) terms that count,
              "obj_teacher_entropy", "obj_teacher_kl_uniform": collapse monitors of the valid
-             teacher rows (nats)}; all but "obj" detached.
+             teacher rows (nats), absent when no view is valid}; all but "obj" detached.
         """
         k = student_obj.shape[-1]
         b = valid.shape[0]
@@ -98,4 +98,4 @@ class ObjectLoss(nn.Module):
         # the valid rows only; no update when no rank has one
         self.centering.update(self.obj_center, (teacher_obj * teacher_valid.unsqueeze(-1)).sum(0), teacher_valid.sum())
         return {"obj": loss, "obj_valid_pairs": (counted / (n_terms * b)).detach(),
-                "obj_teacher_entropy": stats["teacher_entropy"], "obj_teacher_kl_uniform": stats["teacher_kl_uniform"]}
+                **{f"obj_{k}": v for k, v in stats.items()}}

@@ -3,9 +3,11 @@
 Rows: loss terms; the collapse monitors (teacher entropy and KL of the mean teacher output to
 uniform, with log K marked: entropy -> log K is collapse to uniform, KL -> log K collapse to one
 prototype; for the [CLS] teacher and, where the run logs them, the [OBJ] and patch teachers);
-learning rate and weight decay; EMA momentum and teacher temperature; images/s; online k-NN top-1.
-One colour per run (figure legend), one line style per quantity (panel legend). Matplotlib's object
-API only (no pyplot state), so it draws in any process, display or not.
+learning rate and weight decay; EMA momentum and teacher temperature; images/s; online k-NN top-1;
+and, when a run trains with Gram anchoring, its monitors: the mean cosine similarity of two patches
+of one view for the student and the Gram teacher (-> 1: every patch the same feature, dense collapse),
+beside the Gram weight. One colour per run (figure legend), one line style per quantity (panel
+legend). Matplotlib's object API only (no pyplot state), so it draws in any process, display or not.
 """
 from __future__ import annotations
 
@@ -17,9 +19,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from .runs import TEACHER_PREFIXES, RunData
+from .runs import GRAM_MONITORS, TEACHER_PREFIXES, RunData
 
-__all__ = ["ROWS", "draw_report"]
+__all__ = ["GRAM_ROW", "ROWS", "draw_report"]
 
 _STYLES = ("-", "--", ":", "-.")
 #: a matplotlib line style: a name ("-", "--", ...) or (offset, (on, off, ...)) dashes
@@ -97,6 +99,22 @@ def _pair(left: str, right: str, left_label: str, right_label: str
     return draw
 
 
+def _gram(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: float) -> list[tuple[str, LineStyle]]:
+    """Gram anchoring's monitors (student solid, Gram teacher dashed) and its weight (dotted, right axis)."""
+    twin = ax.twinx()
+    names = ("student", "Gram teacher")
+    drawn = {name: False for name in (*names, "weight")}
+    for run, color in zip(runs, colors):
+        for key, name, style in zip(GRAM_MONITORS, names, ("-", "--")):
+            drawn[name] |= _plot(ax, run, key, x, scale, color, style, name)
+        drawn["weight"] |= _plot(twin, run, "gram_weight", x, scale, color, ":", "Gram weight")
+    ax.set_ylabel("mean patch cosine similarity")
+    twin.set_ylabel("Gram weight")
+    return [(label, style) for label, style, key in (
+        ("student patches", "-", "student"), ("Gram teacher patches", "--", "Gram teacher"),
+        ("Gram weight (right axis)", ":", "weight")) if drawn[key]]
+
+
 def _images(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: float) -> list[tuple[str, LineStyle]]:
     drawn = False
     for run, color in zip(runs, colors):
@@ -124,17 +142,21 @@ ROWS: tuple[tuple[str, Callable[[Axes, list[RunData], list[str], str, float], li
     ("throughput", _images),
     ("online k-NN (teacher)", _knn),
 )
+#: drawn after :data:`ROWS` when a run logs Gram anchoring's monitors
+GRAM_ROW = ("Gram anchoring", _gram)
 
 
 def draw_report(runs: list[RunData], path: Path, dpi: int = 110) -> Path:
-    """Draw every row of :data:`ROWS` for ``runs`` and save the figure to ``path`` (PNG)."""
+    """Draw every row of :data:`ROWS` (and :data:`GRAM_ROW` where it has data) for ``runs`` and save the
+    figure to ``path`` (PNG)."""
     seconds = [s for r in runs for part in r.seconds.values() for s in part if s is not None]
     hours = bool(seconds) and max(seconds) >= 7200
     scale, unit = (3600.0, "hours") if hours else (60.0, "minutes")
     colors = [f"C{i % 10}" for i in range(len(runs))]
-    fig = Figure(figsize=(14, 3.0 * len(ROWS) + 1.2), dpi=dpi, layout="constrained")
-    axes = fig.subplots(len(ROWS), 2, squeeze=False)
-    for row, (title, draw) in enumerate(ROWS):
+    rows = ROWS + ((GRAM_ROW,) if any(run.series(GRAM_MONITORS[0])[0] for run in runs) else ())
+    fig = Figure(figsize=(14, 3.0 * len(rows) + 1.2), dpi=dpi, layout="constrained")
+    axes = fig.subplots(len(rows), 2, squeeze=False)
+    for row, (title, draw) in enumerate(rows):
         for col, (x, xlabel) in enumerate((("step", "step"), ("seconds", f"wall-clock ({unit}, pauses removed)"))):
             ax = axes[row][col]
             ax.ticklabel_format(axis="y", useOffset=False)

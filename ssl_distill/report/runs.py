@@ -16,7 +16,8 @@ import yaml
 
 from ..errors import DataError
 
-__all__ = ["EXPECTED", "NOT_LOSS_TERMS", "TEACHER_PREFIXES", "RunData", "read_run", "wall_clock_seconds"]
+__all__ = ["EXPECTED", "GRAM_MONITORS", "NOT_LOSS_TERMS", "TEACHER_PREFIXES", "RunData", "read_run",
+           "wall_clock_seconds"]
 
 #: fields of a training record the figure draws, and what they show (for the notes)
 EXPECTED: dict[str, str] = {
@@ -27,11 +28,14 @@ EXPECTED: dict[str, str] = {
 #: key prefixes of the teachers whose collapse monitors a run may log (``<prefix>teacher_entropy``,
 #: ``<prefix>teacher_kl_uniform``): the image-level teacher, ODIS's [OBJ] teacher, iBOT's patch teacher
 TEACHER_PREFIXES = ("", "obj_", "patch_")
+#: Gram anchoring's monitors: the mean cosine similarity of two patches of one view, student and Gram teacher
+GRAM_MONITORS = ("gram_student_patch_sim", "gram_teacher_patch_sim")
 #: numeric fields of a training record that are not loss terms (every other number is one: dino, patch, koleo ...)
 NOT_LOSS_TERMS = frozenset({
     "step", "epoch", "lr", "wd", "momentum", "teacher_temp", "patch_teacher_temp", "images_per_s", "bad_images",
     "time", "mask_ratio", "requeues", "obj_valid_pairs",
     *(f"{prefix}teacher_{monitor}" for prefix in TEACHER_PREFIXES for monitor in ("entropy", "kl_uniform")),
+    *GRAM_MONITORS, "gram_weight", "dino_local_weight",
 })
 # a pause longer than this many times the run's typical seconds per step (and 5 minutes) is time the
 # run was not running (between an interrupt and its resume); the wall-clock axis leaves it out
