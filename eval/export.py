@@ -13,6 +13,12 @@ dict (``.pth`` / ``.pt``).
 
 Note: timm interpolates position embeddings with antialiasing; models whose official code does not
 (DINO, iBOT, DINOv2 without registers) give identical features in timm at the stored image size only.
+
+RoPE backbones (DINOv3, ours or official) export to timm's DINOv3 model (``vit_*_patch16_dinov3_qkvb``,
+its ``Eva``) without their RoPE periods, which timm does not store but computes in fp32 from
+``rope_temperature``. Where the backbone's periods differ from that formula (a released file's may be
+bf16-rounded), the sidecar JSON lists them (``rope_periods``) with the line that copies them into
+``model.rope.periods``; the ``.safetensors`` metadata keeps them too, so ``ssl-distill`` reloads the exact model.
 """
 from __future__ import annotations
 
@@ -25,10 +31,13 @@ from typing import Any
 import timm
 
 from ssl_distill.atomic import atomic_write
-from ssl_distill.checkpoints import SPEC_METADATA_KEY, atomic_save, find_checkpoint, is_training_checkpoint
+from ssl_distill.checkpoints import (
+    ROPE_PERIODS_METADATA_KEY, SPEC_METADATA_KEY, atomic_save, find_checkpoint, is_training_checkpoint,
+)
 from ssl_distill.cli_args import export_arguments as add_arguments  # options: torch-free
 from ssl_distill.cli_args import tool_main
 from ssl_distill.models import OBJ_KEYS, BackboneSpec
+from ssl_distill.models.rope_backbone import dinov3_timm_args, rope_export
 
 from .model import load_model
 
@@ -44,6 +53,8 @@ def timm_model_args(spec: BackboneSpec) -> tuple[str, dict[str, Any]]:
     The name only supplies what keywords cannot express in JSON (SwiGLU layers for ViT-g); every
     dimension is given explicitly.
     """
+    if spec.pos_embed == "rope":
+        return dinov3_timm_args(spec)
     width, depth, heads = spec.dims()
     size = _SIZE_NAMES.get(spec.arch, "base")
     if spec.mlp_layer == "swiglu":
@@ -110,6 +121,7 @@ def export_backbone(checkpoint: str | Path, out: str | Path, which: str | None =
     state = {k: v.detach().contiguous().clone() for k, v in backbone.vit.state_dict().items()}
     dropped = [*loaded.dropped, *(k for k in OBJ_KEYS if k in backbone.state_dict())]
     spec = loaded.spec
+    rope = rope_export(backbone, state) if spec.pos_embed == "rope" else {}  # drops state's periods
     name, kwargs = timm_model_args(spec)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
@@ -119,6 +131,7 @@ def export_backbone(checkpoint: str | Path, out: str | Path, which: str | None =
             save_file(state, str(tmp), metadata={
                 "format": "pt", SPEC_METADATA_KEY: json.dumps(dataclasses.asdict(spec)),
                 "source": json.dumps({k: v for k, v in loaded.describe().items() if k != "spec"}),
+                **({ROPE_PERIODS_METADATA_KEY: json.dumps(rope["rope_periods"])} if rope else {}),
             })
     else:
         atomic_save(state, out)
@@ -133,6 +146,7 @@ def export_backbone(checkpoint: str | Path, out: str | Path, which: str | None =
                  f"{spec.img_size} exactly" + ("" if spec.pos_interp == "timm" else
                                                  "; at other sizes ssl-distill follows the official DINO "
                                                  "interpolation")),
+        **rope,
     }
     sidecar.write_text(json.dumps(info, indent=2) + "\n")
     info["sidecar"] = str(sidecar)

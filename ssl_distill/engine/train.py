@@ -183,7 +183,7 @@ class Trainer:
                 print(f"note: {note}")
         fused = cfg.model.fused_attn if cfg.model.fused_attn is not None else default_fused_attn(self.device)
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-        self.student = build_model(cfg, cfg.model.drop_path_rate).to(self.device)
+        self.student = build_model(cfg, cfg.model.drop_path_rate, cfg.model.rope_rescale_coords).to(self.device)
         if cfg.model.init_from and resume_from is None:
             self._init_backbone(cfg.model.init_from)
         self.teacher = build_model(cfg, 0.0).to(self.device)  # no drop-path in the teacher
@@ -249,8 +249,8 @@ class Trainer:
 
     def _init_backbone(self, path: str) -> None:
         """Start the student's backbone (and so the teacher's) from ``path``; the file's mask token is
-        kept only where this run has one (iBOT's ``masked_embed`` starts at zero otherwise, as iBOT), and
-        its position embedding is resampled to this run's patch grid when the sizes differ."""
+        kept only where this run has one (iBOT's ``masked_embed`` starts at zero when the file has none, as
+        iBOT), and its position embedding is resampled to this run's patch grid when the sizes differ."""
         loaded, resampled = load_backbone_weights(self.student.backbone, path, f"model.init_from={path}")
         if du.is_main():
             if resampled:
