@@ -26,7 +26,7 @@ setup(
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",
-        "timm>=1.0.15",
+        "timm>=1.0.20",  # its DINOv3 port: Eva with rope_type="dinov3", RotaryEmbeddingDinoV3, vit_*_dinov3_qkvb
         "faiss-cpu>=1.8",
         "submitit>=1.5",
         "scikit-learn>=1.4",

@@ -7,14 +7,18 @@ iBOT ViT-S/16 recipe itself (out_dim 8192), then ODIS (iBOT's terms + the [OBJ] 
 from a boxes file of the photos), all five built first and then timed round-robin on their own batches
 (a machine whose speed drifts slows each alike, so the ratios are fair); targets: iBOT <= 1.3x DINO,
 AttMask <= 1.05x iBOT, ODIS <= 1.1x iBOT.
+``--dinov3`` times DINOv3's objectives (DINO + iBOT on separate heads, Sinkhorn-Knopp, KoLeo; no Gram term)
+on DINOv3's ViT-S/16 (RoPE, 4 registers, LayerScale, the student's RoPE coordinate rescaling) against the
+same step on the learned-position ViT-S/16 (target: <= 1.05x), and on that ViT with 4 registers and
+LayerScale (the part of the difference that is not RoPE), interleaved.
 Beside the DINO figure, the same step in fp32 with the fused attention kernel (what the reference
 DINO runs on a CPU), the model GFLOP/s achieved (FLOPs counted by torch's FlopCounterMode for one
 full step) and the machine's measured fp32 / bf16 GEMM peaks.
 On a GPU (``--device cuda``) the same steps run with CUDA's fused attention, timed to the GPU's end
 (synchronised), beside the GPU's measured bf16 / fp32 GEMM TFLOP/s; ``--batch-size 64`` is DINO's per-GPU
 batch (1024 over 16 GPUs).
-Usage: python benchmarks/bench_train_step.py [--steps N] [--skip-fp32] [--objectives] [--device cuda]
-           [--batch-size B]
+Usage: python benchmarks/bench_train_step.py [--steps N] [--skip-fp32] [--objectives] [--dinov3]
+           [--device cuda] [--batch-size B]
 """
 from __future__ import annotations
 
@@ -52,6 +56,10 @@ def photo_folder(dst: Path) -> Path:
 IBOT = ["ibot.weight=1", "masking.shape=block", "masking.pred_ratio=[0,0.3]", "masking.pred_ratio_var=[0,0.2]"]
 ATTMASK = ["ibot.weight=1", "masking.attmask=high", "masking.pred_ratio=0.3", "masking.pred_ratio_var=0.2"]
 ODIS = [*IBOT, "odis.weight=1", "dino.weight=0"]  # ODIS's default: the [OBJ] and patch terms, no [CLS] term
+DINOV3_TERMS = [*IBOT, "ibot.shared_head=false", "dino.centering=sinkhorn_knopp", "ibot.centering=sinkhorn_knopp",
+                "dino.koleo_weight=0.1"]  # DINOv3's objectives without Gram anchoring
+REG_LS = ["model.reg_tokens=4", "model.layer_scale=1e-5"]
+ROPE = ["model.pos_embed=rope", *REG_LS]  # DINOv3's ViT-S/16 (rope_rescale_coords: 2, its default)
 
 
 def batch_folder(dst: Path, batch_size: int) -> Path:
@@ -142,6 +150,8 @@ def main() -> None:
     ap.add_argument("--skip-fp32", action="store_true")
     ap.add_argument("--objectives", action="store_true",
                     help="also time iBOT, AttMask and ODIS on the same step, interleaved with DINO's")
+    ap.add_argument("--dinov3", action="store_true",
+                    help="time DINOv3's objectives on the RoPE ViT-S/16 against the learned-position one")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args()
@@ -188,6 +198,17 @@ def main() -> None:
             print(f"ODIS (iBOT + [OBJ] term, no [CLS] term, same head, object-aware crops): {speed['ODIS']:.2f} "
                   f"images/s, step {ibot / speed['ODIS']:.2f}x iBOT's ({runs['ODIS'].gflop:.0f} GFLOP/step; "
                   f"target <= 1.1x)")
+        if args.dinov3:
+            runs = {"learned": prepare([*bf16, *DINOV3_TERMS], data, Path(tmp) / "learned"),
+                    "learned_reg": prepare([*bf16, *DINOV3_TERMS, *REG_LS], data, Path(tmp) / "learned_reg"),
+                    "rope": prepare([*bf16, *DINOV3_TERMS, *ROPE], data, Path(tmp) / "rope")}
+            speed = dict(zip(runs, images_per_s(list(runs.values()), max(args.steps, 4))))
+            print(f"DINOv3's objectives (no Gram), interleaved, fastest of {max(args.steps, 4)} steps each: "
+                  f"learned-position ViT-S/16 {speed['learned']:.2f} images/s ({runs['learned'].gflop:.0f} GFLOP/step)")
+            print(f"RoPE ViT-S/16 (DINOv3: 4 registers, LayerScale): {speed['rope']:.2f} images/s, step "
+                  f"{speed['learned'] / speed['rope']:.3f}x the learned-position one's ({runs['rope'].gflop:.0f} "
+                  f"GFLOP/step; target <= 1.05x); {speed['learned_reg'] / speed['rope']:.3f}x that of the "
+                  f"learned-position ViT with 4 registers and LayerScale ({speed['learned_reg']:.2f} images/s)")
     if gpu:
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     else:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,15 +184,19 @@ def corloc(predictions: Mapping[str, np.ndarray | Sequence[float]], ground_truth
     ``predictions`` maps file names to one box (4,) or boxes (K, 4), of which the first is used.
     Every image in ``ground_truth`` that has at least one (kept) box is evaluated; an image without
     a prediction counts as a miss and is listed in ``missing``. With ``skip_difficult`` boxes marked
-    difficult (VOC) / iscrowd (COCO) are ignored.
+    difficult (VOC) / iscrowd (COCO) are ignored. ValueError for a threshold outside (0, 1];
+    AnnotationError when no predicted file name is among the evaluated images (every one a miss: the names
+    do not match, not the boxes).
     """
+    if not 0 < iou_threshold <= 1:
+        raise ValueError(f"the IoU threshold (--iou) must be in (0, 1], got {iou_threshold:g}")
+    kept = {name: gt.boxes[~gt.difficult] if skip_difficult else gt.boxes for name, gt in ground_truth.items()}
+    kept = {name: boxes for name, boxes in kept.items() if len(boxes)}
+    _check_names(predictions, list(kept))
     hits: dict[str, bool] = {}
     best: dict[str, float] = {}
     missing: list[str] = []
-    for name, gt in ground_truth.items():
-        boxes = gt.boxes[~gt.difficult] if skip_difficult else gt.boxes
-        if len(boxes) == 0:
-            continue
+    for name, boxes in kept.items():
         pred = predictions.get(name)
         if pred is None or len(np.asarray(pred).reshape(-1, 4)) == 0:
             missing.append(name)
@@ -207,6 +211,25 @@ def corloc(predictions: Mapping[str, np.ndarray | Sequence[float]], ground_truth
                         hits=hits, best_iou=best, missing=missing)
 
 
+def _check_names(predictions: Mapping[str, Any], evaluated: list[str]) -> None:
+    """AnnotationError when images are to be evaluated and none of them has a predicted file name."""
+    if not evaluated or not set(predictions).isdisjoint(evaluated):
+        return
+    if not predictions:
+        raise AnnotationError(f"no predicted boxes to score against the {len(evaluated)} ground-truth images "
+                              "(the boxes file lists no image)")
+    raise AnnotationError(
+        f"none of the {len(predictions)} predicted file names ({_first_names(predictions)}) is a ground-truth "
+        f"image ({_first_names(evaluated)}): the boxes file's file_name must be the image path relative to the "
+        "image folder of the ground truth (JPEGImages/ for VOC)")
+
+
+def _first_names(names: Iterable[str]) -> str:
+    """The first three of ``names`` in sorted order, quoted, then ``...`` if there are more."""
+    names = sorted(names)
+    return ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+
+
 def read_ground_truth(voc: str | None = None, coco: str | None = None, split: str | None = "trainval") -> dict[str, GroundTruth]:
     """Ground truth from a VOC folder or a COCO JSON (exactly one of them)."""
     if (voc is None) == (coco is None):
@@ -217,6 +240,10 @@ def read_ground_truth(voc: str | None = None, coco: str | None = None, split: st
 def run(args: argparse.Namespace) -> int:
     gt = read_ground_truth(args.voc, args.coco, args.split)
     res = corloc(read_boxes_json(args.boxes), gt, args.iou, args.skip_difficult)
+    if res.n_images == 0:
+        raise AnnotationError(f"no ground-truth image has a box to evaluate ({len(gt)} images"
+                              + (", every box marked difficult: leave out --skip-difficult)" if args.skip_difficult
+                                 else " without boxes)"))
     print(f"CorLoc {100 * res.corloc:.2f}% ({res.n_hits}/{res.n_images} images"
           + (f", {len(res.missing)} without a prediction" if res.missing else "") + ")")
     return 0

@@ -67,8 +67,9 @@ The "DINO-seg" baseline of the LOST and TokenCut CorLoc tables (Simeoni et al., 
 around the attention masks of DINO's figures (Caron et al. 2021). One head's last-block [CLS] -> patch attention
 (renormalised over the patches), kept down to the smallest set of patches holding 60% of its mass
 (DINO's threshold, as ``visualize``), and the box of the largest 4-connected component of those
-patches. The head defaults to 4, LOST's and TokenCut's choice for ViT-S/16; ``mean`` averages the
-heads' maps first (our addition, for models without a designated head). Deliberate difference:
+patches. The head defaults to 4, LOST's and TokenCut's choice for ViT-S/16, on models that have it, and to
+``mean`` on models with fewer heads (a ViT-tiny has 3); ``mean`` averages the heads' maps first (our addition,
+for models without a designated head). Deliberate difference:
 LOST's code sizes the components with ``range(max label)``, which skips the last component and,
 with a single component, boxes the background; we take the largest component among all of them.
 """
@@ -122,6 +123,7 @@ __all__ = [
     "affinity",
     "bipartition",
     "check_dinoseg_head",
+    "default_dinoseg_head",
     "discover_image",
     "discover_images",
     "dino_seg",
@@ -406,16 +408,24 @@ def check_dinoseg_head(head: int | str, n_heads: int, name: str = "DINO-seg head
                          f"(0-{n_heads - 1}); give one of them or 'mean'")
 
 
-def dino_seg(attention: np.ndarray, patch_size: int, image_size: tuple[int, int], head: int | str = DINOSEG_HEAD,
+def default_dinoseg_head(n_heads: int) -> int | str:
+    """DINO-seg's head for a model with ``n_heads`` heads: LOST's :data:`DINOSEG_HEAD` where the model has it,
+    else ``"mean"`` of the heads."""
+    return DINOSEG_HEAD if n_heads > DINOSEG_HEAD else "mean"
+
+
+def dino_seg(attention: np.ndarray, patch_size: int, image_size: tuple[int, int], head: int | str | None = None,
              mass: float = DINOSEG_MASS) -> DinoSegResult:
     """DINO-seg's box from the last block's [CLS] -> patch attention (module docstring).
 
     Args:
         attention: (heads, h, w) maps, each summing to one over the patches (``cls_attention``).
-        head: the head whose map is boxed, or ``"mean"`` for the mean of the heads' maps.
+        head: the head whose map is boxed, or ``"mean"`` for the mean of the heads' maps; None:
+            :func:`default_dinoseg_head`.
         mass: share of the map's mass the kept patches hold (DINO's 0.6).
     """
     attention = np.asarray(attention, dtype=np.float64)
+    head = default_dinoseg_head(attention.shape[0]) if head is None else head
     check_dinoseg_head(head, attention.shape[0])
     m = attention.mean(axis=0) if head == "mean" else attention[head]
     kept = threshold_mass(m, mass)
@@ -576,6 +586,7 @@ def _warn_degenerate(names: list[str], n_images: int) -> None:
 
 # ----------------------------------------------------------------------------------- command line
 def run(args: argparse.Namespace) -> int:
+    from ssl_distill.atomic import check_output_folder
     from ssl_distill.data.folder import scan_image_folder
     from ssl_distill.runtime import resolve_device
 
@@ -583,6 +594,9 @@ def run(args: argparse.Namespace) -> int:
     from .model import load_model
     from .results import default_output
 
+    name = "discover_dinoseg" if args.dinoseg else "discover"
+    out = Path(args.out) if args.out else default_output(args.checkpoint, name, args.random_init, suffix="")
+    check_output_folder(out, "--out")  # before any image is read or model loaded
     gt = None
     if args.voc or args.coco:
         gt = read_ground_truth(args.voc, args.coco, args.split)
@@ -603,14 +617,10 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, key="--device")
     model = load_model(args.checkpoint, args.which, random_init=args.random_init, device=device)
     backbone = model.backbone
-    dinoseg_head = args.dinoseg_head if args.dinoseg else None
-    if dinoseg_head is not None:  # refused before any image is read
-        check_dinoseg_head(dinoseg_head, last_block_heads(backbone), "--dinoseg-head")
+    dinoseg_head = _dinoseg_head(args.dinoseg_head, last_block_heads(backbone)) if args.dinoseg else None
     if hasattr(backbone, "set_fused_attn"):
         backbone.set_fused_attn(True)  # inference only: the fused kernel is the fastest forward here
     mean, std = model.normalization
-    name = "discover_dinoseg" if args.dinoseg else "discover"
-    out = Path(args.out) if args.out else default_output(args.checkpoint, name, args.random_init, suffix="")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     info = {"checkpoint": str(model.loaded.file), "which": "random_init" if args.random_init else args.which,
             "image_dir": str(image_dir), "precision": args.precision}
@@ -623,6 +633,19 @@ def run(args: argparse.Namespace) -> int:
                                                      "n_degenerate": len(res["degenerate"])}, indent=1))
         print(f"CorLoc {100 * cl.corloc:.2f}% ({cl.n_hits}/{cl.n_images} images) -> {out / 'corloc.json'}")
     return 0
+
+
+def _dinoseg_head(given: int | str | None, n_heads: int) -> int | str:
+    """The head ``--dinoseg-head`` names, refused before any image is read when the model lacks it; without the
+    option :func:`default_dinoseg_head`, with a note when that is not LOST's head."""
+    if given is not None:
+        check_dinoseg_head(given, n_heads, "--dinoseg-head")
+        return given
+    head = default_dinoseg_head(n_heads)
+    if head == "mean":
+        print(f"note: the model has {n_heads} heads, so DINO-seg boxes the mean of their maps (LOST's head "
+              f"{DINOSEG_HEAD} is not there; --dinoseg-head picks one)")
+    return head
 
 
 main = tool_main("discover", add_arguments, run)  # python -m ssl_distill.eval.discover

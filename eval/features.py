@@ -111,14 +111,18 @@ class _CountBad:
 
 
 def check_same_classes(train: list[str], val: list[str]) -> None:
-    """DataError unless a train and a val folder have the same classes."""
+    """DataError unless a train and a val folder have the same classes, at least two of them (with one class
+    every image is classified right, whatever the features)."""
     if train != val:
         raise DataError(f"train and val folders have different classes: {sorted(set(train) ^ set(val))}")
+    if len(train) < 2:
+        raise DataError(f"the train and val folders have one class ({train[0]!r}): an accuracy needs at least two "
+                        "class subfolders (root/<class>/<image>)")
 
 
 def extract_folder(
     extractor: FeatureExtractor,
-    folder: str | Path,
+    folder: str | Path | FileList,
     settings: ImageSettings = ImageSettings(),
     *,
     device: str | torch.device = "cpu",
@@ -134,7 +138,7 @@ def extract_folder(
 
     Args:
         extractor: backbone + layout; put on ``device`` here.
-        folder: ``root/<class>/<image>``.
+        folder: ``root/<class>/<image>``, or its :class:`~ssl_distill.data.folder.FileList` when already scanned.
         precision: ``fp32`` (default, as DINO's eval_knn / eval_linear), ``bf16`` (CPU: a bfloat16 copy of
             the model, about 2x faster; CUDA: autocast) or ``fp16`` (CUDA autocast). Part of the cache key.
         dtype: storage dtype of the features: ``torch.float32`` or ``torch.float16``.
@@ -143,13 +147,13 @@ def extract_folder(
         max_bad_fraction: above this share of unreadable (substituted) images, raise DataError.
     """
     from ssl_distill.checkpoints import atomic_save
-    from ssl_distill.data.folder import scan_image_folder
+    from ssl_distill.data.folder import FileList, scan_image_folder
 
     if dtype not in (torch.float32, torch.float16):
         raise ValueError(f"feature dtype must be float32 or float16, got {dtype}")
     device = torch.device(device)
     amp_dtype_for(precision, device)  # validates before any work
-    files = scan_image_folder(folder, labeled=True)
+    files = folder if isinstance(folder, FileList) else scan_image_folder(folder, labeled=True)
     meta: dict[str, Any] = {
         "folder": str(files.root), "n": len(files), "layout": extractor.spec.layout,
         "n_last_blocks": extractor.spec.n_last_blocks, "image": dataclasses.asdict(settings),
@@ -223,10 +227,13 @@ def extract_train_val(extractor: FeatureExtractor, train_dir: str | Path, val_di
                       settings: ImageSettings, *, cache_dir: str | Path | None = None,
                       **options: Any) -> tuple[FeatureSet, FeatureSet]:
     """:func:`extract_folder` of a train and a val folder (the weights hashed once for both cache keys);
-    ``options`` as its (device, precision, batch_size, num_workers, dtype). DataError unless the two
-    folders have the same classes."""
+    ``options`` as its (device, precision, batch_size, num_workers, dtype). DataError before any feature is
+    extracted or cached unless the two folders have the same classes (:func:`check_same_classes`)."""
+    from ssl_distill.data.folder import scan_image_folder
+
+    files = [scan_image_folder(d, labeled=True) for d in (train_dir, val_dir)]
+    check_same_classes(files[0].classes, files[1].classes)
     weights = backbone_fingerprint(extractor.backbone) if cache_dir is not None else None
-    train, val = (extract_folder(extractor, d, settings, cache_dir=cache_dir, weights_key=weights, **options)
-                  for d in (train_dir, val_dir))
-    check_same_classes(train.classes, val.classes)
+    train, val = (extract_folder(extractor, f, settings, cache_dir=cache_dir, weights_key=weights, **options)
+                  for f in files)
     return train, val

@@ -13,12 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from ssl_distill.config import Config, ConfigError, KnnConfig, apply_overrides, config_from_dict, config_to_dict
-from ssl_distill.data.folder import scan_image_folder
+from ssl_distill.data.folder import require_folder
 from ssl_distill.models.frozen_features import FeatureExtractor, FeatureSpec, extract_features
 from ssl_distill.runtime import resolve_device
 from ssl_distill.weighted_knn import knn_classify
 
-from .features import FeatureSet, ImageSettings, check_same_classes, extract_train_val
+from .features import FeatureSet, ImageSettings, extract_train_val
 from .model import load_model
 from .results import default_output, write_results
 
@@ -55,7 +55,9 @@ def knn_on_checkpoint(
     :func:`~ssl_distill.eval.model.load_model`).
     Writes ``out`` (default ``<run dir>/knn[_random_init].json``) and returns the results (the
     precision used under ``precision``), whose ``accuracy`` entry maps ``k=..`` (and ``k=..,T=..``
-    for extra temperatures) to top-1 / top-5 percentages; ``details`` holds per-class accuracy.
+    for extra temperatures) to top-1 / top-5 percentages; ``details`` holds per-class accuracy; ``notes`` says
+    which ``k`` exceeded the train set (those vote with all of it). DataError (before any feature is extracted)
+    when the folders' classes differ or there is only one.
 
     Keyword-only extras: ``key`` / ``num_heads`` (see :func:`ssl_distill.checkpoints.load_any_backbone`),
     ``features`` (layout, default CLS of the last block), ``temperatures`` (several from one search; the
@@ -66,8 +68,6 @@ def knn_on_checkpoint(
     model = load_model(checkpoint, which, key=key, random_init=random_init, num_heads=num_heads)
     loaded = model.loaded
     knn = _knn_settings(loaded.config, overrides or [], train_dir, val_dir, precision)
-    classes = scan_image_folder(knn.train_dir, labeled=True).classes
-    check_same_classes(classes, scan_image_folder(knn.val_dir, labeled=True).classes)
     spec = features or FeatureSpec()
     temps = [float(t) for t in temperatures] if temperatures else [float(knn.temperature)]
     sets = extract_train_val(
@@ -75,6 +75,7 @@ def knn_on_checkpoint(
         ImageSettings(knn.image_size, knn.resize_size, *model.normalization), cache_dir=cache_dir,
         device=resolve_device(device, key="device"), precision=knn.precision, batch_size=knn.batch_size,
         num_workers=knn.num_workers, dtype=feature_dtype)
+    classes = sets[0].classes
     res = _classify(*sets, knn.ks, temps, len(classes), train_chunk)
     results = {
         "checkpoint": str(loaded.file),
@@ -91,6 +92,7 @@ def knn_on_checkpoint(
         "accuracy": {k: {"top1": v["top1"], "top5": v["top5"]} for k, v in res.items() if k.startswith("k=")},
         "per_class": {k: v["per_class"] for k, v in res.items() if k.startswith("k=")},
         "details": res,
+        "notes": _clipped_ks(knn.ks, res["n_train"]),
     }
     if out is None:
         out = default_output(checkpoint, "knn", random_init)
@@ -110,7 +112,23 @@ def _knn_settings(cfg: Config, overrides: list[str], train_dir: str | None, val_
                               precision=precision or knn.precision)
     if not knn.train_dir or not knn.val_dir:
         raise ConfigError("k-NN needs labeled train and val folders: pass --train and --val (or set knn.train_dir/val_dir)")
+    for split, given in (("train", train_dir), ("val", val_dir)):  # a folder of the run's config may be gone
+        folder, key = getattr(knn, f"{split}_dir"), f"knn.{split}_dir"
+        overridden = any(o.startswith(key + "=") for o in overrides)
+        named = f"--{split} {folder}" if given else f"{key}={folder}{'' if overridden else ' (from the run config)'}"
+        require_folder(folder, named, f"pass --{split} with a labeled folder (<class>/<image>)")
     return knn
+
+
+def _clipped_ks(ks: Sequence[int], n_train: int) -> list[str]:
+    """The note when some ``k`` of ``ks`` exceeds the train set (:func:`knn_classify` votes with all of it)."""
+    over = [int(k) for k in ks if k > n_train]
+    if not over:
+        return []
+    names = [f"k={k}" for k in over]
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    return [f"the train folder has {n_train} images: {listed} used all {n_train} of them "
+            f"(those entries are a k={n_train} vote); pick ks up to {n_train} with knn.ks=[...]"]
 
 
 def _classify(train: FeatureSet, val: FeatureSet, ks: Sequence[int], temps: list[float], num_classes: int,

@@ -20,6 +20,7 @@ computed by :mod:`ssl_distill.models.inspect` only when asked; the model itself 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 from ssl_distill.cli_args import visualize_arguments as add_arguments  # options: torch-free
 from ssl_distill.cli_args import tool_main
+from ssl_distill.errors import DataError
 from ssl_distill.models.inspect import inspect_forward
 
 from .drawing import blend, colorize, head_colors, overlay_mask, threshold_mass, upsample
@@ -38,6 +40,7 @@ from .images import readable_images, shrink
 
 __all__ = [
     "AttentionMaps",
+    "ImageTooSmallError",
     "add_arguments",
     "compute_maps",
     "pca_rgb",
@@ -91,11 +94,15 @@ class AttentionMaps:
         return upsample(m, self.patch_size)
 
 
+class ImageTooSmallError(ValueError):
+    """An image (after ``--max-side``) narrower or lower than one patch: no token to draw."""
+
+
 def _crop_to_patches(img: Image.Image, patch_size: int, max_side: int | None) -> Image.Image:
     img = shrink(img, max_side)
     w, h = img.width // patch_size * patch_size, img.height // patch_size * patch_size
     if w == 0 or h == 0:
-        raise ValueError(f"image {img.width}x{img.height} is smaller than one {patch_size}px patch")
+        raise ImageTooSmallError(f"image {img.width}x{img.height} is smaller than one {patch_size}px patch")
     return img.crop((0, 0, w, h))
 
 
@@ -260,13 +267,25 @@ def visualize_images(backbone: nn.Module, inputs: Sequence[str | Path], out_dir:
                      pca: bool = True, rollout: bool = False, head_fusion: str = "mean",
                      discard_ratio: float = 0.0, max_side: int | None = None, device: torch.device | str = "cpu",
                      title: str = "", progress: bool | None = None) -> list[Path]:
-    """Figures for image files and folders (batch mode, with a progress bar); returns the grid PNGs."""
+    """Figures for image files and folders (batch mode, with a progress bar); returns the grid PNGs. An image
+    smaller than one patch is named on stderr and skipped, as an unreadable one; DataError when every image
+    given is too small."""
     items = _image_list(inputs)
     grids: list[Path] = []
+    small: list[str] = []
     for i, img in readable_images([path for path, _ in items], "visualize", progress):
         path, name = items[i]
-        maps = compute_maps(backbone, img, mean, std, threshold, pca, rollout, head_fusion, discard_ratio, max_side, device)
+        try:
+            maps = compute_maps(backbone, img, mean, std, threshold, pca, rollout, head_fusion, discard_ratio,
+                                max_side, device)
+        except ImageTooSmallError as e:
+            print(f"warning: skipping {path}: {e}", file=sys.stderr)
+            small.append(f"{path} ({e})")
+            continue
         grids.append(render(maps, Path(out_dir) / name, title=f"{title}  {path.name}".strip())[0])
+    if small and not grids:
+        raise DataError(f"no image to draw: {small[0]}" + (f" and {len(small) - 1} more" if len(small) > 1 else "")
+                        + (" (--max-side shrinks them further)" if max_side else ""))
     return grids
 
 

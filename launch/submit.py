@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ssl_distill.atomic import check_output_folder
 from ssl_distill.cli_args import submit_arguments as add_arguments  # noqa: F401  (options: torch-free)
 from ssl_distill.config import Config, load_config
 from ssl_distill.errors import DataError
@@ -33,15 +35,25 @@ def slurm_job_id(env: Mapping[str, str] = os.environ) -> str | None:
     return env.get("SLURM_JOB_ID")
 
 
+def signal_exit_code(name: str) -> int:
+    """128 + the signal's number, what a shell reports for a process that signal ended: 130 for SIGINT (Ctrl-C),
+    143 for SIGTERM, 140 for SIGUSR2 (Linux numbers)."""
+    return 128 + int(signal.Signals[name])
+
+
 def exit_code_after(last: dict[str, Any], rank: int) -> int:
     """Act on how training ended (requeue if asked and possible) and return the process exit code.
 
-    ``last`` is ``train()``'s record; ``stopped`` is absent when the schedule finished.
+    ``last`` is ``train()``'s record; ``stopped`` is absent when the schedule finished (exit code 0). A run
+    stopped by a signal, its checkpoint written, exits with :func:`signal_exit_code` of it (``signal``), so
+    that a script can tell it from a finished run; a requeue exits as its scheduler expects (0 after
+    ``scontrol requeue``, :data:`LOCAL_REQUEUE_EXIT` under submitit's local executor).
     """
     stopped = last.get("stopped")
     if stopped is None:
         return 0
     step = last["step"]
+    code = signal_exit_code(last.get("signal", "SIGTERM"))
     if stopped == "requeue-limit":
         if rank == 0:
             print(f"not requeued: run.max_requeues={last['requeues']} reached at step {step}; the checkpoint "
@@ -55,7 +67,7 @@ def exit_code_after(last: dict[str, Any], rank: int) -> int:
             if rank == 0:
                 print(f"stopped at step {step} on SIGUSR2 outside a scheduler: run the same command to resume",
                       file=sys.stderr)
-            return 0
+            return code
         if rank == 0:
             res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
             if res.returncode != 0:
@@ -65,8 +77,8 @@ def exit_code_after(last: dict[str, Any], rank: int) -> int:
             print(f"requeued job {job} (requeue {last['requeues']}); it resumes at step {step}", file=sys.stderr)
         return 0
     if rank == 0:
-        print(f"stopped at step {step}; run the same command to resume", file=sys.stderr)
-    return 0
+        print(f"stopped at step {step} (exit code {code}); run the same command to resume", file=sys.stderr)
+    return code
 
 
 @dataclass
@@ -151,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_requeues is not None:
         overrides.append(f"run.max_requeues={args.max_requeues}")
     cfg = load_config(args.config, overrides)  # config errors surface here, not in the queue
-    out = Path(cfg.run.output_dir).resolve()
+    out = check_output_folder(Path(cfg.run.output_dir).resolve(), "run.output_dir")
     cfg.run.output_dir = str(out)  # jobs may start in another working directory
     train_dir = Path(cfg.data.train_dir).resolve()
     if not train_dir.is_dir():

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_write", "remove_stale_temporaries", "temporary_path"]
+__all__ = ["atomic_write", "check_output_folder", "remove_stale_temporaries", "temporary_path"]
 
 
 def temporary_path(path: Path, pid: int | str | None = None) -> Path:
@@ -64,6 +64,23 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         _remove(tmp)
+
+
+def check_output_folder(path: str | os.PathLike[str], key: str) -> Path:
+    """``path`` as a folder to write into: it may be a folder or not exist yet (it is created later).
+
+    Something else in the way (a file at ``path`` or at one of its parents) raises ValueError naming
+    ``key`` (``run.output_dir``, ``--out`` ...) before any work, instead of a FileExistsError at the
+    first write.
+    """
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.is_dir():
+            break
+        if p.exists() or p.is_symlink():
+            where = "is a file" if p == path else f"lies under {p}, which is a file"
+            raise ValueError(f"{key}={path} {where}, not a folder: name a folder (it is created if missing)")
+    return path
 
 
 def remove_stale_temporaries(folder: Path) -> list[tuple[Path, int]]:

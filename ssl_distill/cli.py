@@ -47,6 +47,8 @@ def _knn(args: argparse.Namespace) -> int:
     )
     for key, val in results["accuracy"].items():
         print(f"k-NN {key}: top-1 {val['top1']:.2f}%  top-5 {val['top5']:.2f}%")
+    for note in results["notes"]:
+        print(f"note: {note}")
     return 0
 
 

@@ -39,7 +39,8 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``ssl-distill train`` (:func:`ssl_distill.engine.train.train`)."""
     p.add_argument("config", help="YAML recipe, e.g. configs/dino_vit_small16.yaml")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=0.001")
-    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over: the earlier run's files move into <run dir>/previous/<time>/")
 
 
 def knn_arguments(k: argparse.ArgumentParser) -> None:
@@ -217,8 +218,9 @@ def discover_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dinoseg", action="store_true",
                         help="DINO-seg instead of TokenCut: the box of the largest component of one head's [CLS] "
                              "attention kept to 60%% of its mass (the LOST / TokenCut baseline)")
-    parser.add_argument("--dinoseg-head", type=_head, default=DINOSEG_HEAD,
-                        help=f"DINO-seg's head: an index, or 'mean' of the heads (default {DINOSEG_HEAD}, LOST's)")
+    parser.add_argument("--dinoseg-head", type=_head, default=None,
+                        help=f"DINO-seg's head: an index, or 'mean' of the heads (default {DINOSEG_HEAD}, LOST's, "
+                             "or 'mean' on models with fewer heads)")
     parser.add_argument("--which", default="teacher", choices=["teacher", "student"])
     parser.add_argument("--random-init", action="store_true", help="same architecture, random weights")
     parser.add_argument("--max-side", type=int, default=None, help="shrink images whose longer side exceeds this")
@@ -249,6 +251,8 @@ def export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", dest="fmt", choices=["safetensors", "pth"], default=None,
                         help="default: from the output suffix")
     parser.add_argument("--num-heads", type=int, default=None, help="head count, for non-standard widths")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing output file (never a training checkpoint or the file read)")
 
 
 def visualize_arguments(parser: argparse.ArgumentParser) -> None:

@@ -79,6 +79,13 @@ class ModelConfig:
     reg_tokens: int = 0  # register tokens (DINOv2 _reg4 models: 4)
     no_embed_class: bool = False  # position embedding for patches only (models with registers)
     pos_interp: str = "timm"  # position-embedding interpolation: timm | dino (DINO/iBOT/DINOv2 without registers)
+    # learned (a ViT with a learned position embedding: DINO, iBOT, DINOv2) | rope (DINOv3: axial RoPE on the
+    # patches, timm's Eva; with reg_tokens 4, layer_scale 1e-5 as the releases; see models/rope_backbone.py)
+    pos_embed: str = "learned"
+    rope_theta: float = 100.0  # RoPE period base (pos_embed rope; DINOv3 calls it base: 100; timm: temperature)
+    rope_rescale_coords: float | None = 2.0  # RoPE coordinates x one factor in [1/R, R] while training, student
+    # only (pos_embed rope; DINOv3: 2); null: none
+    norm_eps: float | None = None  # LayerNorm eps (pos_embed rope); null: DINOv3's 1e-5
     drop_path_rate: float = 0.1  # student only; the teacher has none
     out_dim: int = 65536
     hidden_dim: int = 2048
@@ -583,6 +590,28 @@ def _check_masking(mk: MaskingConfig) -> None:
             _check_range(f"masking.{key}", getattr(mk, key), 1)
 
 
+def _check_model(m: ModelConfig) -> None:
+    """model.pos_embed and the keys that belong to one kind of position encoding only."""
+    if m.pos_embed not in ("learned", "rope"):
+        raise ConfigError(f"model.pos_embed must be learned (DINO, iBOT, DINOv2) or rope (DINOv3), got {m.pos_embed!r}")
+    if m.pos_embed == "rope":
+        if m.no_embed_class or m.pos_interp != "timm":
+            raise ConfigError("model.no_embed_class and model.pos_interp describe a learned position embedding, "
+                              "which a model.pos_embed=rope backbone has not: leave them at false / timm")
+        _check_range("model.rope_theta", m.rope_theta, 0, lo_open=True)
+        if m.rope_rescale_coords is not None:
+            _check_range("model.rope_rescale_coords", m.rope_rescale_coords, 1,
+                         hint=" (coordinates are scaled by a factor in [1/R, R]; null turns it off)")
+        if m.norm_eps is not None:
+            _check_range("model.norm_eps", m.norm_eps, 0, lo_open=True)
+        return
+    defaults = ModelConfig()
+    for key in ("rope_theta", "rope_rescale_coords", "norm_eps"):
+        if getattr(m, key) != getattr(defaults, key):
+            raise ConfigError(f"model.{key}={getattr(m, key)} applies to model.pos_embed=rope only; this model has "
+                              "a learned position embedding (and timm's LayerNorm eps 1e-6)")
+
+
 def _check_objectives(cfg: Config) -> None:
     """Weights, temperatures and centering of the objectives, and masks only where a masked term reads them."""
     d, p, mk = cfg.dino, cfg.ibot, cfg.masking
@@ -806,6 +835,7 @@ def validate(cfg: Config) -> None:
     for name, size in (("global_size", c.global_size), ("local_size", c.local_size)):
         if size % m.patch_size:
             raise ConfigError(f"data.crops.{name}={size} is not a multiple of model.patch_size={m.patch_size}")
+    _check_model(m)
     _check_boxes(d)
     _check_masking(cfg.masking)
     _check_objectives(cfg)
@@ -829,13 +859,18 @@ def save_config(cfg: Config, path: str | Path) -> None:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
 
 
-def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts."""
-    out = []
+def config_changes(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """The dotted keys whose values differ between two nested dicts: ``{key: (a's value, b's value)}``, sorted."""
+    out: dict[str, tuple[Any, Any]] = {}
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += config_diff(va, vb, prefix + k + ".")
+            out.update(config_changes(va, vb, prefix + k + "."))
         elif va != vb:
-            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+            out[prefix + k] = (va, vb)
     return out
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts, as ``key: a -> b`` lines."""
+    return [f"{k}: {va!r} -> {vb!r}" for k, (va, vb) in config_changes(a, b, prefix).items()]

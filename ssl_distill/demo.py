@@ -14,6 +14,7 @@ import json
 import time
 from pathlib import Path
 
+from .atomic import check_output_folder
 from .config import config_to_dict, load_config
 from .data.fashion_mnist import build_fashion_mnist_folders
 from .engine.train import train
@@ -32,14 +33,17 @@ def run_demo(config: str | None = None, data_dir: str = "data/fmnist", overrides
     from ssl_distill.eval.knn import knn_on_checkpoint
 
     t0 = time.perf_counter()
-    root = build_fashion_mnist_folders(data_dir, limit_per_class=limit_per_class)
+    root = Path(data_dir).expanduser().resolve()  # where build_fashion_mnist_folders writes them
     overrides = [
         f"data.train_dir={root / 'train'}",
         f"knn.train_dir={root / 'train'}",
         f"knn.val_dir={root / 'val'}",
         *(overrides or []),
     ]
+    # the settings first: a typo costs its one line, not the 70,000 images written before it
     cfg = load_config(config or DEFAULT_CONFIG, overrides)
+    check_output_folder(cfg.run.output_dir, "run.output_dir")
+    build_fashion_mnist_folders(root, limit_per_class=limit_per_class)
     print(f"[demo] data ready in {time.perf_counter() - t0:.0f}s; run directory {cfg.run.output_dir}")
 
     t1 = time.perf_counter()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from .config import ConfigError
 
-__all__ = ["AnnotationError", "CheckpointError", "DataError", "NonFiniteLossError", "run_command"]
+__all__ = ["INTERRUPTED_EXIT", "AnnotationError", "CheckpointError", "DataError", "NonFiniteLossError", "run_command"]
 
 
 class DataError(ValueError):
@@ -34,12 +34,18 @@ class AnnotationError(ValueError):
     """A ground-truth or boxes file that cannot be read (message names the file)."""
 
 
+#: the exit code of a command stopped at once by Ctrl-C (128 + SIGINT, as a shell reports it)
+INTERRUPTED_EXIT = 130
+
+
 def run_command(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """``handler(args)``, the exit code of a subcommand.
 
     A user error (bad config, data, checkpoint, annotations, non-finite loss, invalid argument)
-    prints one line to stderr and raises SystemExit(1) instead of a traceback.
+    prints one line to stderr and raises SystemExit(1) instead of a traceback; a Ctrl-C that stops the
+    command at once (training: the second one) prints one line and raises SystemExit(130).
     """
+    code = 1
     try:
         return handler(args)
     except ConfigError as e:
@@ -47,5 +53,7 @@ def run_command(handler: Callable[[argparse.Namespace], int], args: argparse.Nam
     except (DataError, CheckpointError, NonFiniteLossError, AnnotationError, ValueError) as e:
         # ValueError: argument checks of the evaluation tools (e.g. a holdout fraction outside (0, 1))
         message = f"error: {e}"
+    except KeyboardInterrupt as e:  # its message, where there is one, says what is on disk
+        message, code = f"interrupted (Ctrl-C){': ' + str(e) if str(e) else ''}", INTERRUPTED_EXIT
     print(message, file=sys.stderr)
-    raise SystemExit(1)
+    raise SystemExit(code)

@@ -102,3 +102,33 @@ def test_boxes_file_and_command_line(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "nope.json"), "--coco", str(coco)])
     assert "nope.json" in capsys.readouterr().err
+
+
+def test_command_line_says_what_is_wrong_instead_of_a_score(tiny, tmp_path, capsys):
+    """Predictions named differently from the ground truth (a 0.00% that measured nothing), an IoU threshold
+    outside (0, 1], and nothing left to evaluate: one sentence each, exit code 1."""
+    sc, voc, coco = tiny
+    pred_file = tmp_path / "boxes.json"
+    pred_file.write_text(coco.read_text())  # the scenes' boxes named *.png; VOC's images are *.jpg
+
+    def refused(*argv: str) -> str:
+        with pytest.raises(SystemExit) as stop:
+            main([str(pred_file), *argv])
+        assert stop.value.code == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+        return err
+
+    err = refused("--voc", str(voc))
+    assert f"none of the 5 predicted file names ('{sc[0].name}.png'" in err and f"'{sc[0].name}.jpg'" in err
+    assert "relative to the image folder of the ground truth (JPEGImages/ for VOC)" in err
+    for iou in ("2", "0", "-0.5"):
+        assert "the IoU threshold (--iou) must be in (0, 1]" in refused("--coco", str(coco), "--iou", iou)
+    data = json.loads(coco.read_text())
+    hard = tmp_path / "all_difficult.json"
+    hard.write_text(json.dumps(dict(data, annotations=[dict(a, iscrowd=1) for a in data["annotations"]])))
+    assert "every box marked difficult" in refused("--coco", str(hard), "--skip-difficult")
+    with pytest.raises(AnnotationError, match="the boxes file lists no image"):
+        corloc({}, read_coco(coco))
+    assert main([str(pred_file), "--coco", str(coco), "--iou", "1"]) == 0  # the edge is allowed
+    assert "CorLoc 100.00% (5/5 images)" in capsys.readouterr().out

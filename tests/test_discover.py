@@ -18,6 +18,7 @@ from ssl_distill.eval.discover import (
     DegenerateGraphWarning,
     affinity,
     bipartition,
+    default_dinoseg_head,
     dino_seg,
     discover_image,
     discover_images,
@@ -384,3 +385,18 @@ def test_dino_seg_on_a_model_and_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(ck), "--images", str(images), "--dinoseg", "--dinoseg-head", "first"])
     assert "expected a head index or 'mean'" in capsys.readouterr().err
+
+
+def test_dino_seg_defaults_to_a_head_the_model_has(tmp_path, capsys):
+    """LOST's head 4 where the model has it; the heads' mean on a ViT-tiny (3 heads), said once."""
+    assert default_dinoseg_head(6) == 4 and default_dinoseg_head(12) == 4
+    assert default_dinoseg_head(4) == default_dinoseg_head(3) == "mean"
+    maps = np.random.default_rng(0).random((3, 4, 5))
+    maps /= maps.sum(axis=(1, 2), keepdims=True)
+    assert dino_seg(maps, 8, (32, 40)).head == "mean"
+    ck = tiny_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    images, js = write_coco(tmp_path / "coco", make_scenes(2, seed=7, size=(40, 56), max_objects=1))
+    assert main([str(ck), "--coco", str(js), "--images", str(images), "--out", str(tmp_path / "out"), "--dinoseg"]) == 0
+    assert "note: the model has 3 heads, so DINO-seg boxes the mean of their maps" in capsys.readouterr().out
+    boxes = json.loads((tmp_path / "out" / "boxes.json").read_text())
+    assert boxes["info"]["head"] == "mean" and {a["dinoseg_head"] for a in boxes["annotations"]} == {"mean"}

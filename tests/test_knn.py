@@ -395,3 +395,33 @@ def test_knn_precision_from_the_run_config_overridden_by_the_command_line(tmp_pa
                                           "--out", str(tmp_path / f"{flag}.json")])
         assert args.func(args) == 0
         assert json.loads((tmp_path / f"{flag}.json").read_text())["precision"] == flag
+
+
+def test_knn_says_when_k_exceeds_the_train_set_and_refuses_a_single_class(tmp_path, capsys) -> None:
+    """15 train images and the default ks (10, 20, 100, 200): k=20, 100 and 200 vote with all 15, and the
+    output says so; a folder of one class (every answer right whatever the features) is refused."""
+    import shutil
+
+    from ssl_distill.cli import run
+    from ssl_distill.models import BackboneSpec, ViTBackbone
+
+    _three_class_folders(tmp_path, 5, 2)
+    torch.manual_seed(0)
+    torch.save(ViTBackbone(BackboneSpec(arch="vit_tiny", patch_size=8, img_size=16, depth=2)).vit.state_dict(),
+               tmp_path / "dino_like.pth")
+    argv = ["knn", str(tmp_path / "dino_like.pth"), "knn.image_size=16", "knn.resize_size=16", "knn.num_workers=0",
+            "--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"), "--out", str(tmp_path / "knn.json")]
+    assert run(argv) == 0
+    note = ("the train folder has 15 images: k=20, k=100 and k=200 used all 15 of them (those entries are a "
+            "k=15 vote); pick ks up to 15 with knn.ks=[...]")
+    assert f"note: {note}" in capsys.readouterr().out
+    res = json.loads((tmp_path / "knn.json").read_text())
+    assert res["notes"] == [note] and [res["details"][f"k={k}"]["k"] for k in (10, 20, 100, 200)] == [10, 15, 15, 15]
+
+    for split in ("train", "val"):  # one class left
+        for c in ("c1", "c2"):
+            shutil.rmtree(tmp_path / split / c)
+    with pytest.raises(SystemExit) as stop:
+        run(argv)
+    assert stop.value.code == 1
+    assert "the train and val folders have one class ('c0'): an accuracy needs at least two" in capsys.readouterr().err

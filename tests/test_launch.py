@@ -7,10 +7,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -177,16 +180,148 @@ def test_a_cancelled_job_saves_its_step_and_is_not_requeued(slurm, train_dir, tm
     assert stopped >= done and load_file(out / "checkpoint.pth")["step"] == stopped
 
 
+#: seconds each stage of the local-executor job may take: several times what it took on 2 cores under a load
+#: of 6 (1 s to submit, 22 s for both tasks to import torch, join and log their first step, 2 s for the rest
+#: of the 8 steps, 10 s until the command has seen the job end); 390 s in all, well inside the 600 s the
+#: command had as one wait, and a stage that fails says which it was
+LOCAL_STAGES = {"submission": 60, "start": 180, "step": 60, "checkpoint": 90}
+
+
+class NotYet(Exception):
+    """Raised by a stage's check: what is still missing (the failure's reason if the stage ends there)."""
+
+
+class StagedJob:
+    """``ssl-distill submit --local --wait`` watched stage by stage. A stage that fails or runs past its limit
+    stops the job (the command's whole process group: its tasks too) and fails the test naming the stage and
+    why, with the command's output and every task's log."""
+
+    def __init__(self, cmd: list[str], out: Path, logs: Path, limits: dict[str, float]) -> None:
+        self.out, self.limits, self.done = out, limits, {}
+        logs.mkdir(parents=True, exist_ok=True)
+        self.stdout, self.stderr = logs / "submit.out", logs / "submit.err"
+        with self.stdout.open("w") as o, self.stderr.open("w") as e:
+            self.proc = subprocess.Popen(cmd, stdout=o, stderr=e, cwd=ROOT, start_new_session=True)
+        self.t0 = time.monotonic()
+
+    def wait(self, stage: str, check: Callable[[], None]) -> None:
+        """Poll ``check`` (it returns when the stage is done, raises :class:`NotYet` otherwise) until it passes,
+        the command exits without it passing, or the stage's limit is over."""
+        start = time.monotonic()
+        while True:
+            exited = self.proc.poll() is not None
+            try:
+                check()
+                self.done[stage] = time.monotonic() - start
+                return
+            except NotYet as e:
+                why = str(e)
+            if exited:
+                self.fail(stage, f"{why}, and the submit command exited with code {self.proc.returncode}")
+            if time.monotonic() - start > self.limits[stage]:
+                self.fail(stage, f"{why} after the stage's {self.limits[stage]:.0f} s")
+            time.sleep(0.2)
+
+    def job_id(self) -> str:
+        m = re.search(r"submitted job (\S+)", self.stdout.read_text())
+        if m is None:
+            raise NotYet("no job id printed")
+        return m.group(1)
+
+    def fail(self, stage: str, why: str) -> NoReturn:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        done = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.done.items()) or "none"
+        parts = [f"local job failed at the {stage} stage: {why} ({time.monotonic() - self.t0:.0f} s in all; "
+                 f"stages done: {done})",
+                 f"--- ssl-distill submit (exit code {self.proc.returncode}) ---",
+                 self.stdout.read_text()[-3000:], self.stderr.read_text()[-3000:]]
+        logs = sorted((self.out / "submitit").glob("*_log.*"))
+        for log in logs:
+            parts += [f"--- {log} ---", log.read_text(errors="replace")[-4000:]]
+        if not logs:
+            parts.append(f"--- no task log in {self.out / 'submitit'} ---")
+        raise AssertionError("\n".join(parts))
+
+
+def run_local_job(cmd: list[str], out: Path, logs: Path, steps: int, tasks: int,
+                  limits: dict[str, float] = LOCAL_STAGES) -> StagedJob:
+    """Run ``cmd`` (a ``submit --local --wait`` of ``tasks`` tasks training ``steps`` steps into ``out``)
+    through its stages: submission (the job id printed), start (each task's log, and the run's first step
+    logged), step (the last step logged), checkpoint (the command exits 0 with the last step of a
+    ``tasks``-process run in ``checkpoint.pth``). Returns the finished job."""
+    job = StagedJob(cmd, out, logs, limits)
+    job.wait("submission", job.job_id)
+
+    def started() -> None:
+        missing = [t for t in range(tasks) if not (out / "submitit" / f"{job.job_id()}_{t}_log.out").is_file()]
+        if missing:
+            raise NotYet(f"no log of task(s) {missing}")
+        if not logged_steps(out):
+            raise NotYet(f"no step in {out / 'log.jsonl'}")
+
+    def stepped() -> None:
+        if logged_steps(out)[-1] < steps:
+            raise NotYet(f"the last step logged is {logged_steps(out)[-1]}, not {steps}")
+
+    def checkpointed() -> None:
+        if job.proc.poll() != 0:
+            raise NotYet("the submit command has not exited with code 0")
+        ckpt = load_file(out / "checkpoint.pth") if (out / "checkpoint.pth").is_file() else None
+        if ckpt is None or (ckpt["step"], ckpt["world_size"]) != (steps, tasks):
+            raise NotYet(f"no checkpoint.pth of step {steps} of a {tasks}-process run" + (
+                f" (it holds step {ckpt['step']} of a {ckpt['world_size']}-process run)" if ckpt else ""))
+
+    for stage, check in (("start", started), ("step", stepped), ("checkpoint", checkpointed)):
+        job.wait(stage, check)
+    return job
+
+
 @pytest.mark.slow
 def test_local_executor_runs_the_same_two_task_job(train_dir, tmp_path):
     out = tmp_path / "local"
     cmd = [sys.executable, "-m", "ssl_distill.cli", "submit", str(CONFIG), *tiny_overrides(train_dir, out),
            "--local", "--tasks-per-node", "2", "--cpus-per-task", "1", "--wait"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "submitted job" in res.stdout and "'step': 8" in res.stdout
-    ckpt = load_file(out / "checkpoint.pth")
-    assert ckpt["step"] == 8 and ckpt["world_size"] == 2
+    job = run_local_job(cmd, out, tmp_path / "logs", steps=8, tasks=2)
+    printed = job.stdout.read_text()
+    assert "submitted job" in printed and "'step': 8" in printed, printed
+
+
+def _fake_submit(tmp_path: Path, out: Path, body: str) -> list[str]:
+    """A stand-in for ``ssl-distill submit``: prints a job id, writes task 0's log, then runs ``body``."""
+    script = tmp_path / "fake_submit.py"
+    script.write_text(
+        "import pathlib, sys, time\n"
+        "print('submitted job 77 locally', flush=True)\n"
+        f"logs = pathlib.Path({str(out / 'submitit')!r})\n"
+        "logs.mkdir(parents=True)\n"
+        "(logs / '77_0_log.out').write_text('task 0 says hello')\n"
+        "(logs / '77_0_log.err').write_text('Traceback ...\\nRuntimeError: the rendezvous timed out')\n"
+        + body)
+    return [sys.executable, str(script)]
+
+
+def test_a_failing_local_job_says_which_stage_and_shows_the_task_logs(tmp_path):
+    """The helper the local-executor test runs through: a job that dies before its tasks start names the
+    start stage and prints the task logs; one that hangs is stopped at its stage's limit."""
+    out = tmp_path / "died"
+    with pytest.raises(AssertionError) as failed:
+        run_local_job(_fake_submit(tmp_path, out, "sys.exit(3)\n"), out, tmp_path / "logs1", steps=8, tasks=2)
+    text = str(failed.value)
+    assert text.startswith("local job failed at the start stage: no log of task(s) [1], and the submit command "
+                           "exited with code 3")
+    assert "stages done: submission" in text and "ssl-distill submit (exit code 3)" in text
+    assert "RuntimeError: the rendezvous timed out" in text and "task 0 says hello" in text
+
+    out = tmp_path / "hung"
+    limits = dict(LOCAL_STAGES, start=2)
+    t0 = time.monotonic()
+    stopped = r"failed at the start stage: no log of task\(s\) \[1\] after the stage's 2 s \(\d+ s in all"
+    with pytest.raises(AssertionError, match=stopped):
+        run_local_job(_fake_submit(tmp_path, out, "time.sleep(600)\n"), out, tmp_path / "logs2", steps=8, tasks=2,
+                      limits=limits)
+    assert time.monotonic() - t0 < 30  # stopped at the limit, process group and all
 
 
 def test_submit_rejects_a_config_typo_before_queueing(tmp_path):

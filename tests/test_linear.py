@@ -18,6 +18,7 @@ from torch import nn
 from ssl_distill.checkpoints import FORMAT, atomic_save
 from ssl_distill.config import config_to_dict, load_config
 from ssl_distill.engine.train import build_model
+from ssl_distill.errors import DataError
 from ssl_distill.eval import linear as L
 from ssl_distill.eval.features import FeatureSet
 
@@ -317,3 +318,15 @@ def test_python_m_entry_point(setup: dict[str, Path]) -> None:
                           "--train", str(setup["train"]), "--val", str(setup["val"])],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_class_mismatch_is_refused_before_any_feature_is_extracted(setup: dict[str, Path], tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    val = make_folder(tmp_path / "val", 2, 2)
+    (val / "right").rename(val / "middle")
+    cache = tmp_path / "cache"
+    for mode in ("fast", "logreg"):
+        with pytest.raises(DataError, match=r"different classes: \['middle', 'right'\]"):
+            cli(setup["run"], "--train", setup["train"], "--val", val, "--num-workers", "0", "--mode", mode,
+                "--cache-dir", cache, "--out", tmp_path / "out.json")
+    assert not cache.exists() and not (tmp_path / "out.json").exists()  # nothing extracted, nothing cached

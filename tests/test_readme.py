@@ -37,8 +37,10 @@ def commands(block: str) -> list[list[str]]:
 
 
 README_COMMANDS = [words for block in code_blocks(README.read_text()) for words in commands(block)]
-CLI_LINES = [w[w.index("ssl_distill.cli") + 1:] if "ssl_distill.cli" in w else w[1:]
-             for w in README_COMMANDS if w[0] == "ssl-distill" or "ssl_distill.cli" in w]
+#: the README's commands that run ``ssl-distill`` (also as ``torchrun ... -m ssl_distill.cli``), whole
+CLI_COMMANDS = [w for w in README_COMMANDS if w[0] == "ssl-distill" or "ssl_distill.cli" in w]
+#: their ``ssl-distill`` arguments (from the subcommand on)
+CLI_LINES = [w[w.index("ssl_distill.cli") + 1:] if "ssl_distill.cli" in w else w[1:] for w in CLI_COMMANDS]
 
 
 def test_the_readme_has_commands_to_check():

@@ -12,7 +12,7 @@ from matplotlib.image import imread
 from ssl_distill.config import load_config
 from ssl_distill.data.fashion_mnist import DEFAULT_SOURCE
 from ssl_distill.engine.train import train
-from ssl_distill.report import read_run, write_report
+from ssl_distill.report import RunData, read_run, write_report
 from ssl_distill.report.runs import wall_clock_seconds
 from test_end_to_end import CONFIG, make_folder, tiny_overrides
 
@@ -103,10 +103,31 @@ def test_report_of_an_older_run_still_going_notes_what_is_missing(tmp_path):
     assert "no online k-NN records" in notes and "no config.yaml" in notes
     row = next(line for line in report.markdown.splitlines() if line.startswith("| old |"))
     assert row.startswith("| old | 30 | < 1 | — | 5.0000 | — | — | — |")  # no time: no wall-clock, no K: no ratio
-    # an empty run directory (a run just submitted) still gives a figure and says why it is empty
+    # an empty run directory beside it: no curve of its own, a note in the table
     empty = tmp_path / "new"
     empty.mkdir()
-    assert "no log.jsonl yet" in write_report([empty]).markdown
+    assert "new: no log.jsonl yet" in write_report([run, empty], out=tmp_path / "both.png").markdown
+
+
+def test_report_with_nothing_to_draw_says_why_and_writes_nothing(tmp_path):
+    """An empty folder, a run that has not logged its first step, a folder of runs: one sentence, no blank figure."""
+    from ssl_distill.errors import DataError
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=f"nothing to draw yet: {empty} has no log.jsonl \\(not a run directory"):
+        write_report([empty])
+    started = tmp_path / "runs" / "started"
+    started.mkdir(parents=True)
+    (started / "config.yaml").write_text("run: {}\n")
+    (started / "log.jsonl").write_text('{"step": 0, "kind": "config_note"}\n')
+    with pytest.raises(DataError, match="has no training records in its log.jsonl \\(the run has not logged"):
+        write_report([started, empty])
+    (tmp_path / "runs" / "done").mkdir()
+    (tmp_path / "runs" / "done" / "log.jsonl").write_text("")
+    with pytest.raises(DataError, match="runs has no log.jsonl, but its subfolders done, started have one: give"):
+        write_report([tmp_path / "runs"])
+    assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob("*.md"))
 
 
 def test_report_refuses_a_missing_directory_and_wrong_names(tmp_path):
@@ -165,3 +186,61 @@ def test_docs_sections_are_replaced_in_place(tmp_path):
     update_section(doc, "other.py", "| b |")
     assert doc.read_text().endswith("prose after\n\n<!-- begin other.py -->\n| b |\n<!-- end other.py -->\n")
     assert read_section(doc, "exp.py") == "| new |\n|---|\n" and read_section(tmp_path / "none.md", "x") is None
+
+
+def _schedule_run(prefixes: tuple[str, ...] = ("", "patch_")) -> RunData:
+    """A run whose log has the demo's shapes: lr warms up then decays, wd rises to 0.4 in the upper right corner
+    (where the legend used to go), the KL monitors of its teachers lie together near 0."""
+    n = 3600
+    train = []
+    for step in range(50, n + 1, 50):
+        f = step / n
+        rec = {"step": step, "loss": 7 + 3 * math.exp(-step / 400), "time": 1000 + 0.36 * step,
+               "lr": 7.5e-4 * min(1, step / 300) * 0.5 * (1 + math.cos(math.pi * max(0, step - 300) / (n - 300))),
+               "wd": 0.04 + 0.36 * 0.5 * (1 - math.cos(math.pi * f))}
+        for i, prefix in enumerate(prefixes):
+            rec[f"{prefix}teacher_entropy"] = 3 + i + 3 * math.exp(-step / 500)
+            rec[f"{prefix}teacher_kl_uniform"] = 0.02 + 0.08 * f + 0.001 * i
+        train.append(rec)
+    return RunData("demo", Path("demo"), train=train, config={"model": {"out_dim": 1024}},
+                   seconds={"train": [None] * len(train), "knn": []})
+
+
+def test_the_weight_decay_curve_does_not_run_through_the_panel_legend():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ssl_distill.report.figure import ROWS, _panel_legend
+
+    fig = Figure(figsize=(7, 3), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    draw = dict(ROWS)["learning rate and weight decay"]
+    _panel_legend(ax, draw(ax, [_schedule_run()], ["C0"], "step", 1.0))
+    fig.canvas.draw()
+    legends = [a.get_legend() for a in fig.axes if a.get_legend() is not None]
+    assert len(legends) == 1 and legends[0].axes is fig.axes[-1]  # on the twin, drawn above both curves
+    box = legends[0].get_window_extent()
+    curves = [line for a in fig.axes for line in a.get_lines() if line.get_visible()]
+    assert len(curves) == 2
+    for line in curves:
+        assert not line.get_transform().transform_path(line.get_path()).intersects_bbox(box), line.get_label()
+
+
+def test_kl_monitors_near_zero_and_log_k_are_told_apart():
+    """Every teacher's KL curve carries its own marker at staggered places (two curves near 0 on top of each
+    other stay apart), and the log K line is drawn unlike any curve (a wide pale band)."""
+    from matplotlib.figure import Figure
+
+    from ssl_distill.report.figure import _collapse
+
+    ax = Figure().add_subplot()
+    legend = dict(_collapse(ax, [_schedule_run(("", "obj_", "patch_"))], ["C0"], "step", 1.0))
+    kls = [look for name, look in legend.items() if name.startswith("KL")]
+    assert len(kls) == 3 and all(look.marker for look in kls)
+    assert len({look.marker for look in kls}) == 3 and len({look.markevery[0] for look in kls}) == 3
+    (log_k,) = [line for line in ax.get_lines() if line.get_label().startswith("_")]  # the axhline
+    curves = [line for line in ax.get_lines() if line is not log_k]
+    assert len(curves) == 6
+    assert log_k.get_linewidth() > 2 * max(c.get_linewidth() for c in curves) and log_k.get_alpha() < 0.5
+    assert {c.get_marker() for c in curves if "KL" in c.get_label()} == {"v", "s", "^"}

@@ -157,3 +157,21 @@ def test_command_line_writes_the_figure_for_a_real_photo(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(ck), str(tmp_path / "nope.png")])
     assert "nope.png" in capsys.readouterr().err
+
+
+def test_a_folder_with_an_image_smaller_than_a_patch_names_it_and_draws_the_rest(tmp_path, capsys):
+    ck = tiny_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(folder / "a_dot.png")  # sorted first: used to stop the run
+    Image.open(SKIMAGE_DATA / "coffee.png").resize((48, 32)).save(folder / "coffee.png")
+    assert main([str(ck), str(folder), "--out", str(tmp_path / "figs")]) == 0
+    captured = capsys.readouterr()
+    assert f"warning: skipping {folder / 'a_dot.png'}: image 1x1 is smaller than one" in captured.err
+    assert "1 figure(s)" in captured.out and (tmp_path / "figs" / "coffee" / "grid.png").is_file()
+    with pytest.raises(SystemExit) as stop:  # nothing left to draw: an error naming the file, not a traceback
+        main([str(ck), str(folder / "a_dot.png"), "--out", str(tmp_path / "figs")])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert f"error: no image to draw: {folder / 'a_dot.png'} (image 1x1 is smaller than one" in err
+    assert "Traceback" not in err

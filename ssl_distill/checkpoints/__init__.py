@@ -1,4 +1,5 @@
-"""Checkpoints: our training checkpoints, and backbones from ours or the official DINO / iBOT / DINOv2 files.
+"""Checkpoints: our training checkpoints, and backbones from ours or the official DINO / iBOT / DINOv2 / DINOv3
+files.
 
 ==================  ==================================================================================
 ``files.py``        reading any checkpoint file safely (``weights_only`` with an allow-list,
@@ -17,17 +18,17 @@ conversions between a config and a :class:`ssl_distill.models.BackboneSpec` live
 :mod:`ssl_distill.models`.
 """
 from ..errors import CheckpointError
-from .backbone import SPEC_METADATA_KEY, LoadedBackbone, load_any_backbone, load_backbone
+from .backbone import ROPE_PERIODS_METADATA_KEY, SPEC_METADATA_KEY, LoadedBackbone, load_any_backbone, load_backbone
 from .files import load_file, read_checkpoint
 from .training import (
-    FORMAT, LATEST, atomic_save, describe_mismatch, find_checkpoint, load_state_strict, read_training_checkpoint,
-    rng_state, set_rng_state,
+    FORMAT, LATEST, atomic_save, describe_mismatch, find_checkpoint, is_training_checkpoint, load_state_strict,
+    read_training_checkpoint, rng_state, set_rng_state,
 )
 
 __all__ = [
     "CheckpointError",
-    "SPEC_METADATA_KEY", "LoadedBackbone", "load_any_backbone", "load_backbone",
+    "ROPE_PERIODS_METADATA_KEY", "SPEC_METADATA_KEY", "LoadedBackbone", "load_any_backbone", "load_backbone",
     "load_file", "read_checkpoint",
-    "FORMAT", "LATEST", "atomic_save", "describe_mismatch", "find_checkpoint", "load_state_strict",
-    "read_training_checkpoint", "rng_state", "set_rng_state",
+    "FORMAT", "LATEST", "atomic_save", "describe_mismatch", "find_checkpoint", "is_training_checkpoint",
+    "load_state_strict", "read_training_checkpoint", "rng_state", "set_rng_state",
 ]

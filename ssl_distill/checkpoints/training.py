@@ -21,8 +21,8 @@ from ..errors import CheckpointError
 from .files import read_checkpoint
 
 __all__ = [
-    "FORMAT", "LATEST", "atomic_save", "describe_mismatch", "find_checkpoint", "load_state_strict",
-    "read_training_checkpoint", "rng_state", "set_rng_state",
+    "FORMAT", "LATEST", "atomic_save", "describe_mismatch", "find_checkpoint", "is_training_checkpoint",
+    "load_state_strict", "read_training_checkpoint", "rng_state", "set_rng_state",
 ]
 
 FORMAT = "ssl-distill/1"
@@ -76,7 +76,7 @@ def read_training_checkpoint(path: Path, run_dir: Path) -> dict[str, Any] | None
     if not path.exists():
         return None
     how = (f"move it out of {run_dir}, train into another run.output_dir, or pass --fresh to start over "
-           "(which deletes it)")
+           "(which moves it aside, into previous/)")
     try:
         ckpt, _ = read_checkpoint(path)
     except CheckpointError as e:
@@ -86,6 +86,18 @@ def read_training_checkpoint(path: Path, run_dir: Path) -> dict[str, Any] | None
         raise CheckpointError(f"{path} was not written by ssl-distill training (format {found!r}, expected "
                               f"{FORMAT!r}), so the run cannot resume from it: {how}")
     return ckpt
+
+
+def is_training_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a file that ssl-distill training wrote (its :data:`FORMAT` mark): a run resumes from
+    it. Read memory-mapped, so a large file costs little; anything unreadable is not one."""
+    if not path.is_file():
+        return False
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a torch zip file, or not ours: safetensors, legacy pickles, other tools' files
+        return False
+    return isinstance(ckpt, dict) and ckpt.get("format") == FORMAT
 
 
 def describe_mismatch(

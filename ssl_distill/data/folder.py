@@ -225,6 +225,15 @@ def scan_image_folder(root: str | os.PathLike[str], labeled: bool, cache_file: P
     return files
 
 
+def require_folder(path: str | os.PathLike[str], named: str, fix: str) -> None:
+    """DataError when ``path`` is not an existing folder, its message starting with ``named`` (the key or option
+    that gave it: ``"knn.train_dir=data/train (from the run's config)"``) and ending with ``fix``."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        where = "" if folder.resolve() == Path(path) else f"{folder.resolve()} "
+        raise DataError(f"{named}: {where}{'is not a folder' if folder.exists() else 'does not exist'}; {fix}")
+
+
 def _to_uint8_gray(img: Image.Image) -> Image.Image:
     """High-bit-depth / float single-channel modes (I;16*, I, F) -> 8-bit L.
 

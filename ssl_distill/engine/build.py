@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..checkpoints import LoadedBackbone, load_any_backbone, load_state_strict
 from ..config import Config
-from ..models import DINOHead, MultiCropModel, ViTBackbone, spec_from_config
+from ..models import DINOHead, MultiCropModel, TokenBackbone, build_backbone, spec_from_config
 from ..objectives import Reads, build_objectives
 
 
@@ -19,20 +19,21 @@ def _head(cfg: Config, in_dim: int, out_dim: int) -> DINOHead:
                     use_bn=m.use_bn_in_head, norm_last_layer=m.norm_last_layer)
 
 
-def build_model(cfg: Config, drop_path: float) -> MultiCropModel:
+def build_model(cfg: Config, drop_path: float, rope_rescale_coords: float | None = None) -> MultiCropModel:
     """Backbone + DINO head, and what the config's objectives read besides: the mask token and,
     unless shared, a separate patch head for a term on masked patches (iBOT); the [OBJ] token, through
-    the CLS head, for an object term (ODIS)."""
+    the CLS head, for an object term (ODIS). ``drop_path`` and ``rope_rescale_coords`` (a RoPE
+    backbone's coordinate augmentation) are the student's; the teacher has neither."""
     reads = Reads.union(objective.reads for objective in build_objectives(cfg))
-    backbone = ViTBackbone(spec_from_config(cfg, drop_path), mask_token=reads.patch_masks,
-                           obj_token=reads.object_masks)
+    backbone = build_backbone(spec_from_config(cfg, drop_path, rope_rescale_coords), mask_token=reads.patch_masks,
+                              obj_token=reads.object_masks)
     head = _head(cfg, backbone.embed_dim, cfg.model.out_dim)
     separate = reads.patch_masks and not cfg.ibot.shared_head
     patch_head = _head(cfg, backbone.embed_dim, cfg.ibot.patch_out_dim) if separate else None
     return MultiCropModel(backbone, head, patch_head)
 
 
-def load_backbone_weights(backbone: ViTBackbone, path: str, what: str) -> tuple[LoadedBackbone, str | None]:
+def load_backbone_weights(backbone: TokenBackbone, path: str, what: str) -> tuple[LoadedBackbone, str | None]:
     """Load the backbone of ``path`` (a file or run directory :func:`~ssl_distill.checkpoints.load_any_backbone`
     reads: ours, official DINO / iBOT / DINOv2) into ``backbone``, strictly.
 
@@ -46,7 +47,7 @@ def load_backbone_weights(backbone: ViTBackbone, path: str, what: str) -> tuple[
     state = loaded.backbone.state_dict()
     ours = backbone.state_dict()
     if "masked_embed" in ours and "masked_embed" not in state:
-        state["masked_embed"] = ours["masked_embed"]
+        state["masked_embed"] = ours["masked_embed"] if loaded.mask_token is None else loaded.mask_token
     if "masked_embed" not in ours:
         state.pop("masked_embed", None)
     resampled = backbone.fit_pos_embed(state)  # a file trained at another image size

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from ..checkpoints import rng_state, set_rng_state
 from ..runtime import resolve_precision
 from ..config import Config, ConfigError, MonitorConfig
-from ..data.folder import DataError, FileList, ImageFolderDataset, scan_image_folder
+from ..data.folder import DataError, FileList, ImageFolderDataset, require_folder, scan_image_folder
 from ..data.eval_transform import EvalTransform, collate_eval
 from . import distributed as du
 from .monitor import JsonlLogger
@@ -117,6 +117,11 @@ class OnlineKnn:
         if mo.knn_precision == "fp16" and device.type != "cuda":
             raise ConfigError("monitor.knn_precision=fp16 needs CUDA; use bf16 (or fp32) on CPU")
         train_dir, val_dir = mo.knn_train_dir or knn.train_dir, mo.knn_val_dir or knn.val_dir
+        for split, folder in (("train", train_dir), ("val", val_dir)):
+            key = f"monitor.knn_{split}_dir" if getattr(mo, f"knn_{split}_dir") else f"knn.{split}_dir"
+            require_folder(folder, f"{key}={folder} (the online k-NN's {split} folder)",
+                           f"set {key} to a labeled folder (<class>/<image>), or turn online k-NN off with "
+                           "monitor.knn_every_epochs=0 monitor.knn_every_steps=0")
         train = scan_image_folder(train_dir, labeled=True, cache_file=out_dir / "knn_train_filelist.json")
         val = scan_image_folder(val_dir, labeled=True, cache_file=out_dir / "knn_val_filelist.json")
         if train.classes != val.classes:

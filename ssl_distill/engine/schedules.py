@@ -9,6 +9,17 @@ import numpy as np
 from ..config import Config
 
 
+#: the settings a run's per-iteration schedules and data order are computed from (:meth:`Schedules.from_config`,
+#: the epoch sampler); a resume continues them, so they cannot change mid-run. ``optim.betas`` is here too: the
+#: optimizer state a resume loads brings the old betas back, so a change would do nothing.
+SCHEDULE_KEYS = (
+    "data.batch_size", "run.seed", "optim.epochs", "optim.lr", "optim.min_lr", "optim.warmup_epochs",
+    "optim.weight_decay", "optim.weight_decay_end", "optim.freeze_last_layer", "optim.momentum_teacher",
+    "optim.momentum_teacher_end", "optim.betas", "dino.teacher_temp", "dino.warmup_teacher_temp",
+    "dino.warmup_teacher_temp_epochs", "ibot.teacher_temp", "ibot.warmup_teacher_temp", "masking.pred_start_epoch",
+)
+
+
 def total_iterations(epochs: float, iters_per_epoch: int) -> int:
     """Iterations of a run of ``epochs`` epochs; a fractional count ends mid-epoch (how runs of
     different methods get the same wall-clock budget)."""

@@ -5,6 +5,7 @@ preemption: checkpoint the step that just finished, then requeue. SIGTERM (``sca
 preemption with SLURM's own requeue) and the first Ctrl-C: checkpoint, then stop. The signal
 handler only records the request; the loop reads it between steps, so the checkpoint holds a
 consistent state and no work is lost: the step in flight finishes before the checkpoint is written.
+A second Ctrl-C stops at once (KeyboardInterrupt); the last checkpoint on disk stays whole.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.code = NONE
+        self.signum = 0  # the number of the signal that made the request in force
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -46,7 +48,8 @@ class StopSignals:
         def handle(signum: int, frame: FrameType | None) -> None:
             if signum == signal.SIGINT and self.code != NONE:
                 raise KeyboardInterrupt  # a second Ctrl-C stops at once
-            self.code = max(self.code, code)
+            if code > self.code:
+                self.code, self.signum = code, signum
             print(f"rank {du.rank()}: received {signal.Signals(signum).name}: checkpointing when the current "
                   f"step ends, then {NAMES[self.code]}", file=sys.stderr, flush=True)
         return handle
@@ -54,3 +57,8 @@ class StopSignals:
     def poll(self) -> int:
         """NONE, STOP or REQUEUE; the maximum over ranks, so all ranks stop at the same step."""
         return du.all_reduce_max(self.code)
+
+    def signal_name(self, request: int) -> str:
+        """The name of the signal behind ``request``, the agreed :meth:`poll` (``"SIGTERM"`` ...), the same on
+        every rank (the highest number among the ranks that made that request); all ranks call it."""
+        return signal.Signals(du.all_reduce_max(self.signum if self.code == request else 0)).name

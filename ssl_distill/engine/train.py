@@ -16,12 +16,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..atomic import remove_stale_temporaries
+from ..atomic import check_output_folder, remove_stale_temporaries
 from ..checkpoints import (
     FORMAT, LATEST, CheckpointError, atomic_save, describe_mismatch, load_state_strict, read_training_checkpoint,
     rng_state, set_rng_state,
 )
-from ..config import Config, ConfigError, config_diff, config_from_dict, config_notes, config_to_dict, save_config
+from ..config import Config, ConfigError, config_changes, config_from_dict, config_notes, config_to_dict, save_config
 from ..data.folder import BadImageCounter
 from ..data.loader import build_train_loader
 from ..data.masking import true_positions
@@ -38,7 +38,8 @@ from .masks import StepMasks, to_device
 from .monitor import CollapseMonitor, JsonlLogger
 from .online_knn import OnlineKnn
 from .records import LogWindow, StepRecord, reduce_over_ranks
-from .schedules import Schedules, frozen_last_layer, total_iterations
+from .run_dir import move_earlier_run_aside
+from .schedules import SCHEDULE_KEYS, Schedules, frozen_last_layer, total_iterations
 from .stop import NAMES, REQUEUE, StopSignals
 
 
@@ -85,7 +86,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, fresh: bool = False, device: torch.device | None = None) -> None:
         self.cfg = cfg
-        self.out = Path(cfg.run.output_dir)
+        self.out = check_output_folder(cfg.run.output_dir, "run.output_dir")
         threads = cfg.run.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0))
         if threads > 0:
             torch.set_num_threads(threads)
@@ -96,9 +97,10 @@ class Trainer:
         np.random.seed(cfg.run.seed + self.rank)
         # a checkpoint we cannot resume from stops the run before anything is scanned, built or written
         resume_from = None if fresh else read_training_checkpoint(self.out / LATEST, self.out)
+        self.config_changes = {} if resume_from is None else self._changes_since(resume_from)
         self.precision = self._choose_precision(resume_from)
 
-        created = du.is_main() and not self.out.exists()
+        self.created = du.is_main() and not self.out.exists()  # by this start: removed again if it fails
         if du.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             removed = remove_stale_temporaries(self.out)
@@ -106,12 +108,13 @@ class Trainer:
                 print(f"removed {len(removed)} temporary file(s) left in {self.out} by interrupted checkpoint "
                       f"saves ({sum(size for _, size in removed) / 2**20:.1f} MiB): "
                       f"{', '.join(path.name for path, _ in removed)}")
+            if resume_from is None:
+                self._move_earlier_run_aside(fresh)
         du.barrier()
         try:
-            self._build(fresh, resume_from)
+            self._build(resume_from)
         except BaseException:
-            if created:  # a failed start leaves no half-made run directory behind
-                shutil.rmtree(self.out, ignore_errors=True)
+            self._discard_if_not_a_run()
             raise
 
     def _choose_precision(self, resume_from: dict[str, Any] | None) -> str:
@@ -130,7 +133,36 @@ class Trainer:
                   f"{'faster' if precision == 'bf16' else 'slower'} than fp32 on this {self.device.type})")
         return precision
 
-    def _build(self, fresh: bool, resume_from: dict[str, Any] | None) -> None:
+    def _move_earlier_run_aside(self, fresh: bool) -> None:
+        """A new run starts with none of an earlier run's files under the names it writes (see ``run_dir.py``):
+        with ``--fresh``, or after a start that failed before its first checkpoint."""
+        moved = move_earlier_run_aside(self.out)
+        if moved is None:
+            return
+        folder, names = moved
+        why = "--fresh" if fresh else f"no {LATEST} to resume from in {self.out}"
+        print(f"{why}: moved the earlier run's {', '.join(names)} into {folder}; this run starts at step 0")
+
+    def _changes_since(self, ckpt: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """This config's changes from the checkpoint's, ``{key: (old, new)}``; a change to what the run's schedule
+        is computed from (:data:`SCHEDULE_KEYS`: batch size, lr, epochs ...) is refused before anything is built."""
+        # the checkpoint's config with today's defaults for sections it predates, so only real changes show
+        changes = config_changes(config_to_dict(config_from_dict(ckpt["config"])), config_to_dict(self.cfg))
+        refused = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items() if key in SCHEDULE_KEYS]
+        if refused:
+            raise ConfigError(
+                f"{self.out / LATEST} resumes a schedule that these settings define, so they cannot change "
+                f"mid-run: {'; '.join(refused)}; resume with the run's values ({self.out / 'config.yaml'}), or "
+                "start a new run with --fresh (the earlier run's files move aside) or another run.output_dir")
+        return changes
+
+    def _discard_if_not_a_run(self) -> None:
+        """A start that fails before its first step leaves no run directory behind, where it created it."""
+        state = getattr(self, "state", None)
+        if self.created and (state is None or state.step == 0):
+            shutil.rmtree(self.out, ignore_errors=True)
+
+    def _build(self, resume_from: dict[str, Any] | None) -> None:
         """Data, schedules, models, optimizer and loss; then the checkpoint's state, if resuming."""
         cfg = self.cfg
         self.loader, self.sampler = build_train_loader(cfg, self.out / "filelist.json", self.rank, self.world)
@@ -154,7 +186,7 @@ class Trainer:
                 print(f"note: {note}")
         fused = cfg.model.fused_attn if cfg.model.fused_attn is not None else default_fused_attn(self.device)
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-        self.student = build_model(cfg, cfg.model.drop_path_rate).to(self.device)
+        self.student = build_model(cfg, cfg.model.drop_path_rate, cfg.model.rope_rescale_coords).to(self.device)
         if cfg.model.init_from and resume_from is None:
             self._init_backbone(cfg.model.init_from)
         self.teacher = build_model(cfg, 0.0).to(self.device)  # no drop-path in the teacher
@@ -197,24 +229,25 @@ class Trainer:
         self.last_layer_params = [p for n, p in self.student.named_parameters() if "last_layer" in n]
         self.bad = BadImageCounter(cfg.data.max_bad_fraction)
         self.state = RunState()
+        self.saved_step: int | None = None  # the step the checkpoint on disk holds (rank 0)
         # the first objective's teacher that has collapse monitors is watched: [CLS] with DINO's term, else [OBJ]
         # (ODIS), else the patch targets (then through the shared head: the config refuses a separate one)
         self.watched = next(o.collapse_keys for o in self.objectives if o.collapse_keys)
         self.collapse = CollapseMonitor(cfg.model.out_dim, cfg.run.collapse_window)
 
-        ckpt_path = self.out / LATEST
         if resume_from is not None:
-            self._resume(resume_from, ckpt_path)
-        elif du.is_main():
-            if fresh and ckpt_path.exists():
-                ckpt_path.unlink()
-                (self.out / "log.jsonl").unlink(missing_ok=True)
-            save_config(cfg, self.out / "config.yaml")
+            self._resume(resume_from, self.out / LATEST)
+        if du.is_main():
+            save_config(cfg, self.out / "config.yaml")  # the run's config as it goes on
         self.logger = (
             JsonlLogger(self.out / "log.jsonl", self.out / "tensorboard" if cfg.run.tensorboard else None)
             if du.is_main()
             else None
         )
+        # a resume's accepted changes, on the record; run.stop_at_step is where each invocation stops, not a change
+        changed = {key: list(values) for key, values in self.config_changes.items() if key != "run.stop_at_step"}
+        if changed and self.logger is not None:
+            self.logger.log({"kind": "config_change", "step": self.state.step, "changes": changed, "time": time.time()})
         self.online_knn = OnlineKnn(cfg, self.out, self.iters_per_epoch, self.total_steps, self.device, self.logger)
         boxes = getattr(self.loader.dataset, "boxes", None)
         if boxes is not None and self.logger is not None:  # ODIS: every kept, clipped and dropped box counted
@@ -223,8 +256,8 @@ class Trainer:
 
     def _init_backbone(self, path: str) -> None:
         """Start the student's backbone (and so the teacher's) from ``path``; the file's mask token is
-        kept only where this run has one (iBOT's ``masked_embed`` starts at zero otherwise, as iBOT), and
-        its position embedding is resampled to this run's patch grid when the sizes differ."""
+        kept only where this run has one (iBOT's ``masked_embed`` starts at zero when the file has none, as
+        iBOT), and its position embedding is resampled to this run's patch grid when the sizes differ."""
         loaded, resampled = load_backbone_weights(self.student.backbone, path, f"model.init_from={path}")
         if du.is_main():
             if resampled:
@@ -284,10 +317,12 @@ class Trainer:
             ckpt = self.checkpoint_dict([g[0] for g in gathered], (sum(g[1] for g in gathered),
                                                                    sum(g[2] for g in gathered)))
             atomic_save(ckpt, self.out / LATEST)
+            self.saved_step = self.state.step
             k = self.cfg.run.keep_every_epochs
             if k and self.state.batch == 0 and self.state.epoch % k == 0 and self.state.step > 0:
                 atomic_save(ckpt, self.out / f"checkpoint_epoch{self.state.epoch:04d}.pth")
         du.barrier()
+        self.saved_step = self.state.step  # every rank, once rank 0 has written it
 
     def _check_teachers_agree(self) -> None:
         """Every rank holds the same teacher parameters, buffers (BatchNorm running statistics) and
@@ -327,8 +362,7 @@ class Trainer:
         if ckpt.get("world_size", 1) != self.world:
             print(f"note: resuming a {ckpt['world_size']}-process run with {self.world} process(es); "
                   "the data order of the rest of the epoch changes")
-        # the checkpoint's config with today's defaults for sections it predates, so only real changes show
-        diff = config_diff(config_to_dict(config_from_dict(ckpt["config"])), config_to_dict(self.cfg))
+        diff = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in self.config_changes.items()]
         if diff and du.is_main():
             print("note: config differs from the checkpoint's:\n  " + "\n  ".join(diff))
         try:
@@ -337,7 +371,7 @@ class Trainer:
         except CheckpointError as e:
             raise CheckpointError(f"{e}. The run directory holds another model: resume with its config "
                                   f"({self.out / 'config.yaml'}), or use another run.output_dir (or --fresh, "
-                                  "which discards the checkpoint) to start a new run") from e
+                                  "which moves the earlier run's files aside) to start a new run") from e
         self.optimizer.load_state_dict(ckpt["optimizer"])
         for group in self.optimizer.param_groups:  # this device's kernel, whichever device wrote the file
             group["fused"] = self.optimizer.defaults["fused"]
@@ -349,6 +383,7 @@ class Trainer:
         self.state = RunState(
             step=ckpt["step"], epoch=ckpt["epoch"], batch=ckpt["batch"], requeues=ckpt.get("requeues", 0)
         )
+        self.saved_step = self.state.step
         if self.rank == 0:  # the checkpoint holds every rank's count; the log sums the ranks' counts
             self.bad.bad, self.bad.seen = ckpt["bad_images"]["bad"], ckpt["bad_images"]["seen"]
         rngs = ckpt["rngs"] if "rngs" in ckpt else [ckpt["rng"]]
@@ -479,19 +514,29 @@ class Trainer:
         """Train until ``optim.epochs`` (or ``run.stop_at_step``); returns the last log record.
 
         A stop signal (see ``stop.py``) ends the loop after the current step with a checkpoint;
-        the record then has ``stopped`` = ``"stop"``, ``"requeue"`` or ``"requeue-limit"``.
+        the record then has ``stopped`` = ``"stop"``, ``"requeue"`` or ``"requeue-limit"`` and ``signal``
+        (``"SIGTERM"`` ...).
         """
+        ended = False
         try:
             with StopSignals() as signals:
-                return self._loop(signals)
+                last = self._loop(signals)
+            ended = True
+            return last
         except Exception as e:
             if self.world > 1:  # say which rank and step; the others fail at their next collective
                 print(f"rank {self.rank}: training failed at step {self.state.step}: {type(e).__name__}: {e}",
                       file=sys.stderr, flush=True)
             raise
+        except KeyboardInterrupt:  # a second Ctrl-C (stop.py), perhaps in a checkpoint write: say what is on disk
+            held = ("no checkpoint was written yet" if self.saved_step is None else
+                    f"{self.out / LATEST} holds step {self.saved_step}")
+            raise KeyboardInterrupt(f"training stopped at once after {self.state.step} steps; {held}") from None
         finally:
             if self.logger is not None:
                 self.logger.close()
+            if not ended:  # e.g. the first step does not fit in memory: its step-0 k-NN record goes too
+                self._discard_if_not_a_run()
 
     def _loop(self, signals: StopSignals) -> dict[str, Any]:
         cfg, st = self.cfg, self.state
@@ -537,7 +582,7 @@ class Trainer:
                 request = signals.poll()
                 if request and st.step < stop_at:  # checkpoint this step and leave (the last step just ends)
                     bar.close()
-                    return self._stop(request, window, t_window, images_per_step, last)
+                    return self._stop(request, signals.signal_name(request), window, t_window, images_per_step, last)
                 if end_of_epoch or st.step % cfg.run.checkpoint_every == 0 or st.step == stop_at:
                     self.save_checkpoint()
                 if st.step >= stop_at or end_of_epoch:
@@ -546,9 +591,9 @@ class Trainer:
         self.bad.finalize()
         return last
 
-    def _stop(self, request: int, window: LogWindow, t_window: float,
+    def _stop(self, request: int, signal_name: str, window: LogWindow, t_window: float,
               images_per_step: int, last: dict[str, Any]) -> dict[str, Any]:
-        """Checkpoint the step that just finished and report why the loop ended."""
+        """Checkpoint the step that just finished and report why the loop ended (and on which signal)."""
         if window:
             last = self._log(window, time.perf_counter() - t_window, images_per_step)
         stopped = NAMES[request]
@@ -561,7 +606,8 @@ class Trainer:
         if du.is_main():
             print(f"stopped at step {self.state.step} ({stopped}); checkpoint {self.out / LATEST} holds that step",
                   file=sys.stderr, flush=True)
-        return {**last, "step": self.state.step, "stopped": stopped, "requeues": self.state.requeues}
+        return {**last, "step": self.state.step, "stopped": stopped, "signal": signal_name,
+                "requeues": self.state.requeues}
 
     def _log(self, window: LogWindow, elapsed: float, images_per_step: int) -> dict[str, Any]:
         """The log line of the steps in ``window`` (read from the device now, in one transfer): each value's

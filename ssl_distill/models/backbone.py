@@ -1,10 +1,14 @@
-"""ViT backbone: a thin wrapper over timm's ``VisionTransformer``.
+"""ViT backbone: a thin wrapper over timm's ``VisionTransformer``, and what every backbone wrapper offers.
 
 The wrapper adds what self-distillation needs and timm does not name directly: the CLS and patch
 tokens as named outputs, the normalized tokens of the last ``n`` blocks (DINO's
 ``get_intermediate_layers``), any input resolution (position embeddings interpolated), and a switch
 between the fused attention kernel and the plain matmul-softmax path (on CPU the plain path's
-backward is about 2x faster, measured here).
+backward is about 2x faster, measured here). :class:`TokenBackbone` holds what does not depend on how
+positions enter (named outputs, mask token, [OBJ] token and its attention mask, last-block CLS attention,
+intermediate layers); :class:`ViTBackbone` is the learned-position ViT on it, and
+:class:`ssl_distill.models.rope_backbone.RopeViTBackbone` DINOv3's RoPE ViT. :class:`BackboneSpec`
+describes both (``pos_embed``).
 
 Architecture variants of the official releases are built with timm's own options:
 
@@ -44,7 +48,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import SwiGLUPacked
+from timm.layers import SwiGLUPacked, apply_rot_embed_cat
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -65,6 +69,12 @@ POS_INTERP = ("timm", "dino")
 OBJ_KEYS = ("obj_token", "obj_pos_embed")  # the [OBJ] parameters of ViTBackbone (outside ``vit``)
 
 
+def timm_mlp_ratio(hidden: int, width: int) -> float:
+    """timm's ``mlp_ratio`` for an MLP hidden width: timm computes ``int(width * mlp_ratio)``, so the ratio is
+    nudged where float rounding would lose a unit."""
+    return hidden / width if int(width * (hidden / width)) == hidden else (hidden + 0.5) / width
+
+
 @dataclass
 class BackboneSpec:
     """Everything needed to rebuild a backbone (stored in checkpoints)."""
@@ -83,6 +93,11 @@ class BackboneSpec:
     reg_tokens: int = 0  # register tokens (DINOv2 _reg4: 4)
     no_embed_class: bool = False  # position embedding without the prefix tokens (set with registers)
     pos_interp: str = "timm"  # "timm" | "dino": see the module docstring
+    # position encoding: "learned" (ViTBackbone, this module) | "rope" (DINOv3: models/rope_backbone.py)
+    pos_embed: str = "learned"
+    rope_theta: float = 100.0  # RoPE period base (rope only; DINOv3: pos_embed_rope_base, timm: rope_temperature)
+    rope_rescale_coords: float | None = None  # RoPE coordinate rescaling while training (rope only; None: off)
+    norm_eps: float | None = None  # LayerNorm eps (rope only); None: DINOv3's 1e-5 (learned: timm's 1e-6)
 
     def dims(self) -> tuple[int, int, int]:
         if self.arch not in VIT_SIZES:
@@ -103,12 +118,10 @@ class BackboneSpec:
         width, depth, heads = self.dims()
         if width % heads:
             raise ValueError(f"embed_dim {width} is not divisible by num_heads {heads}")
-        hidden = self.mlp_hidden()
-        # timm computes int(width * mlp_ratio); nudge the ratio so that float rounding cannot lose a unit
-        ratio = self.mlp_ratio if int(width * self.mlp_ratio) == hidden else (hidden + 0.5) / width
         kwargs: dict[str, Any] = dict(
             img_size=self.img_size, patch_size=self.patch_size, num_classes=0, embed_dim=width, depth=depth,
-            num_heads=heads, mlp_ratio=ratio, qkv_bias=self.qkv_bias, drop_path_rate=self.drop_path_rate,
+            num_heads=heads, mlp_ratio=timm_mlp_ratio(self.mlp_hidden(), width), qkv_bias=self.qkv_bias,
+            drop_path_rate=self.drop_path_rate,
         )
         if self.layer_scale is not None:
             kwargs["init_values"] = self.layer_scale
@@ -123,13 +136,17 @@ class BackboneSpec:
 
 # the config's model section and BackboneSpec share these fields
 _SPEC_FIELDS = ("arch", "patch_size", "img_size", "depth", "embed_dim", "num_heads", "mlp_ratio", "mlp_layer",
-                "qkv_bias", "layer_scale", "reg_tokens", "no_embed_class", "pos_interp")
+                "qkv_bias", "layer_scale", "reg_tokens", "no_embed_class", "pos_interp", "pos_embed", "rope_theta",
+                "norm_eps")
 
 
-def spec_from_config(cfg: Config, drop_path_rate: float = 0.0) -> BackboneSpec:
-    """The backbone described by a config's model section (evaluation and teacher: no drop-path)."""
+def spec_from_config(cfg: Config, drop_path_rate: float = 0.0,
+                     rope_rescale_coords: float | None = None) -> BackboneSpec:
+    """The backbone described by a config's model section (evaluation and teacher: no drop-path, no RoPE
+    coordinate augmentation; the student passes the config's values)."""
     m = cfg.model
-    return BackboneSpec(**{f: getattr(m, f) for f in _SPEC_FIELDS}, drop_path_rate=drop_path_rate)
+    return BackboneSpec(**{f: getattr(m, f) for f in _SPEC_FIELDS}, drop_path_rate=drop_path_rate,
+                        rope_rescale_coords=rope_rescale_coords)
 
 
 def config_from_spec(spec: BackboneSpec) -> Config:
@@ -230,98 +247,71 @@ def _attention_dtype(h: torch.Tensor) -> torch.dtype:
     return h.dtype
 
 
-class ViTBackbone(nn.Module):
-    """timm ViT returning named tokens for batches of same-size crops.
+def fused_qkv_bias(attn: nn.Module) -> torch.Tensor | None:
+    """The bias of an attention module's fused ``qkv`` projection, (3 D,) or None.
+
+    timm's ``Attention`` keeps it in ``qkv.bias``; its ``EvaAttention`` (DINOv3) in ``q_bias``, a zero
+    ``k_bias`` buffer and ``v_bias``, concatenated in its forward as here.
+    """
+    if attn.qkv.bias is not None:
+        return attn.qkv.bias
+    q_bias = getattr(attn, "q_bias", None)
+    return None if q_bias is None else torch.cat((q_bias, attn.k_bias, attn.v_bias))
+
+
+def rotate_patches(t: torch.Tensor, rope: torch.Tensor, num_prefix_tokens: int, half: bool = True) -> torch.Tensor:
+    """RoPE on the patch tokens of queries or keys (B, heads, N, head_dim), as timm's ``EvaAttention``:
+    ``rope`` (P, 2 head_dim) is [sin | cos], in the rotate-half layout (DINOv3) or the interleaved one;
+    the prefix tokens are not rotated."""
+    rotated = apply_rot_embed_cat(t[:, :, num_prefix_tokens:], rope, half=half)
+    return torch.cat([t[:, :, :num_prefix_tokens], rotated], dim=2).type_as(t)
+
+
+class TokenBackbone(nn.Module):
+    """What every backbone wrapper offers on its timm model ``vit``: named tokens for batches of same-size crops.
 
     ``forward(x)`` with ``x`` of shape (B, 3, H, W), H and W multiples of the patch size, returns the
-    CLS token after the final norm, shape (B, D). ``forward_tokens`` also returns the patch tokens (and
-    the register tokens when the model has some, the [OBJ] token when it has one);
-    ``get_intermediate_layers`` the tokens of the last ``n`` blocks.
+    CLS token after the final norm, shape (B, D). :meth:`forward_tokens` also returns the patch tokens
+    (and the register tokens when the model has some, the [OBJ] token when it has one);
+    :meth:`get_intermediate_layers` the tokens of the last ``n`` blocks.
 
-    With ``obj_token=True`` (ODIS, see the module docstring) the token sequence is
+    With an [OBJ] token (ODIS, see the module docstring) the token sequence is
     ``[CLS, OBJ, registers..., patches]`` and ``num_prefix_tokens`` counts the [OBJ] token.
     CLS and patch queries do not attend to [OBJ] (the ODIS sources only restrict the [OBJ] query;
     "CLS and patch queries attend as usual" is read as "as in the model without [OBJ]").
+
+    A subclass builds ``vit`` and the attributes below, and says how tokens enter the blocks
+    (:meth:`_embed`) and what else each block call takes (:meth:`_block_kwargs`).
     """
 
-    def __init__(self, spec: BackboneSpec, init_weights: bool = True, mask_token: bool = False,
-                 obj_token: bool = False) -> None:
-        """``init_weights=False`` skips the random initialisation (the weights are loaded right after).
+    vit: nn.Module
+    spec: BackboneSpec
+    embed_dim: int
+    depth: int
+    patch_size: int
+    num_reg_tokens: int
+    num_prefix_tokens: int  # tokens before the patches in the sequences of forward_tokens
+    has_obj_token: bool
+    masked_embed: nn.Parameter | None
+    obj_token: nn.Parameter | None
 
-        ``mask_token`` adds iBOT's learned ``masked_embed`` (1, D), zero-initialised as iBOT, which
-        replaces the patch embeddings of masked positions (see :meth:`forward_tokens`).
-
-        ``obj_token`` adds ODIS's [OBJ] token: ``obj_token`` (1, 1, D) initialised like DINO's class token
-        and ``obj_pos_embed`` (1, 1, D) like DINO's position embedding (both trunc normal, std 0.02),
-        drawn after every other weight (a backbone without [OBJ] gets the same weights from one seed).
-        """
-        super().__init__()
-        self.spec = spec
-        kwargs = spec.timm_kwargs()
-        self.vit = _VisionTransformer(dynamic_img_size=True, weight_init="" if init_weights else "skip", **kwargs)
-        self.vit.pos_interp = spec.pos_interp
-        if init_weights:
-            # DINO initialises the class token like the position embedding (trunc normal, std 0.02);
-            # timm uses std 1e-6. Follow DINO.
-            nn.init.trunc_normal_(self.vit.cls_token, std=0.02)
-        self.embed_dim = kwargs["embed_dim"]
-        self.depth = kwargs["depth"]
-        self.patch_size = spec.patch_size
-        self.num_reg_tokens = spec.reg_tokens
-        self.masked_embed = nn.Parameter(torch.zeros(1, self.embed_dim)) if mask_token else None
+    def _set_sizes(self, embed_dim: int, depth: int, mask_token: bool, obj_token: bool) -> None:
+        """The sizes of a backbone just built on ``self.spec``, and its mask token (zeros, (1, D)) if asked."""
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.patch_size = self.spec.patch_size
+        self.num_reg_tokens = self.spec.reg_tokens
+        self.masked_embed = nn.Parameter(torch.zeros(1, embed_dim)) if mask_token else None
         self.has_obj_token = bool(obj_token)
-        self.obj_token: nn.Parameter | None = None
-        self.obj_pos_embed: nn.Parameter | None = None
-        if obj_token:
-            self.obj_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
-            self.obj_pos_embed = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
-            if init_weights:
-                nn.init.trunc_normal_(self.obj_token, std=0.02)
-                nn.init.trunc_normal_(self.obj_pos_embed, std=0.02)
-        # tokens before the patches in the sequences of forward_tokens / get_intermediate_layers
-        self.num_prefix_tokens = self.vit.num_prefix_tokens + int(self.has_obj_token)
-
-    def fit_pos_embed(self, state: dict[str, torch.Tensor]) -> str | None:
-        """Resample ``state["vit.pos_embed"]`` in place to this backbone's stored grid, when the file was
-        trained at another image size / patch grid (square grids, same prefix tokens and width).
-
-        Bicubic, as this backbone interpolates at other input sizes (``spec.pos_interp``: timm's
-        antialiased resampling, or DINO's scale factor ``(grid + 0.1) / stored``), so a backbone
-        started from the file computes what the file's own model computes at this run's size. Returns a
-        sentence saying what was done, or None when nothing needed resampling.
-        """
-        pos, ours = state.get("vit.pos_embed"), self.vit.pos_embed
-        if pos is None or ours is None or pos.shape == ours.shape or pos.shape[-1] != ours.shape[-1]:
-            return None
-        prefix = 0 if self.vit.no_embed_class else self.vit.num_prefix_tokens
-        old_side, new_grid = grid_side(pos.shape[1] - prefix), tuple(self.vit.patch_embed.grid_size)
-        if old_side is None or pos.shape[1] <= prefix:
-            return None  # not a square grid with our prefix: the strict load names the mismatch
-        old_grid = (old_side, old_side)
-        if self.spec.pos_interp == "dino":
-            state["vit.pos_embed"] = resample_pos_embed_dino(pos, new_grid, old_grid, prefix)
-        else:
-            from timm.layers import resample_abs_pos_embed
-
-            state["vit.pos_embed"] = resample_abs_pos_embed(pos, list(new_grid), list(old_grid),
-                                                            num_prefix_tokens=prefix)
-        return (f"vit.pos_embed resampled from a {old_grid[0]}x{old_grid[1]} to a {new_grid[0]}x{new_grid[1]} "
-                f"patch grid ({self.spec.pos_interp} interpolation)")
 
     def set_fused_attn(self, fused: bool) -> None:
         """Choose the fused SDPA kernel (fast on CUDA) or the plain matmul-softmax path (fast on CPU)."""
         for blk in self.vit.blocks:
             blk.attn.fused_attn = fused
 
-    @torch.no_grad()
-    def init_obj_from_cls(self) -> None:
-        """Set ``obj_token`` to the class token and ``obj_pos_embed`` to its position term (see
-        :func:`obj_init_from_cls`): ODIS starting from a DINO / iBOT backbone."""
-        if self.obj_token is None or self.obj_pos_embed is None:
-            raise ValueError("init_obj_from_cls needs a backbone built with obj_token=True")
-        init = obj_init_from_cls(self.vit.cls_token, self.vit.pos_embed, self.vit.no_embed_class)
-        self.obj_token.copy_(init["obj_token"])
-        self.obj_pos_embed.copy_(init["obj_pos_embed"])
+    def fit_pos_embed(self, state: dict[str, torch.Tensor]) -> str | None:
+        """Resample a file's position embedding to this backbone (see :class:`ViTBackbone`); None: nothing to do."""
+        return None
 
     def _split(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {"cls": tokens[:, 0], "patch": tokens[:, self.num_prefix_tokens :]}
@@ -355,28 +345,39 @@ class ViTBackbone(nn.Module):
         mask[:, :, 1, 1] = 0.0  # ... but itself
         return mask
 
-    def _embed(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-               obj_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, 3, H, W) -> the blocks' input (B, T, D) and their attention mask (None without [OBJ])."""
-        v = self.vit
-        h = v.patch_embed(x)  # (B, H/p, W/p, D): dynamic image size keeps the grid
-        b, gh, gw, _ = h.shape
-        if mask is not None:
-            if self.masked_embed is None:
-                raise ValueError("a patch mask needs a backbone built with mask_token=True")
-            h = torch.where(mask.view(*h.shape[:-1], 1), self.masked_embed.to(h.dtype), h)
-        h = v._pos_embed(h)  # (B, 1 + R + P, D)
-        attn_mask = None
-        if self.obj_token is not None and self.obj_pos_embed is not None:
-            if obj_mask is not None and (obj_mask.dtype != torch.bool or tuple(obj_mask.shape) != (b, gh * gw)):
-                raise ValueError(f"obj_mask must be a bool tensor of shape {(b, gh * gw)} (images, patches), "
-                                 f"got {obj_mask.dtype} {tuple(obj_mask.shape)}")
-            obj = (self.obj_token + self.obj_pos_embed).to(h.dtype).expand(b, -1, -1)
-            h = torch.cat([h[:, :1], obj, h[:, 1:]], dim=1)
-            attn_mask = self.obj_attention_mask(obj_mask, b, gh * gw, _attention_dtype(h), h.device)
-        elif obj_mask is not None:
-            raise ValueError("an object mask needs a backbone built with obj_token=True")
-        return v.norm_pre(v.patch_drop(h)), attn_mask
+    def _mask_patches(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Patch embeddings (B, H/p, W/p, D), those where ``mask`` (B, P) is True replaced by ``masked_embed``."""
+        if mask is None:
+            return h
+        if self.masked_embed is None:
+            raise ValueError("a patch mask needs a backbone built with mask_token=True")
+        return torch.where(mask.view(*h.shape[:-1], 1), self.masked_embed.to(h.dtype), h)
+
+    def _insert_obj(self, h: torch.Tensor, obj: torch.Tensor | None, obj_mask: torch.Tensor | None,
+                    num_patches: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[CLS, rest...] (B, T, D) -> [CLS, OBJ, rest...] and its attention mask, for an [OBJ] backbone
+        (``obj`` (1, 1, D): the [OBJ] token's input); the sequence unchanged and no mask otherwise."""
+        b = h.shape[0]
+        if obj is None:
+            if obj_mask is not None:
+                raise ValueError("an object mask needs a backbone built with obj_token=True")
+            return h, None
+        if obj_mask is not None and (obj_mask.dtype != torch.bool or tuple(obj_mask.shape) != (b, num_patches)):
+            raise ValueError(f"obj_mask must be a bool tensor of shape {(b, num_patches)} (images, patches), "
+                             f"got {obj_mask.dtype} {tuple(obj_mask.shape)}")
+        h = torch.cat([h[:, :1], obj.to(h.dtype).expand(b, -1, -1), h[:, 1:]], dim=1)
+        return h, self.obj_attention_mask(obj_mask, b, num_patches, _attention_dtype(h), h.device)
+
+    def _embed(self, x: torch.Tensor, mask: torch.Tensor | None = None, obj_mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+        """(B, 3, H, W) -> the blocks' input (B, T, D), their attention mask (None without [OBJ]) and the
+        patch grid (H/p, W/p)."""
+        raise NotImplementedError
+
+    def _block_kwargs(self, grid: tuple[int, int], n: int, dtype: torch.dtype) -> list[dict[str, Any]]:
+        """Keyword arguments of the next ``n`` block calls beside ``attn_mask`` (one dict per block), for a
+        patch grid ``grid`` and attention computed in ``dtype``."""
+        return [{} for _ in range(n)]
 
     def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                        cls_attention: bool = False, obj_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -387,7 +388,7 @@ class ViTBackbone(nn.Module):
 
         Args:
             mask: (B, P) bool, True where the patch embedding is replaced by ``masked_embed`` before
-                the position embedding is added (iBOT, Zhou et al. 2022, Sec. 3.2); needs ``mask_token``.
+                any position information enters (iBOT, Zhou et al. 2022, Sec. 3.2); needs ``mask_token``.
             cls_attention: also return ``"cls_attention"`` (B, P): the last block's attention of the
                 CLS query over the patches, averaged over heads (AttMask, Kakogeorgiou et al. 2022,
                 Sec. 3.2), from this same forward. Only the CLS row is computed: one extra key
@@ -396,29 +397,31 @@ class ViTBackbone(nn.Module):
             obj_mask: (B, P) bool, True for the patches inside the object the [OBJ] token may attend to
                 (ODIS); None: every patch. Needs ``obj_token``.
         """
-        v = self.vit
-        if mask is None and not cls_attention and self.obj_token is None and obj_mask is None:
-            return self._split(v.forward_features(x))
-        h, attn_mask = self._embed(x, mask, obj_mask)
-        for blk in v.blocks[:-1]:
-            h = blk(h, attn_mask=attn_mask)
-        attention = self._cls_attention(v.blocks[-1], h) if cls_attention else None
-        out = self._split(v.norm(v.blocks[-1](h, attn_mask=attn_mask)))
+        blocks = self.vit.blocks
+        h, attn_mask, grid = self._embed(x, mask, obj_mask)
+        extra = self._block_kwargs(grid, len(blocks), _attention_dtype(h))
+        for blk, kwargs in zip(blocks[:-1], extra[:-1]):
+            h = blk(h, attn_mask=attn_mask, **kwargs)
+        attention = self._cls_attention(blocks[-1], h, **extra[-1]) if cls_attention else None
+        out = self._split(self.vit.norm(blocks[-1](h, attn_mask=attn_mask, **extra[-1])))
         if attention is not None:
             out["cls_attention"] = attention
         return out
 
-    def _cls_attention(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) input of ``block`` -> (B, P) its CLS -> patch attention, mean over heads."""
+    def _cls_attention(self, block: nn.Module, h: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, D) input of ``block`` -> (B, P) its CLS -> patch attention, mean over heads (the keys
+        rotated by ``rope`` (P, 2 head_dim) where the block takes one; CLS, a prefix token, is not)."""
         attn = block.attn
         x = block.norm1(h)
-        d = attn.num_heads * attn.head_dim
-        w, b = attn.qkv.weight, attn.qkv.bias
+        w, b = attn.qkv.weight, fused_qkv_bias(attn)
+        d = w.shape[0] // 3
         q = F.linear(x[:, :1], w[:d], None if b is None else b[:d])  # (B, 1, D) the CLS query only
         k = F.linear(x, w[d : 2 * d], None if b is None else b[d : 2 * d])  # (B, T, D)
         bsz, t, _ = x.shape
-        q = attn.q_norm(q.view(bsz, 1, attn.num_heads, attn.head_dim).transpose(1, 2))
-        k = attn.k_norm(k.view(bsz, t, attn.num_heads, attn.head_dim).transpose(1, 2))
+        q = attn.q_norm(q.view(bsz, 1, attn.num_heads, -1).transpose(1, 2))
+        k = attn.k_norm(k.view(bsz, t, attn.num_heads, -1).transpose(1, 2))
+        if rope is not None:
+            k = rotate_patches(k, rope, self.num_prefix_tokens)
         logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, heads, 1, T)
         prefix = self.num_prefix_tokens
         if self.has_obj_token:  # CLS does not attend to [OBJ] (key 1): drop it
@@ -434,14 +437,15 @@ class ViTBackbone(nn.Module):
         ``T = num_prefix_tokens + patches`` ([CLS, registers..., patches]; with [OBJ]: [CLS, OBJ,
         registers..., patches], the [OBJ] token attending to the patches of ``obj_mask`` (B, P), or to
         every patch when it is None); with ``norm`` each output goes through the final LayerNorm, as DINO
-        and DINOv2 do for linear evaluation.
+        and DINOv2 do for linear evaluation (and DINOv3 for its untied-norm-free releases).
         """
         if not 1 <= n <= self.depth:
             raise ValueError(f"n must be in [1, {self.depth}], got {n}")
-        h, attn_mask = self._embed(x, obj_mask=obj_mask)
+        h, attn_mask, grid = self._embed(x, obj_mask=obj_mask)
+        extra = self._block_kwargs(grid, self.depth, _attention_dtype(h))
         outputs = []
-        for i, blk in enumerate(self.vit.blocks):
-            h = blk(h, attn_mask=attn_mask)
+        for i, (blk, kwargs) in enumerate(zip(self.vit.blocks, extra)):
+            h = blk(h, attn_mask=attn_mask, **kwargs)
             if i >= self.depth - n:
                 outputs.append(self.vit.norm(h) if norm else h)
         return outputs
@@ -460,6 +464,106 @@ class ViTBackbone(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> CLS features (B, D)."""
+        return self.forward_tokens(x)["cls"]
+
+
+class ViTBackbone(TokenBackbone):
+    """The learned-position ViT (timm's ``VisionTransformer``): DINO, iBOT, DINOv2 and ODIS models.
+
+    See :class:`TokenBackbone` for what it returns; the variants it builds are in the module docstring.
+    """
+
+    def __init__(self, spec: BackboneSpec, init_weights: bool = True, mask_token: bool = False,
+                 obj_token: bool = False) -> None:
+        """``init_weights=False`` skips the random initialisation (the weights are loaded right after).
+
+        ``mask_token`` adds iBOT's learned ``masked_embed`` (1, D), zero-initialised as iBOT, which
+        replaces the patch embeddings of masked positions (see :meth:`forward_tokens`).
+
+        ``obj_token`` adds ODIS's [OBJ] token: ``obj_token`` (1, 1, D) initialised like DINO's class token
+        and ``obj_pos_embed`` (1, 1, D) like DINO's position embedding (both trunc normal, std 0.02),
+        drawn after every other weight (a backbone without [OBJ] gets the same weights from one seed).
+        """
+        super().__init__()
+        self.spec = spec
+        kwargs = spec.timm_kwargs()
+        self.vit = _VisionTransformer(dynamic_img_size=True, weight_init="" if init_weights else "skip", **kwargs)
+        self.vit.pos_interp = spec.pos_interp
+        if init_weights:
+            # DINO initialises the class token like the position embedding (trunc normal, std 0.02);
+            # timm uses std 1e-6. Follow DINO.
+            nn.init.trunc_normal_(self.vit.cls_token, std=0.02)
+        self._set_sizes(kwargs["embed_dim"], kwargs["depth"], mask_token, obj_token)
+        self.obj_token = None
+        self.obj_pos_embed: nn.Parameter | None = None
+        if obj_token:
+            self.obj_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+            self.obj_pos_embed = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+            if init_weights:
+                nn.init.trunc_normal_(self.obj_token, std=0.02)
+                nn.init.trunc_normal_(self.obj_pos_embed, std=0.02)
+        self.num_prefix_tokens = self.vit.num_prefix_tokens + int(self.has_obj_token)
+
+    def fit_pos_embed(self, state: dict[str, torch.Tensor]) -> str | None:
+        """Resample ``state["vit.pos_embed"]`` in place to this backbone's stored grid, when the file was
+        trained at another image size / patch grid (square grids, same prefix tokens and width).
+
+        Bicubic, as this backbone interpolates at other input sizes (``spec.pos_interp``: timm's
+        antialiased resampling, or DINO's scale factor ``(grid + 0.1) / stored``), so a backbone
+        started from the file computes what the file's own model computes at this run's size. Returns a
+        sentence saying what was done, or None when nothing needed resampling.
+        """
+        pos, ours = state.get("vit.pos_embed"), self.vit.pos_embed
+        if pos is None or ours is None or pos.shape == ours.shape or pos.shape[-1] != ours.shape[-1]:
+            return None
+        prefix = 0 if self.vit.no_embed_class else self.vit.num_prefix_tokens
+        old_side, new_grid = grid_side(pos.shape[1] - prefix), tuple(self.vit.patch_embed.grid_size)
+        if old_side is None or pos.shape[1] <= prefix:
+            return None  # not a square grid with our prefix: the strict load names the mismatch
+        old_grid = (old_side, old_side)
+        if self.spec.pos_interp == "dino":
+            state["vit.pos_embed"] = resample_pos_embed_dino(pos, new_grid, old_grid, prefix)
+        else:
+            from timm.layers import resample_abs_pos_embed
+
+            state["vit.pos_embed"] = resample_abs_pos_embed(pos, list(new_grid), list(old_grid),
+                                                            num_prefix_tokens=prefix)
+        return (f"vit.pos_embed resampled from a {old_grid[0]}x{old_grid[1]} to a {new_grid[0]}x{new_grid[1]} "
+                f"patch grid ({self.spec.pos_interp} interpolation)")
+
+    @torch.no_grad()
+    def init_obj_from_cls(self) -> None:
+        """Set ``obj_token`` to the class token and ``obj_pos_embed`` to its position term (see
+        :func:`obj_init_from_cls`): ODIS starting from a DINO / iBOT backbone."""
+        if self.obj_token is None or self.obj_pos_embed is None:
+            raise ValueError("init_obj_from_cls needs a backbone built with obj_token=True")
+        init = obj_init_from_cls(self.vit.cls_token, self.vit.pos_embed, self.vit.no_embed_class)
+        self.obj_token.copy_(init["obj_token"])
+        self.obj_pos_embed.copy_(init["obj_pos_embed"])
+
+    def fill_obj(self, state: dict[str, torch.Tensor]) -> bool:
+        """Add the [OBJ] parameters to a state dict of this backbone that lacks them (:func:`fill_obj_from_cls`)."""
+        return fill_obj_from_cls(state, self.vit.no_embed_class)
+
+    def _embed(self, x: torch.Tensor, mask: torch.Tensor | None = None, obj_mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+        v = self.vit
+        h = self._mask_patches(v.patch_embed(x), mask)  # (B, H/p, W/p, D): dynamic image size keeps the grid
+        grid = (h.shape[1], h.shape[2])
+        h = v._pos_embed(h)  # (B, 1 + R + P, D)
+        obj = None if self.obj_token is None else self.obj_token + self.obj_pos_embed
+        h, attn_mask = self._insert_obj(h, obj, obj_mask, grid[0] * grid[1])
+        return v.norm_pre(v.patch_drop(h)), attn_mask, grid
+
+    def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                       cls_attention: bool = False, obj_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """See :meth:`TokenBackbone.forward_tokens`; without masks, [OBJ] or attention it is timm's own forward."""
+        if mask is None and not cls_attention and self.obj_token is None and obj_mask is None:
+            return self._split(self.vit.forward_features(x))
+        return super().forward_tokens(x, mask, cls_attention, obj_mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> CLS features (B, D).
 
         With [OBJ] the token is left out of this forward: CLS never attends to it, so the CLS output is
@@ -468,7 +572,7 @@ class ViTBackbone(nn.Module):
         return self.vit.forward_features(x)[:, 0]
 
 
-def random_init_like(backbone: ViTBackbone, seed: int) -> ViTBackbone:
+def random_init_like(backbone: TokenBackbone, seed: int) -> TokenBackbone:
     """The same architecture as ``backbone`` ([OBJ] token included) with fresh weights drawn after
     ``torch.manual_seed(seed)``: frozen, in eval mode (the ``--random-init`` baseline of an evaluation)."""
     torch.manual_seed(seed)

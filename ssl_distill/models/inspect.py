@@ -8,7 +8,9 @@ block's ``norm1`` output) and recomputes, from the module's own ``qkv`` projecti
 explicit attention weights ``softmax(q k^T * scale)``. The hooks are removed when the call ends.
 Because the block itself is left alone, whatever surrounds the attention (layer scale ``ls1`` /
 ``ls2``, ``drop_path``, register tokens, DINOv2-style blocks built from timm's ``Block``) is handled
-by the model's own forward.
+by the model's own forward. On a RoPE model (DINOv3, timm's ``EvaAttention``: Q / V biases apart, the
+rotation passed to each block) the queries and keys are those after the rotation, as the attention
+uses them; the keys of the patches then carry their positions.
 
 Shapes: ``B`` images, ``heads`` attention heads, ``N = num_prefix_tokens + h * w`` tokens where
 ``(h, w)`` is the patch grid of the input (its size divided by the patch size, any size).
@@ -23,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .backbone import fused_qkv_bias, rotate_patches
 
 __all__ = [
     "BlockQKV",
@@ -119,24 +123,28 @@ def _additive_mask(attn_mask: Tensor | None, dtype: torch.dtype) -> Tensor | Non
     return attn_mask.to(dtype)
 
 
-def qkv_from_input(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def qkv_from_input(attn: nn.Module, x: Tensor, rope: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v (B, heads, N, head_dim), float32, of a timm-style attention module for its input ``x``.
 
-    Uses ``attn.qkv`` (one fused Linear), ``attn.num_heads``, and ``attn.q_norm`` / ``attn.k_norm``
-    when present, exactly as timm's ``Attention.forward`` does before the product.
+    Uses ``attn.qkv`` (one fused Linear, its bias where timm's ``EvaAttention`` keeps it),
+    ``attn.num_heads``, ``attn.q_norm`` / ``attn.k_norm`` when present and the RoPE embedding ``rope``
+    the block was called with (patch tokens only), exactly as timm's ``Attention`` / ``EvaAttention``
+    forward does before the product.
     """
     if not hasattr(attn, "qkv") or not hasattr(attn, "num_heads"):
         raise TypeError(f"{type(attn).__name__} has no fused 'qkv' projection and 'num_heads'; "
                         "cannot recompute its attention weights")
     b, n, _ = x.shape
     heads = attn.num_heads
-    qkv = attn.qkv(x).reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    qkv = F.linear(x, attn.qkv.weight, fused_qkv_bias(attn)).reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
     if q_norm is not None:
         q = q_norm(q)
     if k_norm is not None:
         k = k_norm(k)
+    if rope is not None:
+        q, k = (rotate_patches(t, rope, attn.num_prefix_tokens, getattr(attn, "rotate_half", False)) for t in (q, k))
     return q.float(), k.float(), v.float()
 
 
@@ -192,7 +200,7 @@ def _run_with_hooks(
     def make_hook(i: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             inp = args[0] if args else kwargs["x"]
-            q, k, v = qkv_from_input(module, inp)
+            q, k, v = qkv_from_input(module, inp, kwargs.get("rope"))
             bias = _additive_mask(kwargs.get("attn_mask"), torch.float32)
             if kwargs.get("is_causal"):
                 n = q.shape[2]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbone import ViTBackbone
+from .backbone import TokenBackbone
 
 
 def _has_batch_norm(module: nn.Module) -> bool:
@@ -65,7 +65,7 @@ class MultiCropModel(nn.Module):
     those of a DINO / iBOT run.
     """
 
-    def __init__(self, backbone: ViTBackbone, head: nn.Module, patch_head: nn.Module | None = None) -> None:
+    def __init__(self, backbone: TokenBackbone, head: nn.Module, patch_head: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head

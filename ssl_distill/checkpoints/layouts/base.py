@@ -1,4 +1,5 @@
-"""What one official checkpoint layout declares, for :func:`ssl_distill.checkpoints.layouts.to_timm_layout`."""
+"""What one official checkpoint layout declares, and what converting a backbone to timm's names gives
+(:func:`ssl_distill.checkpoints.layouts.to_timm_layout`)."""
 from __future__ import annotations
 
 import re
@@ -47,3 +48,17 @@ class Layout:
     mask_tokens: tuple[str, ...] = ()
     renames: tuple[Rename, ...] = ()
     registers: Callable[[dict[str, Tensor], dict[str, str]], bool] | None = None
+
+
+@dataclass
+class TimmState:
+    """A backbone state dict in timm's names, with what the conversion found."""
+
+    state: dict[str, Tensor]
+    origin: dict[str, str]  # timm name -> name in the file
+    dropped: list[str]
+    layout: str  # the recognising layout's name: "dino", "ibot", "dinov2", "dinov3", "timm"
+    swiglu: bool
+    registers_converted: bool
+    pos_embed: str = "learned"  # "learned" (timm's VisionTransformer names) | "rope" (its DINOv3 Eva names)
+    mask_token: Tensor | None = None  # the file's mask token (1, D), dropped from ``state``
