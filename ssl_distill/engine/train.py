@@ -32,6 +32,7 @@ from ..objectives.base import TeacherRows
 from ..runtime import autocast_context, check_precision, resolve_device, resolve_precision
 from . import distributed as du
 from .build import build_model, load_backbone_weights
+from .compile import compile_blocks, compile_wins
 from .ema import ema_update
 from .gram_teacher import GramTeacher
 from .masks import StepMasks, to_device
@@ -133,6 +134,25 @@ class Trainer:
                   f"{'faster' if precision == 'bf16' else 'slower'} than fp32 on this {self.device.type})")
         return precision
 
+    def _choose_compile(self, resume_from: dict[str, Any] | None) -> bool:
+        """Whether this run compiles its blocks (:mod:`~ssl_distill.engine.compile`): ``on`` / ``off`` as asked
+        (a resume may switch: the checkpoint's keys are the same), ``auto`` as the run chose at its start (kept
+        in the checkpoint), else rank 0's measurement for every rank."""
+        asked = self.cfg.run.compile
+        kept = (resume_from or {}).get("compile")
+        if asked != "auto":
+            return asked == "on"
+        if kept is not None:
+            if du.is_main():
+                print(f"run.compile=auto: {'on' if kept else 'off'}, as the run chose at its start")
+            return kept
+        measured = compile_wins(self.student.backbone, self.cfg.data.batch_size, self.cfg.data.crops.global_size,
+                                self.precision) if du.is_main() else None
+        wins, line = du.gather_objects(measured)[0]
+        if du.is_main():
+            print(f"run.compile=auto: {'on' if wins else 'off'} ({line} on this {self.device.type})")
+        return wins
+
     def _move_earlier_run_aside(self, fresh: bool) -> None:
         """A new run starts with none of an earlier run's files under the names it writes (see ``run_dir.py``):
         with ``--fresh``, or after a start that failed before its first checkpoint."""
@@ -218,6 +238,9 @@ class Trainer:
         self.gram = GramTeacher(cfg, self.teacher.backbone) if "gram_patch" in self.reads.teacher else None
         if self.gram is not None and (resume_from is None or "gram" not in resume_from):
             self._start_gram_teacher(0 if resume_from is None else resume_from["step"])
+        self.compiled = self._choose_compile(resume_from)
+        if self.compiled:  # after the Gram teacher's copy of the teacher: it stays eager
+            compile_blocks([self.student.backbone, self.teacher.backbone])
         # fused AdamW on CUDA (one kernel; its step counts live on the GPU, so no step reads them back, and
         # fp16's scaler hands it the inf check on the device); torch's default on the CPU (its step counts
         # are host tensors there; the CPU runs' numbers and checkpoints stay as they were)
@@ -296,6 +319,7 @@ class Trainer:
             "requeues": self.state.requeues,
             "world_size": self.world,
             "precision": self.precision,
+            "compile": self.compiled,
             "config": config_to_dict(self.cfg),
             "rngs": rngs,
             "bad_images": {"bad": bad_images, "seen": seen},
@@ -552,6 +576,7 @@ class Trainer:
         t_window = time.perf_counter()
         images_per_step = cfg.data.batch_size * self.world
         fail_at = _injected_failure(self.rank)
+        warm_up = self.compiled
         self.student.train()
         self.teacher.train()  # no dropout / drop-path in the teacher; matches DINO
         # online k-NN (monitor section) before the first step; its time stays out of images/s
@@ -565,7 +590,12 @@ class Trainer:
                     raise RuntimeError(f"injected failure on rank {self.rank} at step {step} (SSL_DISTILL_FAIL_AT)")
                 self.bad.update(int(batch["bad"]), len(batch["index"]))
                 crops, *masks = self.step_inputs(batch)
+                t_step = time.perf_counter()
                 stats = self.train_step(crops, step, *masks)
+                if warm_up and du.is_main():
+                    print(f"run.compile: the first step took {time.perf_counter() - t_step:.1f} s (its graphs "
+                          "compiled, once per process)", flush=True)
+                warm_up = False
                 st.step += 1
                 st.batch += 1
                 window.append(stats)
