@@ -32,8 +32,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_train_step import ROOT, Step, batch_folder
-from ssl_distill.config import load_config
+from bench_train_step import Step, batch_folder, prepare
 from ssl_distill.engine import train as train_module
 from ssl_distill.engine.train import Trainer
 from ssl_distill.hardware import gemm_gflops, hardware_line
@@ -62,31 +61,15 @@ def demo_step(tmp: Path, batch_size: int = 64, overrides: list[str] = ()) -> Ste
         data = build_fashion_mnist_folders(tmp / "fmnist", limit_per_class=-(-2 * batch_size // 10)) / "train"
     except Exception:  # noqa: BLE001 (no Fashion-MNIST here: any 28-px folder has the same step)
         data = batch_folder(tmp / "photos", 2 * batch_size)
-    return make_step("dinov2_style_tiny_fmnist.yaml", data, tmp / "demo", [
-        f"data.batch_size={batch_size}", "run.precision=bf16", "monitor.knn_every_epochs=0", "optim.epochs=1000",
-        *overrides])
+    return prepare([f"data.batch_size={batch_size}", "run.precision=bf16", "monitor.knn_every_epochs=0",
+                    "optim.epochs=1000", *overrides], data, tmp / "demo", "dinov2_style_tiny_fmnist.yaml")
 
 
 def vits16_step(tmp: Path, batch_size: int = 8, overrides: list[str] = ()) -> Step:
     """The ViT-S/16 DINO step (2 x 224 + 10 x 96, out_dim 65536) on the photo folder, bf16."""
     data = batch_folder(tmp / "photos", batch_size)
-    return make_step("dino_vit_small16.yaml", data, tmp / "vits16", [
-        f"data.batch_size={batch_size}", "run.precision=bf16", "optim.epochs=1000", *overrides])
-
-
-def make_step(recipe: str, data: Path, out: Path, overrides: list[str]) -> Step:
-    cfg = load_config(ROOT / "configs" / recipe, [f"data.train_dir={data}", f"run.output_dir={out}",
-                                                  "data.num_workers=0", "run.progress=false", *overrides])
-    trainer = Trainer(cfg, fresh=True)
-    trainer.sampler.set_epoch(0)
-    step = Step(trainer, trainer.step_inputs(next(iter(trainer.loader))), cfg.data.batch_size, 0.0)
-    from torch.utils.flop_counter import FlopCounterMode
-
-    step.run(0)
-    with FlopCounterMode(display=False) as counter:
-        step.run(1)
-    step.gflop = counter.get_total_flops() / 1e9
-    return step
+    return prepare([f"data.batch_size={batch_size}", "run.precision=bf16", "optim.epochs=1000", *overrides], data,
+                   tmp / "vits16")
 
 
 class Phases:
