@@ -141,7 +141,11 @@ class OdisConfig:
 
     weight: float = 0.0  # the [OBJ] term's weight; 1.0 in the ODIS recipes
     center_momentum: float = 0.9
-
+    # ODIS's sources (see models/backbone.py and data/object_crops.py for what was read):
+    patches_read_obj: bool = True  # [CLS], registers, patches read [OBJ]: the project page masks only the [OBJ] row
+    obj_reads_cls: bool = False  # [OBJ] reads [CLS]: the project page has [OBJ] read object patches only
+    target_box: str = "sample"  # sample: a box drawn first, then the crops (project page) | largest: of the 1st crop
+    no_box: str = "none"  # an image without a box: none (no object term) | whole_image ([OBJ] on every patch)
 
 @dataclass
 class GramConfig:
@@ -622,6 +626,12 @@ def _check_objectives(cfg: Config) -> None:
         raise ConfigError("dino.weight, ibot.weight and odis.weight are all 0: nothing would be trained; set one "
                           "of them (dino.weight=1 for DINO)")
     _check_range("odis.center_momentum", cfg.odis.center_momentum, 0, 1)
+    if cfg.odis.target_box not in ("sample", "largest"):
+        raise ConfigError(f"odis.target_box must be sample (a box drawn first, as the authors) or largest (the "
+                          f"largest box the first crop shows), got {cfg.odis.target_box!r}")
+    if cfg.odis.no_box not in ("none", "whole_image"):
+        raise ConfigError(f"odis.no_box must be none (no object term for an image without a box) or whole_image "
+                          f"([OBJ] on every patch of its plain views), got {cfg.odis.no_box!r}")
     if d.weight == 0 and cfg.odis.weight == 0 and not p.shared_head:
         raise ConfigError("dino.weight=0 and odis.weight=0 with a separate patch head (ibot.shared_head=false) leave "
                           "the [CLS] head with nothing to learn: share the head, or give dino.weight a value")
