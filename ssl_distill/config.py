@@ -246,6 +246,7 @@ class MonitorConfig:
     knn_val_size: int = 2000  # images drawn from the val folder; 0: all
     knn_precision: str = "bf16"  # feature extraction: bf16 (fast) | fp32 | fp16 (CUDA) | auto (bf16 where faster)
     knn_seed: int = 0  # draws the subsets
+    knn_layout: str = "cls"  # the features: cls | obj (ODIS's [OBJ] over every patch; runs with odis.weight > 0)
 
     @property
     def knn_on(self) -> bool:
@@ -753,6 +754,11 @@ def _check_monitor(cfg: Config) -> None:
     if mo.knn_every_epochs > 0 and mo.knn_every_steps > 0:
         raise ConfigError(f"monitor.knn_every_epochs={mo.knn_every_epochs} and monitor.knn_every_steps="
                           f"{mo.knn_every_steps} both set the online k-NN interval: set one, the other to 0")
+    if mo.knn_layout not in ("cls", "obj"):
+        raise ConfigError(f"monitor.knn_layout must be cls or obj, got {mo.knn_layout!r}")
+    if mo.knn_layout == "obj" and cfg.odis.weight == 0:
+        raise ConfigError("monitor.knn_layout=obj reads the [OBJ] token, which only ODIS runs have: set odis.weight "
+                          "(with data.boxes), or monitor.knn_layout=cls")
     if mo.knn_precision not in ("fp32", "bf16", "fp16", "auto"):
         raise ConfigError(f"monitor.knn_precision must be fp32, bf16 or fp16, got {mo.knn_precision!r}")
     if mo.knn_on:
