@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ssl_distill.config import Config, ConfigError, KnnConfig, apply_overrides, config_from_dict, config_to_dict
 from ssl_distill.data.folder import require_folder
+from ssl_distill.eval_constants import untrained_cls_note
 from ssl_distill.models.frozen_features import FeatureExtractor, FeatureSpec, extract_features
 from ssl_distill.runtime import resolve_device
 from ssl_distill.weighted_knn import knn_classify
@@ -65,10 +66,13 @@ def knn_on_checkpoint(
     ``cache_dir`` (re-use features while checkpoint and data are unchanged), ``train_chunk`` (bounded
     search memory).
     """
-    model = load_model(checkpoint, which, key=key, random_init=random_init, num_heads=num_heads)
-    loaded = model.loaded
-    knn = _knn_settings(loaded.config, overrides or [], train_dir, val_dir, precision)
     spec = features or FeatureSpec()
+    model = load_model(checkpoint, which, key=key, random_init=random_init, num_heads=num_heads,
+                       obj_token=spec.layout == "obj")
+    loaded = model.loaded
+    if (note := untrained_cls_note(loaded.config, spec.name())) and not random_init:
+        print(f"warning: {note}")
+    knn = _knn_settings(loaded.config, overrides or [], train_dir, val_dir, precision)
     temps = [float(t) for t in temperatures] if temperatures else [float(knn.temperature)]
     sets = extract_train_val(
         FeatureExtractor(model.backbone, spec), knn.train_dir, knn.val_dir,

@@ -61,7 +61,7 @@ from ssl_distill.data.eval_transform import collate_eval
 from ssl_distill.data.rng import Stream, counter_uniforms
 from ssl_distill.data.sampler import EpochSampler
 from ssl_distill.data.views import random_resized_crop_box
-from ssl_distill.eval_constants import LR_GRID
+from ssl_distill.eval_constants import LR_GRID, untrained_cls_note
 from ssl_distill.models.backbone import ViTBackbone
 from ssl_distill.models.frozen_features import FeatureExtractor, FeatureSpec, amp_dtype_for, prepare_inference
 from ssl_distill.runtime import resolve_device
@@ -721,7 +721,10 @@ def linear_on_checkpoint(checkpoint: str | Path, train_dir: str | Path | None = 
     if mode not in ("fast", "faithful", "logreg"):
         raise ValueError(f"mode must be fast, faithful or logreg, got {mode!r}")
     opts = opts or ExtractOptions()
-    backbone, loaded = load_model(checkpoint, which, key=key, num_heads=num_heads)
+    layout = mode_kwargs.get("layout", "cls") if mode == "logreg" else "cls"
+    backbone, loaded = load_model(checkpoint, which, key=key, num_heads=num_heads, obj_token=layout == "obj")
+    if note := untrained_cls_note(loaded.config, layout):
+        print(f"warning: {note}")
     train_dir = train_dir or loaded.config.knn.train_dir
     val_dir = val_dir or loaded.config.knn.val_dir
     if not train_dir or not val_dir:
@@ -812,7 +815,7 @@ def run(args: argparse.Namespace) -> int:
                   stop_after_steps=args.stop_after_steps, seed=args.seed)
     else:
         kw = dict(cs=args.cs, holdout=args.holdout, seed=args.seed, max_iter=args.max_iter, layout=args.layout,
-                  n_last_blocks=(args.n_last_blocks or 1) if args.layout in ("cls", "cls+mean") else 1)
+                  n_last_blocks=(args.n_last_blocks or 1) if args.layout in ("cls", "cls+mean", "obj") else 1)
     res = linear_on_checkpoint(args.checkpoint, args.train, args.val, mode=args.mode, out=args.out,
                                which=args.which, key=args.key, num_heads=args.num_heads, opts=opts, **kw)
     if args.mode == "fast":

@@ -53,7 +53,8 @@ def knn_arguments(k: argparse.ArgumentParser) -> None:
     k.add_argument("--random-init", action="store_true", help="evaluate the same architecture at random init")
     k.add_argument("--out", help="results JSON (default: <run dir>/knn.json)")
     k.add_argument("--key", help="checkpoint entry holding the weights (official files; default: detected)")
-    k.add_argument("--layout", default="cls", choices=["cls", "mean", "cls+mean", "cls+mean-dino"])
+    k.add_argument("--layout", default="cls", choices=["cls", "mean", "cls+mean", "cls+mean-dino", "obj"],
+                   help="obj: ODIS's [OBJ] token over every patch (from the [CLS] of a model without one)")
     k.add_argument("--n-last-blocks", type=int, default=1, help="CLS tokens of the last n blocks")
     k.add_argument("--temperatures", type=float, nargs="+", help="several T from one search (first: knn.temperature)")
     k.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
@@ -182,7 +183,7 @@ def linear_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--stop-after-steps", type=int, default=None, help="stop (checkpointed) after N steps in total")
     r = p.add_argument_group("logreg mode")
     r.add_argument("--cs", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0], help="inverse regularisation grid")
-    r.add_argument("--layout", choices=["cls", "mean", "cls+mean", "cls+mean-dino"], default="cls")
+    r.add_argument("--layout", choices=["cls", "mean", "cls+mean", "cls+mean-dino", "obj"], default="cls")
     r.add_argument("--max-iter", type=int, default=1000)
 
 

@@ -141,7 +141,11 @@ class OdisConfig:
 
     weight: float = 0.0  # the [OBJ] term's weight; 1.0 in the ODIS recipes
     center_momentum: float = 0.9
-
+    # ODIS's sources (see models/backbone.py and data/object_crops.py for what was read):
+    patches_read_obj: bool = True  # [CLS], registers, patches read [OBJ]: the project page masks only the [OBJ] row
+    obj_reads_cls: bool = False  # [OBJ] reads [CLS]: the project page has [OBJ] read object patches only
+    target_box: str = "sample"  # sample: a box drawn first, then the crops (project page) | largest: of the 1st crop
+    no_box: str = "none"  # an image without a box: none (no object term) | whole_image ([OBJ] on every patch)
 
 @dataclass
 class GramConfig:
@@ -242,6 +246,7 @@ class MonitorConfig:
     knn_val_size: int = 2000  # images drawn from the val folder; 0: all
     knn_precision: str = "bf16"  # feature extraction: bf16 (fast) | fp32 | fp16 (CUDA) | auto (bf16 where faster)
     knn_seed: int = 0  # draws the subsets
+    knn_layout: str = "cls"  # the features: cls | obj (ODIS's [OBJ] over every patch; runs with odis.weight > 0)
 
     @property
     def knn_on(self) -> bool:
@@ -628,6 +633,12 @@ def _check_objectives(cfg: Config) -> None:
         raise ConfigError("dino.weight, ibot.weight and odis.weight are all 0: nothing would be trained; set one "
                           "of them (dino.weight=1 for DINO)")
     _check_range("odis.center_momentum", cfg.odis.center_momentum, 0, 1)
+    if cfg.odis.target_box not in ("sample", "largest"):
+        raise ConfigError(f"odis.target_box must be sample (a box drawn first, as the authors) or largest (the "
+                          f"largest box the first crop shows), got {cfg.odis.target_box!r}")
+    if cfg.odis.no_box not in ("none", "whole_image"):
+        raise ConfigError(f"odis.no_box must be none (no object term for an image without a box) or whole_image "
+                          f"([OBJ] on every patch of its plain views), got {cfg.odis.no_box!r}")
     if d.weight == 0 and cfg.odis.weight == 0 and not p.shared_head:
         raise ConfigError("dino.weight=0 and odis.weight=0 with a separate patch head (ibot.shared_head=false) leave "
                           "the [CLS] head with nothing to learn: share the head, or give dino.weight a value")
@@ -749,6 +760,11 @@ def _check_monitor(cfg: Config) -> None:
     if mo.knn_every_epochs > 0 and mo.knn_every_steps > 0:
         raise ConfigError(f"monitor.knn_every_epochs={mo.knn_every_epochs} and monitor.knn_every_steps="
                           f"{mo.knn_every_steps} both set the online k-NN interval: set one, the other to 0")
+    if mo.knn_layout not in ("cls", "obj"):
+        raise ConfigError(f"monitor.knn_layout must be cls or obj, got {mo.knn_layout!r}")
+    if mo.knn_layout == "obj" and cfg.odis.weight == 0:
+        raise ConfigError("monitor.knn_layout=obj reads the [OBJ] token, which only ODIS runs have: set odis.weight "
+                          "(with data.boxes), or monitor.knn_layout=cls")
     if mo.knn_precision not in ("fp32", "bf16", "fp16", "auto"):
         raise ConfigError(f"monitor.knn_precision must be fp32, bf16 or fp16, got {mo.knn_precision!r}")
     if mo.knn_on:

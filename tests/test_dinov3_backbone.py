@@ -21,7 +21,7 @@ from dinov3_reference import DinoV3ViT, random_dinov3
 from ssl_distill.checkpoints import CheckpointError, load_any_backbone
 from ssl_distill.config import ConfigError, load_config
 from ssl_distill.eval.export import export_backbone
-from ssl_distill.models import BackboneSpec, RopeViTBackbone, build_backbone
+from ssl_distill.models import BackboneSpec, ObjAttention, RopeViTBackbone, build_backbone
 from ssl_distill.models import inspect as ins
 from ssl_distill.models.backbone import random_init_like
 
@@ -215,8 +215,11 @@ def test_export_loads_strictly_in_timms_dinov3_model(files, tmp_path: Path, name
 # Mask token, [OBJ] token, attention inspection: as on ViTBackbone
 # ----------------------------------------------------------------------------------------------------
 def loaded_with(path: Path, **kw) -> RopeViTBackbone:
-    """The file's backbone built with extra tokens (mask token from the file, [OBJ] from its [CLS])."""
+    """The file's backbone built with extra tokens (mask token from the file, [OBJ] from its [CLS]); an [OBJ]
+    token gets our earlier attention pattern, no query reading it (the authors' is in test_obj_attention.py)."""
     plain = load_any_backbone(path)
+    if kw.get("obj_token"):
+        kw["obj_attention"] = ObjAttention(patches_read_obj=False, obj_reads_cls=True)
     bb = build_backbone(plain.spec, init_weights=False, **kw)
     state = plain.backbone.state_dict()
     if kw.get("mask_token"):

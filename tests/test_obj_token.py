@@ -1,5 +1,9 @@
 """ODIS's [OBJ] token (Hızlı, Yıldız, Marttinen 2025): masked attention in both attention paths, checked
-against an independent per-image reference, the [OBJ]-free model, checkpoints and the multi-crop wrapper."""
+against an independent per-image reference, the [OBJ]-free model, checkpoints and the multi-crop wrapper.
+
+These tests hold our earlier reading, ``odis.patches_read_obj=false odis.obj_reads_cls=true`` (:data:`EARLIER`):
+no query reads [OBJ], so [CLS], registers and patches equal the model without [OBJ]. The authors' pattern
+and every other switch setting are in tests/test_obj_attention.py."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,18 +16,21 @@ from torch import Tensor, nn
 from ssl_distill.checkpoints import FORMAT, CheckpointError, load_any_backbone
 from ssl_distill.config import Config, ModelConfig, config_to_dict
 from ssl_distill.models import BackboneSpec, DINOHead, MultiCropModel, ViTBackbone, fill_obj_from_cls
-from ssl_distill.models.backbone import random_init_like
+from ssl_distill.models.backbone import ObjAttention, random_init_like
 from ssl_distill.models.inspect import BlockQKV, attention_weights, qkv_from_input
 
 TINY = BackboneSpec(arch="vit_tiny", patch_size=8, img_size=32, depth=2)
 TINY_REG = BackboneSpec(arch="vit_tiny", patch_size=8, img_size=32, depth=2, reg_tokens=2, no_embed_class=True)
 PATHS = pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+EARLIER = ObjAttention(patches_read_obj=False, obj_reads_cls=True)  # the pattern before the switches
 
 
 def odis_and_plain(spec: BackboneSpec = TINY, seed: int = 0, **kw) -> tuple[ViTBackbone, ViTBackbone]:
-    """An [OBJ] backbone with non-trivial weights, and the same weights without [OBJ]."""
+    """An [OBJ] backbone (attention pattern :data:`EARLIER`) with non-trivial weights, and the same weights
+    without [OBJ]."""
     torch.manual_seed(seed)
     odis = ViTBackbone(spec, obj_token=True, **kw).eval()
+    odis.obj_attention = EARLIER
     with torch.no_grad():  # random biases / norms so that no term is trivially zero or one
         for name, p in odis.named_parameters():
             if name.endswith("bias") or "norm" in name:

@@ -1,4 +1,8 @@
-"""Object-aware multi-crop views (ODIS): targets, geometry, masks, validity, batches, reproducibility."""
+"""Object-aware multi-crop views (ODIS): targets, geometry, masks, validity, batches, reproducibility.
+
+Most tests here hold the target rule from before the switch, ``odis.target_box=largest`` (:func:`largest_rule`);
+the authors' rule (a box sampled first, the default) and the fallback for images without a box are in
+tests/test_odis_switches.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,6 +31,11 @@ CROPS = CropsConfig(n_global=2, global_size=32, n_local=3, local_size=16)
 AWARE = dataclasses.replace(CROPS, object_aware_local=True)
 OBJECT = np.array([250, 10, 250], dtype=np.int16)  # magenta: target colour in the painted images
 OTHER = np.array([10, 250, 250], dtype=np.int16)  # cyan: a second object
+
+
+def largest_rule(crops: CropsConfig, patch_size: int) -> ObjectMultiCropTransform:
+    """Object-aware views with the target rule from before the switch: the largest box of the first crop."""
+    return ObjectMultiCropTransform(crops, patch_size, target_box="largest")
 
 
 def _scene(width: int, height: int, boxes: list[tuple[int, int, int, int]], seed: int = 0) -> Image.Image:
@@ -64,7 +73,7 @@ def test_painted_box_lands_where_the_view_box_and_mask_say(crops: CropsConfig) -
     (up to the bicubic filter's reach), the background outside it, and object pixels only on mask patches."""
     boxes = [(9, 30, 31, 52), (40, 4, 60, 20)]  # off-centre, so a wrong flip or offset shows
     img = _scene(72, 60, boxes)
-    t = ObjectMultiCropTransform(crops, P)
+    t = largest_rule(crops, P)
     checked = wrong = 0
     for seed in range(60):
         views = t.draw(72, 60, seed, np.array(boxes, dtype=np.float32))
@@ -127,7 +136,7 @@ def _global_rate(t: ObjectMultiCropTransform, img: Image.Image, boxes: np.ndarra
 def test_both_global_views_keep_the_target_in_95_percent_of_draws(boxes: list[tuple[int, int, int, int]]) -> None:
     img = _scene(64, 64, boxes)
     b = np.array(boxes, dtype=np.float32)
-    t = ObjectMultiCropTransform(CROPS, P)
+    t = largest_rule(CROPS, P)
     paired = [t.draw(64, 64, sample_seed(7, 0, i), b) for i in range(500)]
     assert np.mean([v.paired for v in paired]) >= 0.99
     if len(boxes) == 1:
@@ -147,7 +156,7 @@ def test_both_global_views_keep_the_target_in_95_percent_of_draws(boxes: list[tu
 
 def test_target_is_the_largest_visible_box_of_the_first_crop_and_every_global_contains_it() -> None:
     boxes = np.array([[0, 0, 40, 40], [30, 30, 64, 64], [5, 50, 20, 62]], dtype=np.float64)
-    t = ObjectMultiCropTransform(dataclasses.replace(CROPS, n_global=3), P)
+    t = largest_rule(dataclasses.replace(CROPS, n_global=3), P)
     targets = set()
     for seed in range(300):
         v = t.draw(64, 64, seed, boxes)
@@ -163,7 +172,7 @@ def test_target_is_the_largest_visible_box_of_the_first_crop_and_every_global_co
 def test_first_tries_are_the_plain_draws() -> None:
     """A box covering the whole image qualifies at once: exactly the plain crops, all valid."""
     for crops in (CROPS, AWARE):
-        t, plain = ObjectMultiCropTransform(crops, P), MultiCropTransform(crops)
+        t, plain = largest_rule(crops, P), MultiCropTransform(crops)
         for seed in range(20):
             v = t.draw(50, 40, seed, np.array([[0, 0, 50, 40]]))
             assert v.crops == plain.geometry(50, 40, seed) and v.valid.all() and v.target == 0
@@ -172,7 +181,7 @@ def test_first_tries_are_the_plain_draws() -> None:
 def test_without_a_pair_the_views_are_plain_and_invalid() -> None:
     img = _scene(64, 64, [(30, 30, 31, 31)])
     for crops in (CROPS, AWARE):
-        t, plain = ObjectMultiCropTransform(crops, P), MultiCropTransform(crops)
+        t, plain = largest_rule(crops, P), MultiCropTransform(crops)
         for boxes in (np.zeros((0, 4)), np.array([[30, 30, 31, 31]]), np.array([[70, 70, 90, 90]]), None):
             for seed in (1, 2, 3):
                 out = t(img, seed, boxes)
@@ -184,7 +193,7 @@ def test_without_a_pair_the_views_are_plain_and_invalid() -> None:
 
 def test_validity_and_masks_of_local_views() -> None:
     boxes = np.array([[8, 20, 30, 44], [40, 2, 62, 30]], dtype=np.float64)
-    plain_t, aware_t = ObjectMultiCropTransform(CROPS, P), ObjectMultiCropTransform(AWARE, P)
+    plain_t, aware_t = largest_rule(CROPS, P), largest_rule(AWARE, P)
     img = _scene(64, 64, [tuple(map(int, b)) for b in boxes])
     checked = 0
     for seed in range(200):
@@ -215,7 +224,7 @@ def test_validity_and_masks_of_local_views() -> None:
 def test_object_aware_locals_top_up_with_rejected_draws() -> None:
     """A target in a corner and tiny local crops: many local draws miss it; the top-ups are rejected draws, invalid."""
     crops = dataclasses.replace(AWARE, local_scale=(0.02, 0.03), n_local=4)
-    t = ObjectMultiCropTransform(crops, P)
+    t = largest_rule(crops, P)
     boxes = np.array([[0, 0, 24, 24]], dtype=np.float64)
     topped = some_valid = 0
     for seed in range(100):
@@ -235,10 +244,10 @@ def test_object_aware_locals_top_up_with_rejected_draws() -> None:
 def test_reproducible_from_seed_epoch_index() -> None:
     boxes = np.array([[6, 30, 26, 50], [36, 4, 60, 24]], dtype=np.float32)
     img = _scene(64, 64, [(6, 30, 26, 50), (36, 4, 60, 24)])
-    t = ObjectMultiCropTransform(AWARE, P)
+    t = largest_rule(AWARE, P)
     for epoch, index in [(0, 0), (3, 17)]:
         s = sample_seed(5, epoch, index)
-        a, b = t(img, s, boxes), ObjectMultiCropTransform(AWARE, P)(img, s, boxes)
+        a, b = t(img, s, boxes), largest_rule(AWARE, P)(img, s, boxes)
         assert all(torch.equal(x, y) for x, y in zip(a["image"], b["image"]))
         assert all(torch.equal(x, y) for x, y in zip(a["obj_masks"], b["obj_masks"]))
         assert torch.equal(a["obj_valid"], b["obj_valid"])
@@ -249,7 +258,7 @@ def test_reproducible_from_seed_epoch_index() -> None:
 def test_extra_draws_use_their_own_stream() -> None:
     """Further tries read stream 6, never the plain views' (1), photometric (2) or mask (4, 5) streams."""
     seed = 123
-    t = ObjectMultiCropTransform(CROPS, P)
+    t = largest_rule(CROPS, P)
     first = t.plain.geometry(64, 64, seed)[0]
     u0 = counter_uniforms([seed], 1, 0, 41)[0]
     assert (first.top, first.left, first.height, first.width) == random_resized_crop_box(64, 64, CROPS.global_scale,
@@ -315,7 +324,7 @@ def test_collate_stacks_object_masks_and_keeps_the_crops() -> None:
     ims = _noise_images()
     boxes = [np.array([[0, 0, 30, 30]]), np.zeros((0, 4)), np.array([[10, 10, 40, 60], [0, 0, 5, 5]]),
              np.array([[20, 5, 60, 30]])]
-    t, plain = ObjectMultiCropTransform(AWARE, P), MultiCropTransform(AWARE)
+    t, plain = largest_rule(AWARE, P), MultiCropTransform(AWARE)
     seeds = [sample_seed(1, 0, i) for i in range(4)]
     obj = [{**t(ims[i], s, boxes[i]), "label": -1, "index": i, "bad": 0, "seed": s} for i, s in enumerate(seeds)]
     views = [t.draw(ims[i].width, ims[i].height, s, boxes[i]) for i, s in enumerate(seeds)]
@@ -383,7 +392,7 @@ def test_loader_with_boxes(tmp_path: Path) -> None:
         for b, index in enumerate(o_b["index"].tolist()):
             s = sample_seed(3, 2, index)
             img = load_rgb(files.abspath(index))
-            want = ObjectMultiCropTransform(_cfg(folder, boxes_file).data.crops, 8)(
+            want = ObjectMultiCropTransform(_cfg(folder, boxes_file).data.crops, 8)(  # the default rule, as the loader
                 img, s, aware_loader.dataset.boxes.boxes_for(files.paths[index])[0])
             assert o_b["obj_valid"][b].tolist() == want["obj_valid"].tolist()
             assert all(torch.equal(m[b], w) for m, w in zip(o_b["obj_masks"], want["obj_masks"]))
@@ -411,7 +420,7 @@ def test_substituted_images_bring_their_own_boxes(tmp_path: Path) -> None:
                                 "annotations": [{"image_id": 1, "bbox": [0, 0, 40, 40]}]}))
     files = scan_image_folder(folder, labeled=False)
     bf = read_boxes(path, folder, paths=files.paths)
-    ds = ImageFolderDataset(files, ObjectMultiCropTransform(CROPS, P), boxes=bf)
+    ds = ImageFolderDataset(files, largest_rule(CROPS, P), boxes=bf)
     with pytest.warns(BadImageWarning):
         sample = ds[(0, 11)]  # a_bad.png is unreadable: b_good.png and its whole-image box stand in
     assert sample["bad"] == 1 and sample["obj_valid"].all()

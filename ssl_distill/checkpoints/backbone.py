@@ -31,7 +31,9 @@ import torch
 
 from ..config import Config, config_from_dict
 from ..errors import CheckpointError
-from ..models import OBJ_KEYS, BackboneSpec, TokenBackbone, build_backbone, config_from_spec, spec_from_config
+from ..models import (
+    OBJ_KEYS, BackboneSpec, ObjAttention, TokenBackbone, build_backbone, config_from_spec, spec_from_config,
+)
 from ..models.backbone import VIT_SIZES, arch_for_width, grid_side, standard_heads
 from .files import read_checkpoint
 from .layouts import MASK_TOKENS, TimmState, to_timm_layout
@@ -195,7 +197,8 @@ def load_any_backbone(path: str | Path, which: str | None = None, key: str | Non
         key: top-level entry holding the weights, when automatic detection is not wanted.
         obj_token: build an ODIS backbone with an [OBJ] token; a file without one (DINO, iBOT, DINOv2, DINOv3,
             our non-ODIS runs) initialises it from its [CLS] token (the backbone's ``init_obj_from_cls``).
-            Our ODIS checkpoints get their [OBJ] token whatever this says.
+            Our ODIS checkpoints get their [OBJ] token whatever this says, with their run's attention pattern
+            (``ObjAttention.from_config``); elsewhere [OBJ] is a read-out no other token reads.
         spec_overrides: :class:`BackboneSpec` fields to force for official files (e.g. ``num_heads``,
             ``pos_interp``); ``None`` values are ignored.
     """
@@ -217,7 +220,8 @@ def load_any_backbone(path: str | Path, which: str | None = None, key: str | Non
     else:
         spec = infer_spec(ts, found.hints, **spec_overrides)
     try:
-        backbone = build_backbone(spec, init_weights=False, obj_token=obj_token)
+        backbone = build_backbone(spec, init_weights=False, obj_token=obj_token,  # [OBJ] as a read-out
+                                  obj_attention=ObjAttention(patches_read_obj=False))
     except (ValueError, AssertionError, TypeError) as e:
         raise CheckpointError(f"{file}: cannot build the inferred backbone {spec}: {e}") from e
     if ts.pos_embed == "rope" and "rope.periods" not in ts.state:  # timm's names: timm computes the periods
@@ -245,7 +249,8 @@ def _load_ours(file: Path, ckpt: dict[str, Any], which: str, obj_token: bool = F
     cfg = config_from_dict(ckpt["config"])
     state = strip_prefix(ckpt[which], "backbone.")
     has_obj = obj_token or any(k in state for k in OBJ_KEYS)  # our ODIS runs keep their [OBJ] token
-    backbone = build_backbone(spec_from_config(cfg), init_weights=False, obj_token=has_obj)
+    backbone = build_backbone(spec_from_config(cfg), init_weights=False, obj_token=has_obj,
+                              obj_attention=ObjAttention.from_config(cfg, ckpt["config"].get("odis") or {}))
     mask_tokens = {k: state.pop(k) for k in MASK_TOKENS if k in state}  # iBOT's mask token: training only
     dropped = list(mask_tokens)
     ignored = len(ckpt[which]) - len(state) - len(dropped)

@@ -1,26 +1,37 @@
 """Object-aware multi-crop views for ODIS (Hızlı, Yıldız and Marttinen 2025, arXiv 2506.05409).
 
 ODIS distills one object per image: both global views must show the same object, and the [OBJ]
-token of each view attends to that object's patches only. Per image (its boxes from
-:mod:`ssl_distill.data.boxes`), :meth:`ObjectMultiCropTransform.draw`:
+token of each view attends to that object's patches only. What we could read: the paper's abstract
+and introduction, the co-author's project page (cagatayyildiz.github.io/projects/odis: "for each image
+we sample a target bounding box, then resample random crops (up to 20 times each) until both crops
+contain the box"; the box is then patchified into a binary mask) and the derivative code
+``KarahanS/Cross-Time-Self-Distillation`` (``training/loader_vidor_odis.py``: 10 tries for the first
+global crop, 20 for the second, 10 per local crop, a 4% minimum object area). Per image (its boxes from
+:mod:`ssl_distill.data.boxes`), :meth:`ObjectMultiCropTransform.draw` picks the **target** by
+``target_box``:
 
-1. draws the first global crop up to :data:`FIRST_GLOBAL_TRIES` (10) times until some box
-   **covers** at least ``min_object_cover`` (4%) of it, where cover = (area of box ∩ crop) / (area
-   of crop); the **target** is the box with the largest visible area ``|box ∩ crop|`` in that crop
-   (the first such box on ties);
-2. draws every other global crop up to :data:`OTHER_GLOBAL_TRIES` (20) times until it **contains**
-   the target. Contains: the target covers at least ``min_object_cover`` of that crop, the same
-   test as step 1, so the target qualifies the same way in every view (our definition: the parts of
-   the paper we could read, its abstract and introduction, and the issue do not define it);
-3. local crops: plain, or with ``object_aware_local``, drawn up to :data:`LOCAL_TRIES_PER_VIEW` x
-   ``n_local`` (10 L) times in all, keeping the first L that contain the target and topping up with
-   the first rejected draws (those do not contain it, so they are not valid for the object term).
+- ``"sample"`` (the project page, the default): the target is drawn uniformly among the image's boxes
+  (those with an area inside the image) before any crop; then every global crop is drawn up to
+  :data:`OTHER_GLOBAL_TRIES` (20) times until it **contains** the target;
+- ``"largest"`` (our earlier rule): the first global crop is drawn up to :data:`FIRST_GLOBAL_TRIES`
+  (10) times until some box **covers** at least ``min_object_cover`` (4%) of it, where cover =
+  (area of box ∩ crop) / (area of crop); the target is the box with the largest visible area
+  ``|box ∩ crop|`` in that crop (the first such box on ties); every other global crop is drawn up to
+  20 times until it contains the target.
 
-When step 1 or 2 fails (or the image has no box), the sample gets exactly the plain views of
-:class:`~ssl_distill.data.views.MultiCropTransform` with the same seed, and its object term
-is invalid. Every crop draw uses the plain views' algorithm and settings (torchvision's
-RandomResizedCrop with the view's ``scale`` and ``ratio``, flip with ``flip_p``); the first try of
-each view *is* the plain view's draw, so an image whose plain crops already qualify gets exactly
+Contains: the target covers at least ``min_object_cover`` of that crop, the same test in every view
+(our definition: the sources do not define it; the derivative code asks any pixel of the object in the
+second view). Local crops: plain, or with ``object_aware_local``, drawn up to :data:`LOCAL_TRIES_PER_VIEW` x
+``n_local`` (10 L) times in all, keeping the first L that contain the target and topping up with
+the first rejected draws (those do not contain it, so they are not valid for the object term).
+
+When no pair is found, the sample gets exactly the plain views of
+:class:`~ssl_distill.data.views.MultiCropTransform` with the same seed, and its object term is
+invalid. An image without any box does too with ``no_box="none"``; with ``no_box="whole_image"`` its
+plain views are all valid and [OBJ] sees every patch of each (an image-level term on the [OBJ] token;
+no source says what the authors do there). Every crop draw uses the plain views' algorithm and settings
+(torchvision's RandomResizedCrop with the view's ``scale`` and ``ratio``, flip with ``flip_p``); the first
+try of each view *is* the plain view's draw, so an image whose plain crops already qualify gets exactly
 its plain views. The photometric augmentation (:class:`~ssl_distill.data.collate.MultiCropCollate`)
 is untouched.
 
@@ -29,15 +40,16 @@ pixels (clipped to the view), and :func:`~ssl_distill.data.boxes.patch_mask_from
 into the view's object mask on its patch grid (a patch belongs to the object if any of its pixels is
 inside the box). Masks and validity, per view v:
 
-- ``obj_valid[v]``: a global view is valid iff the pair was found (steps 1-2). A local view is valid
+- ``obj_valid[v]``: a global view is valid iff the pair was found. A local view is valid
   iff it contains the target, with ``object_aware_local``; without it, iff the pair was found
   (its [OBJ] then sees the whole local view and is asked to predict the teacher's object from it).
 - ``obj_masks[v]``: the target box on the patch grid for valid global views and valid object-aware
-  local views; all-True ([OBJ] sees the whole view, the issue's rule for plain local views) otherwise.
-  Invalid views add nothing to the loss; all-True keeps their [OBJ] forward well defined.
+  local views; all-True ([OBJ] sees the whole view) otherwise. Invalid views add nothing to the loss;
+  all-True keeps their [OBJ] forward well defined.
 
 Randomness: the first try of view v is the plain draw (``Stream.GEOMETRY``, key v); the further tries
-read :func:`~ssl_distill.data.rng.counter_uniforms` on ``Stream.OBJECT_CROPS`` with their own keys, all from the sample seed (a function of (run seed, epoch, index)): a sample's views
+and the sampled target read :func:`~ssl_distill.data.rng.counter_uniforms` on ``Stream.OBJECT_CROPS``
+with their own keys, all from the sample seed (a function of (run seed, epoch, index)): a sample's views
 do not depend on the batch, the rank or the number of workers.
 """
 from __future__ import annotations
@@ -60,6 +72,9 @@ OTHER_GLOBAL_TRIES = 20
 LOCAL_TRIES_PER_VIEW = 10
 _GLOBAL_KEY = 1 << 8  # key of global view g, try t >= 1: g * 256 + t
 _LOCAL_KEY = 1 << 24  # key of local draw k >= n_local: 2**24 + k
+_TARGET_KEY = 1 << 20  # key of the uniform that samples the target box (target_box="sample")
+TARGET_BOX = ("sample", "largest")
+NO_BOX = ("none", "whole_image")
 
 
 def visible_fraction(boxes: np.ndarray, crop: CropBox) -> np.ndarray:
@@ -119,7 +134,7 @@ class ObjectViews:
     Attributes:
         crops: V crops, globals first.
         target: index of the target in the boxes given to :meth:`ObjectMultiCropTransform.draw`;
-            -1 when no valid pair was found (the crops are then the plain ones).
+            -1 when no valid pair was found or the image has no box (the crops are then the plain ones).
         view_boxes: float64 (V, 4) the target box in each view's pixels, clipped to the view
             (zeros when target == -1).
         valid: bool (V,) where view v holds the target for the object term.
@@ -145,14 +160,18 @@ class ObjectMultiCropTransform:
          "obj_valid": bool (V,)}
 
     ``boxes``: float (n, 4) xyxy in image pixels (``BoxesFile.boxes_for(...)[0]``), n may be 0.
-    Settings come from ``crops``: ``min_object_cover`` and ``object_aware_local``.
+    Settings come from ``crops`` (``min_object_cover``, ``object_aware_local``) and ODIS's ``target_box``
+    (``odis.target_box``: sample | largest) and ``no_box`` (``odis.no_box``: none | whole_image).
     """
 
-    def __init__(self, crops: CropsConfig, patch_size: int) -> None:
+    def __init__(self, crops: CropsConfig, patch_size: int, target_box: str = "sample", no_box: str = "none") -> None:
         if not 0.0 < crops.min_object_cover <= 1.0:
             raise ValueError(f"crops.min_object_cover must be in (0, 1], got {crops.min_object_cover}")
         if patch_size < 1:
             raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+        if target_box not in TARGET_BOX or no_box not in NO_BOX:
+            raise ValueError(f"target_box must be one of {TARGET_BOX} and no_box one of {NO_BOX}, "
+                             f"got {target_box!r}, {no_box!r}")
         self.plain = MultiCropTransform(crops)
         self.views = self.plain.views
         self.sizes = [spec.size for spec in self.views]
@@ -160,6 +179,7 @@ class ObjectMultiCropTransform:
         self.cover = float(crops.min_object_cover)
         self.object_aware_local = bool(crops.object_aware_local)
         self.patch_size = int(patch_size)
+        self.target_box, self.no_box = target_box, no_box
 
     # ---------------------------------------------------------------------------------- geometry
     def _candidates(self, width: int, height: int, seed: int, view: int, plain: Sequence[CropBox],
@@ -184,18 +204,25 @@ class ObjectMultiCropTransform:
             if x1 > x0 and y1 > y0:
                 b.append((i, (x0, y0, x1, y1)))
         if not b:
+            if self.no_box == "whole_image":  # plain views, each valid, [OBJ] on every patch
+                return ObjectViews(plain, -1, np.zeros((n_views, 4)), np.ones(n_views, dtype=bool))
             return no_pair
-        target = None
-        for crop in self._candidates(width, height, seed, 0, plain[:1], 0, FIRST_GLOBAL_TRIES):
-            fractions = [_cover(box, crop) for _, box in b]
-            best = max(range(len(b)), key=fractions.__getitem__)  # the first of equal areas
-            if fractions[best] >= cover:
-                target, chosen = b[best], [crop]
-                break
-        if target is None:
-            return no_pair
+        chosen: list[CropBox] = []
+        if self.target_box == "sample":  # the box first, then every global crop around it
+            u = counter_uniforms([seed], Stream.OBJECT_CROPS, _TARGET_KEY, 1)[0, 0]
+            target, first_global = b[min(int(u * len(b)), len(b) - 1)], 0
+        else:  # the largest box the first global crop shows
+            target, first_global = None, 1
+            for crop in self._candidates(width, height, seed, 0, plain[:1], 0, FIRST_GLOBAL_TRIES):
+                fractions = [_cover(box, crop) for _, box in b]
+                best = max(range(len(b)), key=fractions.__getitem__)  # the first of equal areas
+                if fractions[best] >= cover:
+                    target, chosen = b[best], [crop]
+                    break
+            if target is None:
+                return no_pair
         box = target[1]
-        for g in range(1, n_global):
+        for g in range(first_global, n_global):
             for crop in self._candidates(width, height, seed, g, plain[g : g + 1], g * _GLOBAL_KEY, OTHER_GLOBAL_TRIES):
                 if _cover(box, crop) >= cover:
                     chosen.append(crop)
@@ -223,14 +250,15 @@ class ObjectMultiCropTransform:
     # ---------------------------------------------------------------------------------- masks
     def object_masks(self, views: ObjectViews) -> list[torch.Tensor]:
         """V bool (P_v,): the target box on the patch grid for valid global views (and valid local
-        views with ``object_aware_local``), all-True for every other view."""
+        views with ``object_aware_local``), all-True for every other view (and every view of a sample
+        without a target)."""
         out: list[torch.Tensor] = []
         for lo, hi, box_views in ((0, self.n_global, True), (self.n_global, len(views.crops), self.object_aware_local)):
             if hi == lo:
                 continue
             size = self.sizes[lo]
             masks = np.ones((hi - lo, (size // self.patch_size) ** 2), dtype=bool)
-            if box_views and views.valid[lo:hi].any():
+            if box_views and views.paired and views.valid[lo:hi].any():
                 use = views.valid[lo:hi]
                 masks[use] = _grid_mask(views.view_boxes[lo:hi][use], size, self.patch_size)
             out.extend(torch.from_numpy(masks))

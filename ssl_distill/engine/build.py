@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..checkpoints import LoadedBackbone, load_any_backbone, load_state_strict
 from ..config import Config
-from ..models import DINOHead, MultiCropModel, TokenBackbone, build_backbone, spec_from_config
+from ..models import DINOHead, MultiCropModel, ObjAttention, TokenBackbone, build_backbone, spec_from_config
 from ..objectives import Reads, build_objectives
 
 
@@ -26,7 +26,7 @@ def build_model(cfg: Config, drop_path: float, rope_rescale_coords: float | None
     backbone's coordinate augmentation) are the student's; the teacher has neither."""
     reads = Reads.union(objective.reads for objective in build_objectives(cfg))
     backbone = build_backbone(spec_from_config(cfg, drop_path, rope_rescale_coords), mask_token=reads.patch_masks,
-                              obj_token=reads.object_masks)
+                              obj_token=reads.object_masks, obj_attention=ObjAttention.from_config(cfg))
     head = _head(cfg, backbone.embed_dim, cfg.model.out_dim)
     separate = reads.patch_masks and not cfg.ibot.shared_head
     patch_head = _head(cfg, backbone.embed_dim, cfg.ibot.patch_out_dim) if separate else None

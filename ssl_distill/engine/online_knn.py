@@ -37,6 +37,7 @@ from tqdm import tqdm
 from ..checkpoints import rng_state, set_rng_state
 from ..runtime import resolve_precision
 from ..config import Config, ConfigError, MonitorConfig
+from ..eval_constants import untrained_cls_note
 from ..data.folder import DataError, FileList, ImageFolderDataset, require_folder, scan_image_folder
 from ..data.eval_transform import EvalTransform, collate_eval
 from . import distributed as du
@@ -130,6 +131,8 @@ class OnlineKnn:
         self.subsets = (seeded_subset(train, mo.knn_train_size, mo.knn_seed),
                         seeded_subset(val, mo.knn_val_size, mo.knn_seed + 1))
         self.done = _logged_steps(out_dir / "log.jsonl")
+        if note := untrained_cls_note(cfg, mo.knn_layout):
+            tqdm.write(f"warning: online k-NN: {note} (monitor.knn_layout=obj)")
 
     def maybe_evaluate(self, step: int, backbone: nn.Module) -> float:
         """Evaluate after ``step`` steps if it is an evaluation step not yet logged; returns the seconds
@@ -150,8 +153,9 @@ class OnlineKnn:
         return time.perf_counter() - t0
 
     def evaluate(self, step: int, backbone: nn.Module) -> dict[str, Any]:
-        """One evaluation of ``backbone``'s CLS features on the two subsets; returns the log record."""
-        from ..models.frozen_features import FeatureExtractor, extract_features, prepare_inference
+        """One evaluation of ``backbone``'s ``monitor.knn_layout`` features ([CLS], or [OBJ] over every patch) on
+        the two subsets; returns the log record (``knn_layout`` in it unless the features are [CLS]'s)."""
+        from ..models.frozen_features import FeatureExtractor, FeatureSpec, extract_features, prepare_inference
         from ..weighted_knn import knn_classify
 
         assert self.subsets is not None, "only rank 0 evaluates"
@@ -159,7 +163,8 @@ class OnlineKnn:
         transform = EvalTransform(knn.image_size, knn.resize_size, tuple(crops.mean), tuple(crops.std))
         t0 = time.perf_counter()
         with _untouched(backbone):
-            model, amp = prepare_inference(FeatureExtractor(backbone), self.precision, self.device)
+            layout = FeatureSpec(self.cfg.monitor.knn_layout)
+            model, amp = prepare_inference(FeatureExtractor(backbone, layout), self.precision, self.device)
             feats = []
             for files in self.subsets:
                 loader = torch.utils.data.DataLoader(
@@ -171,6 +176,8 @@ class OnlineKnn:
             res = knn_classify(train_x, train_y, val_x, val_y, ks=knn.ks, temperature=knn.temperature,
                                num_classes=len(self.subsets[0].classes))
         record: dict[str, Any] = {"kind": "knn", "step": step, "epoch": step / self.iters_per_epoch}
+        if layout.layout != "cls":
+            record["knn_layout"] = layout.layout
         for name, acc in res.items():  # "k=20" -> knn_top1_k20, knn_top5_k20
             k = name.split("=", 1)[1]
             record[f"knn_top1_k{k}"] = acc["top1"]

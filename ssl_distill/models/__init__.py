@@ -1,7 +1,7 @@
 """Models: the timm backbone wrappers (learned-position ViT, DINOv3's RoPE ViT) and their spec (to and from a
 config's model section), projection heads, and the multi-crop wrapper."""
 from .backbone import (
-    OBJ_KEYS, VIT_SIZES, BackboneSpec, TokenBackbone, ViTBackbone, config_from_spec, default_fused_attn,
+    OBJ_KEYS, VIT_SIZES, BackboneSpec, ObjAttention, TokenBackbone, ViTBackbone, config_from_spec, default_fused_attn,
     fill_obj_from_cls, spec_from_config,
 )
 from .build import POS_EMBEDS, build_backbone
@@ -14,6 +14,7 @@ __all__ = [
     "OBJ_KEYS",
     "VIT_SIZES",
     "BackboneSpec",
+    "ObjAttention",
     "TokenBackbone",
     "ViTBackbone",
     "RopeViTBackbone",

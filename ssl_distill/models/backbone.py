@@ -28,13 +28,17 @@ Position-embedding interpolation for other input sizes (``BackboneSpec.pos_inter
   unchanged at its own grid size. Needed to reproduce those models' features at, e.g., 224 px.
 
 ODIS's [OBJ] token (Hızlı, Yıldız, Marttinen 2025, "Object-level Self-Distillation for Vision
-Pretraining", arXiv 2506.05409, Sec. 3: object token with masked attention), with ``obj_token=True``:
+Pretraining", arXiv 2506.05409; what we could read of it: the abstract and introduction, the ICLR 2026
+submission's abstract, the co-author's project page cagatayyildiz.github.io/projects/odis with its
+attention code, and ``KarahanS/Cross-Time-Self-Distillation``, which builds on ODIS), with ``obj_token=True``:
 
 - layout ``[CLS, OBJ, registers..., patches]``; the [OBJ] token is the learned ``obj_token`` plus its own
-  learned position term ``obj_pos_embed`` (both (1, 1, D)), inserted after timm's position embedding;
-- at every block the [OBJ] query attends only to itself, [CLS] and the patches inside its view's object
-  mask (never to registers); CLS, register and patch queries do not attend to the [OBJ] key, so their
-  outputs equal those of the same weights without [OBJ] (DINO / iBOT terms and checkpoints unchanged);
+  learned position term ``obj_pos_embed`` (both (1, 1, D)), inserted after timm's position embedding (the
+  derivative code gives [OBJ] its own learned position entry after [CLS]'s);
+- at every block the [OBJ] query attends only to itself and the patches inside its view's object mask
+  (project page: "the [OBJ] token can only attend to object patches", the mask applied at every layer),
+  never to registers; :class:`ObjAttention` says whether it also reads [CLS] and whether the other
+  queries read the [OBJ] key (the project page masks "only the [OBJ] row": they do, the default);
 - one additive attention mask (0 / -inf, (B, 1, T, T)) per forward, built once and given to every
   block (``Block(x, attn_mask=...)``): the fused SDPA kernel and timm's matmul-softmax path both add it
   to the logits before the softmax, so masked keys get exactly zero weight.
@@ -67,6 +71,29 @@ VIT_SIZES: dict[str, tuple[int, int, int]] = {
 MLP_LAYERS = ("mlp", "swiglu")
 POS_INTERP = ("timm", "dino")
 OBJ_KEYS = ("obj_token", "obj_pos_embed")  # the [OBJ] parameters of ViTBackbone (outside ``vit``)
+
+
+@dataclass(frozen=True)
+class ObjAttention:
+    """Who reads whom around ODIS's [OBJ] token (``odis.patches_read_obj`` / ``odis.obj_reads_cls``).
+
+    The [OBJ] query always reads itself and its object's patches, never a register. ``patches_read_obj``
+    False with ``obj_reads_cls`` True is our earlier reading, where the [CLS] and patch outputs equal those
+    of the same weights without [OBJ]; :meth:`from_config` gives that pattern to configs that predate the keys.
+    """
+
+    patches_read_obj: bool = True  # [CLS], registers, patches read [OBJ]: the project page masks the [OBJ] row only
+    obj_reads_cls: bool = False  # project page: [OBJ] reads object patches only (the derivative code: also [CLS])
+
+    @classmethod
+    def from_config(cls, cfg: Config, keys: dict[str, Any] | None = None) -> ObjAttention:
+        """The pattern of ``cfg.odis`` for a model whose [OBJ] token that config trains. A config with no object
+        term (``odis.weight`` 0) gets [OBJ] as a pure read-out that no other query reads; ``keys``, a
+        checkpoint's stored ``odis`` section, without the two keys: the pattern every run had before they
+        existed (no query reads [OBJ], [OBJ] reads [CLS])."""
+        if keys is not None and "patches_read_obj" not in keys:
+            return cls(patches_read_obj=False, obj_reads_cls=True)
+        return cls(cfg.odis.patches_read_obj and cfg.odis.weight > 0, cfg.odis.obj_reads_cls)
 
 
 def timm_mlp_ratio(hidden: int, width: int) -> float:
@@ -276,9 +303,9 @@ class TokenBackbone(nn.Module):
     :meth:`get_intermediate_layers` the tokens of the last ``n`` blocks.
 
     With an [OBJ] token (ODIS, see the module docstring) the token sequence is
-    ``[CLS, OBJ, registers..., patches]`` and ``num_prefix_tokens`` counts the [OBJ] token.
-    CLS and patch queries do not attend to [OBJ] (the ODIS sources only restrict the [OBJ] query;
-    "CLS and patch queries attend as usual" is read as "as in the model without [OBJ]").
+    ``[CLS, OBJ, registers..., patches]`` and ``num_prefix_tokens`` counts the [OBJ] token;
+    ``obj_attention`` (:class:`ObjAttention`) says which queries read the [OBJ] key and whether [OBJ]
+    reads [CLS].
 
     A subclass builds ``vit`` and the attributes below, and says how tokens enter the blocks
     (:meth:`_embed`) and what else each block call takes (:meth:`_block_kwargs`).
@@ -294,6 +321,7 @@ class TokenBackbone(nn.Module):
     has_obj_token: bool
     masked_embed: nn.Parameter | None
     obj_token: nn.Parameter | None
+    obj_attention: ObjAttention = ObjAttention()
 
     def _set_sizes(self, embed_dim: int, depth: int, mask_token: bool, obj_token: bool) -> None:
         """The sizes of a backbone just built on ``self.spec``, and its mask token (zeros, (1, D)) if asked."""
@@ -327,19 +355,23 @@ class TokenBackbone(nn.Module):
         """The additive attention mask of an [OBJ] backbone: (B, 1, T, T), or (1, 1, T, T) when ``obj_mask``
         is None; 0 where query i may attend to key j, -inf where not. T = num_prefix_tokens + num_patches.
 
-        Row 1 (the [OBJ] query) allows [CLS], [OBJ] and the patches where ``obj_mask`` (B, P) is True;
-        column 1 (the [OBJ] key) is closed to every other query. Every row keeps a finite entry (the
-        [OBJ] row always sees itself and [CLS]), so an all-False ``obj_mask`` still gives finite outputs.
-        On CUDA the rows are allocated 16-aligned (then sliced to T) so the memory-efficient SDPA kernel
-        takes the mask as it is instead of padding a copy at every block.
+        Row 1 (the [OBJ] query) allows [OBJ], the patches where ``obj_mask`` (B, P) is True and, with
+        ``obj_attention.obj_reads_cls``, [CLS]; column 1 (the [OBJ] key) is open to every other query with
+        ``obj_attention.patches_read_obj``, closed otherwise. Every row keeps a finite entry (the [OBJ] row
+        always sees itself), so an all-False ``obj_mask`` still gives finite outputs. On CUDA the rows are
+        allocated 16-aligned (then sliced to T) so the memory-efficient SDPA kernel takes the mask as it is
+        instead of padding a copy at every block.
         """
         t = self.num_prefix_tokens + num_patches
         n = 1 if obj_mask is None else batch
         width = -(-t // 16) * 16 if device.type == "cuda" else t
         mask = torch.zeros(n, 1, t, width, dtype=dtype, device=device)[..., :t]
         neg = float("-inf")
-        mask[:, :, :, 1] = neg  # no query reads [OBJ] ...
-        mask[:, :, 1, 2 : self.num_prefix_tokens] = neg  # ... [OBJ] reads no register ...
+        if not self.obj_attention.patches_read_obj:
+            mask[:, :, :, 1] = neg  # no query reads [OBJ] ...
+        if not self.obj_attention.obj_reads_cls:
+            mask[:, :, 1, 0] = neg  # ... [OBJ] reads no [CLS] ...
+        mask[:, :, 1, 2 : self.num_prefix_tokens] = neg  # ... no register ...
         if obj_mask is not None:  # ... nor a patch outside its object
             mask[:, 0, 1, self.num_prefix_tokens :].masked_fill_(~obj_mask, neg)
         mask[:, :, 1, 1] = 0.0  # ... but itself
@@ -393,7 +425,7 @@ class TokenBackbone(nn.Module):
                 CLS query over the patches, averaged over heads (AttMask, Kakogeorgiou et al. 2022,
                 Sec. 3.2), from this same forward. Only the CLS row is computed: one extra key
                 projection of the last block's input, no attention matrix is kept. With [OBJ] it is
-                the softmax over the keys CLS attends to (the [OBJ] key excluded).
+                the softmax over the keys CLS attends to (the [OBJ] key among them where CLS reads it).
             obj_mask: (B, P) bool, True for the patches inside the object the [OBJ] token may attend to
                 (ODIS); None: every patch. Needs ``obj_token``.
         """
@@ -424,7 +456,7 @@ class TokenBackbone(nn.Module):
             k = rotate_patches(k, rope, self.num_prefix_tokens)
         logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, heads, 1, T)
         prefix = self.num_prefix_tokens
-        if self.has_obj_token:  # CLS does not attend to [OBJ] (key 1): drop it
+        if self.has_obj_token and not self.obj_attention.patches_read_obj:  # CLS does not read [OBJ] (key 1)
             logits = torch.cat([logits[..., :1], logits[..., 2:]], dim=-1)
             prefix -= 1
         weights = logits.float().softmax(dim=-1)
@@ -566,9 +598,12 @@ class ViTBackbone(TokenBackbone):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> CLS features (B, D).
 
-        With [OBJ] the token is left out of this forward: CLS never attends to it, so the CLS output is
-        that of :meth:`forward_tokens` (up to float rounding) at the cost of the plain ViT.
+        With an [OBJ] token that CLS does not read (``obj_attention.patches_read_obj`` False) the token is
+        left out of this forward: the CLS output is that of :meth:`forward_tokens` (up to float rounding) at
+        the cost of the plain ViT.
         """
+        if self.has_obj_token and self.obj_attention.patches_read_obj:
+            return self.forward_tokens(x)["cls"]
         return self.vit.forward_features(x)[:, 0]
 
 
@@ -578,6 +613,7 @@ def random_init_like(backbone: TokenBackbone, seed: int) -> TokenBackbone:
     torch.manual_seed(seed)
     kwargs = {"obj_token": True} if getattr(backbone, "has_obj_token", False) else {}
     fresh = type(backbone)(copy.deepcopy(backbone.spec), **kwargs)
+    fresh.obj_attention = backbone.obj_attention
     for prm in fresh.parameters():
         prm.requires_grad = False
     return fresh.eval()

@@ -11,7 +11,11 @@ Feature layouts (:class:`FeatureSpec`), all taken after the final LayerNorm:
   ``create_linear_input`` order);
 - ``cls+mean-dino``: DINO's ``eval_linear.py`` layout for ViT-B (``avgpool_patchtokens``, ``n=1``):
   CLS and mean patch token interleaved, ``[cls_0, mean_0, cls_1, mean_1, ...]``, so that DINO's released
-  linear weights apply unchanged.
+  linear weights apply unchanged;
+- ``obj``: ODIS's [OBJ] token of the last ``n`` blocks, attending to every patch, or to the patches of the
+  ``obj_mask`` given with the images (a box on the patch grid): the image-level read-out ODIS reports
+  ("using masks at inference time", the paper's abstract). Needs a backbone with an [OBJ] token (a model
+  trained without one gets it initialised from its [CLS]).
 
 Precision: fp32 by default, as DINO's evaluations; ``bf16`` is the fast option (see :func:`prepare_inference`).
 
@@ -48,7 +52,7 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------
 # Layouts
 # ----------------------------------------------------------------------------------------------------
-LAYOUTS = ("cls", "mean", "cls+mean", "cls+mean-dino")
+LAYOUTS = ("cls", "mean", "cls+mean", "cls+mean-dino", "obj")
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,8 @@ class FeatureSpec:
 
 
 class FeatureExtractor(nn.Module):
-    """Frozen backbone + :class:`FeatureSpec`: ``(B, 3, H, W) -> (B, spec.dim(D))``.
+    """Frozen backbone + :class:`FeatureSpec`: ``(B, 3, H, W) -> (B, spec.dim(D))``; the ``obj`` layout also
+    takes ``obj_mask`` (B, P) bool, the patches its [OBJ] token reads (None: every patch).
 
     ``backbone`` must offer ``forward(x) -> CLS`` and ``forward_last_blocks(x, n)`` (:class:`ViTBackbone`).
     """
@@ -90,8 +95,14 @@ class FeatureExtractor(nn.Module):
         self.spec = spec
         self.dim = spec.dim(int(getattr(backbone, "embed_dim", 0)))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, obj_mask: Tensor | None = None) -> Tensor:
         spec = self.spec
+        if spec.layout == "obj":
+            if not getattr(self.backbone, "has_obj_token", False):
+                raise ValueError("the obj feature layout needs a backbone with an [OBJ] token (obj_token=True)")
+            return self.backbone.forward_last_blocks(x, spec.n_last_blocks, obj_mask=obj_mask)["obj"].flatten(1)
+        if obj_mask is not None:
+            raise ValueError(f"an object mask needs the obj feature layout, not {spec.layout!r}")
         if spec.layout == "cls" and spec.n_last_blocks == 1:
             return self.backbone(x)
         out = self.backbone.forward_last_blocks(x, spec.n_last_blocks)

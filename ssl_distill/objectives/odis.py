@@ -1,11 +1,14 @@
 """ODIS object-level self-distillation: the [OBJ] term.
 
 Hızlı, Yıldız, Marttinen, "Object-level Self-Distillation for Vision Pretraining", 2025 (arXiv
-2506.05409), Sec. 3: object-aware crops make both global views show the same target object, and an
-[OBJ] token whose attention is restricted to that object's patches summarises it. The object term is
-DINO's cross-view cross-entropy (Caron et al. 2021, Eq. 1-3) applied to the [OBJ] outputs instead of
-the [CLS] outputs: the teacher's [OBJ] distribution on global view i, centered and sharpened,
-is the target of the student's [OBJ] distribution on every other view v,
+2506.05409). Read: its abstract and introduction (object-aware cropping and masked attention turn a
+scene-level task into object-level ones), the co-author's project page (cagatayyildiz.github.io/projects/odis:
+an [OBJ] token replaces [CLS] as the distilled summary; its teacher center is a momentum mean of the
+teacher's [OBJ] outputs, all-reduced over ranks) and ``KarahanS/Cross-Time-Self-Distillation``, which
+builds on ODIS. The method's sections could not be read; the loss below is our reading of "DINO's
+objective on [OBJ]": DINO's cross-view cross-entropy (Caron et al. 2021, Eq. 1-3) applied to the [OBJ]
+outputs instead of the [CLS] outputs: the teacher's [OBJ] distribution on global view i, centered and
+sharpened, is the target of the student's [OBJ] distribution on every other view v,
 
     L_OBJ = 1 / n_pairs * sum_{i < G} sum_{v != i} 1/B sum_b w_{b,i,v} H(P_t(obj_{b,i}), P_s(obj_{b,v})),
 

@@ -148,7 +148,8 @@ def _knn(ax: Axes, runs: list[RunData], colors: list[str], x: str, scale: float)
     for run, color in zip(runs, colors):
         key = run.knn_key()
         if key is not None and _plot(ax, run, key, x, scale, color, Look("-", "o"), key, records="knn"):
-            labels.add(f"top-1, k = {key.rsplit('k', 1)[1]}")
+            layout = run.knn[-1].get("knn_layout", "cls")  # the token the features read: [CLS] or [OBJ]
+            labels.add(f"top-1, k = {key.rsplit('k', 1)[1]}" + ("" if layout == "cls" else f", {layout} features"))
     ax.set_ylabel("online k-NN top-1 (%)")
     return [(label, Look("-", "o")) for label in sorted(labels)]
 

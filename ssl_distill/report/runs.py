@@ -14,7 +14,9 @@ from typing import Any
 
 import yaml
 
-from ..errors import DataError
+from ..config import config_from_dict
+from ..errors import ConfigError, DataError
+from ..eval_constants import untrained_cls_note
 
 __all__ = ["EXPECTED", "GRAM_MONITORS", "NOT_LOSS_TERMS", "TEACHER_PREFIXES", "RunData", "read_run",
            "wall_clock_seconds"]
@@ -201,10 +203,24 @@ def read_run(path: str | Path, name: str | None = None) -> RunData:
     else:
         run.notes.append(f"{run.name}: no config.yaml: no config differences")
     _read_log(path / "log.jsonl", run)
+    _untrained_cls(run)
     clock = wall_clock_seconds(run.train + run.knn)
     run.seconds = {"train": clock[:len(run.train)], "knn": clock[len(run.train):]}
     _read_results(run)
     return run
+
+
+def _untrained_cls(run: RunData) -> None:
+    """A note when the run's online k-NN read a [CLS] token that no loss of the run trained (dino.weight 0)."""
+    if not run.knn or run.config is None:
+        return
+    layout = run.knn[-1].get("knn_layout", "cls")
+    try:
+        note = untrained_cls_note(config_from_dict(run.config), layout)
+    except (ConfigError, ValueError, TypeError):
+        return  # a config of another version: nothing to say
+    if note:
+        run.notes.append(f"{run.name}: online k-NN: {note} (monitor.knn_layout=obj)")
 
 
 def wall_clock_seconds(records: list[dict[str, Any]]) -> list[float | None]:
