@@ -18,7 +18,9 @@ LayerNorms (6%), softmax forward and backward (2%), and AdamW's per-parameter ar
 (addcdiv_, lerp_, sqrt, addcmul_, mul_, add_: 3%) with a ``.item()`` of each step count; every one pays a
 parallel region's start. The ViT-S/16 step is dominated by GEMMs too, its head's 65536-wide last layer and
 loss (softmax / log-softmax over 12 x 8 x 65536 logits) being the largest non-block share.
-Usage: python benchmarks/bench_step_profile.py [--step demo|vits16] [--steps N] [--rows R] [--threads T]
+``--modes`` times the step eager, with ``run.compile=on`` and with a foreach AdamW, round-robin, and one batch's
+preparation by the loader, beside the ceiling (issue 28's candidates, measured where they are chosen).
+Usage: python benchmarks/bench_step_profile.py [--step demo|vits16] [--steps N] [--rows R] [--threads T] [--modes]
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import collections
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -137,21 +140,57 @@ def report(name: str, step: Step, steps: int, rows: int) -> None:
         print(f"    {e.key:<36} {100 * e.self_cpu_time_total / total_us:5.1f}%  {e.count // steps:5d} calls a step")
 
 
+STEPS = {"demo": ("demo step (batch 64)", demo_step), "vits16": ("ViT-S/16 step (batch 8)", vits16_step)}
+
+
+def compare_modes(name: str, make: Callable[[Path, list[str]], Step], tmp: Path, steps: int) -> None:
+    """The step eager, with its blocks compiled (``run.compile=on``: compile time printed apart) and with a foreach
+    AdamW, timed round-robin (fastest of ``steps`` each), and one batch's preparation by the loader (serial, as
+    ``data.num_workers: 0`` runs it), beside the bf16 GEMM ceiling measured after them."""
+    modes = {"eager": make(tmp / "eager", []), "foreach AdamW": make(tmp / "foreach", [])}
+    for group in modes["foreach AdamW"].trainer.optimizer.param_groups:
+        group["foreach"] = True
+    t0 = time.perf_counter()
+    modes["compiled blocks"] = make(tmp / "compiled", ["run.compile=on"])
+    print(f"\n{name}: built and compiled in {time.perf_counter() - t0:.0f} s")
+    best = {mode: float("inf") for mode in modes}
+    for i in range(steps):
+        for mode, step in modes.items():
+            best[mode] = min(best[mode], step.run(2 + i))
+    trainer = modes["eager"].trainer
+    t0 = time.perf_counter()
+    next(iter(trainer.loader))
+    data = time.perf_counter() - t0
+    bf16 = gemm_gflops(torch.bfloat16)
+    for mode, seconds in best.items():
+        gflop = modes[mode].gflop
+        print(f"  {mode:<16} {seconds * 1e3:7.0f} ms  {gflop / seconds:5.0f} GFLOP/s = {100 * gflop / seconds / bf16:3.0f}% "
+              f"of the bf16 GEMM ceiling ({bf16:.0f} GFLOP/s, measured now); x{best['eager'] / seconds:.2f} eager")
+    print(f"  one batch's preparation (serial): {data * 1e3:.0f} ms = {100 * data / (data + best['eager']):.0f}% of "
+          "an eager step with it")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--step", choices=["demo", "vits16", "both"], default="both")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rows", type=int, default=15)
     ap.add_argument("--threads", type=int, default=0, help="compute threads (0: torch's default)")
+    ap.add_argument("--modes", action="store_true",
+                    help="instead of the profile: eager, compiled blocks and foreach AdamW timed round-robin")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(hardware_line())
     with tempfile.TemporaryDirectory() as tmp:
-        if args.step in ("demo", "both"):
-            report("demo step (batch 64)", demo_step(Path(tmp)), args.steps, args.rows)
-        if args.step in ("vits16", "both"):
-            report("ViT-S/16 step (batch 8)", vits16_step(Path(tmp)), args.steps, args.rows)
+        for key, (name, build) in STEPS.items():
+            if args.step not in (key, "both"):
+                continue
+            make = lambda folder, over, build=build: build(folder, overrides=over)  # noqa: E731
+            if args.modes:
+                compare_modes(name, make, Path(tmp) / key, args.steps)
+            else:
+                report(name, make(Path(tmp) / key, []), args.steps, args.rows)
 
 
 if __name__ == "__main__":
