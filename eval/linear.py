@@ -527,6 +527,7 @@ def faithful_probe(extractor: FeatureExtractor, train_dir: str | Path, val_dir: 
     """
     device = torch.device(device)
     amp_dtype_for(precision, device)  # validates before any work
+    settings.check_fits(extractor.backbone)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_files = scan_image_folder(train_dir, labeled=True)
