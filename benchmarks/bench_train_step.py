@@ -11,6 +11,9 @@ AttMask <= 1.05x iBOT, ODIS <= 1.1x iBOT.
 on DINOv3's ViT-S/16 (RoPE, 4 registers, LayerScale, the student's RoPE coordinate rescaling) against the
 same step on the learned-position ViT-S/16 (target: <= 1.05x), and on that ViT with 4 registers and
 LayerScale (the part of the difference that is not RoPE), interleaved.
+``--scenes`` times ODIS's step against iBOT's on one batch of 4-item black canvases (the recipe
+configs/odis_tiny_scenes4.yaml, its tiny ViT; iBOT: the same recipe on plain crops with the [CLS] term instead
+of [OBJ]), interleaved, beside the machine's GEMM peaks; target: ODIS <= 1.1x iBOT.
 Beside the DINO figure, the same step in fp32 with the fused attention kernel (what the reference
 DINO runs on a CPU), the model GFLOP/s achieved (FLOPs counted by torch's FlopCounterMode for one
 full step) and the machine's measured fp32 / bf16 GEMM peaks.
@@ -18,7 +21,7 @@ On a GPU (``--device cuda``) the same steps run with CUDA's fused attention, tim
 (synchronised), beside the GPU's measured bf16 / fp32 GEMM TFLOP/s; ``--batch-size 64`` is DINO's per-GPU
 batch (1024 over 16 GPUs).
 Usage: python benchmarks/bench_train_step.py [--steps N] [--skip-fp32] [--objectives] [--dinov3]
-           [--device cuda] [--batch-size B]
+           [--scenes] [--device cuda] [--batch-size B]
 """
 from __future__ import annotations
 
@@ -144,6 +147,29 @@ def measure(cfg_overrides: list[str], data_dir: Path, out_dir: Path, steps: int,
     return images_per_s([st], steps)[0], st.gflop
 
 
+def scene_steps(tmp: Path, run: list[str], reps: int) -> None:
+    """``--scenes``: ODIS's and iBOT's steps on the same 4-item black canvases, interleaved (module docstring)."""
+    from ssl_distill.data.scenes import SceneSettings, build_scene_benchmark
+
+    scenes = tmp / "scenes4"
+    settings = SceneSettings(size=56, min_objects=4, max_objects=4, min_scale=0.35, max_scale=0.5, max_overlap=0.1,
+                             tint=False, background="black")
+    build_scene_benchmark(scenes, None, n_train=max(64, int(run[0].partition("=")[2])), n_test=0, settings=settings)
+    train, boxes = scenes / "train", f"data.boxes={scenes / 'train' / 'boxes.json'}"
+    run = [*run, "optim.epochs=100"]  # one batch of scenes per epoch: a schedule long enough for every step
+    plain = ["data.boxes=null", "data.crops.object_aware_local=false", "odis.weight=0", "dino.weight=1",
+             "monitor.knn_layout=cls"]
+    steps = {"iBOT": prepare([*run, boxes, *plain], train, tmp / "s_ibot", recipe="odis_tiny_scenes4.yaml"),
+             "ODIS": prepare([*run, boxes], train, tmp / "s_odis", recipe="odis_tiny_scenes4.yaml")}
+    speed = dict(zip(steps, images_per_s(list(steps.values()), reps)))
+    bf16_peak, fp32_peak = gemm_gflops(torch.bfloat16), gemm_gflops(torch.float32)
+    for name, st in steps.items():
+        print(f"{name} on 4-item scenes (odis_tiny_scenes4.yaml, batch {st.batch_size}): {speed[name]:.1f} images/s "
+              f"({st.gflop:.2f} GFLOP/step, {st.gflop * speed[name] / st.batch_size:.0f} GFLOP/s achieved)")
+    print(f"ODIS step {speed['iBOT'] / speed['ODIS']:.3f}x iBOT's (interleaved, fastest of {reps} each; target "
+          f"<= 1.1x); GEMM peaks bf16 {bf16_peak:.0f}, fp32 {fp32_peak:.0f} GFLOP/s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
@@ -154,8 +180,16 @@ def main() -> None:
                     help="time DINOv3's objectives on the RoPE ViT-S/16 against the learned-position one")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--scenes", action="store_true",
+                    help="only ODIS against iBOT on 4-item black canvases (the tiny scene recipe), interleaved")
     args = ap.parse_args()
     gpu = args.device == "cuda"
+    if args.scenes:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(cuda_line() if gpu else hardware_line())
+            scene_steps(Path(tmp), [f"data.batch_size={args.batch_size}", f"run.device={args.device}",
+                                    "run.precision=bf16"], max(args.steps, 8))
+        return
     run = [f"data.batch_size={args.batch_size}", f"run.device={args.device}"]
     bf16 = [*run, "run.precision=bf16"]
     print(cuda_line() if gpu else hardware_line())

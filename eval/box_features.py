@@ -144,7 +144,7 @@ def extract_box_features(
     - ``scene``: the CLS output of the whole scene, repeated for each of its boxes.
 
     Args:
-        backbone: a frozen :class:`~ssl_distill.models.ViTBackbone` (eval mode is set here).
+        backbone: a frozen :class:`~ssl_distill.models.TokenBackbone` (eval mode is set here).
         image_root: the folder the boxes file's ``file_name`` entries are relative to.
         boxes: a boxes file path or a :class:`~ssl_distill.data.boxes.BoxesFile`; None: every image of
             ``image_root`` (any depth) is one whole-image box, and ``obj`` is the [OBJ] output attending to

@@ -4,7 +4,8 @@ TokenCut (Wang et al., "Self-Supervised Transformers for Unsupervised Object Dis
 Normalized Cut", CVPR 2022), step by step:
 
 1. features: the keys of the last attention block, all heads concatenated, prefix tokens (CLS,
-   registers) dropped; each image at its native resolution, normalised, zero-padded at the bottom
+   registers, [OBJ]) dropped (on a RoPE model, DINOv3, the keys before the rotation: the rotated ones would
+   make the graph partly encode the patches' distance, see :mod:`ssl_distill.models.inspect`); each image at its native resolution, normalised, zero-padded at the bottom
    and right to a multiple of the patch size (zero = the mean colour after normalisation);
 2. graph: cosine similarity of the L2-normalised keys, ``W_ij = 1`` where it is > tau (0.2), else
    eps (1e-5); ``D = diag(W 1)``;

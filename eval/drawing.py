@@ -65,12 +65,18 @@ def _edges(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
-def overlay_mask(image: np.ndarray, mask: np.ndarray, color: Sequence[int], alpha: float = 0.5) -> np.ndarray:
-    """Tint the (H, W) ``mask`` pixels of ``image`` with ``color`` and draw its outline in full colour."""
+def overlay_mask(image: np.ndarray, mask: np.ndarray, color: Sequence[int], alpha: float = 0.5,
+                 width: int = 1) -> np.ndarray:
+    """Tint the (H, W) ``mask`` pixels of ``image`` with ``color`` and draw its outline in full colour,
+    ``width`` pixels wide (inside the mask)."""
     out = image.astype(np.float32).copy()
     c = np.asarray(color, dtype=np.float32)
     out[mask] = (1 - alpha) * out[mask] + alpha * c
-    out[_edges(mask)] = c
+    inner = mask
+    for _ in range(width):
+        edge = _edges(inner)
+        out[edge] = c
+        inner = inner & ~edge
     return out.round().astype(np.uint8)
 
 

@@ -53,6 +53,15 @@ class ImageSettings:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
+    def check_fits(self, backbone: nn.Module) -> None:
+        """ValueError unless the crop is a whole number of the backbone's patches (timm's patch embedding
+        asserts it; the official DINOv3 model would drop the remainder without a word)."""
+        p = int(getattr(backbone, "patch_size", 1))
+        if self.image_size % p:
+            raise ValueError(f"the evaluation crop of {self.image_size} px is not a multiple of the model's "
+                             f"{p} px patches: give an image size that is (knn.image_size=... for knn, "
+                             f"--image-size for linear), e.g. {max(p, self.image_size // p * p)}")
+
 
 
 
@@ -153,6 +162,7 @@ def extract_folder(
         raise ValueError(f"feature dtype must be float32 or float16, got {dtype}")
     device = torch.device(device)
     amp_dtype_for(precision, device)  # validates before any work
+    settings.check_fits(extractor.backbone)
     files = folder if isinstance(folder, FileList) else scan_image_folder(folder, labeled=True)
     meta: dict[str, Any] = {
         "folder": str(files.root), "n": len(files), "layout": extractor.spec.layout,

@@ -62,7 +62,7 @@ from ssl_distill.data.rng import Stream, counter_uniforms
 from ssl_distill.data.sampler import EpochSampler
 from ssl_distill.data.views import random_resized_crop_box
 from ssl_distill.eval_constants import LR_GRID, untrained_cls_note
-from ssl_distill.models.backbone import ViTBackbone
+from ssl_distill.models.backbone import TokenBackbone
 from ssl_distill.models.frozen_features import FeatureExtractor, FeatureSpec, amp_dtype_for, prepare_inference
 from ssl_distill.runtime import resolve_device
 
@@ -527,6 +527,7 @@ def faithful_probe(extractor: FeatureExtractor, train_dir: str | Path, val_dir: 
     """
     device = torch.device(device)
     amp_dtype_for(precision, device)  # validates before any work
+    settings.check_fits(extractor.backbone)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_files = scan_image_folder(train_dir, labeled=True)
@@ -764,7 +765,7 @@ def linear_on_checkpoint(checkpoint: str | Path, train_dir: str | Path | None = 
 _Extract = Callable[[FeatureExtractor], tuple[FeatureSet, FeatureSet]]
 
 
-def _fast_mode(backbone: ViTBackbone, extract: _Extract, head_file: Path, blocks: Sequence[int] = (1, 4),
+def _fast_mode(backbone: TokenBackbone, extract: _Extract, head_file: Path, blocks: Sequence[int] = (1, 4),
                lrs: Sequence[float] = LR_GRID, **kwargs: Any) -> dict[str, Any]:
     """:func:`fast_probe` of the grid over ``blocks`` (clipped to the depth) x mean token or not x ``lrs``, on
     the features of the largest block count; the best head is written to ``head_file``."""
@@ -779,7 +780,7 @@ def _fast_mode(backbone: ViTBackbone, extract: _Extract, head_file: Path, blocks
     return res
 
 
-def _logreg_mode(backbone: ViTBackbone, extract: _Extract, n_last_blocks: int = 1, layout: str = "cls",
+def _logreg_mode(backbone: TokenBackbone, extract: _Extract, n_last_blocks: int = 1, layout: str = "cls",
                  **kwargs: Any) -> dict[str, Any]:
     """:func:`logreg_probe` on the ``layout`` features of the last ``n_last_blocks`` blocks (clipped to the depth)."""
     spec = FeatureSpec(layout, min(int(n_last_blocks), backbone.depth))

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ssl_distill.checkpoints import LoadedBackbone, load_any_backbone
-from ssl_distill.models.backbone import ViTBackbone, random_init_like
+from ssl_distill.models.backbone import TokenBackbone, random_init_like
 
 __all__ = ["EvalModel", "load_model"]
 
@@ -22,7 +22,7 @@ __all__ = ["EvalModel", "load_model"]
 class EvalModel(NamedTuple):
     """The backbone to evaluate and the checkpoint it was read from."""
 
-    backbone: ViTBackbone  # frozen, eval mode; fresh weights for a random-init baseline
+    backbone: TokenBackbone  # frozen, eval mode; fresh weights for a random-init baseline
     loaded: LoadedBackbone  # the checkpoint: file, format, source entry, config, and its own backbone
 
     @property

@@ -3,15 +3,31 @@
 For each image: the last block's CLS -> patch attention of every head (each map sums to one over
 the patches), optionally thresholded to the smallest set of patches that holds ``threshold`` of the
 attention mass (0.6 in DINO's figures), upsampled to the image; a 3-component PCA of the patch
-features shown as RGB; optionally attention rollout across all blocks (Abnar & Zuidema 2020).
+features shown as RGB; the norms of the last block's patch outputs before the final LayerNorm, with the
+high-norm outliers of Darcet et al. 2024 ("Vision Transformers Need Registers") outlined (norm above
+:data:`OUTLIER_FACTOR` x the image's median patch norm: the paper's outliers sit far above the bulk, e.g. a
+cut at norm 150 for DINOv2 ViT-g); optionally attention rollout across all blocks (Abnar & Zuidema 2020).
+
+Register (storage-token) models (DINOv2 ``_reg4``, DINOv3), which the official repos draw nothing for:
+a panel per register showing which patches its query reads, and one showing how much each patch's query
+reads it; the caption says how the last block's attention splits between [CLS], registers and patches
+(the [CLS] query's, and the patch queries' on average), and each head's title the share of its [CLS]
+attention that the registers take before the map is renormalised over the patches. Registers and [OBJ]
+never enter a patch map: every map is exactly the h x w patch grid.
 
 Outputs per image, in ``<out>/<image stem>/``:
 
-- ``grid.png``: the image, all heads' masks overlaid in colour, the PCA, the rollout (if asked),
-  then for each head its attention map and the image with that head's mask;
+- ``grid.png``: the image, all heads' masks overlaid in colour, the mean map, the PCA, the patch norms,
+  the rollout (if asked), then for each head its attention map and the image with that head's mask,
+  then the registers' panels;
 - ``head_<i>.png``: one head, its heat map blended over the image beside the image with the mask;
-- ``pca.png`` and ``rollout.png``;
-- ``maps.npz``: the raw maps (attention (heads, h, w), masks, pca, rollout).
+- ``pca.png``, ``norms.png`` and ``rollout.png``;
+- ``maps.npz``: the raw maps (attention (heads, h, w), masks, pca, rollout, patch_norms, outliers,
+  cls_mass (heads, 3) and patch_mass (3,) on [CLS / OBJ, registers, patches], and for register models
+  reg_reads / reg_read_by (registers, h, w)).
+
+PCA: fitted on the patches that are not outliers (a few huge tokens would otherwise take the first
+components), all patches projected; the outliers are outlined in the PCA panel too.
 
 Images are used at their own size (or shrunk with ``--max-side``) and cropped at the bottom and
 right to a multiple of the patch size, as DINO's ``visualize_attention.py`` does. The weights are
@@ -39,6 +55,7 @@ from .drawing import blend, colorize, head_colors, overlay_mask, threshold_mass,
 from .images import readable_images, shrink
 
 __all__ = [
+    "OUTLIER_FACTOR",
     "AttentionMaps",
     "ImageTooSmallError",
     "add_arguments",
@@ -49,28 +66,44 @@ __all__ = [
 ]
 
 
+OUTLIER_FACTOR = 2.0  # a patch is a high-norm outlier above this multiple of the image's median patch norm
+# the share of attention on [CLS, OBJ] / registers / patches, as cls_mass and patch_mass order it
+_MASS_PARTS = ("itself", "registers", "patches")
+
+
 # ----------------------------------------------------------------------------------- maps
-def pca_rgb(features: Tensor | np.ndarray) -> np.ndarray:
+def pca_rgb(features: Tensor | np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
     """(h, w, D) patch features -> (h, w, 3) in [0, 1]: the first three principal components.
 
+    ``exclude`` (h, w) bool: patches left out of the fit (centring, components, colour scaling) but
+    projected like the rest (high-norm outliers); ignored when fewer than 2 patches would remain.
     Each component is scaled to [0, 1] by its 1st and 99th percentiles (clipped outside); its sign is
     chosen so that its largest-magnitude value is positive (a deterministic colouring).
     """
     f = torch.as_tensor(np.asarray(features), dtype=torch.float64)
     h, w, d = f.shape
     x = f.reshape(h * w, d)
-    x = x - x.mean(dim=0, keepdim=True)
-    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    fit = torch.ones(h * w, dtype=torch.bool)
+    if exclude is not None and int((~torch.as_tensor(exclude)).sum()) >= 2:
+        fit = ~torch.as_tensor(exclude, dtype=torch.bool).reshape(h * w)
+    x = x - x[fit].mean(dim=0, keepdim=True)
+    _, _, vh = torch.linalg.svd(x[fit], full_matrices=False)
     k = min(3, vh.shape[0])
     proj = x @ vh[:k].T  # (N, k)
-    peak = proj.abs().argmax(dim=0)
-    proj = proj * torch.sign(proj[peak, torch.arange(k)])
+    peak = proj[fit].abs().argmax(dim=0)
+    proj = proj * torch.sign(proj[fit][peak, torch.arange(k)])
     # scale each component by its 1st-99th percentiles (a few outlier patches would wash out the rest)
-    lo, hi = torch.quantile(proj, 0.01, dim=0), torch.quantile(proj, 0.99, dim=0)
+    lo, hi = torch.quantile(proj[fit], 0.01, dim=0), torch.quantile(proj[fit], 0.99, dim=0)
     proj = ((proj - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))).clamp(0, 1)
     if k < 3:
         proj = torch.cat([proj, torch.zeros(h * w, 3 - k, dtype=proj.dtype)], dim=1)
     return proj.reshape(h, w, 3).float().numpy()
+
+
+def high_norm_patches(norms: np.ndarray, factor: float = OUTLIER_FACTOR) -> np.ndarray:
+    """(h, w) patch norms -> (h, w) bool: the patches above ``factor`` x the median norm."""
+    norms = np.asarray(norms, dtype=np.float64)
+    return norms > factor * float(np.median(norms))
 
 
 @dataclass
@@ -84,10 +117,31 @@ class AttentionMaps:
     threshold: float | None
     pca: np.ndarray | None  # (h, w, 3) in [0, 1]
     rollout: np.ndarray | None  # (h, w) float32, sums to one
+    patch_norms: np.ndarray  # (h, w) float32: the last block's patch outputs' norms before the final norm
+    outliers: np.ndarray  # (h, w) bool: high_norm_patches(patch_norms)
+    cls_mass: np.ndarray  # (heads, 3): the [CLS] query's attention on [CLS / OBJ], registers, patches
+    patch_mass: np.ndarray  # (3,): the patch queries' (mean over patches and heads), same parts
+    reg_reads: np.ndarray  # (registers, h, w): each register query's attention over the patches (mean of heads)
+    reg_read_by: np.ndarray  # (registers, h, w): each patch query's attention on each register (mean of heads)
 
     @property
     def num_heads(self) -> int:
         return self.attention.shape[0]
+
+    @property
+    def num_registers(self) -> int:
+        return self.reg_reads.shape[0]
+
+    def caption(self) -> str:
+        """Where the last block's attention goes (mean over heads) and how many patches are high-norm outliers."""
+        cls, patch = self.cls_mass.mean(axis=0), self.patch_mass
+        share = ", ".join(f"{100 * v:.0f}% to {name}" for v, name in zip(cls, _MASS_PARTS)
+                          if name != "registers" or self.num_registers)
+        text = f"last block, mean over heads: [CLS] attends {share}"
+        if self.num_registers:
+            text += f"; patches give {100 * patch[1]:.0f}% of their attention to the {self.num_registers} registers"
+        n = int(self.outliers.sum())
+        return text + f"\n{n} high-norm patch{'' if n == 1 else 'es'} (norm > {OUTLIER_FACTOR:g} x median)"
 
     def upsample(self, m: np.ndarray) -> np.ndarray:
         """A token map (h, w[, c]) -> pixel map (H, W[, c]) by nearest upsampling (one block per patch)."""
@@ -120,13 +174,18 @@ def compute_maps(backbone: nn.Module, img: Image.Image, mean: Sequence[float], s
     seen = inspect_forward(backbone, x, rollout, head_fusion, discard_ratio)  # one forward pass for everything
     attn = seen.last.cls_attention()[0].float().cpu().numpy()
     masks = threshold_mass(attn, threshold) if threshold else None
+    norms = seen.patch_norms[0].float().cpu().numpy()
+    outliers = high_norm_patches(norms)
     feats = None
     if pca:
         tokens = seen.tokens["patch"][0].float().cpu()
-        feats = pca_rgb(tokens.reshape(arr.shape[0] // p, arr.shape[1] // p, -1))
+        feats = pca_rgb(tokens.reshape(arr.shape[0] // p, arr.shape[1] // p, -1), exclude=outliers)
     roll = seen.rollout[0].float().cpu().numpy() if seen.rollout is not None else None
+    storage = seen.last.storage_attention()
     return AttentionMaps(image=arr, patch_size=p, attention=attn, masks=masks, threshold=threshold if threshold else None,
-                         pca=feats, rollout=roll)
+                         pca=feats, rollout=roll, patch_norms=norms, outliers=outliers,
+                         cls_mass=storage.cls_mass[0].cpu().numpy(), patch_mass=storage.patch_mass[0].cpu().numpy(),
+                         reg_reads=storage.reads[0].cpu().numpy(), reg_read_by=storage.read_by[0].cpu().numpy())
 
 
 def render(maps: AttentionMaps, out_dir: str | Path, title: str = "") -> list[Path]:
@@ -143,25 +202,43 @@ def render(maps: AttentionMaps, out_dir: str | Path, title: str = "") -> list[Pa
 @dataclass
 class _Pictures:
     """One image's maps as (H, W, 3) uint8 pictures: each head's heat map and, with a threshold, its (H, W)
-    mask and colour; the PCA and the rollout (when computed)."""
+    mask and colour; the PCA (outliers outlined), the patch norms (outliers outlined), the rollout (when
+    computed), and each register's two maps blended over the image."""
 
     heats: list[np.ndarray]
     masks: list[np.ndarray] | None
     colors: np.ndarray
     pca: np.ndarray | None
+    norms: np.ndarray
     rollout: np.ndarray | None
+    reads: list[np.ndarray]
+    read_by: list[np.ndarray]
 
     @classmethod
     def of(cls, maps: AttentionMaps) -> _Pictures:
+        outliers = maps.upsample(maps.outliers)
+        line = max(1, maps.patch_size // 6)
+        pca = None
+        if maps.pca is not None:
+            pca = overlay_mask((maps.upsample(maps.pca) * 255).round().astype(np.uint8), outliers, _WHITE, 0.0, line)
+        # the colour scale spans the ordinary patches; the outliers are drawn red over it
+        ordinary = maps.patch_norms[~maps.outliers] if (~maps.outliers).any() else maps.patch_norms
+        norms = colorize(maps.upsample(maps.patch_norms), "viridis", float(ordinary.min()), float(ordinary.max()))
         return cls(heats=[colorize(maps.upsample(a)) for a in maps.attention],
                    masks=[maps.upsample(m) for m in maps.masks] if maps.masks is not None else None,
-                   colors=head_colors(maps.num_heads),
-                   pca=(maps.upsample(maps.pca) * 255).round().astype(np.uint8) if maps.pca is not None else None,
-                   rollout=colorize(maps.upsample(maps.rollout)) if maps.rollout is not None else None)
+                   colors=head_colors(maps.num_heads), pca=pca,
+                   norms=overlay_mask(norms, outliers, _RED, 0.7, line),
+                   rollout=colorize(maps.upsample(maps.rollout)) if maps.rollout is not None else None,
+                   reads=[blend(maps.image, colorize(maps.upsample(m))) for m in maps.reg_reads],
+                   read_by=[blend(maps.image, colorize(maps.upsample(m))) for m in maps.reg_read_by])
+
+
+_WHITE, _RED = (255, 255, 255), (230, 30, 30)
 
 
 def _write_pictures(img: np.ndarray, pictures: _Pictures, out: Path) -> list[Path]:
-    """``head_<i>.png`` (heat map over the image | image with the head's mask), ``pca.png``, ``rollout.png``."""
+    """``head_<i>.png`` (heat map over the image | image with the head's mask), ``pca.png``, ``norms.png``,
+    ``rollout.png``."""
     written: list[Path] = []
     for i, heat in enumerate(pictures.heats):
         right = overlay_mask(img, pictures.masks[i], pictures.colors[i]) if pictures.masks is not None else heat
@@ -169,17 +246,16 @@ def _write_pictures(img: np.ndarray, pictures: _Pictures, out: Path) -> list[Pat
         path = out / f"head_{i}.png"
         Image.fromarray(np.concatenate([blend(img, heat), gap, right], axis=1)).save(path)
         written.append(path)
-    if pictures.pca is not None:
-        Image.fromarray(pictures.pca).save(out / "pca.png")
-        written.append(out / "pca.png")
-    if pictures.rollout is not None:
-        Image.fromarray(blend(img, pictures.rollout)).save(out / "rollout.png")
-        written.append(out / "rollout.png")
+    for name, picture in (("pca", pictures.pca), ("norms", pictures.norms), ("rollout", pictures.rollout)):
+        if picture is not None:
+            Image.fromarray(picture if name != "rollout" else blend(img, picture)).save(out / f"{name}.png")
+            written.append(out / f"{name}.png")
     return written
 
 
 def _summary_row(maps: AttentionMaps, pictures: _Pictures) -> list[tuple[np.ndarray, str]]:
-    """The grid's first row: the image, all heads' masks, the mean map, the PCA and the rollout (those there are)."""
+    """The grid's first row: the image, all heads' masks, the mean map, the PCA, the patch norms and the rollout
+    (those there are)."""
     img = maps.image
     summary: list[tuple[np.ndarray, str]] = [(img, "image")]
     if pictures.masks is not None:
@@ -190,13 +266,29 @@ def _summary_row(maps: AttentionMaps, pictures: _Pictures) -> list[tuple[np.ndar
     summary.append((blend(img, colorize(maps.upsample(maps.attention.mean(0)))), "mean over heads"))
     if pictures.pca is not None:
         summary.append((pictures.pca, "PCA of patch features"))
+    n_out = int(maps.outliers.sum())
+    summary.append((pictures.norms, f"patch norms {maps.patch_norms.min():.3g}-{maps.patch_norms.max():.3g}"
+                    + (f", {n_out} outlier{'s' * (n_out > 1)} red" if n_out else "")))
     if pictures.rollout is not None:
         summary.append((blend(img, pictures.rollout), "attention rollout"))
     return summary
 
 
+def _storage_panels(maps: AttentionMaps, pictures: _Pictures) -> list[list[tuple[np.ndarray, str]]]:
+    """Two rows of panels for a register model: where each register's query attends among the patches
+    (its share on patches in the title), and how much each patch's query attends to it (the mean share)."""
+    if not maps.num_registers:
+        return []
+    reads = [(pic, f"reg {r} \u2192 patches ({100 * m.sum():.0f}%)")
+             for r, (pic, m) in enumerate(zip(pictures.reads, maps.reg_reads))]
+    read_by = [(pic, f"patches \u2192 reg {r} (mean {100 * m.mean():.1f}%)")
+               for r, (pic, m) in enumerate(zip(pictures.read_by, maps.reg_read_by))]
+    return [reads, read_by]
+
+
 def _write_grid(maps: AttentionMaps, pictures: _Pictures, path: Path, title: str) -> Path:
-    """``grid.png``: the summary row, then per row of heads their maps (and their masks)."""
+    """``grid.png``: the summary row, then per row of heads their maps (and their masks), then the registers'
+    panels; the caption says where the attention goes."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -204,12 +296,14 @@ def _write_grid(maps: AttentionMaps, pictures: _Pictures, path: Path, title: str
 
     img, n, colors = maps.image, maps.num_heads, pictures.colors
     summary = _summary_row(maps, pictures)
-    ncols = max(len(summary), min(n, 6))
+    storage = _storage_panels(maps, pictures)
+    ncols = max(len(summary), min(n, 6), min(maps.num_registers, 8))
     head_rows = -(-n // ncols)
     rows_per_head = 2 if pictures.masks is not None else 1
-    nrows = 1 + head_rows * rows_per_head
+    storage_rows = [panels[i : i + ncols] for panels in storage for i in range(0, len(panels), ncols)]
+    nrows = 1 + head_rows * rows_per_head + len(storage_rows)
     aspect = img.shape[0] / img.shape[1]
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.6 * aspect * nrows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.6 * aspect * nrows + 0.9), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for j, (picture, label) in enumerate(summary):
@@ -218,22 +312,33 @@ def _write_grid(maps: AttentionMaps, pictures: _Pictures, path: Path, title: str
     for i in range(n):
         r, c = 1 + (i // ncols) * rows_per_head, i % ncols
         axes[r, c].imshow(pictures.heats[i])
-        axes[r, c].set_title(f"head {i}", fontsize=9, color=tuple(colors[i] / 255))
+        label = f"head {i}" + (f" | {100 * maps.cls_mass[i, 1]:.0f}% to registers" if maps.num_registers else "")
+        axes[r, c].set_title(label, fontsize=9, color=tuple(colors[i] / 255))
         if pictures.masks is not None:
             axes[r + 1, c].imshow(overlay_mask(img, pictures.masks[i], colors[i]))
             kept = float(maps.masks[i].mean())
             axes[r + 1, c].set_title(f"head {i}: {100 * kept:.0f}% of patches", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    first = 1 + head_rows * rows_per_head
+    for k, row in enumerate(storage_rows):
+        for j, (picture, label) in enumerate(row):
+            axes[first + k, j].imshow(picture)
+            axes[first + k, j].set_title(label, fontsize=8)
+    heading = f"{title}\n{maps.caption()}".strip()
+    fig.suptitle(heading, fontsize=9)
+    height = fig.get_size_inches()[1]
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.16 * (heading.count("\n") + 1) + 0.04) / height))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
 def _write_arrays(maps: AttentionMaps, path: Path) -> Path:
-    """``maps.npz``: the raw maps (attention, masks, pca, rollout: those there are)."""
-    arrays = {"attention": maps.attention}
+    """``maps.npz``: the raw maps (attention, masks, pca, rollout: those there are; the norms, outliers and
+    attention shares; the registers' maps for a register model)."""
+    arrays = {"attention": maps.attention, "patch_norms": maps.patch_norms, "outliers": maps.outliers,
+              "cls_mass": maps.cls_mass, "patch_mass": maps.patch_mass}
+    if maps.num_registers:
+        arrays.update(reg_reads=maps.reg_reads, reg_read_by=maps.reg_read_by)
     if maps.masks is not None:
         arrays["masks"] = maps.masks
     if maps.pca is not None:

@@ -78,8 +78,9 @@ def make_scenes_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-train", type=int, default=2000, help="train scenes (default 2000)")
     p.add_argument("--n-test", type=int, default=1000, help="test scenes, objects from other source images (default 1000)")
     p.add_argument("--size", type=int, default=96, help="scene side in pixels (default 96)")
-    p.add_argument("--min-objects", type=int, default=1)
-    p.add_argument("--max-objects", type=int, default=4)
+    p.add_argument("--min-objects", type=int, default=1, help="fewest items per scene (default 1)")
+    p.add_argument("--max-objects", type=int, default=4, help="most items per scene (default 4; = --min-objects: "
+                                                              "every scene holds that many)")
     p.add_argument("--min-scale", type=float, default=0.3, help="object's longer side / scene side, lowest (0.3)")
     p.add_argument("--max-scale", type=float, default=0.6, help="object's longer side / scene side, highest (0.6)")
     p.add_argument("--max-overlap", type=float, default=0.2,
@@ -88,6 +89,9 @@ def make_scenes_arguments(p: argparse.ArgumentParser) -> None:
                    help="grayscale items and backgrounds keep their gray values (default: a random colour each)")
     p.add_argument("--background-scale", type=float, nargs=2, default=(0.25, 1.0), metavar=("LO", "HI"),
                    help="background crop side / the source's shorter side (default 0.25 1)")
+    p.add_argument("--background", default="natural", choices=["natural", "black"],
+                   help="natural (default): a texture or photo crop; black: all black, Fashion-MNIST's own setting "
+                        "(with --no-tint: gray items on black, no background shortcut)")
     p.add_argument("--seed", type=int, default=0)
 
 

@@ -42,6 +42,9 @@ class CropsConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     # ODIS object-aware cropping (with data.boxes; see data/object_crops.py)
     min_object_cover: float = 0.04  # a crop holds an object when the object's visible part covers this much of it
+    min_object_inside: float = 0.0  # global crops also hold this share of the target box's area (1: the whole
+    # box, the project page's "until both crops contain the box"); 0: min_object_cover alone, as before
+    object_dominant: bool = False  # global crops also show more of the target box than of any other box
     object_aware_local: bool = False  # local crops redrawn until they hold the target too; [OBJ] then sees its box
     # Gram anchoring's teacher crops (see the gram section): each global view's box and flip again at this size
     gram_size: int | None = None  # null: none (official crops.gram_teacher_crops_size; 512 for 256 in the 7B stage)
@@ -146,6 +149,10 @@ class OdisConfig:
     obj_reads_cls: bool = False  # [OBJ] reads [CLS]: the project page has [OBJ] read object patches only
     target_box: str = "sample"  # sample: a box drawn first, then the crops (project page) | largest: of the 1st crop
     no_box: str = "none"  # an image without a box: none (no object term) | whole_image ([OBJ] on every patch)
+    # the paper's two ablations (abstract: "object-aware cropping and masked attention"): none | cropping_only
+    # (object-aware crops for the [CLS] term, no [OBJ]: odis.weight 0, dino.weight > 0) | masking_only (plain crops,
+    # [OBJ] on the sampled target's box in every view that shows it)
+    ablation: str = "none"
 
 @dataclass
 class GramConfig:
@@ -645,7 +652,15 @@ def _check_objectives(cfg: Config) -> None:
     if cfg.odis.weight > 0 and cfg.data.boxes is None:
         raise ConfigError("odis.weight > 0 distills objects, but data.boxes names no boxes file: set data.boxes "
                           "(a COCO-style file, e.g. the boxes.json that ssl-distill discover or make-scenes writes)")
-    if cfg.data.boxes is not None and cfg.odis.weight == 0:
+    if cfg.odis.ablation not in ("none", "cropping_only", "masking_only"):
+        raise ConfigError(f"odis.ablation must be none, cropping_only (object-aware crops, no [OBJ] term) or "
+                          f"masking_only (plain crops, [OBJ] on the target's box), got {cfg.odis.ablation!r}")
+    if cfg.odis.ablation == "cropping_only" and (cfg.data.boxes is None or cfg.odis.weight > 0 or d.weight == 0):
+        raise ConfigError("odis.ablation=cropping_only trains the [CLS] term on object-aware crops without [OBJ]: it "
+                          "needs data.boxes, odis.weight=0 and dino.weight > 0")
+    if cfg.odis.ablation == "masking_only" and cfg.odis.weight == 0:
+        raise ConfigError("odis.ablation=masking_only trains [OBJ] on plain crops: set odis.weight > 0")
+    if cfg.data.boxes is not None and cfg.odis.weight == 0 and cfg.odis.ablation != "cropping_only":
         raise ConfigError(f"data.boxes={cfg.data.boxes} makes object-aware crops for ODIS, but odis.weight=0 turns "
                           "its object term off: set odis.weight (1.0 in the ODIS recipes), or data.boxes=null")
     for key in ("teacher_temp", "warmup_teacher_temp"):
@@ -780,6 +795,8 @@ def _check_boxes(d: DataConfig) -> None:
         raise ConfigError("data.boxes is an empty string: give the path of a COCO-style boxes file, or null for none")
     _check_range("data.crops.min_object_cover", d.crops.min_object_cover, 0, 1, lo_open=True,
                  hint=" (the fraction of a crop's area the object must cover)")
+    _check_range("data.crops.min_object_inside", d.crops.min_object_inside, 0, 1,
+                 hint=" (the share of the target box a global crop must hold; 0: no such rule)")
     if d.crops.object_aware_local and d.boxes is None:
         raise ConfigError("data.crops.object_aware_local=true draws local crops around boxes, but data.boxes is "
                           "null: set data.boxes to a COCO-style boxes file, or object_aware_local to false")

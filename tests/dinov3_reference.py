@@ -179,6 +179,27 @@ class DinoV3ViT(nn.Module):
         return weights[:, :, 0, 1 + self.storage :].mean(1)
 
 
+    def attentions(self, x: Tensor) -> list[Tensor]:
+        """Every block's attention weights (B, heads, N, N), softmax over all keys, in block order."""
+        t, (h, w) = self.prepare(x)
+        maps = []
+        for blk in self.blocks:
+            q, k, _ = blk.attn.qkv_heads(blk.norm1(t), self.rope_embed(h, w))
+            maps.append((q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1))
+            t = blk(t, self.rope_embed(h, w))
+        return maps
+
+    def last_content_keys(self, x: Tensor) -> Tensor:
+        """(B, HW, D): the last block's patch keys before RoPE (the K third of ``qkv`` with its masked bias),
+        heads concatenated."""
+        t, (h, w) = self.prepare(x)
+        for blk in self.blocks[:-1]:
+            t = blk(t, self.rope_embed(h, w))
+        last = self.blocks[-1]
+        k = last.attn.qkv(last.norm1(t)).chunk(3, dim=-1)[1]  # (B, N, D), heads side by side
+        return k[:, 1 + self.storage :]
+
+
 def random_dinov3(seed: int, dim: int = 384, depth: int = 12, heads: int = 6, ffn_ratio: float = 4.0,
                   swiglu: bool = False, bf16_periods: bool = False, local_cls_norm: bool = False,
                   patch: int = 16) -> DinoV3ViT:

@@ -206,3 +206,30 @@ def test_no_tint_and_background_scale(bars: Path, tmp_path: Path):
                 "--no-tint", "--background-scale", "1", "1"]) == 0
     info = json.loads((tmp_path / "s" / "train" / "boxes.json").read_text())["info"]["settings"]
     assert info["tint"] is False and info["background_scale"] == [1.0, 1.0]
+
+
+def test_black_background_untinted_items_and_counts(bars: Path, tmp_path: Path):
+    """``background="black"``: the scene is zero outside the items, an untinted item keeps its gray values,
+    and no background image is needed (None); the command line writes it, with a fixed item count and scale."""
+    a = np.zeros((16, 16), np.uint8)
+    a[2:14, 6:10] = 200
+    Image.fromarray(a, mode="L").save(tmp_path / "bar.png")
+    bar = load_source_object(tmp_path / "bar.png")
+    settings = SceneSettings(size=32, min_scale=0.5, max_scale=0.5, min_objects=2, max_objects=2, tint=False,
+                             background="black", max_overlap=0.0)
+    sc = generate_scene(np.random.default_rng(0), settings, None, lambda: (0, bar, 0))
+    assert (sc.background == 0).all() and len(sc.labels) + sc.dropped == 2
+    inside = sc.masks.any(axis=0)
+    assert (sc.image[~inside] == 0).all() and (sc.image[inside] == 200).all()
+    with pytest.raises(ValueError, match="background must be one of"):
+        SceneSettings(background="white")
+    with pytest.raises(ValueError, match="natural background"):
+        generate_scene(np.random.default_rng(0), SceneSettings(size=32), None, lambda: (0, bar, 0))
+    assert run(["make-scenes", str(bars), str(tmp_path / "s"), "--n-train", "6", "--n-test", "2", "--size", "48",
+                "--background", "black", "--no-tint", "--min-objects", "3", "--max-objects", "3",
+                "--min-scale", "0.25", "--max-scale", "0.3", "--max-overlap", "0.1"]) == 0
+    data = json.loads((tmp_path / "s" / "train" / "boxes.json").read_text())
+    assert data["info"]["settings"]["background"] == "black" and data["info"]["settings"]["max_overlap"] == 0.1
+    img = np.asarray(Image.open(tmp_path / "s" / "train" / data["images"][0]["file_name"]))
+    assert (img[..., 0] == img[..., 1]).all() and (img == 0).mean() > 0.3  # gray items on black
+    assert all(a["bbox"][2] <= 0.3 * 48 + 1 and a["bbox"][3] <= 0.3 * 48 + 1 for a in data["annotations"])

@@ -44,7 +44,8 @@ def build_train_loader(
                 f"{r['boxes_outside']} boxes outside their image, {r['boxes_degenerate']} of zero width or height): "
                 "the object term would be 0 for the whole run; give each box in its image's pixels, as COCO's "
                 "[x, y, width, height]")
-        transform = ObjectMultiCropTransform(crops, cfg.model.patch_size, cfg.odis.target_box, cfg.odis.no_box)
+        transform = ObjectMultiCropTransform(crops, cfg.model.patch_size, cfg.odis.target_box, cfg.odis.no_box,
+                                             ablation=cfg.odis.ablation)
         dataset = ImageFolderDataset(files, transform, boxes=boxes)
     masking = build_masking(cfg.masking, crops.global_size, cfg.model.patch_size, crops.n_global)
     sampler = EpochSampler(

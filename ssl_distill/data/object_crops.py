@@ -21,9 +21,20 @@ global crop, 20 for the second, 10 per local crop, a 4% minimum object area). Pe
 
 Contains: the target covers at least ``min_object_cover`` of that crop, the same test in every view
 (our definition: the sources do not define it; the derivative code asks any pixel of the object in the
-second view). Local crops: plain, or with ``object_aware_local``, drawn up to :data:`LOCAL_TRIES_PER_VIEW` x
+second view); with ``min_object_inside`` > 0 a global crop must also hold that share of the target box's
+area (:func:`inside_fraction`; 1 is the project page's words read literally, the whole box in both crops),
+and with ``object_dominant`` the target must be the crop's dominant item (:func:`dominant_item`: no other
+box shows more of its area; our rule, no source states one).
+4% of the view lets a crop hold a sliver of the target beside a larger neighbour, so on scenes of several
+items the two views' dominant items still differ (``experiments/odis_benchmark.py --stats`` measures it);
+most of the box in each view makes the target the item both views show. Local crops: plain, or with ``object_aware_local``, drawn up to :data:`LOCAL_TRIES_PER_VIEW` x
 ``n_local`` (10 L) times in all, keeping the first L that contain the target and topping up with
 the first rejected draws (those do not contain it, so they are not valid for the object term).
+
+The paper's two ablations (``ablation``): ``cropping_only`` draws these crops and returns the views alone
+(the [CLS] term on object-aware crops, no [OBJ]); ``masking_only`` keeps the plain views and samples the
+target as above, each view valid where the target covers ``min_object_cover`` of it (locals: all valid
+iff a global is, without ``object_aware_local``), [OBJ] on its box there.
 
 When no pair is found, the sample gets exactly the plain views of
 :class:`~ssl_distill.data.views.MultiCropTransform` with the same seed, and its object term is
@@ -65,7 +76,8 @@ from ssl_distill.config import CropsConfig
 from ssl_distill.data.rng import Stream, counter_uniforms
 from ssl_distill.data.views import VIEW_UNIFORMS, CropBox, MultiCropTransform, view_crop
 
-__all__ = ["ObjectMultiCropTransform", "ObjectViews", "boxes_in_view", "visible_fraction"]
+__all__ = ["ObjectMultiCropTransform", "ObjectViews", "boxes_in_view", "dominant_item", "inside_fraction",
+           "visible_fraction"]
 
 FIRST_GLOBAL_TRIES = 10
 OTHER_GLOBAL_TRIES = 20
@@ -75,6 +87,7 @@ _LOCAL_KEY = 1 << 24  # key of local draw k >= n_local: 2**24 + k
 _TARGET_KEY = 1 << 20  # key of the uniform that samples the target box (target_box="sample")
 TARGET_BOX = ("sample", "largest")
 NO_BOX = ("none", "whole_image")
+ABLATIONS = ("none", "cropping_only", "masking_only")
 
 
 def visible_fraction(boxes: np.ndarray, crop: CropBox) -> np.ndarray:
@@ -89,6 +102,23 @@ def _cover(box: Sequence[float], crop: CropBox) -> float:
     iw = min(box[2], crop.left + crop.width) - max(box[0], crop.left)
     ih = min(box[3], crop.top + crop.height) - max(box[1], crop.top)
     return iw * ih / (crop.width * crop.height) if iw > 0 and ih > 0 else 0.0
+
+
+def inside_fraction(box: Sequence[float], crop: CropBox) -> float:
+    """(area of box ∩ crop) / (area of box) of one xyxy box in image pixels: how much of the box the crop holds."""
+    iw = min(box[2], crop.left + crop.width) - max(box[0], crop.left)
+    ih = min(box[3], crop.top + crop.height) - max(box[1], crop.top)
+    return iw * ih / ((box[2] - box[0]) * (box[3] - box[1])) if iw > 0 and ih > 0 else 0.0
+
+
+def dominant_item(boxes: np.ndarray, crop: CropBox) -> int:
+    """Index of the box with the largest area inside ``crop`` (the first of equal areas), -1 when none reaches
+    in: the item a view mostly shows. ``boxes``: float (n, 4) xyxy in image pixels."""
+    if len(boxes) == 0:
+        return -1
+    area = visible_fraction(boxes, crop)
+    best = int(np.argmax(area))
+    return best if area[best] > 0 else -1
 
 
 def boxes_in_view(box: Sequence[float], crops: Sequence[CropBox], sizes: Sequence[int]) -> np.ndarray:
@@ -160,11 +190,14 @@ class ObjectMultiCropTransform:
          "obj_valid": bool (V,)}
 
     ``boxes``: float (n, 4) xyxy in image pixels (``BoxesFile.boxes_for(...)[0]``), n may be 0.
-    Settings come from ``crops`` (``min_object_cover``, ``object_aware_local``) and ODIS's ``target_box``
+    Settings come from ``crops`` (``min_object_cover``, ``min_object_inside``, ``object_dominant``,
+    ``object_aware_local``) and
+    ODIS's ``target_box``
     (``odis.target_box``: sample | largest) and ``no_box`` (``odis.no_box``: none | whole_image).
     """
 
-    def __init__(self, crops: CropsConfig, patch_size: int, target_box: str = "sample", no_box: str = "none") -> None:
+    def __init__(self, crops: CropsConfig, patch_size: int, target_box: str = "sample", no_box: str = "none",
+                 ablation: str = "none") -> None:
         if not 0.0 < crops.min_object_cover <= 1.0:
             raise ValueError(f"crops.min_object_cover must be in (0, 1], got {crops.min_object_cover}")
         if patch_size < 1:
@@ -177,11 +210,25 @@ class ObjectMultiCropTransform:
         self.sizes = [spec.size for spec in self.views]
         self.n_global, self.n_local = int(crops.n_global), int(crops.n_local)
         self.cover = float(crops.min_object_cover)
+        self.inside = float(crops.min_object_inside)
+        self.dominant = bool(crops.object_dominant)
+        if not 0.0 <= self.inside <= 1.0:
+            raise ValueError(f"crops.min_object_inside must be in [0, 1], got {self.inside}")
         self.object_aware_local = bool(crops.object_aware_local)
         self.patch_size = int(patch_size)
-        self.target_box, self.no_box = target_box, no_box
+        if ablation not in ABLATIONS:
+            raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
+        self.target_box, self.no_box, self.ablation = target_box, no_box, ablation
 
     # ---------------------------------------------------------------------------------- geometry
+    def holds(self, boxes: Sequence[Sequence[float]], target: int, crop: CropBox) -> bool:
+        """Whether a global crop holds box ``target`` of ``boxes`` (xyxy): it covers ``min_object_cover`` of the
+        crop, the crop holds ``min_object_inside`` of the box and, with ``object_dominant``, no other box shows
+        more of its area in the crop (:func:`dominant_item`)."""
+        box = boxes[target]
+        return (_cover(box, crop) >= self.cover and (self.inside == 0.0 or inside_fraction(box, crop) >= self.inside)
+                and (not self.dominant or dominant_item(np.asarray(boxes, dtype=np.float64), crop) == target))
+
     def _candidates(self, width: int, height: int, seed: int, view: int, plain: Sequence[CropBox],
                     first_key: int, tries: int) -> Iterator[CropBox]:
         """The plain draws given, then ``tries - len(plain)`` draws keyed ``first_key + k`` (computed on demand)."""
@@ -208,23 +255,31 @@ class ObjectMultiCropTransform:
                 return ObjectViews(plain, -1, np.zeros((n_views, 4)), np.ones(n_views, dtype=bool))
             return no_pair
         chosen: list[CropBox] = []
+        xyxy = [box for _, box in b]
         if self.target_box == "sample":  # the box first, then every global crop around it
             u = counter_uniforms([seed], Stream.OBJECT_CROPS, _TARGET_KEY, 1)[0, 0]
-            target, first_global = b[min(int(u * len(b)), len(b) - 1)], 0
+            at, first_global = min(int(u * len(b)), len(b) - 1), 0
         else:  # the largest box the first global crop shows
-            target, first_global = None, 1
-            for crop in self._candidates(width, height, seed, 0, plain[:1], 0, FIRST_GLOBAL_TRIES):
+            at, first_global = -1, 1
+            tries = 1 if self.ablation == "masking_only" else FIRST_GLOBAL_TRIES
+            for crop in self._candidates(width, height, seed, 0, plain[:1], 0, tries):
                 fractions = [_cover(box, crop) for _, box in b]
                 best = max(range(len(b)), key=fractions.__getitem__)  # the first of equal areas
-                if fractions[best] >= cover:
-                    target, chosen = b[best], [crop]
+                if self.holds(xyxy, best, crop):
+                    at, chosen = best, [crop]
                     break
-            if target is None:
+            if at < 0:
                 return no_pair
+        target = b[at]
         box = target[1]
+        if self.ablation == "masking_only":  # the plain views; each valid where it shows the target
+            valid = np.array([_cover(box, c) >= cover for c in plain])
+            if not self.object_aware_local:
+                valid[n_global:] = valid[:n_global].any()
+            return ObjectViews(plain, target[0], boxes_in_view(box, plain, self.sizes), valid)
         for g in range(first_global, n_global):
             for crop in self._candidates(width, height, seed, g, plain[g : g + 1], g * _GLOBAL_KEY, OTHER_GLOBAL_TRIES):
-                if _cover(box, crop) >= cover:
+                if self.holds(xyxy, at, crop):
                     chosen.append(crop)
                     break
             else:
@@ -268,5 +323,7 @@ class ObjectMultiCropTransform:
         if img.mode != "RGB":
             img = img.convert("RGB")
         views = self.draw(img.width, img.height, seed, np.zeros((0, 4)) if boxes is None else boxes)
+        if self.ablation == "cropping_only":  # the crops only: no [OBJ] to mask
+            return {"image": self.plain.render(img, views.crops)}
         return {"image": self.plain.render(img, views.crops), "obj_masks": self.object_masks(views),
                 "obj_valid": torch.from_numpy(views.valid.copy())}

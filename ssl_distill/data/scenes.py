@@ -11,7 +11,10 @@ One scene (``size`` x ``size`` px, RGB):
 1. background: with probability 1/2 a crop of a real texture (scikit-image's ``brick``, ``grass``, ``gravel``,
    grayscale, tinted with a random colour), otherwise a crop of a photo (``astronaut``, ``coffee``,
    ``chelsea``, ``rocket``, ``motorcycle_left``; the grayscale ``camera`` tinted); the crop's side is
-   ``background_scale`` (default 25-100%) of the source's shorter side, resized (bilinear) to the scene;
+   ``background_scale`` (default 25-100%) of the source's shorter side, resized (bilinear) to the scene.
+   With ``background="black"`` (``--background black``) the scene starts all black instead, no random
+   draw: with ``--no-tint`` this is Fashion-MNIST's own setting (gray items on black), so shape features
+   learned on single items transfer and no background tells one scene from another;
 2. ``k`` objects, ``k`` uniform in ``min_objects..max_objects``, pasted one after another (later ones on
    top): the source image is resized (bilinear, aspect kept) so that its longer side is
    ``U(min_scale, max_scale) * size`` and placed at a uniform position fully inside the scene. What is
@@ -48,7 +51,8 @@ Reproducible: the same SRC file list, arguments and ``seed`` give byte-identical
 ``Generator`` per split, seeded from ``(seed, split)``).
 
     ssl-distill make-scenes [SRC] OUT [--n-train 2000] [--n-test 1000] [--size 96] [--seed 0] [--no-tint]
-        [--background-scale 0.25 1]
+        [--background-scale 0.25 1] [--background natural|black] [--min-objects 1] [--max-objects 4]
+        [--min-scale 0.3] [--max-scale 0.6] [--max-overlap 0.2]
 """
 from __future__ import annotations
 
@@ -90,6 +94,7 @@ BOXES_FILE = "boxes.json"
 GENERATOR = "ssl-distill make-scenes"
 SPLITS: tuple[str, ...] = ("train", "test")
 DEFAULT_FMNIST = Path("data/fmnist")
+BACKGROUNDS: tuple[str, ...] = ("natural", "black")
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ class SceneSettings:
     tries: int = 30  # (scale, position) draws per object
     tint: bool = True  # grayscale items and backgrounds get a random colour; False: they stay gray
     background_scale: tuple[float, float] = (0.25, 1.0)  # background crop side / the source's shorter side
+    background: str = "natural"  # natural: a texture or photo crop | black: all black (Fashion-MNIST's own)
 
     def __post_init__(self) -> None:
         if self.size < 8:
@@ -124,6 +130,8 @@ class SceneSettings:
         lo, hi = self.background_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"need 0 < background_scale[0] <= background_scale[1] <= 1, got {lo}, {hi}")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"background must be one of {BACKGROUNDS}, got {self.background!r}")
 
 
 @dataclass
@@ -246,11 +254,18 @@ def _render(obj: SourceObject, longer: int, rng: np.random.Generator,
 
 
 # ------------------------------------------------------------------------------------------------ scenes
-def generate_scene(rng: np.random.Generator, settings: SceneSettings, backgrounds: Backgrounds,
+def generate_scene(rng: np.random.Generator, settings: SceneSettings, backgrounds: Backgrounds | None,
                    next_source: Callable[[], tuple[int, SourceObject, int]]) -> Scene:
-    """One scene; ``next_source()`` returns (source index, object, class index) of the next source to paste."""
+    """One scene; ``next_source()`` returns (source index, object, class index) of the next source to paste.
+
+    ``backgrounds`` may be None with ``settings.background == "black"`` (nothing to draw from)."""
     s = settings.size
-    bg = backgrounds.draw(rng, s, settings.background_scale, settings.tint)
+    if settings.background == "black":
+        bg = np.zeros((s, s, 3), dtype=np.float32)
+    elif backgrounds is None:
+        raise ValueError("a natural background needs the Backgrounds images")
+    else:
+        bg = backgrounds.draw(rng, s, settings.background_scale, settings.tint)
     img = bg.copy()
     owner = np.full((s, s), -1, dtype=np.int64)  # index of the topmost object at each pixel
     pasted: list[int] = []
@@ -391,7 +406,7 @@ def build_scene_benchmark(out: str | os.PathLike[str], src: str | os.PathLike[st
         if target.exists() and not _is_ours(target):
             raise DataError(f"{target} exists and was not written by make-scenes; remove it or choose another OUT")
     t0 = time.perf_counter()
-    backgrounds = Backgrounds()
+    backgrounds = Backgrounds() if settings.background == "natural" else None
     paths = [os.path.join(files.root, rel) for rel in files.paths]
     pools = split_sources(len(files), n_train, n_test, seed)
     counts = {"train": n_train, "test": n_test}
@@ -439,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: Any) -> int:
     settings = SceneSettings(size=args.size, min_objects=args.min_objects, max_objects=args.max_objects,
                              min_scale=args.min_scale, max_scale=args.max_scale, max_overlap=args.max_overlap,
-                             tint=args.tint, background_scale=tuple(args.background_scale))
+                             tint=args.tint, background_scale=tuple(args.background_scale),
+                             background=args.background)
     summary = build_scene_benchmark(args.out, args.src, n_train=args.n_train, n_test=args.n_test,
                                     settings=settings, seed=args.seed)
     for split, st in summary["splits"].items():

@@ -123,6 +123,10 @@ class OnlineKnn:
             require_folder(folder, f"{key}={folder} (the online k-NN's {split} folder)",
                            f"set {key} to a labeled folder (<class>/<image>), or turn online k-NN off with "
                            "monitor.knn_every_epochs=0 monitor.knn_every_steps=0")
+        if knn.image_size % cfg.model.patch_size:
+            raise ConfigError(f"knn.image_size={knn.image_size} (the online k-NN's crop) is not a multiple of "
+                              f"model.patch_size={cfg.model.patch_size}; give a multiple, or turn online k-NN off "
+                              "with monitor.knn_every_epochs=0 monitor.knn_every_steps=0")
         train = scan_image_folder(train_dir, labeled=True, cache_file=out_dir / "knn_train_filelist.json")
         val = scan_image_folder(val_dir, labeled=True, cache_file=out_dir / "knn_val_filelist.json")
         if train.classes != val.classes:

@@ -9,8 +9,18 @@ explicit attention weights ``softmax(q k^T * scale)``. The hooks are removed whe
 Because the block itself is left alone, whatever surrounds the attention (layer scale ``ls1`` /
 ``ls2``, ``drop_path``, register tokens, DINOv2-style blocks built from timm's ``Block``) is handled
 by the model's own forward. On a RoPE model (DINOv3, timm's ``EvaAttention``: Q / V biases apart, the
-rotation passed to each block) the queries and keys are those after the rotation, as the attention
-uses them; the keys of the patches then carry their positions.
+rotation passed to each block) ``q`` and ``k`` are those after the rotation, as the attention uses them, and
+``k_content`` holds the keys before it.
+
+Which keys discovery cuts on (:meth:`BlockQKV.patch_keys`): the keys **before** the rotation. RoPE turns
+the key of patch j into ``R(p_j) k_j``, so the cosine of two rotated keys is ``k_i^T R(p_j - p_i) k_j``: it
+depends on where the two patches are, and TokenCut's similarity graph would partly encode their distance
+instead of their content. The un-rotated keys are the content (what a learned-position ViT's keys are
+too: its position entered once, additively, at the input). The official DINOv3 code has no discovery or
+attention-map tool (its notebooks use the final normed patch tokens), so there is nothing to follow there.
+
+Storage (register) tokens and [OBJ] are prefix tokens: every patch map and the keys exclude them, so
+patch outputs are exactly ``h * w``; :meth:`BlockQKV.storage_attention` says how much attention they take.
 
 Shapes: ``B`` images, ``heads`` attention heads, ``N = num_prefix_tokens + h * w`` tokens where
 ``(h, w)`` is the patch grid of the input (its size divided by the patch size, any size).
@@ -30,6 +40,7 @@ from .backbone import fused_qkv_bias, rotate_patches
 
 __all__ = [
     "BlockQKV",
+    "StorageAttention",
     "all_attentions",
     "attention_rollout",
     "attention_weights",
@@ -55,7 +66,9 @@ class BlockQKV:
 
     ``q`` and ``k`` are after ``q_norm`` / ``k_norm`` (identity unless the model uses QK-norm) and
     ``q`` is *not* multiplied by ``scale``. ``attn_bias`` is the additive mask the block was called
-    with (broadcastable to (B, heads, N, N)), or None.
+    with (broadcastable to (B, heads, N, N)), or None. On a RoPE model ``q`` and ``k`` are rotated (as the
+    attention uses them) and ``k_content`` is ``k`` before the rotation; without RoPE it is ``k`` itself.
+    The prefix tokens are ``[CLS, (OBJ), registers...]``: the last ``num_reg_tokens`` of them are registers.
     """
 
     q: Tensor
@@ -65,6 +78,8 @@ class BlockQKV:
     num_prefix_tokens: int
     grid: tuple[int, int]
     attn_bias: Tensor | None = None
+    k_content: Tensor | None = None
+    num_reg_tokens: int = 0
 
     @property
     def num_heads(self) -> int:
@@ -90,9 +105,32 @@ class BlockQKV:
         return patch.softmax(dim=-1).reshape(patch.shape[0], patch.shape[1], h, w)
 
     def patch_keys(self) -> Tensor:
-        """Keys of the patch tokens, all heads concatenated: (B, h * w, heads * head_dim)."""
-        k = self.k[:, :, self.num_prefix_tokens :]
+        """Keys of the patch tokens, all heads concatenated: (B, h * w, heads * head_dim); before any RoPE
+        rotation (``k_content``: see the module docstring), prefix tokens dropped."""
+        k = (self.k if self.k_content is None else self.k_content)[:, :, self.num_prefix_tokens :]
         return k.permute(0, 2, 1, 3).reshape(k.shape[0], k.shape[2], -1)
+
+    def storage_attention(self) -> StorageAttention:
+        """Where attention goes between [CLS], registers and patches in this block (see :class:`StorageAttention`).
+
+        One head at a time, so memory stays at one (B, N, N) matrix.
+        """
+        b, heads, n, _ = self.q.shape
+        h, w = self.grid
+        prefix, regs = self.num_prefix_tokens, self.num_reg_tokens
+        first_reg = prefix - regs
+        reads = self.q.new_zeros(b, regs, h * w)
+        read_by = self.q.new_zeros(b, regs, h * w)
+        cls_mass = self.q.new_zeros(b, heads, 3)
+        patch_mass = self.q.new_zeros(b, 3)
+        bias = None if self.attn_bias is None else self.attn_bias.expand(b, heads, n, n)
+        for i in range(heads):
+            a = attention_weights(self.q[:, i], self.k[:, i], self.scale, None if bias is None else bias[:, i])
+            reads += a[:, first_reg:prefix, prefix:] / heads
+            read_by += a[:, prefix:, first_reg:prefix].transpose(1, 2) / heads
+            cls_mass[:, i] = _mass(a[:, 0], first_reg, prefix)
+            patch_mass += _mass(a[:, prefix:], first_reg, prefix).mean(dim=1) / heads
+        return StorageAttention(reads.reshape(b, regs, h, w), read_by.reshape(b, regs, h, w), cls_mass, patch_mass)
 
     def output(self, attn_module: nn.Module) -> Tensor:
         """The attention module's output recomputed from these weights: proj(attention @ v), (B, N, D).
@@ -106,6 +144,30 @@ class BlockQKV:
         if norm is not None:
             x = norm(x.to(_dtype_of(norm, x)))
         return attn_module.proj(x.to(attn_module.proj.weight.dtype))
+
+
+def _mass(rows: Tensor, first_reg: int, prefix: int) -> Tensor:
+    """Attention rows (..., N) -> (..., 3): their mass on the other prefix tokens ([CLS], [OBJ]), on the
+    registers (tokens ``first_reg`` to ``prefix``) and on the patches."""
+    return torch.stack([rows[..., :first_reg].sum(-1), rows[..., first_reg:prefix].sum(-1),
+                        rows[..., prefix:].sum(-1)], dim=-1)
+
+
+@dataclass
+class StorageAttention:
+    """Attention to and from the storage (register) tokens in one block, for one batch (B images, R registers).
+
+    ``reads`` (B, R, h, w): register r's query over the patches (its raw softmax weights, mean over heads: the
+    map sums to the share of r's attention that goes to patches); ``read_by`` (B, R, h, w): the weight each
+    patch query puts on register r's key (mean over heads); ``cls_mass`` (B, heads, 3) and ``patch_mass``
+    (B, 3): the attention mass of the [CLS] query (per head) and of the patch queries (mean over patches and
+    heads) on [CLS, OBJ] / registers / patches, each row summing to one.
+    """
+
+    reads: Tensor
+    read_by: Tensor
+    cls_mass: Tensor
+    patch_mass: Tensor
 
 
 def _dtype_of(module: nn.Module, default: Tensor) -> torch.dtype:
@@ -131,6 +193,15 @@ def qkv_from_input(attn: nn.Module, x: Tensor, rope: Tensor | None = None) -> tu
     the block was called with (patch tokens only), exactly as timm's ``Attention`` / ``EvaAttention``
     forward does before the product.
     """
+    q, k, v = _projections(attn, x)
+    if rope is not None:
+        q, k = _rotated(attn, q, rope), _rotated(attn, k, rope)
+    return q.float(), k.float(), v.float()
+
+
+def _projections(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v (B, heads, N, head_dim) of ``attn`` for ``x``, after ``q_norm`` / ``k_norm``, before any RoPE, in
+    the compute dtype."""
     if not hasattr(attn, "qkv") or not hasattr(attn, "num_heads"):
         raise TypeError(f"{type(attn).__name__} has no fused 'qkv' projection and 'num_heads'; "
                         "cannot recompute its attention weights")
@@ -143,9 +214,12 @@ def qkv_from_input(attn: nn.Module, x: Tensor, rope: Tensor | None = None) -> tu
         q = q_norm(q)
     if k_norm is not None:
         k = k_norm(k)
-    if rope is not None:
-        q, k = (rotate_patches(t, rope, attn.num_prefix_tokens, getattr(attn, "rotate_half", False)) for t in (q, k))
-    return q.float(), k.float(), v.float()
+    return q, k, v
+
+
+def _rotated(attn: nn.Module, t: Tensor, rope: Tensor) -> Tensor:
+    """Queries or keys rotated by the block's RoPE embedding, as the attention module does (patches only)."""
+    return rotate_patches(t, rope, attn.num_prefix_tokens, getattr(attn, "rotate_half", False))
 
 
 def attention_weights(q: Tensor, k: Tensor, scale: float, attn_bias: Tensor | None = None) -> Tensor:
@@ -193,6 +267,7 @@ def _run_with_hooks(
     blocks = _blocks(backbone)
     grid = _grid(backbone, x)
     prefix = int(backbone.num_prefix_tokens)
+    regs = int(getattr(backbone, "num_reg_tokens", 0))
     ids = sorted({i % len(blocks) for i in block_ids})
     last = ids[-1]
     handles = []
@@ -200,7 +275,11 @@ def _run_with_hooks(
     def make_hook(i: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             inp = args[0] if args else kwargs["x"]
-            q, k, v = qkv_from_input(module, inp, kwargs.get("rope"))
+            q, k, v = _projections(module, inp)
+            rope, content = kwargs.get("rope"), None
+            if rope is not None:
+                q, k, content = _rotated(module, q, rope), _rotated(module, k, rope), k.float()
+            q, k, v = q.float(), k.float(), v.float()
             bias = _additive_mask(kwargs.get("attn_mask"), torch.float32)
             if kwargs.get("is_causal"):
                 n = q.shape[2]
@@ -208,7 +287,7 @@ def _run_with_hooks(
                 causal_bias = _additive_mask(causal, torch.float32)
                 bias = causal_bias if bias is None else bias + causal_bias
             scale = float(getattr(module, "scale", q.shape[-1] ** -0.5))
-            on_block(i, BlockQKV(q, k, v, scale, prefix, grid, bias))
+            on_block(i, BlockQKV(q, k, v, scale, prefix, grid, bias, content, regs))
             if stop_after_last and i == last:
                 raise _StopForward
 
@@ -318,20 +397,25 @@ def attention_rollout(backbone: nn.Module, x: Tensor, head_fusion: str = "mean",
 @dataclass
 class Inspection:
     """What one hooked forward pass saw: the last block's q/k/v, the model's token outputs
-    (``{"cls": (B, D), "patch": (B, h * w, D)}``) and, when asked, the CLS rollout (B, h, w)."""
+    (``{"cls": (B, D), "patch": (B, h * w, D)}``, registers apart), the norms of the last block's patch
+    outputs before the final norm (B, h, w) and, when asked, the CLS rollout (B, h, w)."""
 
     last: BlockQKV
     tokens: dict[str, Tensor]
+    patch_norms: Tensor
     rollout: Tensor | None = None
 
 
 @torch.no_grad()
 def inspect_forward(backbone: nn.Module, x: Tensor, rollout: bool = False, head_fusion: str = "mean",
                     discard_ratio: float = 0.0) -> Inspection:
-    """One full forward of ``backbone.forward_tokens(x)`` that also records the last block's q/k/v
-    and, with ``rollout``, folds every block's attention into the rollout (see :func:`attention_rollout`)."""
+    """One full forward of ``backbone.forward_tokens(x)`` that also records the last block's q/k/v, the norms
+    of its patch outputs before the final LayerNorm (which would equalise them; where the high-norm
+    outlier tokens of Darcet et al. 2024, "Vision Transformers Need Registers", show) and, with
+    ``rollout``, folds every block's attention into the rollout (see :func:`attention_rollout`)."""
     blocks = _blocks(backbone)
-    state: dict[str, Any] = {"r": None, "last": None}
+    grid = _grid(backbone, x)
+    state: dict[str, Any] = {"r": None, "last": None, "prenorm": None}
 
     def on_block(i: int, t: BlockQKV) -> None:
         if rollout:
@@ -339,14 +423,23 @@ def inspect_forward(backbone: nn.Module, x: Tensor, rollout: bool = False, head_
         if i == len(blocks) - 1:
             state["last"] = t
 
+    def on_norm(module: nn.Module, args: tuple[Any, ...]) -> None:
+        state["prenorm"] = args[0]
+
     ids = list(range(len(blocks))) if rollout else [len(blocks) - 1]
-    tokens = _run_with_hooks(backbone, x, on_block, ids, stop_after_last=False)
-    assert tokens is not None and state["last"] is not None
+    watch = getattr(backbone, "vit", backbone).norm.register_forward_pre_hook(on_norm)
+    try:
+        tokens = _run_with_hooks(backbone, x, on_block, ids, stop_after_last=False)
+    finally:
+        watch.remove()
+    assert tokens is not None and state["last"] is not None and state["prenorm"] is not None
+    patches = state["prenorm"][:, int(backbone.num_prefix_tokens):].float()
+    norms = patches.norm(dim=-1).reshape(patches.shape[0], *grid)
     roll = None
     if rollout:
         cls = state["r"][:, 0, int(backbone.num_prefix_tokens):]
-        roll = (cls / cls.sum(dim=-1, keepdim=True)).reshape(cls.shape[0], *_grid(backbone, x))
-    return Inspection(last=state["last"], tokens=tokens, rollout=roll)
+        roll = (cls / cls.sum(dim=-1, keepdim=True)).reshape(cls.shape[0], *grid)
+    return Inspection(last=state["last"], tokens=tokens, patch_norms=norms, rollout=roll)
 
 
 @torch.no_grad()
