@@ -269,6 +269,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "bf16"  # bf16 (CPU and CUDA) | fp16 (CUDA, with GradScaler) | fp32 | auto (bf16 where faster)
+    compile: str = "off"  # off | on (torch.compile of the transformer blocks) | auto (on where a block is faster so)
     threads: int = 0  # torch intra-op threads; 0: SLURM_CPUS_PER_TASK under SLURM, else torch's default
     log_every: int = 10  # iterations between JSON log lines
     checkpoint_every: int = 500  # iterations between checkpoints (and at every epoch end)
@@ -391,6 +392,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(number)
     if tp is str:
+        if isinstance(value, bool) and key in ON_OFF_KEYS:  # YAML reads an unquoted on / off as true / false
+            return "on" if value else "off"
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
@@ -399,6 +402,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return _build(tp, value, key + ".")
     raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+ON_OFF_KEYS = ("run.compile",)  # string settings whose values include on and off
 
 
 def _unknown_key(key: str, known: list[str], prefix: str) -> ConfigError:
@@ -808,6 +814,8 @@ def validate(cfg: Config) -> None:
     r, d, c, m, o, k = cfg.run, cfg.data, cfg.data.crops, cfg.model, cfg.optim, cfg.knn
     if r.precision not in ("bf16", "fp16", "fp32", "auto"):
         raise ConfigError(f"run.precision must be bf16, fp16, fp32 or auto, got {r.precision!r}")
+    if r.compile not in ("off", "on", "auto"):
+        raise ConfigError(f"run.compile must be off, on or auto, got {r.compile!r}")
     if r.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"run.device must be auto, cpu or cuda, got {r.device!r}")
     positive = {

@@ -176,3 +176,10 @@ def build_masking(masking: MaskingConfig, global_size: int, patch_size: int, n_g
     if masking.shape == "none":
         return None
     return BatchMasking(masking, int(global_size) // int(patch_size), n_global)
+
+
+def true_positions(masks: torch.Tensor) -> torch.Tensor:
+    """(M,) int64: the flat positions of the True entries of ``masks`` (any shape), row-major, in the order
+    a boolean index takes them. For the step's masks this runs on the host copy (the loader's masks,
+    AttMask's from the copied attention), where counting the True entries costs no wait for a GPU."""
+    return masks.reshape(-1).nonzero().squeeze(1)

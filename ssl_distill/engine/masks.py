@@ -2,6 +2,9 @@
 
 Either way the result is one (G*B, P) bool tensor for the G global views, crop-major like the
 crops, True where the student sees the mask token. Runs whose objectives read no patch masks get None.
+:meth:`StepMasks.build` also gives the flat positions of the masked patches, counted on the host (the
+loader's masks are host tensors; AttMask's are made on the host from one copy of the attention), so
+that gathering the masked rows on a GPU never waits for it.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import torch
 
 from ..config import Config
 from ..data.attmask import attmask, draw_batch_ratio
+from ..data.masking import true_positions
 from ..data.rng import Stream
 from ..objectives.base import StepState
 
@@ -34,22 +38,46 @@ class StepMasks:
 
     def __call__(self, data_masks: list[torch.Tensor] | None, teacher: dict[str, torch.Tensor],
                  state: StepState) -> torch.Tensor | None:
-        """(G*B, P) bool masks of this step (all False before ``masking.pred_start_epoch``), or None."""
+        """(G*B, P) bool masks of this step (all False before ``masking.pred_start_epoch``), or None; on the
+        device of the data masks, or AttMask's on that of the attention."""
+        built = self.build(data_masks, teacher, state)
+        return None if built is None else built[0]
+
+    def build(self, data_masks: list[torch.Tensor] | None, teacher: dict[str, torch.Tensor], state: StepState,
+              device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The step's masks (as :meth:`__call__`) and the (M,) flat positions of their True entries
+        (:func:`~ssl_distill.data.masking.true_positions`), both on ``device`` (None: where the masks are made).
+
+        Made on the host: the loader's masks are host tensors, and AttMask copies the teacher's attention to
+        the host once (the one extra wait for a GPU in its step); the positions are counted there.
+        """
         if not self.enabled:
             return None
         if not self.needs_attention:
             if data_masks is None:
                 raise ValueError("the patch objective needs masks from the data: set masking.shape "
                                  "(block or random) or masking.attmask")
-            return torch.cat(data_masks)
-        attention = teacher["cls_attention"].detach()
-        if state.epoch < self.masking.pred_start_epoch:
-            return torch.zeros(attention.shape, dtype=torch.bool, device=attention.device)
-        g = self.generator(state.step)
-        m = self.masking
-        ratio = draw_batch_ratio(m.pred_ratio, m.pred_ratio_var, g)
-        # the authors' loop draws the hint count's ratio separately (a second get_pred_ratio call)
-        hint_ratio = draw_batch_ratio(m.pred_ratio, m.pred_ratio_var, g) if self.strategy == "hint" else None
-        masks = attmask(attention.float().cpu(), ratio, self.strategy, masking_prob=m.masking_prob, generator=g,
-                        hint_ratio=hint_ratio)
-        return masks.to(attention.device)
+            masks = torch.cat(data_masks)
+            device = device or masks.device
+        else:
+            attention = teacher["cls_attention"].detach()
+            device = device or attention.device
+            if state.epoch < self.masking.pred_start_epoch:
+                masks = torch.zeros(attention.shape, dtype=torch.bool)
+            else:
+                g = self.generator(state.step)
+                m = self.masking
+                ratio = draw_batch_ratio(m.pred_ratio, m.pred_ratio_var, g)
+                # the authors' loop draws the hint count's ratio separately (a second get_pred_ratio call)
+                hint_ratio = draw_batch_ratio(m.pred_ratio, m.pred_ratio_var, g) if self.strategy == "hint" else None
+                masks = attmask(attention.float().cpu(), ratio, self.strategy, masking_prob=m.masking_prob,
+                                generator=g, hint_ratio=hint_ratio)
+        return to_device(masks, device), to_device(true_positions(masks), device)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` without waiting for a GPU: a host tensor goes through pinned memory there
+    (a copy from pageable memory waits for the device's queue to drain), asynchronously."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

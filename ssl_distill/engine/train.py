@@ -24,17 +24,21 @@ from ..checkpoints import (
 from ..config import Config, ConfigError, config_changes, config_from_dict, config_notes, config_to_dict, save_config
 from ..data.folder import BadImageCounter
 from ..data.loader import build_train_loader
+from ..data.masking import true_positions
 from ..errors import NonFiniteLossError  # defined without torch, for the command line; re-exported here
 from ..models import SyncBatchNorm1d, default_fused_attn
 from ..objectives import Reads, StepState, build_objectives
+from ..objectives.base import TeacherRows
 from ..runtime import autocast_context, check_precision, resolve_device, resolve_precision
 from . import distributed as du
 from .build import build_model, load_backbone_weights
+from .compile import compile_blocks, compile_wins
 from .ema import ema_update
 from .gram_teacher import GramTeacher
-from .masks import StepMasks
+from .masks import StepMasks, to_device
 from .monitor import CollapseMonitor, JsonlLogger
 from .online_knn import OnlineKnn
+from .records import LogWindow, StepRecord, reduce_over_ranks
 from .run_dir import move_earlier_run_aside
 from .schedules import SCHEDULE_KEYS, Schedules, frozen_last_layer, total_iterations
 from .stop import NAMES, REQUEUE, StopSignals
@@ -130,6 +134,25 @@ class Trainer:
                   f"{'faster' if precision == 'bf16' else 'slower'} than fp32 on this {self.device.type})")
         return precision
 
+    def _choose_compile(self, resume_from: dict[str, Any] | None) -> bool:
+        """Whether this run compiles its blocks (:mod:`~ssl_distill.engine.compile`): ``on`` / ``off`` as asked
+        (a resume may switch: the checkpoint's keys are the same), ``auto`` as the run chose at its start (kept
+        in the checkpoint), else rank 0's measurement for every rank."""
+        asked = self.cfg.run.compile
+        kept = (resume_from or {}).get("compile")
+        if asked != "auto":
+            return asked == "on"
+        if kept is not None:
+            if du.is_main():
+                print(f"run.compile=auto: {'on' if kept else 'off'}, as the run chose at its start")
+            return kept
+        measured = compile_wins(self.student.backbone, self.cfg.data.batch_size, self.cfg.data.crops.global_size,
+                                self.precision) if du.is_main() else None
+        wins, line = du.gather_objects(measured)[0]
+        if du.is_main():
+            print(f"run.compile=auto: {'on' if wins else 'off'} ({line} on this {self.device.type})")
+        return wins
+
     def _move_earlier_run_aside(self, fresh: bool) -> None:
         """A new run starts with none of an earlier run's files under the names it writes (see ``run_dir.py``):
         with ``--fresh``, or after a start that failed before its first checkpoint."""
@@ -215,7 +238,14 @@ class Trainer:
         self.gram = GramTeacher(cfg, self.teacher.backbone) if "gram_patch" in self.reads.teacher else None
         if self.gram is not None and (resume_from is None or "gram" not in resume_from):
             self._start_gram_teacher(0 if resume_from is None else resume_from["step"])
-        self.optimizer = torch.optim.AdamW(param_groups(self.student), betas=cfg.optim.betas)
+        self.compiled = self._choose_compile(resume_from)
+        if self.compiled:  # after the Gram teacher's copy of the teacher: it stays eager
+            compile_blocks([self.student.backbone, self.teacher.backbone])
+        # fused AdamW on CUDA (one kernel; its step counts live on the GPU, so no step reads them back, and
+        # fp16's scaler hands it the inf check on the device); torch's default on the CPU (its step counts
+        # are host tensors there; the CPU runs' numbers and checkpoints stay as they were)
+        self.optimizer = torch.optim.AdamW(param_groups(self.student), betas=cfg.optim.betas,
+                                           fused=True if self.device.type == "cuda" else None)
         # fp16's loss scaler; disabled (scale, unscale_, update do nothing, step is optimizer.step) otherwise
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.run.precision == "fp16")
         self.trainable = [p for p in self.student.parameters() if p.requires_grad]
@@ -271,9 +301,11 @@ class Trainer:
                               f"to {step} or later (and gram.start_step no earlier), or give gram.ckpt")
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint_dict(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
-        """Everything a resume needs; ``rngs`` holds every rank's RNG states, in rank order. A run with a
-        frozen Gram teacher adds ``"gram"`` (:meth:`GramTeacher.state_dict`)."""
+    def checkpoint_dict(self, rngs: list[dict[str, Any]], bad: tuple[int, int]) -> dict[str, Any]:
+        """Everything a resume needs; ``rngs`` holds every rank's RNG states, in rank order, ``bad`` the
+        unreadable and seen images summed over the ranks. A run with a frozen Gram teacher adds ``"gram"``
+        (:meth:`GramTeacher.state_dict`)."""
+        bad_images, seen = bad
         ckpt = {
             "format": FORMAT,
             "student": self.student.state_dict(),
@@ -287,9 +319,10 @@ class Trainer:
             "requeues": self.state.requeues,
             "world_size": self.world,
             "precision": self.precision,
+            "compile": self.compiled,
             "config": config_to_dict(self.cfg),
             "rngs": rngs,
-            "bad_images": {"bad": self.bad.bad, "seen": self.bad.seen},
+            "bad_images": {"bad": bad_images, "seen": seen},
         }
         if self.gram is not None:
             ckpt["gram"] = self.gram.state_dict()
@@ -299,13 +332,14 @@ class Trainer:
         """Rank 0 writes ``checkpoint.pth`` atomically (temporary name, then rename); all ranks call it.
 
         With several processes it first checks that every rank holds the same teacher (they must:
-        identical all-reduced student updates), and gathers every rank's RNG states.
+        identical all-reduced student updates), and gathers every rank's RNG states and image counts.
         """
-        rngs = du.gather_objects(rng_state())
+        gathered = du.gather_objects((rng_state(), self.bad.bad, self.bad.seen))
         if self.world > 1:
             self._check_teachers_agree()
         if du.is_main():
-            ckpt = self.checkpoint_dict(rngs)
+            ckpt = self.checkpoint_dict([g[0] for g in gathered], (sum(g[1] for g in gathered),
+                                                                   sum(g[2] for g in gathered)))
             atomic_save(ckpt, self.out / LATEST)
             self.saved_step = self.state.step
             k = self.cfg.run.keep_every_epochs
@@ -363,6 +397,8 @@ class Trainer:
                                   f"({self.out / 'config.yaml'}), or use another run.output_dir (or --fresh, "
                                   "which moves the earlier run's files aside) to start a new run") from e
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group in self.optimizer.param_groups:  # this device's kernel, whichever device wrote the file
+            group["fused"] = self.optimizer.defaults["fused"]
         self.load_objective_state(ckpt["loss"], path)
         if self.gram is not None and "gram" in ckpt:
             self.gram.load_state_dict(ckpt["gram"], str(path))
@@ -372,7 +408,8 @@ class Trainer:
             step=ckpt["step"], epoch=ckpt["epoch"], batch=ckpt["batch"], requeues=ckpt.get("requeues", 0)
         )
         self.saved_step = self.state.step
-        self.bad.bad, self.bad.seen = ckpt["bad_images"]["bad"], ckpt["bad_images"]["seen"]
+        if self.rank == 0:  # the checkpoint holds every rank's count; the log sums the ranks' counts
+            self.bad.bad, self.bad.seen = ckpt["bad_images"]["bad"], ckpt["bad_images"]["seen"]
         rngs = ckpt["rngs"] if "rngs" in ckpt else [ckpt["rng"]]
         if len(rngs) == self.world:
             set_rng_state(rngs[self.rank])
@@ -391,19 +428,21 @@ class Trainer:
     def step_inputs(self, batch: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None,
                                                           list[torch.Tensor] | None, torch.Tensor | None,
                                                           list[torch.Tensor] | None]:
-        """A loader batch's (crops, data masks, object masks, object validity, Gram crops) on the run's
-        device: the arguments of :meth:`train_step` after ``step`` (None where the batch has no such entry)."""
+        """A loader batch's (crops, data masks, object masks, object validity, Gram crops): the arguments of
+        :meth:`train_step` after ``step`` (None where the batch has no such entry), on the run's device but
+        the data masks and the object validity, which the step reads on the host first (where their True
+        entries are counted without waiting for a GPU) and then moves."""
         dev = self.device
         crops = [c.to(dev, non_blocking=True) for c in batch["crops"]]
-        masks = [m.to(dev) for m in batch["masks"]] if "masks" in batch else None
-        objects = [m.to(dev) for m in batch["obj_masks"]] if "obj_masks" in batch else None
-        valid = batch["obj_valid"].to(dev) if "obj_valid" in batch else None
+        masks = batch.get("masks")
+        objects = [m.to(dev, non_blocking=True) for m in batch["obj_masks"]] if "obj_masks" in batch else None
+        valid = batch.get("obj_valid")
         gram = [c.to(dev, non_blocking=True) for c in batch["gram_crops"]] if "gram_crops" in batch else None
         return crops, masks, objects, valid, gram
 
     def train_step(self, crops: list[torch.Tensor], step: int, data_masks: list[torch.Tensor] | None = None,
                    obj_masks: list[torch.Tensor] | None = None, obj_valid: torch.Tensor | None = None,
-                   gram_crops: list[torch.Tensor] | None = None) -> dict[str, float]:
+                   gram_crops: list[torch.Tensor] | None = None) -> StepRecord:
         """One iteration for every objective (cf. DINO's ``train_one_epoch``, iBOT's, DINOv2's, DINOv3's):
         teacher outputs -> masks -> student outputs -> objectives' terms -> update -> EMA (-> Gram teacher).
 
@@ -412,6 +451,10 @@ class Trainer:
         ``gram_crops``: per global view (B, 3, g, g), the frozen Gram teacher's input. The networks build
         what the objectives read (``self.reads``) and nothing else; the Gram teacher runs only while the
         Gram term's weight is above 0.
+
+        The step waits for the device once, to check that the loss is finite (AttMask once more: its masks
+        are drawn on the host from the teacher's attention); the returned record keeps the terms on the device
+        until a value is read (:class:`~ssl_distill.engine.records.StepRecord`).
         """
         lr, wd, momentum = float(self.sched.lr[step]), float(self.sched.wd[step]), float(self.sched.momentum[step])
         for i, group in enumerate(self.optimizer.param_groups):
@@ -428,24 +471,36 @@ class Trainer:
                                        obj_masks=None if obj_masks is None else obj_masks[: self.n_global],
                                        cls_head="cls" in self.reads.teacher,
                                        patch_tokens="patch_global" in self.reads.teacher)
-            masks = self.masks(data_masks, teacher_out, state)  # None when no objective reads patch masks
+            # None when no objective reads patch masks; the masked patches' positions counted on the host
+            masks, positions = self.masks.build(data_masks, teacher_out, state, self.device) or (None, None)
             if masks is not None:
-                teacher_out.update(self.teacher.patch_targets(teacher_out["patch_z"], masks))
-            if obj_valid is not None:
-                teacher_out["obj_valid"] = obj_valid  # which views hold each image's target object
+                teacher_out.update(self.teacher.patch_targets(teacher_out["patch_z"], masks, positions))
+            if obj_valid is not None:  # which views hold each image's target object; the valid teacher rows
+                teacher_out["obj_valid"] = to_device(obj_valid, self.device)
+                teacher_out["obj_valid_rows"] = to_device(true_positions(obj_valid[:, : self.n_global].t()),
+                                                          self.device)
             student_out = self.student_ddp(crops, masks=masks, patches="masked" if self.patches else None,
                                            obj_masks=obj_masks, cls_head="cls" in self.reads.student,
                                            patch_tokens="patch_global" in self.reads.student,
-                                           n_global=self.n_global)  # the masks are the global views' only
+                                           n_global=self.n_global,  # the masks are the global views' only
+                                           mask_positions=positions)
             if self.gram is not None and state.gram_weight > 0:
                 if gram_crops is None:
                     raise ValueError("the Gram teacher reads the batch's Gram crops: set data.crops.gram_size")
                 teacher_out["gram_patch"] = self.gram.patches(gram_crops)
         terms = [objective.terms(student_out, teacher_out, masks, state) for objective in self.objectives]
         loss = sum(t.pop("loss") for t in terms)
-        logged = {k: float(v.detach()) for t in terms for k, v in t.items()}
-        if not math.isfinite(loss.item()):
-            values = ", ".join(f"{k}={logged[k]:.4g}" for k in self.loss_terms if k in logged)
+        schedule = {"lr": lr, "wd": wd, "momentum": momentum, "teacher_temp": state.teacher_temp}
+        if self.patches:
+            schedule["patch_teacher_temp"] = state.patch_teacher_temp
+        if self.cfg.gram.on:
+            schedule.update(gram_weight=state.gram_weight, dino_local_weight=state.dino_local_weight)
+        loss_value = loss.item()  # the step's one wait for the device
+        record = StepRecord({"loss": loss_value, **{k: v.detach() for t in terms for k, v in t.items()
+                                                      if not isinstance(v, TeacherRows)}},
+                            schedule, {k: v for t in terms for k, v in t.items() if isinstance(v, TeacherRows)})
+        if not math.isfinite(loss_value):  # the terms are read only now
+            values = ", ".join(f"{k}={record[k]:.4g}" for k in self.loss_terms if k in record)
             raise NonFiniteLossError(
                 f"non-finite loss at step {step}: {values} (lr={lr:.3g}, teacher_temp={state.teacher_temp:.4g}, "
                 f"wd={wd:.3g}); training stopped, the last good checkpoint is {self.out / LATEST}"
@@ -455,12 +510,6 @@ class Trainer:
         ema_update(self.teacher, self.student, momentum)
         if self.gram is not None and self.gram.after_step(step, self.teacher.backbone):
             self._gram_event(step, "refresh")
-        record = {"loss": loss.item(), **logged, "lr": lr, "wd": wd, "momentum": momentum,
-                  "teacher_temp": state.teacher_temp}
-        if self.patches:
-            record["patch_teacher_temp"] = state.patch_teacher_temp
-        if self.cfg.gram.on:
-            record.update(gram_weight=state.gram_weight, dino_local_weight=state.dino_local_weight)
         return record
 
     def _gram_event(self, step: int, event: str) -> None:
@@ -523,10 +572,11 @@ class Trainer:
             desc="train", unit="it", dynamic_ncols=True, mininterval=1.0,
         )
         last: dict[str, Any] = {"step": st.step, "epoch": st.epoch}
-        window: list[dict[str, float]] = []
+        window = LogWindow()
         t_window = time.perf_counter()
         images_per_step = cfg.data.batch_size * self.world
         fail_at = _injected_failure(self.rank)
+        warm_up = self.compiled
         self.student.train()
         self.teacher.train()  # no dropout / drop-path in the teacher; matches DINO
         # online k-NN (monitor section) before the first step; its time stays out of images/s
@@ -540,7 +590,12 @@ class Trainer:
                     raise RuntimeError(f"injected failure on rank {self.rank} at step {step} (SSL_DISTILL_FAIL_AT)")
                 self.bad.update(int(batch["bad"]), len(batch["index"]))
                 crops, *masks = self.step_inputs(batch)
+                t_step = time.perf_counter()
                 stats = self.train_step(crops, step, *masks)
+                if warm_up and du.is_main():
+                    print(f"run.compile: the first step took {time.perf_counter() - t_step:.1f} s (its graphs "
+                          "compiled, once per process)", flush=True)
+                warm_up = False
                 st.step += 1
                 st.batch += 1
                 window.append(stats)
@@ -550,7 +605,7 @@ class Trainer:
                     elapsed = time.perf_counter() - t_window
                     last = self._log(window, elapsed, images_per_step)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", ep=st.epoch)
-                    window, t_window = [], time.perf_counter()
+                    window, t_window = LogWindow(), time.perf_counter()
                 t_window += self.online_knn.maybe_evaluate(st.step, self.teacher.backbone)  # after this step
                 if end_of_epoch:
                     st.epoch, st.batch = st.epoch + 1, 0
@@ -566,7 +621,7 @@ class Trainer:
         self.bad.finalize()
         return last
 
-    def _stop(self, request: int, signal_name: str, window: list[dict[str, float]], t_window: float,
+    def _stop(self, request: int, signal_name: str, window: LogWindow, t_window: float,
               images_per_step: int, last: dict[str, Any]) -> dict[str, Any]:
         """Checkpoint the step that just finished and report why the loop ended (and on which signal)."""
         if window:
@@ -584,22 +639,32 @@ class Trainer:
         return {**last, "step": self.state.step, "stopped": stopped, "signal": signal_name,
                 "requeues": self.state.requeues}
 
-    def _log(self, window: list[dict[str, float]], elapsed: float, images_per_step: int) -> dict[str, Any]:
+    def _log(self, window: LogWindow, elapsed: float, images_per_step: int) -> dict[str, Any]:
+        """The log line of the steps in ``window`` (read from the device now, in one transfer): each value's
+        mean over the steps that computed it (a monitor that a step did not compute: no masked patch, no
+        valid [OBJ] view, the Gram terms before their start, is absent from its record, and left out of the
+        line when no step did); schedule values at the window's last step. With several processes the loss
+        terms and monitors are those of the global batch and ``bad_images`` counts every rank's
+        (:mod:`~ssl_distill.engine.records`); ``images_per_s`` is always global: every rank's images per
+        second of rank 0's wall-clock."""
         rec: dict[str, Any] = {"step": self.state.step, "epoch": self.state.epoch}
-        # a monitor that a step did not compute (no masked patch, no valid [OBJ] view, the Gram terms before
-        # their start) is absent from its record: the mean over the steps that computed it, and left out of
-        # the line when none did
-        for k in dict.fromkeys(k for w in window for k in w):
-            rec[k] = float(np.mean([w[k] for w in window if k in w]))
+        means, steps = window.means()
+        counters = {"bad_images": self.bad.bad}
+        if self.world > 1:
+            reduced, reduced_steps, counters = reduce_over_ranks(window, self.device, counters)
+            means.update(reduced)
+            steps.update(reduced_steps)
+            counters["bad_images"] = int(counters["bad_images"])
+        rec.update(means)
         for k in ("lr", "wd", "momentum", "teacher_temp", "gram_weight", "dino_local_weight"):
-            if k in window[-1]:
-                rec[k] = window[-1][k]
+            if k in window.records[-1]:
+                rec[k] = window.records[-1][k]
         rec["images_per_s"] = len(window) * images_per_step / max(elapsed, 1e-9)
-        rec["bad_images"] = self.bad.bad
+        rec.update(counters)
         rec["time"] = time.time()
         entropy, kl_uniform = self.watched
         if entropy in rec:
-            self.collapse.update(rec[entropy], rec[kl_uniform], self.state.step, sum(entropy in w for w in window))
+            self.collapse.update(rec[entropy], rec[kl_uniform], self.state.step, steps[entropy])
         if self.logger is not None:
             self.logger.log(rec)
         return rec

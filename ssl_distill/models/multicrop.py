@@ -42,7 +42,9 @@ class MultiCropModel(nn.Module):
       :meth:`patch_targets` turns it into logits once the masks are known;
     - ``"patch_masked"``: (M, K_p) patch-head logits of the M masked patches only, in the order of
       ``masks.nonzero()`` (view, image, patch), with ``patches="masked"``: the patch objective reads
-      the student only there, so the head runs on those rows alone;
+      the student only there, so the head runs on those rows alone (gathered at ``mask_positions``, the
+      flat positions of ``masks``' True entries computed on the host, when given: a boolean index waits
+      for the device on a GPU);
     - ``"cls_attention"``: (G*B, P) last-block CLS -> patch attention of the first group, averaged
       over heads, with ``cls_attention=True`` (AttMask);
     - ``"patch_global"``: (G*B, P, D) the backbone's final-norm patch tokens of the first group (the
@@ -72,7 +74,8 @@ class MultiCropModel(nn.Module):
     def forward(self, crops: list[torch.Tensor] | torch.Tensor, masks: torch.Tensor | None = None,
                 patches: str | None = None, cls_attention: bool = False,
                 obj_masks: list[torch.Tensor] | None = None, cls_head: bool = True,
-                n_global: int | None = None, patch_tokens: bool = False) -> dict[str, torch.Tensor]:
+                n_global: int | None = None, patch_tokens: bool = False,
+                mask_positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``cls_head=False`` leaves out ``"cls"`` (the head on the CLS rows) when no objective reads it
         (an ODIS or iBOT run without the [CLS] term); ``"cls_feat"`` is always returned."""
         if isinstance(crops, torch.Tensor):
@@ -113,7 +116,7 @@ class MultiCropModel(nn.Module):
                     b, p, d = tokens["patch"].shape
                     out["patch_z"] = self._patch_head.project(tokens["patch"].reshape(b * p, d)).view(b, p, -1)
                 elif patches == "masked":
-                    out["patch_masked"] = self._patch_head(tokens["patch"][masks])
+                    out["patch_masked"] = self._patch_head(masked_rows(tokens["patch"], masks, mask_positions))
             else:
                 cls_feats.append(self.backbone(x))
         out["cls_feat"] = torch.cat(cls_feats)
@@ -138,16 +141,32 @@ class MultiCropModel(nn.Module):
     def _patch_head(self) -> nn.Module:
         return self.patch_head if self.patch_head is not None else self.head
 
-    def patch_targets(self, patch_z: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    def patch_targets(self, patch_z: torch.Tensor, masks: torch.Tensor,
+                      positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The teacher's patch logits that the patch objective reads, from ``patch_z`` (G*B, P, d):
 
         - ``"patch_masked"``: (M, K_p) logits of the M masked patches, in ``masks.nonzero()`` order;
-        - ``"patch_mean"``: (1, K_p) the mean logit vector over all G*B*P patches (the center's update).
+        - ``"patch_mean"``: (1, K_p) the mean logit vector over all G*B*P patches (the center's update);
+        - ``"patch_positions"``: (M,) the flat positions of those patches in (G*B*P), ``positions`` when
+          given (computed on the host, so that nothing waits for the device), else from ``masks``.
 
         The head's last layer is linear without bias, so the mean of its outputs is its output of the
         mean: the (d -> K_p) layer runs on M + 1 rows instead of G*B*P (3,136 at ViT-S/16, 2 x 8 x 224),
         the same numbers as iBOT's head on every patch up to rounding.
         """
         last = self._patch_head.last_layer
-        return {"patch_masked": last(patch_z[masks]),
-                "patch_mean": last(patch_z.flatten(0, 1).float().mean(0, keepdim=True))}
+        if positions is None:
+            positions = masks.reshape(-1).nonzero().squeeze(1)
+        return {"patch_masked": last(masked_rows(patch_z, masks, positions)),
+                "patch_mean": last(patch_z.flatten(0, 1).float().mean(0, keepdim=True)),
+                "patch_positions": positions}
+
+
+def masked_rows(tokens: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """``tokens[masks]``: the (M, D) rows of (N, P, D) ``tokens`` where (N, P) ``masks`` is True, row-major;
+    gathered at ``positions`` (M,), the flat positions of the True entries, when given (no boolean index:
+    on a GPU that waits for the device to count the rows)."""
+    if positions is None:
+        return tokens[masks]
+    p = masks.shape[1]
+    return tokens[torch.div(positions, p, rounding_mode="floor"), positions % p]

@@ -7,8 +7,10 @@ An objective is a small ``nn.Module`` with a ``terms`` method::
 ``student`` / ``teacher`` are the named outputs of :class:`~ssl_distill.models.MultiCropModel`
 (``"cls"``, ``"cls_feat"``, ``"patch_masked"``, ``"patch_mean"``, ``"patch_global"`` ...), ``masks`` the (G*B, P) patch
 masks of the step (or None), ``state`` the schedule values of this iteration. ``"loss"`` is what
-the step adds to the total (the objective applies its own weight); every other entry is logged,
-detached. Buffers an objective owns (centers) are saved in the checkpoint under their own names.
+the step adds to the total (the objective applies its own weight); every other 0-d tensor is logged,
+detached; a :class:`TeacherRows` entry says what a teacher's collapse monitors were measured on (not
+logged: with several processes it makes the logged monitors those of the global batch). Buffers an
+objective owns (centers) are saved in the checkpoint under their own names.
 
 Each objective declares what it reads (:class:`Reads`): the engine builds the union of its
 objectives' reads (the [CLS] head, patch targets and mask token, the [OBJ] token) and nothing else,
@@ -62,6 +64,23 @@ class Reads:
         return Reads(student=tuple(sorted({name for r in reads for name in r.student})),
                      teacher=tuple(sorted({name for r in reads for name in r.teacher})),
                      patch_masks=any(r.patch_masks for r in reads), object_masks=any(r.object_masks for r in reads))
+
+
+@dataclass(frozen=True)
+class TeacherRows:
+    """What one teacher's collapse monitors (``entropy``, ``kl_uniform``: their logged names) were measured
+    on in a step: ``rows`` teacher distributions whose mean is ``mean_p`` (K,).
+
+    The step's log reads it only with several processes, at the logging step: the logged entropy is then
+    the mean over every rank's rows (each rank's value weighted by its ``rows``), and the KL to uniform is
+    recomputed from the rows-weighted mean of the ranks' ``mean_p``, so that 1 process x batch B and
+    2 x B/2 log the same monitors (ranks hold different numbers of masked patches and valid [OBJ] views).
+    """
+
+    rows: int
+    mean_p: torch.Tensor
+    entropy: str
+    kl_uniform: str
 
 
 class Objective(Protocol):

@@ -75,9 +75,10 @@ class Center:
         sums = torch.cat([sums, torch.as_tensor(count, dtype=sums.dtype, device=sums.device).reshape(1)])
         if is_distributed():
             dist.all_reduce(sums)
-        total = float(sums[-1])
-        if total > 0:
-            center.mul_(self.momentum).add_(sums[:-1].view_as(center) / total * (1 - self.momentum))
+        total = sums[-1]
+        updated = center * self.momentum + sums[:-1].view_as(center) / total * (1 - self.momentum)
+        # kept where no rank had a row: decided on the device (a where, not an if that would wait for it)
+        center.copy_(torch.where(total > 0, updated, center))
 
 
 @torch.no_grad()
@@ -124,9 +125,9 @@ def sinkhorn_knopp(
     q = torch.exp(logits / temp).t()  # (K, N)
     n_prototypes, n_local = q.shape
     if rows_differ_across_ranks and distributed:
-        count = torch.tensor([n_local], dtype=torch.long, device=q.device)
+        count = torch.tensor([n_local], dtype=torch.float32, device=q.device)
         dist.all_reduce(count)
-        n_samples = int(count.item())
+        n_samples = count[0]  # kept on the device: nothing waits for it
     else:
         n_samples = n_local * (dist.get_world_size() if distributed else 1)
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Reads, StepState
+from .base import Reads, StepState, TeacherRows
 from .center import Center
 
 
@@ -90,7 +90,8 @@ class DINOLoss(nn.Module):
                 module docstring.
         Returns:
             {"dino": scalar loss, "teacher_entropy": mean per-sample entropy of P_t (nats),
-             "teacher_kl_uniform": KL(mean_b P_t || uniform) (nats)}; the last two are detached.
+             "teacher_kl_uniform": KL(mean_b P_t || uniform) (nats)}, both detached, and "teacher_rows"
+            (:func:`teacher_statistics`).
         """
         student_out = student_out.float()
         teacher_out = teacher_out.float()
@@ -122,14 +123,16 @@ class DINOLoss(nn.Module):
         return {"dino": loss, **stats}
 
 
-def teacher_statistics(p: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Collapse monitors for teacher probabilities p (N, K).
+def teacher_statistics(p: torch.Tensor, prefix: str = "") -> dict[str, torch.Tensor | TeacherRows]:
+    """Collapse monitors for teacher probabilities p (N, K), named ``prefix + "teacher_..."``.
 
     ``teacher_entropy`` = mean_n H(p_n): near log K means uniform collapse, near 0 means sharp
     outputs. ``teacher_kl_uniform`` = KL(mean_n p_n || U) = log K - H(mean p): near log K means
     every sample picks the same prototype (one-dimension collapse), near 0 a spread-out batch.
-    An empty p (N = 0: no masked patch, no valid [OBJ] view in the batch) gives neither: nothing was
-    measured, and a 0 would read as a perfectly sharp teacher (the step's log leaves them out).
+    ``teacher_rows``: what they were measured on (:class:`~ssl_distill.objectives.base.TeacherRows`), for
+    the log's reduction over processes. An empty p (N = 0: no masked patch, no valid [OBJ] view in the
+    batch) gives none: nothing was measured, and a 0 would read as a perfectly sharp teacher (the step's log
+    leaves them out).
     """
     if p.shape[0] == 0:
         return {}
@@ -138,4 +141,7 @@ def teacher_statistics(p: torch.Tensor) -> dict[str, torch.Tensor]:
     entropy = -(p * logp).sum(-1).mean()
     mean_p = p.mean(0)
     kl = math.log(k) + (mean_p * torch.log(mean_p.clamp_min(1e-30))).sum()
-    return {"teacher_entropy": entropy.detach(), "teacher_kl_uniform": kl.detach()}
+    names = {name: prefix + name for name in ("teacher_entropy", "teacher_kl_uniform", "teacher_rows")}
+    return {names["teacher_entropy"]: entropy.detach(), names["teacher_kl_uniform"]: kl.detach(),
+            names["teacher_rows"]: TeacherRows(p.shape[0], mean_p.detach(), names["teacher_entropy"],
+                                               names["teacher_kl_uniform"])}

@@ -56,11 +56,12 @@ class PatchLoss(nn.Module):
         if masks is None:
             raise ValueError("the patch objective needs the step's patch masks")
         out = self(student["patch_masked"], teacher["patch_masked"], teacher["patch_mean"], masks,
-                   state.patch_teacher_temp)
+                   state.patch_teacher_temp, positions=teacher.get("patch_positions"))
         return {"loss": out["patch"] * self.weight, **out}
 
     def forward(self, student_masked: torch.Tensor, teacher_masked: torch.Tensor, teacher_mean: torch.Tensor,
-                masks: torch.Tensor, teacher_temp: float) -> dict[str, torch.Tensor]:
+                masks: torch.Tensor, teacher_temp: float,
+                positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Loss over the masked patches; updates the patch center afterwards (EMA centering).
 
         Args:
@@ -70,21 +71,25 @@ class PatchLoss(nn.Module):
                 (what iBOT's center averages; see :meth:`MultiCropModel.patch_targets`).
             masks: (G*B, P) bool, True where the student's patch was masked; M = masks.sum().
             teacher_temp: the patch teacher temperature of this iteration.
+            positions: (M,) the flat positions of ``masks``' True entries in (G*B*P), row-major (the step's,
+                computed on the host: :meth:`MultiCropModel.patch_targets`); None: ``masks.nonzero()``, which
+                waits for the device on a GPU.
         Returns:
             {"patch": scalar loss, "mask_ratio": fraction of masked patches (detached),
              "patch_teacher_entropy", "patch_teacher_kl_uniform": the collapse monitors of
              :func:`~ssl_distill.objectives.dino.teacher_statistics` over the M masked patches' targets
-             (absent when nothing is masked: not measured)}.
+             (absent when nothing is masked: not measured) and their "patch_teacher_rows"}.
         """
         targets = self.centering.targets(teacher_masked.float(), self.patch_center, teacher_temp)
         log_p = F.log_softmax(student_masked.float() / self.student_temp, dim=-1)
         per_patch = -(targets * log_p).sum(-1)  # (M,)
-        image = masks.nonzero()[:, 0]  # the (view, image) row of each masked patch
+        # the (view, image) row of each masked patch
+        image = masks.nonzero()[:, 0] if positions is None else torch.div(positions, masks.shape[1],
+                                                                          rounding_mode="floor")
         per_image = per_patch.new_zeros(masks.shape[0]).index_add(0, image, per_patch)
         per_image = per_image / masks.sum(-1).clamp(min=1)
         # each rank's mean over the same number of patches: the mean of the ranks' means is the mean
         self.centering.update(self.patch_center, teacher_mean, 1)
         with torch.no_grad():
-            stats = teacher_statistics(targets)
-        return {"patch": per_image.mean(), "mask_ratio": masks.float().mean().detach(),
-                **{f"patch_{k}": v for k, v in stats.items()}}
+            stats = teacher_statistics(targets, prefix="patch_")
+        return {"patch": per_image.mean(), "mask_ratio": masks.float().mean().detach(), **stats}

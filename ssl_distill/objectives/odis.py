@@ -62,11 +62,12 @@ class ObjectLoss(nn.Module):
               masks: torch.Tensor | None, state: StepState) -> dict[str, torch.Tensor]:
         """The step's interface: [OBJ] logits of all views; ``teacher["obj_valid"]`` (B, V) says which
         views hold the target object (from the object-aware crops)."""
-        out = self(student["obj"], teacher["obj"], teacher["obj_valid"], state.teacher_temp)
+        out = self(student["obj"], teacher["obj"], teacher["obj_valid"], state.teacher_temp,
+                   valid_rows=teacher.get("obj_valid_rows"))
         return {"loss": out["obj"] * self.weight, **out}
 
     def forward(self, student_obj: torch.Tensor, teacher_obj: torch.Tensor, valid: torch.Tensor,
-                teacher_temp: float) -> dict[str, torch.Tensor]:
+                teacher_temp: float, valid_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Loss and teacher statistics; updates the [OBJ] center afterwards.
 
         Args:
@@ -74,10 +75,14 @@ class ObjectLoss(nn.Module):
             teacher_obj: (G*B, K) teacher [OBJ] logits of the G global views, crop-major.
             valid: (B, V) bool, True where view v of image b holds the target object.
             teacher_temp: tau_t of this iteration (the [CLS] teacher's schedule).
+            valid_rows: the rows g*B + b of the valid teacher views (v = g < G), computed on the host from the
+                loader's ``valid`` (the step's ``teacher["obj_valid_rows"]``); None: a boolean index of
+                ``valid``, which waits for the device on a GPU.
         Returns:
             {"obj": scalar loss, "obj_valid_pairs": fraction of (image, pair) terms that count,
              "obj_teacher_entropy", "obj_teacher_kl_uniform": collapse monitors of the valid
-             teacher rows (nats), absent when no view is valid}; all but "obj" detached.
+             teacher rows (nats) and their "obj_teacher_rows", absent when no view is valid}; all but "obj"
+             detached.
         """
         k = student_obj.shape[-1]
         b = valid.shape[0]
@@ -96,9 +101,11 @@ class ObjectLoss(nn.Module):
             n_terms += self.n_crops - 1
         loss = total / n_terms
         teacher_valid = w[: self.n_global].reshape(-1) > 0
+        rows = q.view(-1, k)
         with torch.no_grad():
-            stats = teacher_statistics(q.view(-1, k)[teacher_valid])
+            stats = teacher_statistics(rows[teacher_valid] if valid_rows is None else rows.index_select(0, valid_rows),
+                                       prefix="obj_")
         # the valid rows only; no update when no rank has one
         self.centering.update(self.obj_center, (teacher_obj * teacher_valid.unsqueeze(-1)).sum(0), teacher_valid.sum())
         return {"obj": loss, "obj_valid_pairs": (counted / (n_terms * b)).detach(),
-                **{f"obj_{k}": v for k, v in stats.items()}}
+                **stats}
