@@ -136,3 +136,19 @@ def test_step_keys_beyond_the_run_are_refused_once_its_length_is_known(release, 
     with pytest.raises(ConfigError, match=match):
         Trainer(load_config(CONTINUE, [*continue_overrides(data, out, path), *overrides]))
     assert not out.exists()  # a refused start leaves no run behind
+
+
+def test_a_gram_teacher_file_with_a_learned_position_embedding_is_refused_for_a_rope_run(release, tmp_path):
+    """The continue recipe given a DINOv2 file (same width, depth and patch, registers and LayerScale, but a
+    learned position embedding) as its Gram teacher: refused naming the keys, before any step."""
+    from ssl_distill.checkpoints import CheckpointError
+    from test_checkpoints_official import official_vit
+
+    path, _, data = release
+    dinov2 = tmp_path / "dinov2_vit_pretrain.pth"
+    torch.save(official_vit(0, depth=2, patch=8, grid=4, width=192, layer_scale="ls", registers=4,
+                            mask_token="dinov2"), dinov2)
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointError, match=r"gram.ckpt=.*(missing|unexpected) keys.*this run's architecture"):
+        Trainer(load_config(CONTINUE, [*continue_overrides(data, out, path), f"gram.ckpt={dinov2}"]))
+    assert not out.exists()
