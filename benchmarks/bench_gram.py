@@ -13,7 +13,11 @@ falls on each alike), the fastest of ``--steps`` each:
 Targets (issue 25): live EMA teacher <= 1.10x the step without Gram; frozen at 2x <= the step without Gram
 plus 1.2x the Gram teacher's forward. Printed beside the machine's measured GEMM ceiling and each step's
 GFLOP (torch's FlopCounterMode).
-Usage: python benchmarks/bench_gram.py [--steps N] [--batch-size B] [--ibot]
+``--dinov3``: all of it on DINOv3's step instead (its objectives -- DINO + iBOT on separate heads,
+Sinkhorn-Knopp, KoLeo -- on the RoPE ViT-S/16 with 4 registers and LayerScale), with a fifth step in the same
+round-robin: those objectives on the learned-position ViT-S/16 (target: the DINOv3 step without Gram <= 1.05x
+it), so every step-cost target of issue 25 comes out of one interleaved run.
+Usage: python benchmarks/bench_gram.py [--steps N] [--batch-size B] [--ibot] [--dinov3]
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_train_step import IBOT, Step, batch_folder, images_per_s, prepare
+from bench_train_step import DINOV3_TERMS, IBOT, ROPE, Step, batch_folder, images_per_s, prepare
 from ssl_distill.hardware import gemm_gflops, hardware_line, peak_rss_mib
 from ssl_distill.runtime import autocast_context
 
@@ -57,26 +61,34 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--ibot", action="store_true", help="add iBOT's patch term (the student's masked views feed Gram)")
+    ap.add_argument("--dinov3", action="store_true",
+                    help="DINOv3's objectives on its RoPE ViT-S/16, and on the learned-position ViT-S/16 alongside")
     args = ap.parse_args()
-    base = [f"data.batch_size={args.batch_size}", "run.device=cpu", "run.precision=bf16",
-            *(IBOT if args.ibot else [])]
+    run = [f"data.batch_size={args.batch_size}", "run.device=cpu", "run.precision=bf16"]
+    terms = DINOV3_TERMS if args.dinov3 else IBOT if args.ibot else []
+    base = [*run, *terms, *(ROPE if args.dinov3 else [])]
     print(hardware_line())
     with tempfile.TemporaryDirectory() as tmp:
         data = batch_folder(Path(tmp) / "photos", args.batch_size)
-        steps = {"without Gram": prepare(base, data, Path(tmp) / "plain"),
+        steps = {"learned-position ViT": prepare([*run, *terms], data, Path(tmp) / "learned")} if args.dinov3 else {}
+        steps |= {"without Gram": prepare(base, data, Path(tmp) / "plain"),
                  "Gram, live EMA teacher": prepare([*base, *LIVE], data, Path(tmp) / "live"),
                  "Gram, frozen teacher at 2x": prepare([*base, *FROZEN_2X], data, Path(tmp) / "frozen")}
         steps["Gram teacher forward alone"] = gram_forward(steps["Gram, frozen teacher at 2x"])
         speed = dict(zip(steps, images_per_s(list(steps.values()), args.steps)))
     seconds = {name: args.batch_size / ips for name, ips in speed.items()}
     peak = gemm_gflops(torch.bfloat16)
-    objectives = "DINO + iBOT" if args.ibot else "DINO"
+    objectives = ("DINOv3's objectives, RoPE + 4 registers + LayerScale" if args.dinov3 else
+                  "DINO + iBOT" if args.ibot else "DINO")
     print(f"ViT-S/16, {objectives}, 2 x 224 + 10 x 96, batch {args.batch_size}, bf16, plain attention; fastest of "
           f"{args.steps}, round-robin; bf16 GEMM peak {peak:.0f} GFLOP/s")
     for name, step in steps.items():
         print(f"  {name:28s} {seconds[name]:7.3f} s  {step.gflop:6.0f} GFLOP  "
               f"{step.gflop / seconds[name]:5.0f} GFLOP/s ({100 * step.gflop / seconds[name] / peak:.0f}% of peak)")
     plain, live = seconds["without Gram"], seconds["Gram, live EMA teacher"]
+    if args.dinov3:
+        print(f"DINOv3 step without Gram: {plain / seconds['learned-position ViT']:.3f}x the same objectives on the "
+              "learned-position ViT-S/16 (target <= 1.05x)")
     frozen, forward = seconds["Gram, frozen teacher at 2x"], seconds["Gram teacher forward alone"]
     print(f"live EMA teacher: {live / plain:.3f}x the step without Gram (target <= 1.10x)")
     budget = plain + 1.2 * forward

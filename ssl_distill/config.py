@@ -179,7 +179,8 @@ class GramConfig:
     remove_only_teacher_neg: bool = False  # clamp the teacher's only (official gram.remove_only_teacher_neg)
     ema_teacher: bool = False  # the live EMA teacher on the same global views, no extra model (official same name)
     ckpt: str | None = None  # Gram teacher backbone file or run directory (official gram.ckpt); any file
-    # model.init_from reads (ours, official DINO / iBOT / DINOv2)
+    # model.init_from reads (ours, official DINO / iBOT / DINOv2 / DINOv3); "model.init_from": that key's file
+    # (a run continued from released weights keeps them as its Gram teacher)
     it_load_ema_teacher: int = -1  # copy the EMA teacher in before this step; -1: never (official same name)
     update_frequency: int = 0  # refresh from the EMA teacher after every N-th step; 0: never (official
     # gram.update_frequency with gram.rep_update; 10,000 in the 7B stage)
@@ -194,6 +195,10 @@ class GramConfig:
         return self.weight > 0
 
 
+#: ``gram.ckpt``'s value for "the file model.init_from names" (the Gram teacher is the backbone the run starts from)
+GRAM_CKPT_FROM_INIT = "model.init_from"
+
+
 @dataclass
 class OptimConfig:
     """AdamW with DINO's schedules; every schedule is evaluated per iteration."""
@@ -206,6 +211,8 @@ class OptimConfig:
     weight_decay_end: float = 0.4
     clip_grad: float = 3.0  # per-parameter gradient norm clip (DINO's way); 0 disables
     freeze_last_layer: float = 1  # epochs during which the head's last layer gets no update
+    freeze_backbone_steps: int = 0  # first steps in which the backbone gets no update and the fresh heads learn
+    # on its features (a run from model.init_from; the teacher's backbone stays the file's); 0: none
     momentum_teacher: float = 0.996
     momentum_teacher_end: float = 1.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -548,6 +555,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return cfg
 
 
+def gram_ckpt_path(cfg: Config) -> str | None:
+    """The file or run directory the Gram teacher is loaded from: ``gram.ckpt``, with
+    :data:`GRAM_CKPT_FROM_INIT` standing for ``model.init_from``'s file; None when it is loaded from none."""
+    return cfg.model.init_from if cfg.gram.ckpt == GRAM_CKPT_FROM_INIT else cfg.gram.ckpt
+
+
 def _check_range(key: str, value: float, lo: float | None = None, hi: float | None = None,
                  lo_open: bool = False, hi_open: bool = False, hint: str = "") -> None:
     """Raise ConfigError naming ``key`` unless lo (<) <= value (<) <= hi; NaN is never in range."""
@@ -702,6 +715,10 @@ def _check_gram(cfg: Config) -> None:
                      "gram.update_frequency=0)")
     if g.ckpt is not None and not g.ckpt.strip():
         raise ConfigError("gram.ckpt is an empty string: give a backbone file or run directory, or null for none")
+    if g.ckpt == GRAM_CKPT_FROM_INIT and not m.init_from:
+        raise ConfigError(f"gram.ckpt={GRAM_CKPT_FROM_INIT} takes the Gram teacher from the file the run starts "
+                          "from, but model.init_from is null: set model.init_from=<backbone file> (e.g. a released "
+                          "DINOv3 .pth), or give gram.ckpt a file of its own")
     if not g.on:
         used = [f"{k}={v}" for k, v in (("data.crops.gram_size", c.gram_size), ("gram.ckpt", g.ckpt)) if v is not None]
         used += [f"gram.{k}={str(getattr(g, k)).lower()}" for k, off in (
@@ -866,8 +883,13 @@ def validate(cfg: Config) -> None:
     for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
         _check_range(f"dino.{key}", getattr(cfg.dino, key), 0, lo_open=True)
     _check_range("dino.warmup_teacher_temp_epochs", cfg.dino.warmup_teacher_temp_epochs, 0)
-    for key in ("lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad", "freeze_last_layer"):
+    for key in ("lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad", "freeze_last_layer",
+                "freeze_backbone_steps"):
         _check_range(f"optim.{key}", getattr(o, key), 0)
+    if o.freeze_backbone_steps and not m.init_from:
+        raise ConfigError(f"optim.freeze_backbone_steps={o.freeze_backbone_steps} holds the backbone still while "
+                          "fresh heads learn on its features, but model.init_from is null: a random backbone has "
+                          "no features to keep; set model.init_from=<backbone file>, or freeze_backbone_steps=0")
     if not k.ks:
         raise ConfigError("knn.ks is empty: give at least one number of neighbours, e.g. [20]")
     for v in k.ks:

@@ -5,7 +5,9 @@ more, with its own model where 2 CPU cores allow it (the Fashion-MNIST and scene
 prototypes and image sizes as they stand). The ImageNet-scale recipes (224 px crops, ViT-S/16 or ViT-B/16, up to
 65536 prototypes) take minutes a step there, so those keep their objectives, width, patch size, crop counts,
 schedules and precision but run at overridden sizes (:func:`recipe_overrides`): 2 blocks, 512 prototypes,
-3 x 3-patch global crops and 2 x 2-patch local ones.
+3 x 3-patch global crops and 2 x 2-patch local ones. Step keys beyond three steps (a Gram stage, a backbone
+freeze) move into them (:func:`step_overrides`), and a recipe that continues a released DINOv3 file gets a
+stand-in of its architecture.
 
 The README's ``ssl-distill`` lines (the ones ``tests/test_readme.py`` parses) run in order in one working folder,
 as a reader would type them; the paths they name that a reader brings (``/data/...``, an official checkpoint,
@@ -31,12 +33,14 @@ import pytest
 import torch
 from PIL import Image
 
+from dinov3_reference import random_dinov3
 from scenes import SKIMAGE_DATA, make_scenes, write_coco, write_voc
 from ssl_distill import cli
 from ssl_distill.checkpoints import load_file
 from ssl_distill.config import Config, load_config
 from ssl_distill.data.fashion_mnist import DEFAULT_SOURCE
 from ssl_distill.engine.train import train
+from ssl_distill.models import spec_from_config
 from test_end_to_end import make_folder
 from test_readme import CLI_COMMANDS
 
@@ -51,13 +55,39 @@ def is_imagenet_scale(cfg: Config) -> bool:
 
 
 def recipe_overrides(cfg: Config) -> list[str]:
-    """The sizes an ImageNet-scale recipe trains at here (see the module docstring); none for the others."""
+    """The sizes an ImageNet-scale recipe trains at here (see the module docstring; Gram crops at twice the
+    global ones), then :func:`step_overrides`."""
     if not is_imagenet_scale(cfg):
-        return []
+        return step_overrides(cfg)
     p = cfg.model.patch_size
+    gram = [f"data.crops.gram_size={6 * p}"] if cfg.data.crops.gram_size else []
     return ["model.depth=2", "model.out_dim=512", "model.hidden_dim=128",
             "model.bottleneck_dim=64", "ibot.patch_out_dim=512", f"model.img_size={3 * p}",
-            f"data.crops.global_size={3 * p}", f"data.crops.local_size={2 * p}"]
+            f"data.crops.global_size={3 * p}", f"data.crops.local_size={2 * p}", *gram, *step_overrides(cfg)]
+
+
+def step_overrides(cfg: Config) -> list[str]:
+    """A recipe's step keys moved into the first steps of a 3-step run on a tiny folder: a Gram term that
+    starts later from step 1 (its EMA-teacher snapshot before step 1, refreshes after steps 1 and 2), a backbone
+    freeze for step 0 only."""
+    g, out = cfg.gram, []
+    if g.on and g.start_step > 0:
+        out += ["gram.start_step=1", "gram.ramp_steps=1"]
+        if g.it_load_ema_teacher >= 0:
+            out.append("gram.it_load_ema_teacher=1")
+        if g.update_frequency:
+            out += ["gram.update_frequency=1", "gram.it_first_update=2"]
+    if cfg.optim.freeze_backbone_steps:
+        out.append("optim.freeze_backbone_steps=1")
+    return out
+
+
+def release_stand_in(cfg: Config, path: Path) -> str:
+    """A released-layout DINOv3 file (random weights, 2 blocks) of a RoPE recipe's width, heads and patch, at
+    ``path``, for a recipe that starts from one (``model.init_from``); returns that key's override."""
+    width, _, heads = spec_from_config(cfg).dims()
+    torch.save(random_dinov3(0, dim=width, depth=2, heads=heads, patch=cfg.model.patch_size).state_dict(), path)
+    return f"model.init_from={path}"
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +116,8 @@ def test_every_recipe_trains_two_steps_and_resumes_for_a_third(recipe: Path, tin
     cfg = load_config(recipe, overrides)
     if cfg.data.boxes:
         overrides.append(f"data.boxes={tiny_data['boxes']}")
+    if cfg.model.init_from:
+        overrides.append(release_stand_in(cfg, tmp_path / "release.pth"))
     overrides += recipe_overrides(cfg)
     for stop in (2, 3):
         last = train(load_config(recipe, [*overrides, f"run.stop_at_step={stop}"]))
@@ -175,8 +207,8 @@ class ReadmeWorkspace:
 
 @pytest.fixture(scope="module")
 def readme(tiny_data) -> ReadmeWorkspace:
-    """The working folder: ``configs/``, the tiny image folders, two official checkpoints (a DINO ViT-S/16
-    and a DINOv2 ViT-S/14 with registers, 2 blocks each), a VOC folder, a photo, three short runs for the
+    """The working folder: ``configs/``, the tiny image folders, three official checkpoints (a DINO ViT-S/16,
+    a DINOv2 ViT-S/14 with registers and a released-layout DINOv3 ViT-S/16, 2 blocks each), a VOC folder, a photo, three short runs for the
     report's comparison, and the stand-in sbatch."""
     from test_checkpoints_official import official_vit
 
@@ -191,6 +223,7 @@ def readme(tiny_data) -> ReadmeWorkspace:
     torch.save(official_vit(0, depth=2, patch=16, grid=3, width=384), ws / "dino_deitsmall16_pretrain.pth")
     torch.save(official_vit(1, depth=2, patch=14, grid=4, width=384, layer_scale="ls", registers=4,
                             mask_token="dinov2"), ws / "dinov2_vits14_reg4_pretrain.pth")
+    torch.save(random_dinov3(2, depth=2).state_dict(), ws / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth")
     for name in ("dino", "ibot", "attmask"):
         out = ws / "runs" / name
         train(load_config(ROOT / "configs" / f"{name}_tiny_fmnist.yaml",

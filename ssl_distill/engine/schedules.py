@@ -14,9 +14,10 @@ from ..config import Config
 #: optimizer state a resume loads brings the old betas back, so a change would do nothing.
 SCHEDULE_KEYS = (
     "data.batch_size", "run.seed", "optim.epochs", "optim.lr", "optim.min_lr", "optim.warmup_epochs",
-    "optim.weight_decay", "optim.weight_decay_end", "optim.freeze_last_layer", "optim.momentum_teacher",
-    "optim.momentum_teacher_end", "optim.betas", "dino.teacher_temp", "dino.warmup_teacher_temp",
-    "dino.warmup_teacher_temp_epochs", "ibot.teacher_temp", "ibot.warmup_teacher_temp", "masking.pred_start_epoch",
+    "optim.weight_decay", "optim.weight_decay_end", "optim.freeze_last_layer", "optim.freeze_backbone_steps",
+    "optim.momentum_teacher", "optim.momentum_teacher_end", "optim.betas", "dino.teacher_temp",
+    "dino.warmup_teacher_temp", "dino.warmup_teacher_temp_epochs", "ibot.teacher_temp", "ibot.warmup_teacher_temp",
+    "masking.pred_start_epoch",
 )
 
 

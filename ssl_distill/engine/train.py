@@ -21,7 +21,9 @@ from ..checkpoints import (
     FORMAT, LATEST, CheckpointError, atomic_save, describe_mismatch, load_state_strict, read_training_checkpoint,
     rng_state, set_rng_state,
 )
-from ..config import Config, ConfigError, config_changes, config_from_dict, config_notes, config_to_dict, save_config
+from ..config import (
+    Config, ConfigError, config_changes, config_from_dict, config_notes, config_to_dict, gram_ckpt_path, save_config,
+)
 from ..data.folder import BadImageCounter
 from ..data.loader import build_train_loader
 from ..data.masking import true_positions
@@ -193,6 +195,7 @@ class Trainer:
                 f"{len(self.loader.dataset)} images in {cfg.data.train_dir}"
             )
         self.total_steps = total_iterations(cfg.optim.epochs, self.iters_per_epoch)
+        self._check_steps_within_run()
         self.sched = Schedules.from_config(cfg, self.iters_per_epoch, self.world)
 
         if self.device.type == "cpu" and cfg.data.num_workers > 0 and du.is_main():
@@ -277,6 +280,20 @@ class Trainer:
             print(boxes.summary())
             self.logger.log({"kind": "boxes", "step": self.state.step, "file": str(cfg.data.boxes), **boxes.report})
 
+    def _check_steps_within_run(self) -> None:
+        """Step keys that would leave their part of the run out (the run's length is known once the folder is
+        scanned): a Gram term that starts after the last step, a backbone frozen to the end."""
+        cfg, total = self.cfg, self.total_steps
+        length = (f"the run has {total} steps (optim.epochs={cfg.optim.epochs} x {self.iters_per_epoch} batches of "
+                  f"{cfg.data.batch_size * self.world} images)")
+        if cfg.gram.on and cfg.gram.start_step >= total:
+            raise ConfigError(f"gram.start_step={cfg.gram.start_step} starts the Gram term after the last step: "
+                              f"{length}; set gram.start_step (and the Gram teacher's steps) below {total}, or "
+                              "train longer")
+        if cfg.optim.freeze_backbone_steps >= total:
+            raise ConfigError(f"optim.freeze_backbone_steps={cfg.optim.freeze_backbone_steps} holds the backbone "
+                              f"still to the end: {length}; set it below {total} (a few percent of the run)")
+
     def _init_backbone(self, path: str) -> None:
         """Start the student's backbone (and so the teacher's) from ``path``; the file's mask token is
         kept only where this run has one (iBOT's ``masked_embed`` starts at zero when the file has none, as
@@ -285,14 +302,17 @@ class Trainer:
         if du.is_main():
             if resampled:
                 print(f"model.init_from: {resampled}")
-            print(f"backbone initialised from {path} ({loaded.format}, {loaded.source}); heads start fresh")
+            frozen = self.cfg.optim.freeze_backbone_steps
+            print(f"backbone initialised from {path} ({loaded.format}, {loaded.source}); heads start fresh"
+                  + (f", learning on the held-still backbone for its first {frozen} steps "
+                     "(optim.freeze_backbone_steps)" if frozen else ""))
 
     def _start_gram_teacher(self, step: int) -> None:
         """The Gram teacher's first weights, for a run (or a resumed one that had none) starting at ``step``:
         the ``gram.ckpt`` file now, or the EMA teacher before step ``gram.it_load_ema_teacher``."""
         g = self.cfg.gram
         if g.ckpt is not None:
-            note = self.gram.load_file(g.ckpt)
+            note = self.gram.load_file(gram_ckpt_path(self.cfg))
             if du.is_main():
                 print(note)
         elif g.it_load_ema_teacher < step:
@@ -506,8 +526,9 @@ class Trainer:
                 f"wd={wd:.3g}); training stopped, the last good checkpoint is {self.out / LATEST}"
             )
 
-        self._update_student(loss, step)
-        ema_update(self.teacher, self.student, momentum)
+        frozen = step < self.cfg.optim.freeze_backbone_steps  # the backbone of both stays the file's
+        self._update_student(loss, step, frozen)
+        ema_update(self.teacher, self.student, momentum, skip="backbone" if frozen else None)
         if self.gram is not None and self.gram.after_step(step, self.teacher.backbone):
             self._gram_event(step, "refresh")
         return record
@@ -519,9 +540,11 @@ class Trainer:
             self.logger.log({"kind": "gram_teacher", "step": step, "event": event, "refreshes": self.gram.refreshes,
                              "time": time.time()})
 
-    def _update_student(self, loss: torch.Tensor, step: int) -> None:
+    def _update_student(self, loss: torch.Tensor, step: int, frozen_backbone: bool = False) -> None:
         """The student's update from ``loss``: backward (scaled with fp16), DINO's per-parameter gradient
-        clipping, the last layer's gradients dropped while it is frozen, the optimizer step."""
+        clipping, the last layer's gradients dropped while it is frozen (and the backbone's with
+        ``frozen_backbone``: AdamW then leaves those parameters, weight decay included, and their moments as
+        they are), the optimizer step."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.optim.clip_grad > 0:
@@ -529,6 +552,9 @@ class Trainer:
             clip_gradients_per_param(self.trainable, self.cfg.optim.clip_grad)
         if frozen_last_layer(step, self.iters_per_epoch, self.sched.freeze_last_layer):
             for p in self.last_layer_params:
+                p.grad = None
+        if frozen_backbone:
+            for p in self.student.backbone.parameters():
                 p.grad = None
         self.scaler.step(self.optimizer)
         self.scaler.update()
