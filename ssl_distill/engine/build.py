@@ -7,7 +7,7 @@ parts those need.
 """
 from __future__ import annotations
 
-from ..checkpoints import LoadedBackbone, load_any_backbone, load_state_strict
+from ..checkpoints import CheckpointError, LoadedBackbone, load_any_backbone, load_state_strict
 from ..config import Config
 from ..models import DINOHead, MultiCropModel, ObjAttention, TokenBackbone, build_backbone, spec_from_config
 from ..objectives import Reads, build_objectives
@@ -41,9 +41,13 @@ def load_backbone_weights(backbone: TokenBackbone, path: str, what: str) -> tupl
     start otherwise); an [OBJ] token the file lacks starts as its [CLS]; its position embedding is
     resampled to ``backbone``'s stored grid when the file was trained at another size. Returns what was
     read and the resampling sentence (None when nothing was resampled). A backbone of another
-    architecture raises CheckpointError naming the keys that do not fit (``what`` starts the sentence).
+    architecture raises CheckpointError naming the keys that do not fit (``what`` starts the sentence); a
+    file that cannot be read (missing, not a checkpoint) names the setting that gave it (``what``'s key).
     """
-    loaded = load_any_backbone(path, obj_token=backbone.has_obj_token)
+    try:
+        loaded = load_any_backbone(path, obj_token=backbone.has_obj_token)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (given by {what.split('=', 1)[0]})") from e
     state = loaded.backbone.state_dict()
     ours = backbone.state_dict()
     if "masked_embed" in ours and "masked_embed" not in state:
