@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..data.masking import true_positions
 from .backbone import TokenBackbone
 
 
@@ -156,7 +157,7 @@ class MultiCropModel(nn.Module):
         """
         last = self._patch_head.last_layer
         if positions is None:
-            positions = masks.reshape(-1).nonzero().squeeze(1)
+            positions = true_positions(masks)
         return {"patch_masked": last(masked_rows(patch_z, masks, positions)),
                 "patch_mean": last(patch_z.flatten(0, 1).float().mean(0, keepdim=True)),
                 "patch_positions": positions}
