@@ -8,6 +8,7 @@ import pytest
 
 from ssl_distill.config import load_config
 from ssl_distill.data.boxes import BoxesWarning
+from ssl_distill.data.loader import build_train_loader
 from ssl_distill.engine.train import Trainer
 
 import test_bad_input
@@ -60,6 +61,24 @@ def test_odis_boxes_that_all_fall_outside_their_images_are_refused_leaving_no_ru
                    "outside their image, 4 of zero width or height): the object term would be 0 for the whole run; "
                    "give each box in its image's pixels, as COCO's [x, y, width, height]")
     assert not out.exists()
+
+
+def test_with_the_whole_image_fallback_boxes_that_all_fall_outside_still_train_every_image(tmp_path):
+    """odis.no_box=whole_image gives every image without a box an [OBJ] term on every patch, so a boxes file
+    that keeps no box is not a run whose object term would be 0."""
+    images = make_folder(tmp_path / "train", 4, 0)
+    names = sorted(p.relative_to(images).as_posix() for p in images.rglob("*.png"))
+    boxes = {"images": [{"id": i, "file_name": n, "width": 32, "height": 32} for i, n in enumerate(names)],
+             "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [40, 2, 8, 8]}
+                             for i in range(len(names))],
+             "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    cfg = load_config(CONFIG, [*tiny_overrides(images, tmp_path / "run"), "odis.weight=1", "odis.no_box=whole_image",
+                               f"data.boxes={tmp_path / 'boxes.json'}"])
+    with pytest.warns(BoxesWarning):
+        loader, _ = build_train_loader(cfg, None)
+    batch = next(iter(loader))
+    assert batch["obj_valid"].all() and all(m.all() for m in batch["obj_masks"])
 
 
 def test_a_monitor_no_step_computed_is_left_out_of_the_log_line(tmp_path):

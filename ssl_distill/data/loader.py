@@ -37,7 +37,7 @@ def build_train_loader(
         dataset = ImageFolderDataset(files, MultiCropTransform(crops))
     else:
         boxes = read_boxes(cfg.data.boxes, files.root, paths=files.paths)
-        if not boxes.report["images_with_boxes"]:
+        if not boxes.report["images_with_boxes"] and cfg.odis.no_box != "whole_image":  # else every image has [OBJ]
             r = boxes.report
             raise AnnotationError(
                 f"boxes file {cfg.data.boxes} leaves no box to train on ({r['images']} images listed, "
