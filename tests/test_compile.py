@@ -12,7 +12,7 @@ import torch
 from ssl_distill.checkpoints import load_file
 from ssl_distill.config import ConfigError, load_config
 from ssl_distill.engine import train as train_module
-from ssl_distill.engine.compile import compile_blocks, time_block
+from ssl_distill.engine.compile import compile_blocks, compile_wins, time_block
 from ssl_distill.engine.train import Trainer, train
 
 from test_dinov3_training import ROPE
@@ -57,6 +57,19 @@ def test_a_compiled_block_is_timed_against_the_eager_one(tmp_path):
     assert eager > 0 and compiled > 0 and warmup > 0
     assert all(not hasattr(b, "_compiled_call_impl") or b._compiled_call_impl is None
                for b in trainer.student.backbone.vit.blocks)  # timed on copies: the run's blocks stay eager
+
+
+def test_auto_compiles_measurement_leaves_the_runs_random_stream_alone(tmp_path, monkeypatch):
+    """The timed block copies draw drop path and RoPE coordinates: from a forked generator, so an ``auto`` run
+    draws what an ``on`` / ``off`` run with its seed draws (compiling itself is stubbed: its cost is not the point)."""
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: None)
+    overrides = [*tiny_overrides(make_folder(tmp_path / "data", 4, 0), tmp_path / "run"), *ROPE,
+                 "model.drop_path_rate=0.5"]
+    trainer = Trainer(load_config(CONFIG, overrides))
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    compile_wins(trainer.student.backbone, 4, 32, "fp32")
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_auto_compile_is_chosen_once_per_run(tmp_path, monkeypatch):

@@ -87,8 +87,12 @@ def time_block(backbone: TokenBackbone, batch_size: int, image_size: int, precis
 
 
 def compile_wins(backbone: TokenBackbone, batch_size: int, image_size: int, precision: str) -> tuple[bool, str]:
-    """``auto``'s measurement: whether the compiled block is faster here, and a line saying by how much."""
-    eager, compiled, warmup = time_block(backbone, batch_size, image_size, precision)
+    """``auto``'s measurement: whether the compiled block is faster here, and a line saying by how much. The
+    timed copies' drop path and RoPE coordinate draws come from a forked generator: the run's streams stay
+    as an ``on`` / ``off`` run's."""
+    device = next(backbone.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        eager, compiled, warmup = time_block(backbone, batch_size, image_size, precision)
     wins = compiled <= WIN * eager
     return wins, (f"a block's step takes {compiled * 1e3:.1f} ms compiled, {eager * 1e3:.1f} ms eager "
                   f"(compiled in {warmup:.0f} s)")
