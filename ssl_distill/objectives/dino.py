@@ -68,9 +68,8 @@ class DINOLoss(nn.Module):
     def terms(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
               masks: torch.Tensor | None, state: StepState) -> dict[str, torch.Tensor]:
         """The step's interface (see :mod:`~ssl_distill.objectives.base`): CLS logits of all views."""
-        w = state.dino_local_weight  # 1 but in DINOv3's Gram stage: then the call is DINO's own
-        out = (self(student["cls"], teacher["cls"], state.teacher_temp) if w == 1.0
-               else self(student["cls"], teacher["cls"], state.teacher_temp, local_weight=w))
+        # dino_local_weight is 1 but in DINOv3's Gram stage, and forward then computes DINO's own term
+        out = self(student["cls"], teacher["cls"], state.teacher_temp, local_weight=state.dino_local_weight)
         return {"loss": out["dino"] * self.weight, **out}
 
     def teacher_probabilities(self, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
