@@ -101,7 +101,7 @@ class MultiCropModel(nn.Module):
             x = torch.cat(crops[s:e])
             first = index == 0
             obj_mask = None if obj_masks is None else torch.cat(obj_masks[s:e])
-            if obj_mask is not None or (first and (masks is not None or patches or cls_attention or patch_tokens)):
+            if obj_mask is not None or (first and roles):
                 tokens = self.backbone.forward_tokens(x, mask=masks if first else None,
                                                       cls_attention=cls_attention and first, obj_mask=obj_mask)
                 cls_feats.append(tokens["cls"])
