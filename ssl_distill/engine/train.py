@@ -451,14 +451,14 @@ class Trainer:
         """A loader batch's (crops, data masks, object masks, object validity, Gram crops): the arguments of
         :meth:`train_step` after ``step`` (None where the batch has no such entry), on the run's device but
         the data masks and the object validity, which the step reads on the host first (where their True
-        entries are counted without waiting for a GPU) and then moves."""
+        entries are counted without waiting for a GPU) and then moves, and the Gram crops, which the step
+        moves only where the Gram term runs (before ``gram.start_step`` nothing reads them)."""
         dev = self.device
         crops = [c.to(dev, non_blocking=True) for c in batch["crops"]]
         masks = batch.get("masks")
         objects = [m.to(dev, non_blocking=True) for m in batch["obj_masks"]] if "obj_masks" in batch else None
         valid = batch.get("obj_valid")
-        gram = [c.to(dev, non_blocking=True) for c in batch["gram_crops"]] if "gram_crops" in batch else None
-        return crops, masks, objects, valid, gram
+        return crops, masks, objects, valid, batch.get("gram_crops")
 
     def train_step(self, crops: list[torch.Tensor], step: int, data_masks: list[torch.Tensor] | None = None,
                    obj_masks: list[torch.Tensor] | None = None, obj_valid: torch.Tensor | None = None,
@@ -468,7 +468,7 @@ class Trainer:
 
         ``data_masks``: per global view (B, P) iBOT masks from the data; ``obj_masks``: per view (B, P_v)
         object masks and ``obj_valid`` (B, V) from ODIS's object-aware crops (see ``data/object_crops.py``);
-        ``gram_crops``: per global view (B, 3, g, g), the frozen Gram teacher's input. The networks build
+        ``gram_crops``: per global view (B, 3, g, g), the frozen Gram teacher's input (moved here). The networks build
         what the objectives read (``self.reads``) and nothing else; the Gram teacher runs only while the
         Gram term's weight is above 0.
 
@@ -507,7 +507,8 @@ class Trainer:
             if self.gram is not None and state.gram_weight > 0:
                 if gram_crops is None:
                     raise ValueError("the Gram teacher reads the batch's Gram crops: set data.crops.gram_size")
-                teacher_out["gram_patch"] = self.gram.patches(gram_crops)
+                teacher_out["gram_patch"] = self.gram.patches([c.to(self.device, non_blocking=True)
+                                                               for c in gram_crops])
         terms = [objective.terms(student_out, teacher_out, masks, state) for objective in self.objectives]
         loss = sum(t.pop("loss") for t in terms)
         schedule = {"lr": lr, "wd": wd, "momentum": momentum, "teacher_temp": state.teacher_temp}
