@@ -193,10 +193,16 @@ def qkv_from_input(attn: nn.Module, x: Tensor, rope: Tensor | None = None) -> tu
     the block was called with (patch tokens only), exactly as timm's ``Attention`` / ``EvaAttention``
     forward does before the product.
     """
+    return _qkv(attn, x, rope)[:3]
+
+
+def _qkv(attn: nn.Module, x: Tensor, rope: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """:func:`qkv_from_input`'s q, k, v, and k before the RoPE rotation (None without ``rope``), float32."""
     q, k, v = _projections(attn, x)
+    content = None
     if rope is not None:
-        q, k = _rotated(attn, q, rope), _rotated(attn, k, rope)
-    return q.float(), k.float(), v.float()
+        q, k, content = _rotated(attn, q, rope), _rotated(attn, k, rope), k.float()
+    return q.float(), k.float(), v.float(), content
 
 
 def _projections(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -275,11 +281,7 @@ def _run_with_hooks(
     def make_hook(i: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             inp = args[0] if args else kwargs["x"]
-            q, k, v = _projections(module, inp)
-            rope, content = kwargs.get("rope"), None
-            if rope is not None:
-                q, k, content = _rotated(module, q, rope), _rotated(module, k, rope), k.float()
-            q, k, v = q.float(), k.float(), v.float()
+            q, k, v, content = _qkv(module, inp, kwargs.get("rope"))
             bias = _additive_mask(kwargs.get("attn_mask"), torch.float32)
             if kwargs.get("is_causal"):
                 n = q.shape[2]
