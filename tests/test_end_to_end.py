@@ -104,9 +104,9 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(folders, t
     original = trainer.objectives[0].forward  # the DINO term
     calls = {"n": 0}
 
-    def poisoned(student_out, teacher_out, temp):
+    def poisoned(*args, **kwargs):
         calls["n"] += 1
-        out = original(student_out, teacher_out, temp)
+        out = original(*args, **kwargs)
         if calls["n"] == 5:
             out["dino"] = out["dino"] * float("nan")
         return out
