@@ -163,6 +163,26 @@ def interleaved_seconds_per_step(methods: dict[str, tuple[str, list[str]]],
                 for name, (trainer, _) in steppers.items()}
 
 
+def run_step_times(methods: dict[str, tuple[str, list[str]]]) -> dict[str, tuple[float, int, str]]:
+    """Each method's (seconds per step over its whole run, steps per epoch, precision), the steps timed in turn
+    (:func:`interleaved_seconds_per_step`); a recipe whose Gram term starts later is also timed with the term on,
+    and its figure is the two weighted by the share of the run before the term (:func:`gram_from_the_start`)."""
+    timed = dict(methods)
+    later_gram = {name: gram_from_the_start(recipe, overrides) for name, (recipe, overrides) in methods.items()}
+    later_gram = {name: found for name, found in later_gram.items() if found is not None}
+    for name, (start, _) in later_gram.items():
+        timed[f"{name}, Gram term on"] = (timed[name][0], [*timed[name][1], *start])
+    timing = interleaved_seconds_per_step(timed)
+    for name, (sec, _, precision) in timing.items():
+        print(f"{name}: {sec:.3f} s/step ({precision})", flush=True)
+    for name, (_, before) in later_gram.items():  # the run's mean step: before the Gram term, then with it
+        sec, iters, precision = timing[name]
+        timing[name] = (before * sec + (1 - before) * timing.pop(f"{name}, Gram term on")[0], iters, precision)
+        print(f"{name}: {timing[name][0]:.3f} s/step over the run ({before:.0%} of it before the Gram term)",
+              flush=True)
+    return timing
+
+
 def cli(*args: str, log: Path | None = None, threads: int | None = None) -> None:
     """Run one ``ssl-distill`` subcommand with this Python, echoing it; a failure stops the benchmark.
 
@@ -225,19 +245,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # every step time first, the methods' steps in turn: they set the epochs; training then may share the CPU
-    timed = {name: (recipe, [*data, *extra]) for name, (recipe, extra) in methods.items()}
-    later_gram = {name: gram_from_the_start(recipe, overrides) for name, (recipe, overrides) in timed.items()}
-    later_gram = {name: found for name, found in later_gram.items() if found is not None}
-    for name, (start, _) in later_gram.items():
-        timed[f"{name}, Gram term on"] = (timed[name][0], [*timed[name][1], *start])
-    timing = interleaved_seconds_per_step(timed)
-    for name, (sec, _, precision) in timing.items():
-        print(f"{name}: {sec:.3f} s/step ({precision})", flush=True)
-    for name, (_, before) in later_gram.items():  # the run's mean step: before the Gram term, then with it
-        sec, iters, precision = timing[name]
-        timing[name] = (before * sec + (1 - before) * timing.pop(f"{name}, Gram term on")[0], iters, precision)
-        print(f"{name}: {timing[name][0]:.3f} s/step over the run ({before:.0%} of it before the Gram term)",
-              flush=True)
+    timing = run_step_times({name: (recipe, [*data, *extra]) for name, (recipe, extra) in methods.items()})
     rows = []
     for name, (recipe, extra) in methods.items():
         sec, iters, precision = timing[name]

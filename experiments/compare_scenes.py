@@ -13,6 +13,11 @@ boxes discovered without labels, each given the same seed and the same wall-cloc
    --dinoseg-head mean`` (DINO-seg on the heads' mean [CLS] attention); ``object-knn --mode pixels``: the
    box crops' raw pixels, the bar (b) must clear.
 
+``--dinov3``: DINO against the DINOv3-style twin (``dinov3_tiny_scenes.yaml``: RoPE, registers, LayerScale,
+DINOv3's objectives) without and with Gram anchoring, the same way (the random-init row is the twin's
+architecture; its own docs section); the Gram recipe's step keys scale with its length, as in
+``compare_objectives.py --dinov3``.
+
 With ``--set model.init_from=RUN`` every run starts from that model (ODIS's [OBJ] token from its [CLS]), and
 the table gets a row for that model as it is, before any training on the scenes. ``--variants`` adds rows of
 ODIS on ground-truth boxes with overrides (``sep=ibot.shared_head=false``), timed and trained like the others.
@@ -28,7 +33,7 @@ mean ± sd over the seeds: on these tiny models one seed cannot tell a few point
 4-epoch run on the plain scenes is 24.4% with seed 0 and 12.4% with seed 1). The step times are measured once.
 
 Usage: python experiments/compare_scenes.py [--budget-min 6] [--out runs/scenes_compare] [--seeds 0 [1 ...]]
-           [--set KEY=VALUE ...] [--variants NAME=KEY=VALUE,...] [--parallel N]
+           [--set KEY=VALUE ...] [--variants NAME=KEY=VALUE,...] [--parallel N] [--dinov3]
 Writes ``<out>/table.md``, ``<out>/table.json`` and, as each run ends, a line of ``rows.jsonl`` beside it; run it
 alone on the machine.
 """
@@ -44,7 +49,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from compare_objectives import cli, parse_variants, seconds_per_step, write_table
+from compare_objectives import NO_GRAM, cli, gram_steps, parse_variants, run_step_times, write_table
 from ssl_distill.hardware import cuda_line, hardware_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,9 +80,11 @@ HEADER = ["pretraining", "epochs", "object k-NN: [OBJ] + box mask (a)", "[CLS] o
 
 
 def run_seed(seed: int, out: Path, scenes: Path, methods: dict[str, tuple[str, list[str], Path]],
-             timing: dict[str, tuple[float, int, str]], budget_min: float, parallel: int) -> tuple[list[dict], list[str]]:
-    """Train and evaluate every method with ``run.seed = seed`` under ``out``; the rows (random init first)
-    and the failures. ``methods``' run directories are relative to ``out``."""
+             timing: dict[str, tuple[float, int, str]], budget_min: float, parallel: int,
+             random_init_as: str) -> tuple[list[dict], list[str]]:
+    """Train and evaluate every method with ``run.seed = seed`` under ``out``; the rows (random init first, the
+    architecture of method ``random_init_as``) and the failures. ``methods``' run directories are relative to
+    ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     found = out / "dino_discovered_train"
     (out / "rows.jsonl").write_text("")  # this call's rows only
@@ -97,10 +104,12 @@ def run_seed(seed: int, out: Path, scenes: Path, methods: dict[str, tuple[str, l
             overrides = [*overrides, f"data.boxes={found / 'boxes.json'}"]
         sec, iters, precision = timing[name]
         epochs = round(budget_min * 60 / (sec * iters), 3)
+        scaled = gram_steps(recipe, overrides, epochs, iters)  # a Gram term covers the same part of the run
         t0 = time.perf_counter()
         try:
-            cli("train", str(ROOT / "configs" / recipe), *overrides, f"run.seed={seed}", f"optim.epochs={epochs}",
-                f"run.output_dir={run_dir}", "run.progress=false", "--fresh", log=log, threads=threads)
+            cli("train", str(ROOT / "configs" / recipe), *overrides, *scaled, f"run.seed={seed}",
+                f"optim.epochs={epochs}", f"run.output_dir={run_dir}", "run.progress=false", "--fresh", log=log,
+                threads=threads)
             train_min = (time.perf_counter() - t0) / 60
             if name == "DINO" and "ODIS (discovered boxes)" in methods:  # the label-free loop: DINO's boxes
                 cli("discover", str(run_dir), "--images", str(scenes / "train"), "--out", str(found), log=log,
@@ -108,7 +117,7 @@ def run_seed(seed: int, out: Path, scenes: Path, methods: dict[str, tuple[str, l
         finally:
             if name == "DINO":
                 boxes_written.set()
-        rows[name] = {"method": name, "seed": seed, "seconds_per_step": sec, "epochs": epochs,
+        rows[name] = {"method": name, "seed": seed, "overrides": scaled, "seconds_per_step": sec, "epochs": epochs,
                       "train_minutes": train_min, "precision": precision,
                       **evaluate(str(run_dir), scenes, run_dir, log=log, threads=threads)}
         print(json.dumps(rows[name]), flush=True)
@@ -120,9 +129,9 @@ def run_seed(seed: int, out: Path, scenes: Path, methods: dict[str, tuple[str, l
         order = sorted(methods, key=lambda name: "discovered" in name)
         futures = [pool.submit(train_and_evaluate, name) for name in order]
         errors = [f.exception() for f in futures]
-    # the same ODIS architecture at random init (its [OBJ] token too), drawn with this seed
-    random_init = {"method": "random init", "seed": seed, "epochs": 0.0,
-                   **evaluate(str(out / methods["ODIS (ground-truth boxes)"][2]), scenes, out, random_init=True)}
+    # that method's architecture at random init (ODIS's: its [OBJ] token too), drawn with this seed
+    random_init = {"method": f"random init ({random_init_as}'s architecture)", "seed": seed, "epochs": 0.0,
+                   **evaluate(str(out / methods[random_init_as][2]), scenes, out, random_init=True)}
     failed = [f"seed {seed}, {name}: {e}" for name, e in zip(order, errors) if e is not None]
     return [random_init] + [rows[name] for name in methods if name in rows], failed
 
@@ -163,7 +172,11 @@ def main() -> None:
     ap.add_argument("--docs", action="store_true", help="also write the table into docs/results.md (its section)")
     ap.add_argument("--skip-discovered", action="store_true",
                     help="no ODIS on discovered boxes (it waits for DINO: a second budget of wall-clock)")
+    ap.add_argument("--dinov3", action="store_true",
+                    help="DINO against the DINOv3-style twin without and with Gram anchoring (no ODIS rows)")
     args = ap.parse_args()
+    if args.dinov3 and args.variants:
+        ap.error("--variants adds ODIS rows, which --dinov3 has not")
     if any(o.startswith("run.seed=") for o in args.set):
         ap.error("give seeds with --seeds, not --set run.seed=...")
     if len(set(args.seeds)) != len(args.seeds):
@@ -187,22 +200,27 @@ def main() -> None:
                                                              Path(f"odis_{name}")) for name, extra in variants.items()},
         "ODIS (discovered boxes)": ("odis_tiny_scenes.yaml", common, Path("odis_discovered")),
     }
-    if args.skip_discovered:
+    random_init_as = "ODIS (ground-truth boxes)"
+    if args.dinov3:
+        methods = {"DINO": methods["DINO"],
+                   "DINOv3-style": ("dinov3_tiny_scenes.yaml", [*common, *NO_GRAM], Path("dinov3")),
+                   "DINOv3-style + Gram": ("dinov3_tiny_scenes.yaml", common, Path("dinov3_gram"))}
+        random_init_as = "DINOv3-style"
+    elif args.skip_discovered:
         del methods["ODIS (discovered boxes)"]
-    # step times on the quiet machine first, once for every seed (discovered boxes are not there yet: time ODIS
-    # on the true ones)
-    timing = {name: seconds_per_step(recipe, overrides)
-              for name, (recipe, overrides, _) in methods.items() if "discovered" not in name}
+    # step times on the quiet machine first, in turn, once for every seed (discovered boxes are not there yet:
+    # time ODIS on the true ones)
+    timing = run_step_times({name: (recipe, overrides) for name, (recipe, overrides, _) in methods.items()
+                             if "discovered" not in name})
     if "ODIS (discovered boxes)" in methods:
         timing["ODIS (discovered boxes)"] = timing["ODIS (ground-truth boxes)"]
-    for name, (sec, _, precision) in timing.items():
-        print(f"{name}: {sec:.3f} s/step ({precision})", flush=True)
     several = len(args.seeds) > 1
     table: list[dict] = []
     failed: list[str] = []
     for seed in args.seeds:
         seed_out = out / f"seed{seed}" if several else out
-        rows, errors = run_seed(seed, seed_out, scenes, methods, timing, args.budget_min, args.parallel)
+        rows, errors = run_seed(seed, seed_out, scenes, methods, timing, args.budget_min, args.parallel,
+                                random_init_as)
         table += rows
         failed += errors
         if several:  # each seed's own table beside its runs
@@ -221,7 +239,8 @@ def main() -> None:
     lines += [f"| {failure} | | | | | | |" for failure in failed]
     table.insert(0, {"method": "raw pixels of the box crop", "knn_pixels": pixels})
     write_table(out, f"Scene benchmark ({scenes})", HEADER, lines, table, args.budget_min, hardware=hardware,
-                seeds=args.seeds, docs="experiments/compare_scenes.py" if args.docs else None)
+                seeds=args.seeds,
+                docs=("experiments/compare_scenes.py" + (" --dinov3" if args.dinov3 else "")) if args.docs else None)
     if failed:
         sys.exit("some runs failed:\n" + "\n".join(failed))
 
