@@ -1,6 +1,7 @@
 """One feature per box of a COCO boxes file, for object-level evaluation (ODIS's "masks at inference time",
 Hızlı et al. 2025): the [OBJ] token with the box's patch mask, the CLS of the box crop, or the CLS of the
-whole scene (:func:`extract_box_features`); and the raw-pixel baseline of a box (:func:`pixel_crop_feature`).
+whole scene (:func:`extract_box_features`), the box crop resized to the view or pasted at the scene's scale on a
+black canvas; and the raw-pixel baseline of a box (:func:`pixel_crop_feature`).
 """
 from __future__ import annotations
 
@@ -23,12 +24,13 @@ __all__ = [
     "boxes_to_view",
     "crop_tensor",
     "extract_box_features",
+    "native_crop_tensor",
     "pixel_crop_feature",
     "scene_tensor",
 ]
 
 
-BOX_MODES = ("obj", "crop", "scene")
+BOX_MODES = ("obj", "crop", "crop_native", "scene")
 
 
 def _normalized(img: Any, mean: Sequence[float], std: Sequence[float]) -> Tensor:
@@ -71,6 +73,26 @@ def crop_tensor(img: Any, box: Sequence[float], size: int, mean: Sequence[float]
     rgb = img.convert("RGB")
     crop = rgb.crop(_pixel_box(box, rgb.width, rgb.height))
     return _normalized(crop.resize((size, size), Image.Resampling.BICUBIC), mean, std)
+
+
+def native_crop_tensor(img: Any, box: Sequence[float], size: int, mean: Sequence[float], std: Sequence[float]
+                       ) -> Tensor:
+    """The box's pixels (rounded outward, as :func:`crop_tensor`) at the scale the scene view shows them (the
+    image resized to ``size x size``, as :func:`scene_tensor`), pasted centred on a black ``size x size``
+    canvas, normalized: (3, size, size). The object keeps its apparent size in the scene instead of being
+    upsampled to fill the view (ODIS's [OBJ] with a box mask against the [CLS] of the object at matched scale)."""
+    from PIL import Image
+
+    rgb = img.convert("RGB")
+    x0, y0, x1, y1 = _pixel_box(box, rgb.width, rgb.height)
+    crop = rgb.crop((x0, y0, x1, y1))
+    w = min(size, max(1, round((x1 - x0) * size / rgb.width)))
+    h = min(size, max(1, round((y1 - y0) * size / rgb.height)))
+    if crop.size != (w, h):
+        crop = crop.resize((w, h), Image.Resampling.BICUBIC)
+    canvas = Image.new("RGB", (size, size))  # black
+    canvas.paste(crop, ((size - w) // 2, (size - h) // 2))
+    return _normalized(canvas, mean, std)
 
 
 def pixel_crop_feature(img: Any, box: Sequence[float], size: int = 28) -> Tensor:
@@ -141,6 +163,8 @@ def extract_box_features(
       (:func:`~ssl_distill.data.boxes.patch_mask_from_boxes`). The scene is repeated once per box, so a
       batch holds ``batch_size`` boxes. Needs a backbone with ``has_obj_token``;
     - ``crop``: the CLS output of the box crop (:func:`crop_tensor`, resized to the view size);
+    - ``crop_native``: the CLS output of the box crop at the scene view's scale, centred on a black canvas
+      (:func:`native_crop_tensor`);
     - ``scene``: the CLS output of the whole scene, repeated for each of its boxes.
 
     Args:
@@ -239,12 +263,12 @@ def _boxed_images(root: Path, boxes: Any) -> tuple[list[str], list[_ImageBoxes],
 @dataclass
 class _Views:
     """What the model sees of a few images: their scene views (S, 3, size, size) and the scene row of each
-    of their B boxes (B,); the boxes' crop views (3, size, size) and (h * w,) patch masks where those modes
-    run; and per image, its boxes (K, 4) float32, their labels (K,) and the image's index (K,)."""
+    of their B boxes (B,); the boxes' crop views (3, size, size) per crop mode and (h * w,) patch masks where
+    those modes run; and per image, its boxes (K, 4) float32, their labels (K,) and the image's index (K,)."""
 
     scenes: Tensor
     row: Tensor
-    crops: list[Tensor]
+    crops: dict[str, list[Tensor]]
     masks: list[Tensor]
     boxes: list[Tensor]
     labels: list[Tensor]
@@ -258,7 +282,9 @@ def _load_views(root: Path, names: list[str], per_image: list[_ImageBoxes], indi
 
     from ssl_distill.data.boxes import patch_mask_from_boxes
 
-    scenes, rows, crops, masks, all_boxes, labels, index = [], [], [], [], [], [], []
+    scenes, rows, masks, all_boxes, labels, index = [], [], [], [], [], []
+    crop_views = {"crop": crop_tensor, "crop_native": native_crop_tensor}
+    crops: dict[str, list[Tensor]] = {m: [] for m in crop_views if m in modes}
     for i in indices:
         with Image.open(root / names[i]) as im:
             img = im.convert("RGB")
@@ -275,8 +301,9 @@ def _load_views(root: Path, names: list[str], per_image: list[_ImageBoxes], indi
         all_boxes.append(xyxy)
         labels.append(cats.long())
         index.append(torch.full((len(xyxy),), i, dtype=torch.long))
-        if "crop" in modes:
-            crops += [crop_tensor(img, b.tolist(), size, mean, std) for b in xyxy]
+        for mode, view in crop_views.items():
+            if mode in modes:
+                crops[mode] += [view(img, b.tolist(), size, mean, std) for b in xyxy]
         if "obj" in modes and not whole:
             masks.append(patch_mask_from_boxes(boxes_to_view(xyxy, w, h, size), size, size, patch))
     return _Views(torch.stack(scenes), torch.tensor(rows, dtype=torch.long), crops, masks, all_boxes, labels, index)
@@ -286,8 +313,8 @@ def _forward_mode(model: nn.Module, views: _Views, mode: str, batch_size: int, d
     """(B, D) float32 features of the views' boxes in ``mode`` (the :class:`_BoxForward` ``model``)."""
     if mode == "scene":
         return _forward(model, views.scenes, None, False, batch_size, device)[views.row]
-    if mode == "crop":
-        return _forward(model, torch.stack(views.crops), None, False, batch_size, device)
+    if mode in views.crops:
+        return _forward(model, torch.stack(views.crops[mode]), None, False, batch_size, device)
     obj_mask = torch.cat(views.masks) if views.masks else None  # none: whole images, [OBJ] attends everywhere
     return _forward(model, views.scenes[views.row], obj_mask, True, batch_size, device)
 

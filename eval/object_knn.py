@@ -3,10 +3,12 @@ classified from the train objects.
 
 ODIS (Hızlı, Yıldız, Marttinen 2025, "Object-level Self-Distillation for Vision Pretraining", arXiv
 2506.05409) reports k-NN "using masks at inference time": the [OBJ] token attends to the object's patches
-only. Three features per object (:func:`ssl_distill.eval.box_features.extract_box_features`):
+only. Four features per object (:func:`ssl_distill.eval.box_features.extract_box_features`):
 
 - ``obj``: the [OBJ] output on the whole scene with the box's patch mask (ODIS models only);
 - ``crop``: the CLS output of the box crop resized to the view size;
+- ``crop_native``: the CLS output of the box crop at the scene's scale, centred on a black canvas (the
+  object as large as in the scene, not upsampled: [OBJ]'s fair comparison);
 - ``scene``: the CLS output of the whole scene (every object of a scene gets the same feature: the
   image-level baseline, which cannot tell a scene's objects apart).
 

@@ -17,7 +17,8 @@ Evaluations (``ssl-distill object-knn``, k = 20, T = 0.07, teacher):
     with the item's box mask (``obj`` on ``items/``) and with every patch (``obj`` on ``items_whole/``, whose
     box is the whole canvas);
 (2) object level on the multi-item test canvases: [OBJ] + box mask (``obj``) against [CLS] of the box crop
-    (``crop``: resized to the view, so upsampled; a native-scale paste is not built);
+    pasted at the canvas's scale on a black canvas (``crop_native``: the item as large as in the scene, as the
+    centred items of (1) are, not upsampled);
 (3) the ODIS - iBOT gap per item count beside the plain pairs' disagreement rate (``--stats``' first figure).
 
 Modes:
@@ -140,8 +141,8 @@ def evaluate(run: Path, data: Path, k: int, has_obj: bool) -> dict[str, float]:
             str(SIZE), "--batch-size", "256")
         return json.loads(out.read_text())["accuracy"][mode]["top1"]
 
-    row = {"image_cls": knn(data / "items", "scene", "eval1_cls"), "object_crop": knn(data / f"scenes{k}", "crop",
-                                                                                       "eval2_crop")}
+    row = {"image_cls": knn(data / "items", "scene", "eval1_cls"),
+           "object_crop": knn(data / f"scenes{k}", "crop_native", "eval2_crop_native")}
     if has_obj:
         row |= {"image_obj_box": knn(data / "items", "obj", "eval1_obj_box"),
                 "image_obj_all": knn(data / "items_whole", "obj", "eval1_obj_all"),
@@ -172,7 +173,7 @@ def table(rows: list[dict], disagree: dict[int, dict[str, float]], hardware: str
     cols = ("image_cls", "image_obj_box", "image_obj_all", "object_obj", "object_crop")
     lines = [f"ODIS benchmark (black canvases, {SIZE} px), {budget}; {hardware}", "",
              "| items | plain pairs disagree | method | (1) [CLS] | (1) [OBJ] box | (1) [OBJ] all | (2) [OBJ] box | "
-             "(2) [CLS] crop |", "|---|---|---|---|---|---|---|---|"]
+             "(2) [CLS] native crop |", "|---|---|---|---|---|---|---|---|"]
     for k in sorted({r["items"] for r in rows}):
         dis = disagree.get(k, {}).get("plain_disagree")
         for method in METHODS:

@@ -100,9 +100,11 @@ def object_knn_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?",
                    help="run directory, checkpoint file, or official DINO / iBOT / DINOv2 file (not for --mode pixels)")
     p.add_argument("--scenes", required=True, help="folder written by make-scenes (train/ and test/ with boxes.json)")
-    p.add_argument("--mode", default="all", choices=["obj", "crop", "scene", "all", "pixels"],
-                   help="obj: [OBJ] with each box's patch mask; crop: CLS of the box crop; scene: CLS of the whole "
-                        "scene; all (default): every mode the model has; pixels: the box crop's raw pixels, no model")
+    p.add_argument("--mode", default="all", choices=["obj", "crop", "crop_native", "scene", "all", "pixels"],
+                   help="obj: [OBJ] with each box's patch mask; crop: CLS of the box crop resized to the view; "
+                        "crop_native: CLS of the box crop at the scene's scale on a black canvas; scene: CLS of the "
+                        "whole scene; all (default): every mode the model has; pixels: the box crop's raw pixels, "
+                        "no model")
     p.add_argument("--pixel-size", type=int, default=28,
                    help="--mode pixels: side the gray box crop is resized to (default 28, Fashion-MNIST's)")
     p.add_argument("--k", type=int, default=20, help="neighbours (default 20)")

@@ -24,7 +24,13 @@ from ssl_distill.checkpoints import FORMAT, atomic_save, load_backbone
 from ssl_distill.config import config_to_dict, load_config
 from ssl_distill.data.boxes import patch_mask_from_boxes, read_boxes
 from ssl_distill.data.scenes import SceneSettings, build_scene_benchmark
-from ssl_distill.eval.box_features import boxes_to_view, crop_tensor, extract_box_features, scene_tensor
+from ssl_distill.eval.box_features import (
+    boxes_to_view,
+    crop_tensor,
+    extract_box_features,
+    native_crop_tensor,
+    scene_tensor,
+)
 from ssl_distill.eval.features import ImageSettings
 from ssl_distill.eval.object_knn import NO_OBJ_TOKEN
 from ssl_distill.models import ViTBackbone, spec_from_config
@@ -72,6 +78,25 @@ def test_boxes_to_view_and_patch_masks_by_hand():
     assert mask.tolist() == [[True, True, False, False], [True, True, True, True]]
 
 
+def test_native_crop_keeps_the_scene_scale_on_black_by_hand():
+    """A (W, H) = (64, 32) image viewed at 16 x 16 (x by 1/4, y by 1/2): the white box [8, 4, 24, 20] (16 x 16
+    pixels) becomes 4 x 8 pixels, centred at column 6, row 4 of a black canvas; at the image's own size the
+    box's pixels are copied as they are."""
+    arr = np.full((32, 64, 3), 90, np.uint8)
+    arr[4:20, 8:24] = 255
+    img = Image.fromarray(arr)
+    mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
+    expect = torch.zeros(3, 16, 16)
+    expect[:, 4:12, 6:10] = 1.0
+    torch.testing.assert_close(native_crop_tensor(img, [8.2, 4.0, 23.9, 20.0], 16, MEAN, STD), (expect - mean) / std)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)  # viewed at its own size: copied, not resampled
+    expect = torch.zeros(3, 32, 32)
+    expect[:, 12:19, 11:21] = torch.from_numpy(pixels[5:12, 3:13].astype(np.float32)).permute(2, 0, 1) / 255
+    got = native_crop_tensor(Image.fromarray(pixels), [3, 5, 13, 12], 32, MEAN, STD)  # 10 x 7, centred
+    torch.testing.assert_close(got, (expect - mean) / std)
+
+
 def test_crop_feature_equals_cls_of_a_manual_crop_and_scene_feature_repeats(bench: Path, tmp_path: Path):
     backbone, cfg = load_backbone(tiny_checkpoint(tmp_path / "t.pth"))
     settings = ImageSettings(32, 32, MEAN, STD)
@@ -104,7 +129,7 @@ def test_crop_feature_equals_cls_of_a_manual_crop_and_scene_feature_repeats(benc
 
 def test_object_knn_command_crop_and_scene(bench: Path, tmp_path: Path):
     ckpt = tiny_checkpoint(tmp_path / "t.pth")
-    for mode in ("crop", "scene"):
+    for mode in ("crop", "crop_native", "scene"):
         out = tmp_path / f"{mode}.json"
         proc = _cli("object-knn", str(ckpt), "--scenes", str(bench), "--mode", mode, "--out", str(out))
         assert proc.returncode == 0, proc.stderr
@@ -127,7 +152,7 @@ def test_object_knn_command_crop_and_scene(bench: Path, tmp_path: Path):
     assert proc.returncode == 1 and proc.stderr.strip() == f"error: {NO_OBJ_TOKEN}"
     proc = _cli("object-knn", str(ckpt), "--scenes", str(bench), "--out", str(tmp_path / "all.json"))
     assert proc.returncode == 0 and NO_OBJ_TOKEN in proc.stdout
-    assert json.loads((tmp_path / "all.json").read_text())["modes"] == ["crop", "scene"]
+    assert json.loads((tmp_path / "all.json").read_text())["modes"] == ["crop", "crop_native", "scene"]
 
 
 @pytest.mark.skipif(not HAS_OBJ, reason="ViTBackbone has no [OBJ] token yet (has_obj_token): MODEL helper's part")
@@ -162,7 +187,7 @@ def test_obj_mode_uses_each_box_mask(bench: Path, tmp_path: Path):
     proc = _cli("object-knn", str(ckpt), "--scenes", str(bench), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     res = json.loads(out.read_text())
-    assert res["modes"] == ["obj", "crop", "scene"] and res["notes"] == []
+    assert res["modes"] == ["obj", "crop", "crop_native", "scene"] and res["notes"] == []
     assert res["details"]["obj"]["n_test_features"] == res["n_test"] == feats.labels.numel()
 
 

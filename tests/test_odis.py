@@ -62,7 +62,7 @@ def test_odis_trains_stops_resumes_bit_identically_and_evaluates(scenes, tmp_pat
     out = cli("object-knn", str(full), "--scenes", str(root), "--mode", "all")
     assert out.returncode == 0, out.stderr
     result = json.loads((full / "object_knn.json").read_text())
-    assert result["modes"] == ["obj", "crop", "scene"] and result["n_test"] > 12  # 1-4 objects per test scene
+    assert result["modes"] == ["obj", "crop", "crop_native", "scene"] and result["n_test"] > 12  # 1-4 objects per test scene
     assert all(0 <= result["accuracy"][m]["top1"] <= 100 for m in result["modes"])
     out = cli("discover", str(full), "--coco", str(root / "test" / "boxes.json"), "--images", str(root / "test"),
               "--out", str(tmp_path / "disc"))
