@@ -7,7 +7,8 @@ shorter side, center crop, normalize) in fp32 by default, as DINO's evaluations 
 option, see :func:`~ssl_distill.models.frozen_features.prepare_inference`), and caches the result on disk,
 keyed by a hash of the weights, the feature layout, the image settings, the precision and the folder's
 file list (names, labels, sizes, modification times): a changed checkpoint or data set extracts again,
-an unchanged one is read back.
+an unchanged one is read back. With ``boxes`` (the ``obj`` layout), ODIS's [OBJ] token of each image reads
+the patches of the view its boxes touch (:func:`view_box_masks`).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ __all__ = [
     "check_same_classes",
     "extract_folder",
     "extract_train_val",
+    "view_box_masks",
 ]
 
 
@@ -104,6 +106,55 @@ class FeatureSet:
     cached: bool = False
 
 
+def view_box_masks(files: FileList, boxes: str | Path, settings: ImageSettings, patch_size: int) -> tuple[Tensor, int]:
+    """Which patches of each image's evaluation view its boxes touch: (N, P) bool, and how many images read
+    every patch instead.
+
+    ``boxes``: a COCO boxes file (``make-scenes`` / ``discover`` write them), relative to ``files.root`` unless
+    absolute. The boxes go through the view's resize and centre crop (:meth:`EvalTransform.boxes_to_view`); an
+    image's row is the union of its boxes' patches
+    (:func:`~ssl_distill.data.boxes.patch_mask_from_boxes`), or every patch (the all-patch ``obj`` read-out)
+    for an image without a box or whose boxes all fall outside the crop: those are counted.
+    """
+    from PIL import Image
+
+    from ssl_distill.data.boxes import patch_mask_from_boxes, read_boxes
+    from ssl_distill.data.eval_transform import EvalTransform
+
+    path = Path(boxes)
+    path = path if path.is_absolute() else files.root / path
+    found = read_boxes(path, files.root, paths=files.paths)
+    view, size = EvalTransform(settings.image_size, settings.resize_size), settings.image_size
+    masks = torch.ones(len(files), (size // patch_size) ** 2, dtype=torch.bool)
+    every_patch = 0
+    for i, rel in enumerate(files.paths):
+        xyxy, _ = found.boxes_for(rel)
+        row = None
+        if len(xyxy):
+            with Image.open(files.abspath(i)) as im:
+                boxes_in_view = view.boxes_to_view(torch.from_numpy(xyxy), *im.size)
+            row = patch_mask_from_boxes(boxes_in_view, size, size, patch_size).any(0)
+        if row is None or not row.any():
+            every_patch += 1
+        else:
+            masks[i] = row
+    return masks, every_patch
+
+
+class _WithMasks:
+    """Iterates a loader, adding each batch's rows of ``masks`` (N, P) as ``obj_mask``."""
+
+    def __init__(self, loader: Any, masks: Tensor) -> None:
+        self.loader, self.dataset, self.masks = loader, loader.dataset, masks
+
+    def __iter__(self):  # noqa: ANN204
+        for batch in self.loader:
+            yield {**batch, "obj_mask": self.masks[torch.as_tensor(batch["index"], dtype=torch.long)]}
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
 class _CountBad:
     """Iterates a loader and sums the batches' ``bad`` (substituted unreadable images) counts."""
 
@@ -142,6 +193,7 @@ def extract_folder(
     cache_dir: str | Path | None = None,
     weights_key: str | None = None,
     max_bad_fraction: float = 0.01,
+    boxes: str | Path | None = None,
 ) -> FeatureSet:
     """Features of every image of a labeled folder, from the disk cache when nothing changed.
 
@@ -154,6 +206,9 @@ def extract_folder(
         cache_dir: where ``<folder name>-<key>.pt`` files live; None disables caching.
         weights_key: fingerprint of the weights if already known (default: hashed here).
         max_bad_fraction: above this share of unreadable (substituted) images, raise DataError.
+        boxes: a COCO boxes file of the folder (relative to it unless absolute) for the ``obj`` layout: each
+            image's [OBJ] reads the patches its boxes touch (:func:`view_box_masks`; the file's size and time
+            are part of the cache key, ``meta["images_reading_every_patch"]`` counts images without a box).
     """
     from ssl_distill.checkpoints import atomic_save
     from ssl_distill.data.folder import FileList, scan_image_folder
@@ -163,12 +218,21 @@ def extract_folder(
     device = torch.device(device)
     amp_dtype_for(precision, device)  # validates before any work
     settings.check_fits(extractor.backbone)
+    if boxes is not None and extractor.spec.layout != "obj":
+        raise ValueError(f"boxes select the patches ODIS's [OBJ] token reads: they need the obj feature layout, "
+                         f"not {extractor.spec.layout!r}")
     files = folder if isinstance(folder, FileList) else scan_image_folder(folder, labeled=True)
     meta: dict[str, Any] = {
         "folder": str(files.root), "n": len(files), "layout": extractor.spec.layout,
         "n_last_blocks": extractor.spec.n_last_blocks, "image": dataclasses.asdict(settings),
         "precision": precision, "dtype": str(dtype).replace("torch.", ""),
     }
+    masks = None
+    if boxes is not None:
+        masks, every_patch = view_box_masks(files, boxes, settings, int(getattr(extractor.backbone, "patch_size", 1)))
+        path = Path(boxes) if Path(boxes).is_absolute() else files.root / boxes
+        stat = path.stat()
+        meta["boxes"] = {"file": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     cache_file = None
     if cache_dir is not None:
         cache_file = _cache_file(Path(cache_dir), files, meta, weights_key or backbone_fingerprint(extractor.backbone))
@@ -176,8 +240,10 @@ def extract_folder(
         if cached is not None:
             return cached
     feats, labels, run = _extract_files(extractor, files, settings, device, precision, batch_size, num_workers, dtype,
-                                        max_bad_fraction)
+                                        max_bad_fraction, masks)
     meta.update(run)
+    if masks is not None:
+        meta["images_reading_every_patch"] = every_patch
     if cache_file is not None:
         atomic_save({"features": feats, "labels": labels, "meta": meta}, cache_file)
         meta["cache_file"] = str(cache_file)
@@ -210,9 +276,10 @@ def _read_cache(cache_file: Path, files: FileList, dtype: torch.dtype, meta: dic
 
 def _extract_files(extractor: FeatureExtractor, files: FileList, settings: ImageSettings, device: torch.device,
                    precision: str, batch_size: int, num_workers: int, dtype: torch.dtype,
-                   max_bad_fraction: float) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """(N, F) features and (N,) labels of ``files`` in folder order, and the pass's seconds, images/s, count of
-    unreadable (substituted) images and device; DataError above ``max_bad_fraction`` unreadable images."""
+                   max_bad_fraction: float, masks: Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """(N, F) features and (N,) labels of ``files`` in folder order (image i's [OBJ] reading ``masks[i]`` when
+    given), and the pass's seconds, images/s, count of unreadable (substituted) images and device; DataError
+    above ``max_bad_fraction`` unreadable images."""
     from ssl_distill.data.folder import BadImageCounter
     from ssl_distill.data.loader import build_eval_loader
 
@@ -221,7 +288,8 @@ def _extract_files(extractor: FeatureExtractor, files: FileList, settings: Image
     counting = _CountBad(loader)
     model, amp = prepare_inference(extractor, precision, device)
     t0 = time.perf_counter()
-    feats, labels = extract_features(model, counting, device, amp, out_dtype=dtype)
+    feats, labels = extract_features(model, counting if masks is None else _WithMasks(counting, masks), device, amp,
+                                     out_dtype=dtype)
     seconds = time.perf_counter() - t0
     counter = BadImageCounter(max_bad_fraction)
     counter.update(counting.bad, len(files))

@@ -44,6 +44,7 @@ def knn_on_checkpoint(
     feature_dtype: torch.dtype = torch.float32,
     cache_dir: str | Path | None = None,
     train_chunk: int | None = None,
+    boxes: str | Path | None = None,
 ) -> dict[str, Any]:
     """Weighted k-NN of the frozen backbone of ``checkpoint`` (run directory, our file or an official one).
 
@@ -64,9 +65,13 @@ def knn_on_checkpoint(
     ``features`` (layout, default CLS of the last block), ``temperatures`` (several from one search; the
     first replaces ``knn.temperature``), ``feature_dtype`` (``torch.float16`` halves memory),
     ``cache_dir`` (re-use features while checkpoint and data are unchanged), ``train_chunk`` (bounded
-    search memory).
+    search memory), ``boxes`` (the ``obj`` layout: a COCO boxes file name in each folder, e.g. ``boxes.json``;
+    each image's [OBJ] reads the patches of its boxes, :func:`~ssl_distill.eval.features.view_box_masks`).
     """
     spec = features or FeatureSpec()
+    if boxes is not None and spec.layout != "obj":
+        raise ValueError(f"boxes select the patches ODIS's [OBJ] token reads: give the obj layout (--layout obj), "
+                         f"not {spec.layout!r}")
     model = load_model(checkpoint, which, key=key, random_init=random_init, num_heads=num_heads,
                        obj_token=spec.layout == "obj")
     loaded = model.loaded
@@ -78,7 +83,7 @@ def knn_on_checkpoint(
         FeatureExtractor(model.backbone, spec), knn.train_dir, knn.val_dir,
         ImageSettings(knn.image_size, knn.resize_size, *model.normalization), cache_dir=cache_dir,
         device=resolve_device(device, key="device"), precision=knn.precision, batch_size=knn.batch_size,
-        num_workers=knn.num_workers, dtype=feature_dtype)
+        num_workers=knn.num_workers, dtype=feature_dtype, boxes=boxes)
     classes = sets[0].classes
     res = _classify(*sets, knn.ks, temps, len(classes), train_chunk)
     results = {
@@ -91,6 +96,8 @@ def knn_on_checkpoint(
         "image_size": knn.image_size,
         "resize_size": knn.resize_size,
         "features": spec.name(),
+        **({} if boxes is None else {"boxes": str(boxes), "images_reading_every_patch": {
+            split: fs.meta.get("images_reading_every_patch") for split, fs in zip(("train", "val"), sets)}}),
         "precision": knn.precision,
         "feature_dtype": str(feature_dtype).replace("torch.", ""),
         "accuracy": {k: {"top1": v["top1"], "top5": v["top5"]} for k, v in res.items() if k.startswith("k=")},

@@ -709,7 +709,7 @@ def linear_on_checkpoint(checkpoint: str | Path, train_dir: str | Path | None = 
                          val_dir: str | Path | None = None, mode: str = "fast",
                          out: str | Path | None = None, which: str | None = None, key: str | None = None,
                          num_heads: int | None = None, opts: ExtractOptions | None = None,
-                         **mode_kwargs: Any) -> dict[str, Any]:
+                         boxes: str | Path | None = None, **mode_kwargs: Any) -> dict[str, Any]:
     """Run a linear probe of ``checkpoint`` (run directory, our file, or an official file).
 
     ``mode_kwargs`` go to :func:`fast_probe` (``blocks``, ``lrs``, ``epochs``, ``batch_size`` (heads),
@@ -717,12 +717,17 @@ def linear_on_checkpoint(checkpoint: str | Path, train_dir: str | Path | None = 
     ``avgpool``, ``val_freq``, ``checkpoint_every``, ``stop_after_steps``, ``seed``) or
     :func:`logreg_probe` (``cs``, ``holdout``, ``seed``, ``max_iter``, ``layout``, ``n_last_blocks``).
     Results are written to ``out`` (default ``<run dir or checkpoint folder>/linear_<mode>.json``).
-    ``train_dir`` / ``val_dir`` default to the run's ``knn.train_dir`` / ``knn.val_dir``.
+    ``train_dir`` / ``val_dir`` default to the run's ``knn.train_dir`` / ``knn.val_dir``. ``boxes`` (logreg
+    with the ``obj`` layout): a COCO boxes file name in each folder; each image's [OBJ] reads the patches of its
+    boxes (:func:`~ssl_distill.eval.features.view_box_masks`).
     """
     if mode not in ("fast", "faithful", "logreg"):
         raise ValueError(f"mode must be fast, faithful or logreg, got {mode!r}")
     opts = opts or ExtractOptions()
     layout = mode_kwargs.get("layout", "cls") if mode == "logreg" else "cls"
+    if boxes is not None and layout != "obj":
+        raise ValueError("boxes select the patches ODIS's [OBJ] token reads: they need --mode logreg --layout obj "
+                         "(the fast and faithful probes read [CLS] and mean tokens)")
     backbone, loaded = load_model(checkpoint, which, key=key, num_heads=num_heads, obj_token=layout == "obj")
     if note := untrained_cls_note(loaded.config, layout):
         print(f"warning: {note}")
@@ -737,10 +742,11 @@ def linear_on_checkpoint(checkpoint: str | Path, train_dir: str | Path | None = 
     dtype = {"float32": torch.float32, "float16": torch.float16}[opts.feature_dtype]
     precision = opts.precision or loaded.config.knn.precision
     header = {"checkpoint": loaded.describe(), "train_dir": str(train_dir), "val_dir": str(val_dir),
-              "image": dataclasses.asdict(settings), "precision": precision}
+              "image": dataclasses.asdict(settings), "precision": precision,
+              **({} if boxes is None else {"boxes": str(boxes)})}
     extract = functools.partial(extract_train_val, train_dir=train_dir, val_dir=val_dir, settings=settings,
                                 cache_dir=cache_dir, device=device, precision=precision, batch_size=opts.batch_size,
-                                num_workers=opts.num_workers, dtype=dtype)
+                                num_workers=opts.num_workers, dtype=dtype, boxes=boxes)
     t0 = time.perf_counter()
     if mode == "fast":
         res = _fast_mode(backbone, extract, out.with_name(out.stem + "_best_head.pth"), device=device, **mode_kwargs)
@@ -792,7 +798,8 @@ def _logreg_mode(backbone: TokenBackbone, extract: _Extract, n_last_blocks: int 
 
 
 def _meta(fs: FeatureSet) -> dict[str, Any]:
-    keep = ("n", "layout", "n_last_blocks", "key", "seconds", "images_per_s", "cache_file", "bad_images")
+    keep = ("n", "layout", "n_last_blocks", "key", "seconds", "images_per_s", "cache_file", "bad_images",
+            "images_reading_every_patch")
     return {**{k: fs.meta[k] for k in keep if k in fs.meta}, "cached": fs.cached}
 
 
@@ -818,7 +825,8 @@ def run(args: argparse.Namespace) -> int:
         kw = dict(cs=args.cs, holdout=args.holdout, seed=args.seed, max_iter=args.max_iter, layout=args.layout,
                   n_last_blocks=(args.n_last_blocks or 1) if args.layout in ("cls", "cls+mean", "obj") else 1)
     res = linear_on_checkpoint(args.checkpoint, args.train, args.val, mode=args.mode, out=args.out,
-                               which=args.which, key=args.key, num_heads=args.num_heads, opts=opts, **kw)
+                               which=args.which, key=args.key, num_heads=args.num_heads, opts=opts,
+                               boxes=args.boxes, **kw)
     if args.mode == "fast":
         b = res["best"]
         print(f"linear (fast, {res['n_heads']} heads): best {b['name']} (held-out top-1 {b['holdout_top1']:.2f}%) "

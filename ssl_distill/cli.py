@@ -43,7 +43,7 @@ def _knn(args: argparse.Namespace) -> int:
         overrides=args.overrides, out=args.out, random_init=args.random_init, key=args.key,
         features=FeatureSpec(args.layout, args.n_last_blocks), temperatures=args.temperatures,
         feature_dtype=torch.float16 if args.fp16_features else torch.float32, cache_dir=args.cache_dir,
-        train_chunk=args.train_chunk, precision=args.precision,
+        train_chunk=args.train_chunk, precision=args.precision, boxes=args.boxes,
     )
     for key, val in results["accuracy"].items():
         print(f"k-NN {key}: top-1 {val['top1']:.2f}%  top-5 {val['top5']:.2f}%")

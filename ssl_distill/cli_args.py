@@ -55,6 +55,8 @@ def knn_arguments(k: argparse.ArgumentParser) -> None:
     k.add_argument("--key", help="checkpoint entry holding the weights (official files; default: detected)")
     k.add_argument("--layout", default="cls", choices=["cls", "mean", "cls+mean", "cls+mean-dino", "obj"],
                    help="obj: ODIS's [OBJ] token over every patch (from the [CLS] of a model without one)")
+    k.add_argument("--boxes", metavar="NAME", help="with --layout obj: each folder's COCO boxes file of this name "
+                   "(e.g. boxes.json); each image's [OBJ] reads the patches its boxes touch")
     k.add_argument("--n-last-blocks", type=int, default=1, help="CLS tokens of the last n blocks")
     k.add_argument("--temperatures", type=float, nargs="+", help="several T from one search (first: knn.temperature)")
     k.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
@@ -191,6 +193,8 @@ def linear_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--cs", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0], help="inverse regularisation grid")
     r.add_argument("--layout", choices=["cls", "mean", "cls+mean", "cls+mean-dino", "obj"], default="cls")
     r.add_argument("--max-iter", type=int, default=1000)
+    r.add_argument("--boxes", metavar="NAME", help="with --layout obj: each folder's COCO boxes file of this name "
+                   "(e.g. boxes.json); each image's [OBJ] reads the patches its boxes touch")
 
 
 def _head(text: str) -> int | str:

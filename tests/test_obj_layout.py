@@ -133,3 +133,72 @@ def test_online_knn_reads_obj_and_the_report_says_which(tmp_path: Path) -> None:
     assert "knn_layout" not in records["cls"] and records["obj"]["knn_layout"] == "obj"
     assert any("online k-NN" in n and "monitor.knn_layout=obj" in n for n in read_run(tmp_path / "cls").notes)
     assert not any("knn_layout" in n for n in read_run(tmp_path / "obj").notes)
+
+
+def test_the_eval_view_moves_boxes_with_its_resize_and_centre_crop() -> None:
+    """(W, H) = (40, 20) viewed at 16 (resize 16): shorter side 20 -> 16, so 32 x 16, crop left 8, top 0; the box
+    [10, 5, 30, 15] scales by 0.8 to [8, 4, 24, 12], shifts to [0, 4, 16, 12]; one reaching out is clipped."""
+    from ssl_distill.data.eval_transform import EvalTransform
+
+    view = EvalTransform(16, 16)
+    assert view.geometry(40, 20) == (32, 16, 8, 0)
+    moved = view.boxes_to_view(torch.tensor([[10.0, 5.0, 30.0, 15.0], [0.0, 0.0, 40.0, 20.0]]), 40, 20)
+    assert moved.tolist() == [[0.0, 4.0, 16.0, 12.0], [0.0, 0.0, 16.0, 16.0]]
+
+
+def _boxes_file(split_dir: Path) -> list[bool]:
+    """A COCO boxes.json in ``split_dir``: the left half of every image but each third, which gets none; returns
+    which images (folder order) have a box."""
+    images, annotations, boxed = [], [], []
+    for i, path in enumerate(sorted(p.relative_to(split_dir).as_posix() for p in split_dir.rglob("*.png"))):
+        images.append({"id": i, "file_name": path, "width": 16, "height": 16})
+        boxed.append(i % 3 != 2)
+        if boxed[-1]:
+            annotations.append({"id": i, "image_id": i, "bbox": [0, 0, 8, 16], "category_id": 1})
+    (split_dir / "boxes.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return boxed
+
+
+def test_knn_and_linear_obj_read_each_images_boxes(tmp_path: Path) -> None:
+    """``--boxes``: each image's [OBJ] reads the patches of its box (the left column of the 2 x 2 grid), images
+    without one read every patch (counted), features equal a hand-masked forward; other layouts are refused."""
+    from PIL import Image
+
+    from ssl_distill.data.eval_transform import EvalTransform
+    from ssl_distill.data.folder import scan_image_folder
+    from ssl_distill.eval.features import ImageSettings, extract_folder, view_box_masks
+    from ssl_distill.eval.knn import knn_on_checkpoint
+    from ssl_distill.eval.linear import linear_on_checkpoint
+    from ssl_distill.eval.model import load_model
+
+    _three_class_folders(tmp_path)
+    boxed = {split: _boxes_file(tmp_path / split) for split in ("train", "val")}
+    odis = _run(tmp_path, "odis_tiny_scenes.yaml", "data.boxes=boxes.json")
+    files = scan_image_folder(tmp_path / "val", labeled=True)
+    settings = ImageSettings(16, 16)
+    masks, every_patch = view_box_masks(files, "boxes.json", settings, 8)
+    left = torch.tensor([True, False, True, False])  # patches (0, 0) and (1, 0)
+    assert every_patch == boxed["val"].count(False)
+    assert all(torch.equal(m, left if b else torch.ones(4, dtype=torch.bool)) for m, b in zip(masks, boxed["val"]))
+
+    model = load_model(odis, "teacher", obj_token=True)
+    bb = model.backbone.eval()
+    bb.set_fused_attn(False)
+    settings = ImageSettings(16, 16, *model.normalization)
+    got = extract_folder(FeatureExtractor(bb, FeatureSpec("obj")), files, settings, num_workers=0, boxes="boxes.json")
+    view = EvalTransform(16, 16, *model.normalization)
+    x = torch.stack([view(Image.open(files.abspath(i))) for i in range(len(files))])
+    with torch.no_grad():
+        torch.testing.assert_close(got.features, hand_masked_obj(bb, x, masks, 1), rtol=1e-5, atol=1e-5)
+    assert got.meta["images_reading_every_patch"] == every_patch and got.meta["boxes"]["file"].endswith("boxes.json")
+
+    res = knn_on_checkpoint(odis, overrides=KNN_OVERRIDES, features=FeatureSpec("obj"), boxes="boxes.json")
+    assert res["boxes"] == "boxes.json"
+    assert res["images_reading_every_patch"] == {s: boxed[s].count(False) for s in ("train", "val")}
+    lin = linear_on_checkpoint(odis, mode="logreg", cs=[1.0], layout="obj", holdout=0.25, opts=_opts(),
+                               boxes="boxes.json")
+    assert lin["boxes"] == "boxes.json" and lin["features"]["test"]["images_reading_every_patch"] == every_patch
+    with pytest.raises(ValueError, match="obj layout"):
+        knn_on_checkpoint(odis, overrides=KNN_OVERRIDES, boxes="boxes.json")
+    with pytest.raises(ValueError, match="--mode logreg --layout obj"):
+        linear_on_checkpoint(odis, mode="fast", opts=_opts(), boxes="boxes.json")

@@ -27,16 +27,26 @@ class EvalTransform:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
+    def geometry(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(resized width, resized height, crop left, crop top) of the view of a ``width x height`` image."""
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(self.resize_size * long / short)
+        new_w, new_h = (self.resize_size, new_long) if width <= height else (new_long, self.resize_size)
+        return new_w, new_h, int(round((new_w - self.size) / 2.0)), int(round((new_h - self.size) / 2.0))
+
+    def boxes_to_view(self, boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """(N, 4) xyxy boxes in a ``width x height`` image's pixels -> the same boxes in the view's pixels
+        (scaled with the resize, shifted by the crop, clipped to the ``size x size`` view)."""
+        new_w, new_h, left, top = self.geometry(width, height)
+        scale = torch.tensor([new_w / width, new_h / height] * 2, dtype=torch.float64)
+        shift = torch.tensor([left, top] * 2, dtype=torch.float64)
+        return (boxes.to(torch.float64) * scale - shift).clamp(0, self.size)
+
     def __call__(self, img: Image.Image, seed: int = 0) -> torch.Tensor:
         if img.mode != "RGB":
             img = img.convert("RGB")
-        w, h = img.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_long = int(self.resize_size * long / short)
-        new_w, new_h = (self.resize_size, new_long) if w <= h else (new_long, self.resize_size)
+        new_w, new_h, left, top = self.geometry(*img.size)
         img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        top = int(round((new_h - self.size) / 2.0))
-        left = int(round((new_w - self.size) / 2.0))
         img = img.crop((left, top, left + self.size, top + self.size))
         x = pil_to_uint8_chw(img).to(torch.float32).div_(255.0)
         return x.sub_(self.mean).div_(self.std)

@@ -194,7 +194,8 @@ def extract_features(
     Args:
         model: called as ``model(images) -> (B, D)`` (e.g. a backbone wrapper returning the CLS feature).
             Put in eval mode for the pass; its previous train/eval mode is restored afterwards.
-        loader: yields dicts with ``image`` (B, 3, H, W), ``label`` (B,) and ``index`` (B,).
+        loader: yields dicts with ``image`` (B, 3, H, W), ``label`` (B,) and ``index`` (B,), and optionally
+            ``obj_mask`` (B, P) bool, passed on as ``model(images, obj_mask=...)`` (the ``obj`` layout's boxes).
         device: where the forward pass runs.
         amp_dtype: ``torch.bfloat16`` / ``torch.float16`` to run under autocast on ``device.type``,
             or ``None`` for full precision.
@@ -219,7 +220,8 @@ def extract_features(
                 images = batch["image"].to(device, non_blocking=True)
                 index = torch.as_tensor(batch["index"], dtype=torch.long).cpu()
                 label = torch.as_tensor(batch["label"], dtype=torch.long).cpu()
-                out = model(images)
+                mask = batch.get("obj_mask")
+                out = model(images) if mask is None else model(images, obj_mask=mask.to(device))
                 if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != images.shape[0]:
                     shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                     raise ValueError(f"model(images) must return (B, D) features; got {shape} for B={images.shape[0]}")
