@@ -76,16 +76,21 @@ def gram_steps(recipe: str, overrides: list[str], epochs: float, iters_per_epoch
             if getattr(cfg.gram, key) > 0]
 
 
-def gram_from_the_start(recipe: str, overrides: list[str]) -> tuple[list[str], float] | None:
+def gram_from_the_start(recipe: str, overrides: list[str]) -> list[str] | None:
     """For a recipe whose Gram term starts after step 0 (and so after a step timing's few steps): overrides that
-    start it, with its teacher, at step 0, and the fraction of the run before its start; None otherwise. A run's
-    seconds per step are then the two timings weighted by that fraction."""
+    start it, with its teacher, at step 0; None otherwise. A run's seconds per step are then the two timings
+    weighted by the share of the run before the term (:func:`before_gram`)."""
     cfg = load_config(ROOT / "configs" / recipe, overrides)
     if not cfg.gram.on or cfg.gram.start_step == 0:
         return None
-    total = total_iterations(cfg.optim.epochs, 937)  # any epoch length: the fraction does not depend on it
     snapshot = ["gram.it_load_ema_teacher=0"] if cfg.gram.it_load_ema_teacher >= 0 else []
-    return ["gram.start_step=0", "gram.ramp_steps=0", *snapshot], min(cfg.gram.start_step / total, 1.0)
+    return ["gram.start_step=0", "gram.ramp_steps=0", *snapshot]
+
+
+def before_gram(recipe: str, overrides: list[str], iters_per_epoch: int) -> float:
+    """The share of a recipe's run (``optim.epochs`` of ``iters_per_epoch`` steps) before its Gram term starts."""
+    cfg = load_config(ROOT / "configs" / recipe, overrides)
+    return min(cfg.gram.start_step / total_iterations(cfg.optim.epochs, iters_per_epoch), 1.0)
 
 
 def parse_variants(specs: list[str]) -> dict[str, list[str]]:
@@ -170,13 +175,14 @@ def run_step_times(methods: dict[str, tuple[str, list[str]]]) -> dict[str, tuple
     timed = dict(methods)
     later_gram = {name: gram_from_the_start(recipe, overrides) for name, (recipe, overrides) in methods.items()}
     later_gram = {name: found for name, found in later_gram.items() if found is not None}
-    for name, (start, _) in later_gram.items():
+    for name, start in later_gram.items():
         timed[f"{name}, Gram term on"] = (timed[name][0], [*timed[name][1], *start])
     timing = interleaved_seconds_per_step(timed)
     for name, (sec, _, precision) in timing.items():
         print(f"{name}: {sec:.3f} s/step ({precision})", flush=True)
-    for name, (_, before) in later_gram.items():  # the run's mean step: before the Gram term, then with it
+    for name in later_gram:  # the run's mean step: before the Gram term, then with it
         sec, iters, precision = timing[name]
+        before = before_gram(*methods[name], iters)
         timing[name] = (before * sec + (1 - before) * timing.pop(f"{name}, Gram term on")[0], iters, precision)
         print(f"{name}: {timing[name][0]:.3f} s/step over the run ({before:.0%} of it before the Gram term)",
               flush=True)
