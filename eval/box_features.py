@@ -229,9 +229,7 @@ def _checked_modes(backbone: nn.Module, modes: Sequence[str], settings: ImageSet
         raise ValueError(f"modes must be a non-empty subset of {BOX_MODES}, got {list(modes)}")
     if "obj" in modes and not getattr(backbone, "has_obj_token", False):
         raise ValueError("mode 'obj' needs a backbone with an [OBJ] token (an ODIS model); this one has none")
-    size, p = int(settings.image_size), int(getattr(backbone, "patch_size", 1))
-    if size < p or size % p:
-        raise ValueError(f"image_size must be a positive multiple of the patch size {p}, got {size}")
+    settings.check_fits(backbone)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return modes

@@ -59,10 +59,10 @@ class ImageSettings:
         """ValueError unless the crop is a whole number of the backbone's patches (timm's patch embedding
         asserts it; the official DINOv3 model would drop the remainder without a word)."""
         p = int(getattr(backbone, "patch_size", 1))
-        if self.image_size % p:
+        if self.image_size < p or self.image_size % p:
             raise ValueError(f"the evaluation crop of {self.image_size} px is not a multiple of the model's "
                              f"{p} px patches: give an image size that is (knn.image_size=... for knn, "
-                             f"--image-size for linear), e.g. {max(p, self.image_size // p * p)}")
+                             f"--image-size for linear and object-knn), e.g. {max(p, self.image_size // p * p)}")
 
 
 

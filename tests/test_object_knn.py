@@ -118,6 +118,10 @@ def test_crop_feature_equals_cls_of_a_manual_crop_and_scene_feature_repeats(benc
     assert feats.labels.tolist() == labels and len(labels) == bf.report["boxes"]
     assert torch.equal(feats.features["crop"], manual)
     assert torch.equal(crop_tensor(img, [x0 + 0.5, y0, x1 - 0.2, y1], 32, MEAN, STD), crops[-1])  # rounds outward
+    for side in (30, 0):  # the view must be whole patches, at least one
+        with pytest.raises(ValueError, match=f"crop of {side} px is not a multiple of the model's"):
+            extract_box_features(backbone, bench / "test", bench / "test" / "boxes.json", ("crop",),
+                                 ImageSettings(side, 32, MEAN, STD))
     scene = feats.features["scene"]
     for i in range(len(feats.file_names)):  # every box of a scene gets that scene's CLS
         rows = (feats.image_index == i).nonzero().flatten()
