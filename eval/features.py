@@ -110,8 +110,8 @@ def view_box_masks(files: FileList, boxes: str | Path, settings: ImageSettings, 
     """Which patches of each image's evaluation view its boxes touch: (N, P) bool, and how many images read
     every patch instead.
 
-    ``boxes``: a COCO boxes file (``make-scenes`` / ``discover`` write them), relative to ``files.root`` unless
-    absolute. The boxes go through the view's resize and centre crop (:meth:`EvalTransform.boxes_to_view`); an
+    ``boxes``: a COCO boxes file (``make-scenes`` / ``discover`` write them; :func:`boxes_file` resolves a name
+    relative to ``files.root``). The boxes go through the view's resize and centre crop (:meth:`EvalTransform.boxes_to_view`); an
     image's row is the union of its boxes' patches
     (:func:`~ssl_distill.data.boxes.patch_mask_from_boxes`), or every patch (the all-patch ``obj`` read-out)
     for an image without a box or whose boxes all fall outside the crop: those are counted.
@@ -121,9 +121,7 @@ def view_box_masks(files: FileList, boxes: str | Path, settings: ImageSettings, 
     from ssl_distill.data.boxes import patch_mask_from_boxes, read_boxes
     from ssl_distill.data.eval_transform import EvalTransform
 
-    path = Path(boxes)
-    path = path if path.is_absolute() else files.root / path
-    found = read_boxes(path, files.root, paths=files.paths)
+    found = read_boxes(boxes_file(files, boxes), files.root, paths=files.paths)
     view, size = EvalTransform(settings.image_size, settings.resize_size), settings.image_size
     masks = torch.ones(len(files), (size // patch_size) ** 2, dtype=torch.bool)
     every_patch = 0
@@ -139,6 +137,12 @@ def view_box_masks(files: FileList, boxes: str | Path, settings: ImageSettings, 
         else:
             masks[i] = row
     return masks, every_patch
+
+
+def boxes_file(files: FileList, boxes: str | Path) -> Path:
+    """A boxes file given by name: relative to the folder of ``files`` unless absolute."""
+    path = Path(boxes)
+    return path if path.is_absolute() else files.root / path
 
 
 class _WithMasks:
@@ -219,7 +223,7 @@ def extract_folder(
     amp_dtype_for(precision, device)  # validates before any work
     settings.check_fits(extractor.backbone)
     if boxes is not None and extractor.spec.layout != "obj":
-        raise ValueError(f"boxes select the patches ODIS's [OBJ] token reads: they need the obj feature layout, "
+        raise ValueError(f"boxes select the patches ODIS's [OBJ] token reads: give the obj layout (--layout obj), "
                          f"not {extractor.spec.layout!r}")
     files = folder if isinstance(folder, FileList) else scan_image_folder(folder, labeled=True)
     meta: dict[str, Any] = {
@@ -227,10 +231,8 @@ def extract_folder(
         "n_last_blocks": extractor.spec.n_last_blocks, "image": dataclasses.asdict(settings),
         "precision": precision, "dtype": str(dtype).replace("torch.", ""),
     }
-    masks = None
-    if boxes is not None:
-        masks, every_patch = view_box_masks(files, boxes, settings, int(getattr(extractor.backbone, "patch_size", 1)))
-        path = Path(boxes) if Path(boxes).is_absolute() else files.root / boxes
+    if boxes is not None:  # the file's identity keys the cache; its masks are only needed to extract
+        path = boxes_file(files, boxes)
         stat = path.stat()
         meta["boxes"] = {"file": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     cache_file = None
@@ -239,11 +241,13 @@ def extract_folder(
         cached = _read_cache(cache_file, files, dtype, meta)
         if cached is not None:
             return cached
+    masks = None
+    if boxes is not None:
+        masks, meta["images_reading_every_patch"] = view_box_masks(
+            files, boxes, settings, int(getattr(extractor.backbone, "patch_size", 1)))
     feats, labels, run = _extract_files(extractor, files, settings, device, precision, batch_size, num_workers, dtype,
                                         max_bad_fraction, masks)
     meta.update(run)
-    if masks is not None:
-        meta["images_reading_every_patch"] = every_patch
     if cache_file is not None:
         atomic_save({"features": feats, "labels": labels, "meta": meta}, cache_file)
         meta["cache_file"] = str(cache_file)

@@ -69,9 +69,6 @@ def knn_on_checkpoint(
     each image's [OBJ] reads the patches of its boxes, :func:`~ssl_distill.eval.features.view_box_masks`).
     """
     spec = features or FeatureSpec()
-    if boxes is not None and spec.layout != "obj":
-        raise ValueError(f"boxes select the patches ODIS's [OBJ] token reads: give the obj layout (--layout obj), "
-                         f"not {spec.layout!r}")
     model = load_model(checkpoint, which, key=key, random_init=random_init, num_heads=num_heads,
                        obj_token=spec.layout == "obj")
     loaded = model.loaded
