@@ -140,9 +140,15 @@ def view_box_masks(files: FileList, boxes: str | Path, settings: ImageSettings, 
 
 
 def boxes_file(files: FileList, boxes: str | Path) -> Path:
-    """A boxes file given by name: relative to the folder of ``files`` unless absolute."""
+    """A boxes file given by name: relative to the folder of ``files`` unless absolute; AnnotationError if absent."""
+    from ssl_distill.errors import AnnotationError
+
     path = Path(boxes)
-    return path if path.is_absolute() else files.root / path
+    path = path if path.is_absolute() else files.root / path
+    if not path.is_file():
+        raise AnnotationError(f"boxes file {path} does not exist (--boxes names a COCO file inside each evaluated "
+                              "folder, e.g. boxes.json as make-scenes writes it)")
+    return path
 
 
 class _WithMasks:

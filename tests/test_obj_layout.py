@@ -166,6 +166,7 @@ def test_knn_and_linear_obj_read_each_images_boxes(tmp_path: Path) -> None:
 
     from ssl_distill.data.eval_transform import EvalTransform
     from ssl_distill.data.folder import scan_image_folder
+    from ssl_distill.errors import AnnotationError
     from ssl_distill.eval.features import ImageSettings, extract_folder, view_box_masks
     from ssl_distill.eval.knn import knn_on_checkpoint
     from ssl_distill.eval.linear import linear_on_checkpoint
@@ -198,6 +199,8 @@ def test_knn_and_linear_obj_read_each_images_boxes(tmp_path: Path) -> None:
     lin = linear_on_checkpoint(odis, mode="logreg", cs=[1.0], layout="obj", holdout=0.25, opts=_opts(),
                                boxes="boxes.json")
     assert lin["boxes"] == "boxes.json" and lin["features"]["test"]["images_reading_every_patch"] == every_patch
+    with pytest.raises(AnnotationError, match=r"boxes file .*nope\.json does not exist \(--boxes names"):
+        knn_on_checkpoint(odis, overrides=KNN_OVERRIDES, features=FeatureSpec("obj"), boxes="nope.json")
     with pytest.raises(ValueError, match="obj layout"):
         knn_on_checkpoint(odis, overrides=KNN_OVERRIDES, boxes="boxes.json")
     with pytest.raises(ValueError, match="--mode logreg --layout obj"):
