@@ -59,6 +59,9 @@ class DataConfig:
     train_dir: str = "data/train"
     batch_size: int = 64  # per process; DINO: 64 per GPU x 16 GPUs
     num_workers: int = 2
+    # decoded images kept in memory (MB, all the loader's processes together, each worker its share): a folder
+    # that fits is decoded once per run, not once per epoch; 0: none (data/folder.py DecodedImages)
+    cache_mb: int = 1024
     max_bad_fraction: float = 0.01
     boxes: str | None = None  # COCO-style boxes file of train_dir (as `ssl-distill discover` writes); null: no object views
     crops: CropsConfig = field(default_factory=CropsConfig)
@@ -855,7 +858,7 @@ def validate(cfg: Config) -> None:
                      hint=" (null trains the whole run; the step count of a stopped run only grows)")
     for key, value in {"run.keep_every_epochs": r.keep_every_epochs, "run.threads": r.threads,
                        "run.max_requeues": r.max_requeues, "data.num_workers": d.num_workers,
-                       "data.crops.n_local": c.n_local, "model.reg_tokens": m.reg_tokens,
+                       "data.cache_mb": d.cache_mb, "data.crops.n_local": c.n_local, "model.reg_tokens": m.reg_tokens,
                        "knn.num_workers": k.num_workers}.items():
         _check_range(key, value, 0)
     _check_range("run.dist_timeout_min", r.dist_timeout_min, 0, lo_open=True)

@@ -37,6 +37,7 @@ def test_overrides_are_typed():
     ("optim.lr=fast", "optim.lr: expected a number"),
     ("data.crops.global_scale=[1]", "expected 2 values"),
     ("optim", "key.sub=value"),
+    ("data.cache_mb=-1", "data.cache_mb"),
 ])
 def test_bad_overrides_say_what_is_wrong(override, expect):
     with pytest.raises(ConfigError, match=expect.replace("(", r"\(").replace("[", r"\[")):

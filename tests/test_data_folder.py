@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ssl_distill.data import folder as folder_module
 from ssl_distill.data.folder import (
     IMAGE_EXTENSIONS,
     BadImageCounter,
@@ -221,6 +222,45 @@ def test_all_corrupt_raises(tmp_path: Path) -> None:
     ds = ImageFolderDataset(scan_image_folder(tmp_path, labeled=False), transform=None)
     with pytest.warns(BadImageWarning), pytest.raises(DataError, match="consecutive unreadable"):
         ds[0]
+
+
+def test_decoded_images_kept_in_memory_byte_for_byte(photo_folder: Path, with_corrupt: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    files = scan_image_folder(photo_folder, labeled=True)
+    plain = ImageFolderDataset(files, transform=None)
+    cached = ImageFolderDataset(files, transform=None, cache_bytes=1 << 30)
+    first = [cached[i]["image"] for i in range(len(files))]
+    assert cached.decoded is not None and len(cached.decoded) == len(files)
+    opened: list[str] = []
+    monkeypatch.setattr(folder_module, "load_rgb", lambda path: opened.append(str(path)))
+    again = [cached[i] for i in range(len(files))]
+    assert opened == []  # the second epoch reads no file
+    for i, sample in enumerate(again):
+        want = load_rgb(files.abspath(i))
+        assert sample["image"].mode == "RGB" and sample["image"].size == want.size
+        assert np.array_equal(np.asarray(sample["image"]), np.asarray(want))
+        assert np.array_equal(np.asarray(first[i]), np.asarray(want))
+        assert sample["label"] == plain.files.labels[i]
+    edited = again[0]["image"]
+    edited.putpixel((0, 0), (1, 2, 3))  # an in-place edit copies first: the kept pixels stay
+    assert np.array_equal(np.asarray(cached[0]["image"]), np.asarray(load_rgb(files.abspath(0))))
+    monkeypatch.undo()
+
+    # the budget: images are kept while they fit, then no more (no eviction)
+    sizes = [load_rgb(files.abspath(i)).size for i in range(len(files))]
+    budget = sizes[0][0] * sizes[0][1] * 3 + 1
+    small = ImageFolderDataset(files, transform=None, cache_bytes=budget)
+    for i in range(len(files)):
+        small[i]
+    assert small.decoded is not None and len(small.decoded) == 1 and small.decoded.held <= budget
+    assert ImageFolderDataset(files, transform=None).decoded is None  # cache_bytes 0: none
+
+    # an unreadable file is never kept: it warns again each time, its substitute is kept under its own index
+    ds = ImageFolderDataset(scan_image_folder(with_corrupt, labeled=True), transform=None, cache_bytes=1 << 20)
+    for _ in range(2):
+        with pytest.warns(BadImageWarning, match="1_truncated.png"):
+            assert ds[1]["bad"] == 1
+    assert ds.decoded is not None and ds.decoded.get(1) is None and ds.decoded.get(2) is not None
 
 
 def test_dataset_passes_seed_to_transform(photo_folder: Path) -> None:

@@ -18,6 +18,7 @@ from ssl_distill.data.collate import MultiCropCollate
 from ssl_distill.data.eval_transform import EvalTransform, collate_eval
 from ssl_distill.data.folder import ImageFolderDataset, load_rgb, scan_image_folder
 from ssl_distill.data.photometric import (
+    PhotometricAugment,
     adjust_brightness_,
     adjust_contrast_,
     adjust_hue_,
@@ -90,6 +91,20 @@ def test_deterministic_and_independent_of_batch(images: list[Image.Image]) -> No
     rev = collate(list(reversed(_samples(images, SMALL, seeds))))
     for x, y in zip(a["crops"], rev["crops"]):
         assert torch.equal(x, y.flip(0))
+
+
+def test_views_of_one_size_batched_together_bit_for_bit(images: list[Image.Image]) -> None:
+    # PhotometricAugment runs the views of one size as one batch; each view equals its own run (DINO's
+    # probabilities: blur on the first global, solarize on the second, jitter, grayscale)
+    augment = PhotometricAugment(SMALL)
+    seeds = [3, 1 << 40, 17, 99, 5, 2024, 7, 8, 9]
+    views = [torch.stack([v for i in range(len(seeds)) for v in [MultiCropTransform(SMALL)(images[i % len(images)],
+                                                                                            seeds[i])[k]]])
+             for k in range(len(augment.views))]
+    together = augment(views, seeds)
+    for v, u8 in enumerate(views):
+        assert torch.equal(together[v], augment.view(u8, seeds, v))
+    assert not torch.equal(together[2], together[3])  # two local views: each its own parameters
 
 
 def test_different_seeds_differ(images: list[Image.Image]) -> None:

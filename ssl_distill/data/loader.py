@@ -29,12 +29,15 @@ def build_train_loader(
     (:mod:`ssl_distill.data.masking`), keyed the same way; the sampler then passes the epoch along.
     With ``cfg.data.boxes`` the views are object-aware (:mod:`ssl_distill.data.object_crops`) and
     each batch has ``"obj_masks"`` and ``"obj_valid"``; ``loader.dataset.boxes.report`` counts the
-    boxes file's images and its kept, clipped and dropped boxes (``.summary()``: one log line).
+    boxes file's images and its kept, clipped and dropped boxes (``.summary()``: one log line). Decoded images
+    stay in memory up to ``cfg.data.cache_mb`` (shared out among the workers; persistent workers keep theirs).
     """
     files = scan_image_folder(cfg.data.train_dir, labeled=False, cache_file=cache_file)
     crops = cfg.data.crops
+    workers = cfg.data.num_workers
+    cache_bytes = cfg.data.cache_mb * 2**20 // max(1, workers)  # each worker process holds its own share
     if cfg.data.boxes is None:
-        dataset = ImageFolderDataset(files, MultiCropTransform(crops))
+        dataset = ImageFolderDataset(files, MultiCropTransform(crops), cache_bytes=cache_bytes)
     else:
         boxes = read_boxes(cfg.data.boxes, files.root, paths=files.paths)
         if not boxes.report["images_with_boxes"] and cfg.odis.no_box != "whole_image":  # else every image has [OBJ]
@@ -46,13 +49,12 @@ def build_train_loader(
                 "[x, y, width, height]")
         transform = ObjectMultiCropTransform(crops, cfg.model.patch_size, cfg.odis.target_box, cfg.odis.no_box,
                                              ablation=cfg.odis.ablation)
-        dataset = ImageFolderDataset(files, transform, boxes=boxes)
+        dataset = ImageFolderDataset(files, transform, boxes=boxes, cache_bytes=cache_bytes)
     masking = build_masking(cfg.masking, crops.global_size, cfg.model.patch_size, crops.n_global)
     sampler = EpochSampler(
         len(files), cfg.run.seed, rank, world_size, drop_last=True, batch_size=cfg.data.batch_size,
         with_epoch=masking is not None,
     )
-    workers = cfg.data.num_workers
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=torch.utils.data.BatchSampler(sampler, cfg.data.batch_size, drop_last=True),
