@@ -231,8 +231,8 @@ def write_table(out: Path, title: str, header: list[str], lines: list[str], rows
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-min", type=float, default=8.0, help="training wall-clock per method, minutes")
-    ap.add_argument("--out", default="runs/compare")
-    ap.add_argument("--data", default="data/fmnist")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "compare"))
+    ap.add_argument("--data", default=str(ROOT / "data" / "fmnist"))
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--variants", nargs="*", default=[], metavar="NAME=KEY=VALUE,...",
                     help="the demo's recipe with comma-separated overrides, run like the methods")

@@ -159,8 +159,8 @@ def table_lines(rows: list[dict]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-min", type=float, default=6.0, help="training wall-clock per method, minutes")
-    ap.add_argument("--out", default="runs/scenes_compare")
-    ap.add_argument("--scenes", default="data/scenes")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "scenes_compare"))
+    ap.add_argument("--scenes", default=str(ROOT / "data" / "scenes"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0],
                     help="run.seed of every run (and of the random init); several: <out>/seed<S>/ each, and the "
                          "table gives mean ± sd over them")
