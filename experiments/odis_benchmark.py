@@ -25,7 +25,8 @@ Modes:
   --stats   prints, before any training, the crop statistics of each item count
             (:mod:`ssl_distill.data.crop_stats`), and exits;
   --cheap   starts iBOT and ODIS from a Fashion-MNIST demo run (``--init``, default runs/fmnist_demo) and
-            continues on 4-item canvases for ``--steps`` (300), the online k-NN of (1) every 50 steps
+            continues on 4-item canvases (or ``--items``) for ``--steps`` (300), the online k-NN of (1) every
+            ``--knn-every`` (50) steps
             ([CLS] for iBOT, all-patch [OBJ] for ODIS), then (2); the paper's mechanism predicts iBOT's
             curve drifts down while ODIS's holds;
   default   the whole grid (``--parallel N`` on a GPU with ``--set run.device=cuda``).
@@ -208,11 +209,14 @@ def gap_lines(rows: list[dict], k: int) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--stats", action="store_true", help="print the crop statistics and exit (no training)")
-    ap.add_argument("--cheap", action="store_true", help="iBOT and ODIS from a demo model on 4 items (CPU)")
+    ap.add_argument("--cheap", action="store_true",
+                    help="iBOT and ODIS (or --methods) from a demo model on 4 items (or --items) (CPU)")
     ap.add_argument("--init", default=str(ROOT / "runs" / "fmnist_demo"), help="--cheap: the demo run to start from")
-    ap.add_argument("--items", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--items", type=int, nargs="+", default=None, help="items per canvas (default 1 2 4; --cheap: 4)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                    help="default all; --cheap: iBOT ODIS")
+    ap.add_argument("--knn-every", type=int, default=50, help="--cheap: steps between online k-NN evaluations")
     ap.add_argument("--budget-min", type=float, default=6.0, help="training wall-clock per run, minutes")
     ap.add_argument("--steps", type=int, default=None, help="train this many steps instead of the budget")
     ap.add_argument("--n-train", type=int, default=2000, help="scenes per item count")
@@ -228,7 +232,8 @@ def main() -> None:
     args = ap.parse_args()
     data, out = Path(args.data), Path(args.out)
     if args.cheap:
-        args.items, args.methods, args.steps = [4], ["iBOT", "ODIS"], args.steps or 300
+        args.items, args.methods, args.steps = args.items or [4], args.methods or ["iBOT", "ODIS"], args.steps or 300
+    args.items, args.methods = args.items or [1, 2, 4], args.methods or list(METHODS)
     hardware = hardware_line()
     print(hardware, flush=True)
     prepare(data, Path(args.fmnist), args.items, args.n_train, args.n_test, args.n_items)
@@ -237,7 +242,7 @@ def main() -> None:
         return
     extra = list(args.set)
     if args.cheap:
-        extra += [f"model.init_from={args.init}", "monitor.knn_every_steps=50", "monitor.knn_train_size=0",
+        extra += [f"model.init_from={args.init}", f"monitor.knn_every_steps={args.knn_every}", "monitor.knn_train_size=0",
                   "monitor.knn_val_size=0"]
     jobs = [(m, k, s) for k in args.items for s in args.seeds for m in args.methods]
     epochs: dict[tuple[str, int], float] = {}
@@ -260,9 +265,10 @@ def main() -> None:
         from ssl_distill.report import read_run
 
         for r in rows:
-            run = out / "items4" / f"seed{r['seed']}" / r["method"].replace(" ", "_")
+            run = out / f"items{r['items']}" / f"seed{r['seed']}" / r["method"].replace(" ", "_")
             curve = [round(x["knn_top1_k20"], 1) for x in read_run(run).knn if "knn_top1_k20" in x]
-            text += f"\n\nonline k-NN (1) of {r['method']}, seed {r['seed']}, every 50 steps: {' -> '.join(map(str, curve))}"
+            text += (f"\n\nonline k-NN (1) of {r['method']}, {r['items']} item(s), seed {r['seed']}, every "
+                     f"{args.knn_every} steps: {' -> '.join(map(str, curve))}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.json").write_text(json.dumps({"hardware": hardware, "rows": rows, "stats": disagree}, indent=2))
     (out / "table.md").write_text(text + "\n")
