@@ -8,7 +8,8 @@ boxes discovered without labels, each given the same seed and the same wall-cloc
 3. DINO trains; ``ssl-distill discover`` on its teacher writes boxes for the training scenes (label-free);
    iBOT, ODIS (ground-truth boxes) and ODIS (discovered boxes) train.
 4. Every model and a random-init one: ``ssl-distill object-knn --mode all`` (test objects classified from
-   train objects: (a) [OBJ] with the box mask, (b) [CLS] of the box crop, (c) [CLS] of the whole scene)
+   train objects: (a) [OBJ] with the box mask, (b) [CLS] of the box crop upsampled to the view, (b') [CLS] of
+   the box crop at the scene's scale on black, (c) [CLS] of the whole scene)
    and CorLoc on the test scenes of ``ssl-distill discover`` (TokenCut) and of ``discover --dinoseg
    --dinoseg-head mean`` (DINO-seg on the heads' mean [CLS] attention); ``object-knn --mode pixels``: the
    box crops' raw pixels, the bar (b) must clear.
@@ -74,9 +75,10 @@ def evaluate(model: str, scenes: Path, out: Path, random_init: bool = False, log
     return {**{f"knn_{m}": acc[m]["top1"] for m in acc}, **corloc}
 
 
-METRICS = ("knn_obj", "knn_crop", "knn_scene", "corloc", "corloc_dinoseg")
+METRICS = ("knn_obj", "knn_crop", "knn_crop_native", "knn_scene", "corloc", "corloc_dinoseg")
 HEADER = ["pretraining", "epochs", "object k-NN: [OBJ] + box mask (a)", "[CLS] of box crop (b)",
-          "[CLS] of scene (c)", "CorLoc, TokenCut (test scenes)", "CorLoc, DINO-seg (heads' mean)"]
+          "[CLS] of box crop at the scene's scale (b')", "[CLS] of scene (c)", "CorLoc, TokenCut (test scenes)",
+          "CorLoc, DINO-seg (heads' mean)"]
 
 
 def run_seed(seed: int, out: Path, scenes: Path, methods: dict[str, tuple[str, list[str], Path]],
@@ -235,8 +237,8 @@ def main() -> None:
     # the bar without any model: the box crops' raw pixels (gray, 28 px, mean removed)
     cli("object-knn", "--mode", "pixels", "--scenes", str(scenes), "--out", str(out / "object_knn_pixels.json"))
     pixels = json.loads((out / "object_knn_pixels.json").read_text())["accuracy"]["pixels"]["top1"]
-    lines = [f"| raw pixels of the box crop (no model) | - | - | {pixels:.2f}% | - | - | - |", *table_lines(table)]
-    lines += [f"| {failure} | | | | | | |" for failure in failed]
+    lines = [f"| raw pixels of the box crop (no model) | - | - | {pixels:.2f}% | - | - | - | - |", *table_lines(table)]
+    lines += [f"| {failure} |" + " |" * (len(HEADER) - 1) for failure in failed]
     table.insert(0, {"method": "raw pixels of the box crop", "knn_pixels": pixels})
     write_table(out, f"Scene benchmark ({scenes})", HEADER, lines, table, args.budget_min, hardware=hardware,
                 seeds=args.seeds,
