@@ -137,6 +137,11 @@ class IbotConfig:
     patch_out_dim: int = 8192  # prototypes of the separate patch head (shared_head false)
 
 
+ODIS_TARGET_BOX: tuple[str, ...] = ("sample", "largest")  # odis.target_box's values (data/object_crops.py reads them)
+ODIS_NO_BOX: tuple[str, ...] = ("none", "whole_image")  # odis.no_box's
+ODIS_ABLATIONS: tuple[str, ...] = ("none", "cropping_only", "masking_only")  # odis.ablation's
+
+
 @dataclass
 class OdisConfig:
     """ODIS's object term (Hızlı et al. 2025): off while ``weight`` is 0.
@@ -656,10 +661,10 @@ def _check_objectives(cfg: Config) -> None:
         raise ConfigError("dino.weight, ibot.weight and odis.weight are all 0: nothing would be trained; set one "
                           "of them (dino.weight=1 for DINO)")
     _check_range("odis.center_momentum", cfg.odis.center_momentum, 0, 1)
-    if cfg.odis.target_box not in ("sample", "largest"):
+    if cfg.odis.target_box not in ODIS_TARGET_BOX:
         raise ConfigError(f"odis.target_box must be sample (a box drawn first, as the authors) or largest (the "
                           f"largest box the first crop shows), got {cfg.odis.target_box!r}")
-    if cfg.odis.no_box not in ("none", "whole_image"):
+    if cfg.odis.no_box not in ODIS_NO_BOX:
         raise ConfigError(f"odis.no_box must be none (no object term for an image without a box) or whole_image "
                           f"([OBJ] on every patch of its plain views), got {cfg.odis.no_box!r}")
     if d.weight == 0 and cfg.odis.weight == 0 and not p.shared_head:
@@ -668,7 +673,7 @@ def _check_objectives(cfg: Config) -> None:
     if cfg.odis.weight > 0 and cfg.data.boxes is None:
         raise ConfigError("odis.weight > 0 distills objects, but data.boxes names no boxes file: set data.boxes "
                           "(a COCO-style file, e.g. the boxes.json that ssl-distill discover or make-scenes writes)")
-    if cfg.odis.ablation not in ("none", "cropping_only", "masking_only"):
+    if cfg.odis.ablation not in ODIS_ABLATIONS:
         raise ConfigError(f"odis.ablation must be none, cropping_only (object-aware crops, no [OBJ] term) or "
                           f"masking_only (plain crops, [OBJ] on the target's box), got {cfg.odis.ablation!r}")
     if cfg.odis.ablation == "cropping_only" and (cfg.data.boxes is None or cfg.odis.weight > 0 or d.weight == 0):

@@ -72,7 +72,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ssl_distill.config import CropsConfig
+from ssl_distill.config import ODIS_ABLATIONS, ODIS_NO_BOX, ODIS_TARGET_BOX, CropsConfig
 from ssl_distill.data.rng import Stream, counter_uniforms
 from ssl_distill.data.views import VIEW_UNIFORMS, CropBox, MultiCropTransform, view_crop
 
@@ -85,9 +85,6 @@ LOCAL_TRIES_PER_VIEW = 10
 _GLOBAL_KEY = 1 << 8  # key of global view g, try t >= 1: g * 256 + t
 _LOCAL_KEY = 1 << 24  # key of local draw k >= n_local: 2**24 + k
 _TARGET_KEY = 1 << 20  # key of the uniform that samples the target box (target_box="sample")
-TARGET_BOX = ("sample", "largest")
-NO_BOX = ("none", "whole_image")
-ABLATIONS = ("none", "cropping_only", "masking_only")
 
 
 def visible_fraction(boxes: np.ndarray, crop: CropBox) -> np.ndarray:
@@ -202,8 +199,8 @@ class ObjectMultiCropTransform:
             raise ValueError(f"crops.min_object_cover must be in (0, 1], got {crops.min_object_cover}")
         if patch_size < 1:
             raise ValueError(f"patch_size must be >= 1, got {patch_size}")
-        if target_box not in TARGET_BOX or no_box not in NO_BOX:
-            raise ValueError(f"target_box must be one of {TARGET_BOX} and no_box one of {NO_BOX}, "
+        if target_box not in ODIS_TARGET_BOX or no_box not in ODIS_NO_BOX:
+            raise ValueError(f"target_box must be one of {ODIS_TARGET_BOX} and no_box one of {ODIS_NO_BOX}, "
                              f"got {target_box!r}, {no_box!r}")
         self.plain = MultiCropTransform(crops)
         self.views = self.plain.views
@@ -216,8 +213,8 @@ class ObjectMultiCropTransform:
             raise ValueError(f"crops.min_object_inside must be in [0, 1], got {self.inside}")
         self.object_aware_local = bool(crops.object_aware_local)
         self.patch_size = int(patch_size)
-        if ablation not in ABLATIONS:
-            raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
+        if ablation not in ODIS_ABLATIONS:
+            raise ValueError(f"ablation must be one of {ODIS_ABLATIONS}, got {ablation!r}")
         self.target_box, self.no_box, self.ablation = target_box, no_box, ablation
 
     # ---------------------------------------------------------------------------------- geometry
