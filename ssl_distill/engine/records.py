@@ -91,12 +91,17 @@ class LogWindow:
             r.terms[k] = v
 
     def means(self) -> tuple[dict[str, float], dict[str, int]]:
-        """Each key's mean over the steps that have it (a monitor a step did not compute is absent from its
-        record: no masked patch, no valid [OBJ] view, the Gram terms before their start), and how many did."""
+        """Each term's mean over the steps that have it (a monitor a step did not compute is absent from its
+        record: no masked patch, no valid [OBJ] view, the Gram terms before their start), and how many did.
+        Schedule values are not averaged: :meth:`schedule` gives the last step's."""
         self.read()
-        keys = dict.fromkeys(k for r in self.records for k in r)
-        means = {k: float(np.mean([r[k] for r in self.records if k in r])) for k in keys}
-        return means, {k: sum(k in r for r in self.records) for k in keys}
+        keys = dict.fromkeys(k for r in self.records for k in r.terms)
+        means = {k: float(np.mean([r.terms[k] for r in self.records if k in r.terms])) for k in keys}
+        return means, {k: sum(k in r.terms for r in self.records) for k in keys}
+
+    def schedule(self) -> dict[str, float]:
+        """The schedule values (lr, wd, momentum, temperatures, Gram weights) of the window's last step."""
+        return dict(self.records[-1].schedule)
 
 
 def reduce_over_ranks(window: LogWindow, device: torch.device, counters: dict[str, float]

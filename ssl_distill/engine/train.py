@@ -683,9 +683,7 @@ class Trainer:
             steps.update(reduced_steps)
             counters["bad_images"] = int(counters["bad_images"])
         rec.update(means)
-        for k in ("lr", "wd", "momentum", "teacher_temp", "gram_weight", "dino_local_weight"):
-            if k in window.records[-1]:
-                rec[k] = window.records[-1][k]
+        rec.update(window.schedule())
         rec["images_per_s"] = len(window) * images_per_step / max(elapsed, 1e-9)
         rec.update(counters)
         rec["time"] = time.time()
