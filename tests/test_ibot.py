@@ -178,15 +178,15 @@ def test_attmask_masks_come_from_the_teachers_attention_and_the_step_key():
     masks = StepMasks(cfg)
     attention = torch.rand(6, 16)
     state = StepState(step=7, epoch=1.5, teacher_temp=0.04, patch_teacher_temp=0.07)
-    got = masks(None, {"cls_attention": attention}, state)
+    got = masks.build(None, {"cls_attention": attention}, state)[0]
     g = masks.generator(7)
     r = draw_batch_ratio(cfg.masking.pred_ratio, cfg.masking.pred_ratio_var, g)
     r2 = draw_batch_ratio(cfg.masking.pred_ratio, cfg.masking.pred_ratio_var, g)
     assert torch.equal(got, attmask(attention, r, "hint", masking_prob=0.5, generator=g, hint_ratio=r2))
-    assert torch.equal(got, masks(None, {"cls_attention": attention}, state))  # a resumed run draws the same
-    assert not torch.equal(got, masks(None, {"cls_attention": attention}, StepState(8, 1.5, 0.04, 0.07)))
+    assert torch.equal(got, masks.build(None, {"cls_attention": attention}, state)[0])  # a resumed run draws the same
+    assert not torch.equal(got, masks.build(None, {"cls_attention": attention}, StepState(8, 1.5, 0.04, 0.07))[0])
     late = StepMasks(load_config(CONFIG, ATTMASK + ["masking.pred_start_epoch=2"]))
-    assert not late(None, {"cls_attention": attention}, state).any()
+    assert not late.build(None, {"cls_attention": attention}, state)[0].any()
 
 
 @pytest.mark.parametrize("overrides, expect", [

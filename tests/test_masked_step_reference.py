@@ -177,7 +177,7 @@ def test_a_step_whose_teacher_sees_the_masked_views_fails_the_check(train_dir, t
 
     def masked_teacher(crops, **kwargs):
         if trainer.masks.needs_attention:  # the masks this attention gives, then the forward on masked views
-            step_masks = trainer.masks(None, forward(crops, **kwargs), trainer.step_state(0))
+            step_masks = trainer.masks.build(None, forward(crops, **kwargs), trainer.step_state(0))[0]
         else:
             trainer.sampler.set_epoch(0)
             step_masks = torch.cat(trainer.step_inputs(next(iter(trainer.loader)))[1])

@@ -36,17 +36,12 @@ class StepMasks:
         key = np.random.SeedSequence([self.seed, step, self.rank, Stream.ATTMASK]).generate_state(1)[0]
         return torch.Generator().manual_seed(int(key))
 
-    def __call__(self, data_masks: list[torch.Tensor] | None, teacher: dict[str, torch.Tensor],
-                 state: StepState) -> torch.Tensor | None:
-        """(G*B, P) bool masks of this step (all False before ``masking.pred_start_epoch``), or None; on the
-        device of the data masks, or AttMask's on that of the attention."""
-        built = self.build(data_masks, teacher, state)
-        return None if built is None else built[0]
-
     def build(self, data_masks: list[torch.Tensor] | None, teacher: dict[str, torch.Tensor], state: StepState,
               device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The step's masks (as :meth:`__call__`) and the (M,) flat positions of their True entries
-        (:func:`~ssl_distill.data.masking.true_positions`), both on ``device`` (None: where the masks are made).
+        """The step's (G*B, P) bool masks (all False before ``masking.pred_start_epoch``) and the (M,) flat
+        positions of their True entries (:func:`~ssl_distill.data.masking.true_positions`), both on ``device``
+        (None: where the masks are made: the data masks', or AttMask's attention's), or None when no
+        objective reads masks.
 
         Made on the host: the loader's masks are host tensors, and AttMask copies the teacher's attention to
         the host once (the one extra wait for a GPU in its step); the positions are counted there.
