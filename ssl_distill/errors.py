@@ -10,6 +10,7 @@ can catch them without importing torch for commands that never run a model (``--
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 
@@ -34,8 +35,9 @@ class AnnotationError(ValueError):
     """A ground-truth or boxes file that cannot be read (message names the file)."""
 
 
-#: the exit code of a command stopped at once by Ctrl-C (128 + SIGINT, as a shell reports it)
-INTERRUPTED_EXIT = 130
+#: the exit code of a command stopped at once by Ctrl-C: 128 + SIGINT (130), as a shell reports it (and as
+#: launch/submit.signal_exit_code gives for a run a signal stopped)
+INTERRUPTED_EXIT = 128 + int(signal.SIGINT)
 
 
 def run_command(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
