@@ -189,13 +189,18 @@ def table(rows: list[dict], disagree: dict[int, dict[str, float]], hardware: str
 
 def gap_lines(rows: list[dict], k: int) -> list[str]:
     """(3): ODIS - iBOT per seed on (1) (ODIS's box-masked [OBJ] against iBOT's [CLS]) and (2) (both [OBJ] box
-    against [CLS] crop: ODIS's [OBJ] against iBOT's crop), mean ± sd, and the criterion's verdict."""
+    against [CLS] crop: ODIS's [OBJ] against iBOT's crop), mean ± sd, and the criterion's verdict; then the same
+    gaps with one read-out for both models ([CLS] of the canvas on (1), of the crop on (2))."""
     by = {(r["method"], r["seed"]): r for r in rows if r["items"] == k}
     seeds = sorted(s for m, s in by if m == "ODIS" and ("iBOT", s) in by)
     if not seeds:
         return []
     g1 = [by["ODIS", s]["image_obj_box"] - by["iBOT", s]["image_cls"] for s in seeds]
     g2 = [by["ODIS", s]["object_obj"] - by["iBOT", s]["object_crop"] for s in seeds]
+    # the same read-out for both ([CLS] of the canvas, [CLS] of the native-scale crop): what training changed
+    # apart from the [OBJ] token and its box mask
+    s1 = [by["ODIS", s]["image_cls"] - by["iBOT", s]["image_cls"] for s in seeds]
+    s2 = [by["ODIS", s]["object_crop"] - by["iBOT", s]["object_crop"] for s in seeds]
 
     def verdict(g: list[float]) -> str:
         if len(g) < 2:
@@ -203,7 +208,21 @@ def gap_lines(rows: list[dict], k: int) -> list[str]:
         m, sd = statistics.mean(g), statistics.stdev(g)
         return ("ODIS ahead" if m > 2 * sd else "ODIS behind" if m < -2 * sd else "no difference") + " (2 sd)"
 
-    return [f"| {k} | | ODIS - iBOT | {_cell(g1)} ({verdict(g1)}) | | | {_cell(g2)} ({verdict(g2)}) | |"]
+    return [f"| {k} | | ODIS - iBOT | {_cell(g1)} ({verdict(g1)}) | | | {_cell(g2)} ({verdict(g2)}) | |",
+            f"| {k} | | ODIS - iBOT, both [CLS] | {_cell(s1)} ({verdict(s1)}) | | | | {_cell(s2)} ({verdict(s2)}) |"]
+
+
+def curves(rows: list[dict], out: Path, every: int) -> str:
+    """--cheap: each run's online k-NN of (1) (its log's ``knn`` records), one line per run."""
+    from ssl_distill.report import read_run
+
+    lines = []
+    for r in rows:
+        run = out / f"items{r['items']}" / f"seed{r['seed']}" / r["method"].replace(" ", "_")
+        curve = [round(x["knn_top1_k20"], 1) for x in read_run(run).knn if "knn_top1_k20" in x]
+        lines.append(f"online k-NN (1) of {r['method']}, {r['items']} item(s), seed {r['seed']}, every {every} steps: "
+                     f"{' -> '.join(map(str, curve))}")
+    return "\n\n".join(lines)
 
 
 def main() -> None:
@@ -262,13 +281,7 @@ def main() -> None:
     budget = f"{args.steps} steps each" if args.steps else f"{args.budget_min:g} min of training each"
     text = table(rows, disagree, hardware, budget + (f", from {args.init}" if args.cheap else ""))
     if args.cheap:
-        from ssl_distill.report import read_run
-
-        for r in rows:
-            run = out / f"items{r['items']}" / f"seed{r['seed']}" / r["method"].replace(" ", "_")
-            curve = [round(x["knn_top1_k20"], 1) for x in read_run(run).knn if "knn_top1_k20" in x]
-            text += (f"\n\nonline k-NN (1) of {r['method']}, {r['items']} item(s), seed {r['seed']}, every "
-                     f"{args.knn_every} steps: {' -> '.join(map(str, curve))}")
+        text += "\n\n" + curves(rows, out, args.knn_every)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.json").write_text(json.dumps({"hardware": hardware, "rows": rows, "stats": disagree}, indent=2))
     (out / "table.md").write_text(text + "\n")

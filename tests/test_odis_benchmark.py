@@ -41,3 +41,23 @@ def test_benchmark_runs_at_tiny_sizes(tmp_path: Path):
     assert len(data["images"]) == 20 and data["images"][0]["width"] == 56
     whole = json.loads((tmp_path / "data" / "items_whole" / "train" / "boxes.json").read_text())
     assert all(a["bbox"] == [0, 0, 56, 56] for a in whole["annotations"])
+
+
+def test_gap_lines_by_hand(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    from odis_benchmark import gap_lines
+
+    def row(method: str, seed: int, cls: float, crop: float, **obj: float) -> dict:
+        return {"method": method, "items": 2, "seed": seed, "image_cls": cls, "object_crop": crop, **obj}
+
+    rows = [row("iBOT", 0, 70.0, 60.0), row("iBOT", 1, 72.0, 62.0), row("DINO", 0, 10.0, 10.0),
+            row("ODIS", 0, 71.0, 61.0, image_obj_box=80.0, object_obj=50.0),
+            row("ODIS", 1, 73.0, 61.0, image_obj_box=81.0, object_obj=51.0),
+            {**row("ODIS", 0, 0.0, 0.0, image_obj_box=0.0, object_obj=0.0), "items": 4}]
+    gaps, same = gap_lines(rows, 2)
+    # [OBJ] box - [CLS]: 10 and 9 (mean 9.5, sd 0.71: ahead); [OBJ] box - crop: -10 and -11 (behind)
+    assert gaps == ("| 2 | | ODIS - iBOT | 9.5 ± 0.7 (ODIS ahead (2 sd)) | | | -10.5 ± 0.7 (ODIS behind (2 sd)) | |")
+    # [CLS] - [CLS]: 1 and 1 (sd 0: ahead); crop - crop: 1 and -1 (mean 0: no difference)
+    assert same == ("| 2 | | ODIS - iBOT, both [CLS] | 1.0 ± 0.0 (ODIS ahead (2 sd)) | | | | 0.0 ± 1.4 "
+                    "(no difference (2 sd)) |")
+    assert gap_lines(rows[:2], 2) == []  # no ODIS run
