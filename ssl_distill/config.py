@@ -59,7 +59,7 @@ class DataConfig:
     train_dir: str = "data/train"
     batch_size: int = 64  # per process; DINO: 64 per GPU x 16 GPUs
     num_workers: int = 2
-    # decoded images kept in memory (MB, all the loader's processes together, each worker its share): a folder
+    # decoded images kept in memory (MB per training process, shared out among its loader's workers): a folder
     # that fits is decoded once per run, not once per epoch; 0: none (data/folder.py DecodedImages)
     cache_mb: int = 1024
     max_bad_fraction: float = 0.01

@@ -30,7 +30,8 @@ def build_train_loader(
     With ``cfg.data.boxes`` the views are object-aware (:mod:`ssl_distill.data.object_crops`) and
     each batch has ``"obj_masks"`` and ``"obj_valid"``; ``loader.dataset.boxes.report`` counts the
     boxes file's images and its kept, clipped and dropped boxes (``.summary()``: one log line). Decoded images
-    stay in memory up to ``cfg.data.cache_mb`` (shared out among the workers; persistent workers keep theirs).
+    stay in memory up to ``cfg.data.cache_mb`` per process (shared out among its workers; persistent workers keep
+    theirs).
     """
     files = scan_image_folder(cfg.data.train_dir, labeled=False, cache_file=cache_file)
     crops = cfg.data.crops
