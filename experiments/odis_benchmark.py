@@ -250,9 +250,10 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=1, help="runs at once (a GPU)")
     args = ap.parse_args()
     data, out = Path(args.data), Path(args.out)
+    items, methods = ([4], ["iBOT", "ODIS"]) if args.cheap else ([1, 2, 4], list(METHODS))  # the defaults
+    args.items, args.methods = args.items or items, args.methods or methods
     if args.cheap:
-        args.items, args.methods, args.steps = args.items or [4], args.methods or ["iBOT", "ODIS"], args.steps or 300
-    args.items, args.methods = args.items or [1, 2, 4], args.methods or list(METHODS)
+        args.steps = args.steps or 300
     hardware = hardware_line()
     print(hardware, flush=True)
     prepare(data, Path(args.fmnist), args.items, args.n_train, args.n_test, args.n_items)

@@ -322,9 +322,6 @@ class PhotometricAugment:
         for v, u8 in enumerate(views):
             by_shape.setdefault((*u8.shape, u8.device.type), []).append(v)
         for group in by_shape.values():
-            if len(group) == 1:
-                out[group[0]] = self.view(views[group[0]], seeds, group[0])
-                continue
             params = [self.params(seeds, v) for v in group]
             joined = _ViewParams(*(np.concatenate([getattr(p, f) for p in params])
                                    for f in _ViewParams.__dataclass_fields__))
