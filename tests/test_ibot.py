@@ -144,9 +144,27 @@ def test_teacher_patch_targets_equal_the_head_on_every_patch():
         with torch.no_grad():
             out = model([x], patches="targets")
             got = model.patch_targets(out["patch_z"], masks)
+            tokens = model([x], patch_tokens=True)["patch_global"]
+            masked_only = model.masked_patch_targets(tokens, masks)  # Sinkhorn-Knopp's, a head without BatchNorm
             full = (patch_head or head)(backbone.forward_tokens(x)["patch"].reshape(64, 192)).view(4, 16, -1)
         torch.testing.assert_close(got["patch_masked"], full[masks], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got["patch_mean"], full.mean((0, 1))[None], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(masked_only["patch_masked"], full[masks], rtol=1e-5, atol=1e-6)
+        assert "patch_mean" not in masked_only
+        assert torch.equal(masked_only["patch_positions"], got["patch_positions"])
+
+
+def test_sinkhorn_knopp_patch_term_reads_no_mean_and_ema_needs_it():
+    """DINOv2's patch term (Sinkhorn-Knopp) has no center: the step's teacher builds no mean patch logit for
+    it (its head then runs on the masked patches only); iBOT's EMA center cannot be updated without one."""
+    masks = torch.tensor([[False, True], [True, False]])
+    student, teacher = torch.randn(2, 8), torch.randn(2, 8)
+    sk = PatchLoss(8, centering="sinkhorn_knopp")
+    assert sk.reads.teacher == ("patch_masked",) and PatchLoss(8).reads.teacher == ("patch_masked", "patch_mean")
+    out = sk(student, teacher, None, masks, teacher_temp=0.07)
+    assert torch.isfinite(out["patch"]) and torch.equal(sk.patch_center, torch.zeros(1, 1, 8))
+    with pytest.raises(ValueError, match="teacher_mean"):
+        PatchLoss(8)(student, teacher, None, masks, teacher_temp=0.07)
 
 
 def test_patch_term_by_hand():
@@ -339,3 +357,36 @@ def test_patch_center_is_averaged_over_ranks():
     loss(teacher[masks] * 0, teacher[masks], teacher.mean((0, 1))[None], masks, teacher_temp=0.07)
     torch.testing.assert_close(loss.patch_center[0, 0], teacher.mean((0, 1)) * 0.5)
     spawn_gloo(_patch_center_split, teacher, loss.patch_center.clone())
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_dinov2_teacher_patch_head_reads_the_masked_patches_only(tmp_path, bn):
+    """DINOv2's patch term (Sinkhorn-Knopp, no center): the step's teacher runs its patch head on the masked
+    patches only, as DINOv2's teacher does, with the same patch term as the head on every patch; a head with
+    BatchNorm (its statistics span the batch) still runs on every patch."""
+    import copy
+
+    from test_end_to_end import ROOT, make_folder, tiny_overrides
+
+    from ssl_distill.config import load_config
+    from ssl_distill.engine.train import Trainer
+
+    overrides = tiny_overrides(make_folder(tmp_path / "train", 4, 0), tmp_path / "run") + [
+        f"model.use_bn_in_head={str(bn).lower()}", "model.drop_path_rate=0", "masking.pred_ratio=[0.3]",
+        "masking.pred_ratio_var=[0.2]"]
+    trainer = Trainer(load_config(ROOT / "configs" / "dinov2_style_tiny_fmnist.yaml", overrides))
+    assert trainer.teacher_all_patches is bn
+    trainer.sampler.set_epoch(0)
+    inputs = trainer.step_inputs(next(iter(trainer.loader)))
+    twin = copy.deepcopy(trainer)
+    twin.teacher_all_patches = True  # the iBOT path: the head on every patch, the masked rows' logits read out
+    rows: list[int] = []
+    hook = trainer.teacher.patch_head.mlp.register_forward_pre_hook(lambda _, args: rows.append(len(args[0])))
+    record = trainer.train_step(inputs[0], 0, *inputs[1:])
+    hook.remove()
+    reference = twin.train_step(inputs[0], 0, *inputs[1:])
+    masks = torch.cat(inputs[1])
+    assert 0 < masks.sum() < masks.numel()
+    assert rows == [masks.numel() if bn else int(masks.sum())]
+    assert record["patch"] == pytest.approx(reference["patch"], rel=1e-5)
+    assert record["loss"] == pytest.approx(reference["loss"], rel=1e-5)

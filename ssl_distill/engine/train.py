@@ -235,6 +235,9 @@ class Trainer:
         self.objectives = build_objectives(cfg).to(self.device)
         self.reads = Reads.union(o.reads for o in self.objectives)  # what the step builds
         self.patches = self.reads.patch_masks
+        # the teacher's patch head runs on every patch where a center reads their mean or BatchNorm their statistics;
+        # else on the masked patches only (DINOv2's patch term)
+        self.teacher_all_patches = self.patches and ("patch_mean" in self.reads.teacher or not self.teacher.patch_head_rowwise)
         self.masks = StepMasks(cfg, self.rank, enabled=self.patches)
         self.loss_terms = [name for o in self.objectives for name in o.loss_terms]
         # Gram anchoring's frozen teacher, when the Gram term reads one (the live EMA teacher needs none)
@@ -486,15 +489,18 @@ class Trainer:
             self._gram_event(step, "snapshot")
 
         with autocast_context(self.device, self.precision):
-            teacher_out = self.teacher(crops[: self.n_global], patches="targets" if self.patches else None,
+            teacher_out = self.teacher(crops[: self.n_global], patches="targets" if self.teacher_all_patches else None,
                                        cls_attention=self.masks.needs_attention,
                                        obj_masks=None if obj_masks is None else obj_masks[: self.n_global],
                                        cls_head="cls" in self.reads.teacher,
-                                       patch_tokens="patch_global" in self.reads.teacher)
+                                       patch_tokens=self.patches and not self.teacher_all_patches
+                                       or "patch_global" in self.reads.teacher)
             # None when no objective reads patch masks; the masked patches' positions counted on the host
             masks, positions = self.masks.build(data_masks, teacher_out, state, self.device) or (None, None)
             if masks is not None:
-                teacher_out.update(self.teacher.patch_targets(teacher_out["patch_z"], masks, positions))
+                teacher_out.update(self.teacher.patch_targets(teacher_out["patch_z"], masks, positions)
+                                   if self.teacher_all_patches else
+                                   self.teacher.masked_patch_targets(teacher_out["patch_global"], masks, positions))
             if obj_valid is not None:  # which views hold each image's target object; the valid teacher rows
                 teacher_out["obj_valid"] = to_device(obj_valid, self.device)
                 teacher_out["obj_valid_rows"] = to_device(true_positions(obj_valid[:, : self.n_global].t()),

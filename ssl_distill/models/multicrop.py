@@ -40,7 +40,8 @@ class MultiCropModel(nn.Module):
     - ``"obj_feat"``: (V*B, D) the backbone's [OBJ] tokens, each attending to its crop's object mask;
     - ``"patch_z"``: (G*B, P, d) the patch head's normalised bottleneck of every patch of the first
       resolution group (the G global views), with ``patches="targets"`` (the teacher):
-      :meth:`patch_targets` turns it into logits once the masks are known;
+      :meth:`patch_targets` turns it into logits once the masks are known (:meth:`masked_patch_targets` reads
+      ``"patch_global"`` instead, where the masked patches' logits are all the objective reads);
     - ``"patch_masked"``: (M, K_p) patch-head logits of the M masked patches only, in the order of
       ``masks.nonzero()`` (view, image, patch), with ``patches="masked"``: the patch objective reads
       the student only there, so the head runs on those rows alone (gathered at ``mask_positions``, the
@@ -141,6 +142,23 @@ class MultiCropModel(nn.Module):
     @property
     def _patch_head(self) -> nn.Module:
         return self.patch_head if self.patch_head is not None else self.head
+
+    @property
+    def patch_head_rowwise(self) -> bool:
+        """Whether the patch head maps each row alone (no BatchNorm): then its logits of some patches need
+        those patches only."""
+        return not _has_batch_norm(self._patch_head)
+
+    def masked_patch_targets(self, patch_tokens: torch.Tensor, masks: torch.Tensor,
+                             positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """:meth:`patch_targets` without ``"patch_mean"``, from the teacher's patch tokens (G*B, P, D)
+        (``"patch_global"``): the whole patch head runs on the M masked patches only, as DINOv2's teacher
+        does (``ibot_head`` on the masked tokens), where no center reads the mean of every patch's logits
+        (Sinkhorn-Knopp) and the head is :attr:`patch_head_rowwise` (BatchNorm's statistics would change)."""
+        if positions is None:
+            positions = true_positions(masks)
+        return {"patch_masked": self._patch_head(masked_rows(patch_tokens, masks, positions)),
+                "patch_positions": positions}
 
     def patch_targets(self, patch_z: torch.Tensor, masks: torch.Tensor,
                       positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -46,6 +46,8 @@ class PatchLoss(nn.Module):
         super().__init__()
         # Sinkhorn-Knopp over the masked patches, whose number differs between ranks
         self.centering = Center(centering, center_momentum, rows_differ_across_ranks=True)
+        if centering != "ema":  # no center to update: the teacher's head runs on the masked patches only
+            self.reads = Reads(student=("patch_masked",), teacher=("patch_masked",), patch_masks=True)
         self.student_temp = student_temp
         self.weight = weight
         self.register_buffer("patch_center", torch.zeros(1, 1, out_dim))
@@ -55,11 +57,11 @@ class PatchLoss(nn.Module):
         """The step's interface: the student's masked patch logits against the teacher's."""
         if masks is None:
             raise ValueError("the patch objective needs the step's patch masks")
-        out = self(student["patch_masked"], teacher["patch_masked"], teacher["patch_mean"], masks,
+        out = self(student["patch_masked"], teacher["patch_masked"], teacher.get("patch_mean"), masks,
                    state.patch_teacher_temp, positions=teacher.get("patch_positions"))
         return {"loss": out["patch"] * self.weight, **out}
 
-    def forward(self, student_masked: torch.Tensor, teacher_masked: torch.Tensor, teacher_mean: torch.Tensor,
+    def forward(self, student_masked: torch.Tensor, teacher_masked: torch.Tensor, teacher_mean: torch.Tensor | None,
                 masks: torch.Tensor, teacher_temp: float,
                 positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Loss over the masked patches; updates the patch center afterwards (EMA centering).
@@ -68,7 +70,8 @@ class PatchLoss(nn.Module):
             student_masked: (M, K) student logits of the M masked patches, in ``masks.nonzero()`` order.
             teacher_masked: (M, K) teacher logits of the same patches of the unmasked global views.
             teacher_mean: (1, K) the teacher's mean logit vector over every patch of its G*B views
-                (what iBOT's center averages; see :meth:`MultiCropModel.patch_targets`).
+                (what iBOT's center averages; see :meth:`MultiCropModel.patch_targets`); None with
+                Sinkhorn-Knopp centering, which has no center.
             masks: (G*B, P) bool, True where the student's patch was masked; M = masks.sum().
             teacher_temp: the patch teacher temperature of this iteration.
             positions: (M,) the flat positions of ``masks``' True entries in (G*B*P), row-major (the step's,
@@ -89,7 +92,11 @@ class PatchLoss(nn.Module):
         per_image = per_patch.new_zeros(masks.shape[0]).index_add(0, image, per_patch)
         per_image = per_image / masks.sum(-1).clamp(min=1)
         # each rank's mean over the same number of patches: the mean of the ranks' means is the mean
-        self.centering.update(self.patch_center, teacher_mean, 1)
+        if self.centering.method == "ema":
+            if teacher_mean is None:
+                raise ValueError("EMA centering updates the patch center from the teacher's mean patch logits: "
+                                 "give teacher_mean")
+            self.centering.update(self.patch_center, teacher_mean, 1)
         with torch.no_grad():
             stats = teacher_statistics(targets, prefix="patch_")
         return {"patch": per_image.mean(), "mask_ratio": masks.float().mean().detach(), **stats}
