@@ -18,6 +18,8 @@ LayerNorms (6%), softmax forward and backward (2%), and AdamW's per-parameter ar
 (addcdiv_, lerp_, sqrt, addcmul_, mul_, add_: 3%) with a ``.item()`` of each step count; every one pays a
 parallel region's start. The ViT-S/16 step is dominated by GEMMs too, its head's 65536-wide last layer and
 loss (softmax / log-softmax over 12 x 8 x 65536 logits) being the largest non-block share.
+Beside the profile, the step's GEMMs alone (:func:`gemm_floor`): every matrix product the step ran, each shape
+timed by itself, added up: the step's bound here, whatever fuses or packs the rest (docs/benchmarks.md).
 ``--modes`` times the step eager, with ``run.compile=on`` and with a foreach AdamW, round-robin, and one batch's
 preparation by the loader, beside the ceiling (issue 28's candidates, measured where they are chosen).
 Usage: python benchmarks/bench_step_profile.py [--step demo|vits16] [--steps N] [--rows R] [--threads T] [--modes]
@@ -122,9 +124,13 @@ def report(name: str, step: Step, steps: int, rows: int) -> None:
         phases.close()
     for phase, seconds in phases.seconds.most_common():
         print(f"  {phase:<20} {1e3 * seconds / steps:7.1f} ms  {100 * seconds / total:5.1f}%")
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for i in range(steps):
             step.run(2 + 2 * steps + i)
+    floor, floor_gflop = gemm_floor(prof.events(), steps)
+    print(f"  its GEMMs alone (each shape timed by itself, fastest of {FLOOR_REPS}): {floor * 1e3:.0f} ms for "
+          f"{floor_gflop:.1f} GFLOP = {floor_gflop / floor:.0f} GFLOP/s = {100 * floor_gflop / floor / bf16:.0f}% of "
+          f"the ceiling: the step's own bound here; the step spends {(median - floor) * 1e3:.0f} ms beyond it")
     events = prof.key_averages()
     total_us = sum(e.self_cpu_time_total for e in events)
     grouped: collections.Counter[str] = collections.Counter()
@@ -138,6 +144,35 @@ def report(name: str, step: Step, steps: int, rows: int) -> None:
     print(f"  top {rows} ops:")
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:rows]:
         print(f"    {e.key:<36} {100 * e.self_cpu_time_total / total_us:5.1f}%  {e.count // steps:5d} calls a step")
+
+
+DTYPES = {"float": torch.float32, "c10::BFloat16": torch.bfloat16, "c10::Half": torch.float16, "double": torch.float64}
+FLOOR_REPS = 10
+
+
+def gemm_floor(events, steps: int) -> tuple[float, float]:
+    """(seconds, GFLOP) a step's matrix products (mm, addmm, bmm) take when each of their shapes runs alone,
+    fastest of ``FLOOR_REPS`` on fresh contiguous operands: what the step would take if it did nothing else,
+    its bound on this machine whatever fuses or packs the rest. ``events``: the profile of ``steps`` steps
+    (``record_shapes=True``)."""
+    counts: collections.Counter[tuple] = collections.Counter()
+    for e in events:
+        if e.name in ("aten::mm", "aten::addmm", "aten::bmm") and all(d in DTYPES for d in e.input_dtypes[:3]):
+            counts[(e.name, tuple(map(tuple, e.input_shapes[:3])), tuple(e.input_dtypes[:3]))] += 1
+    seconds = flop = 0.0
+    for (name, shapes, dtypes), count in counts.items():
+        operands = [torch.randn(shape, dtype=DTYPES[dtype]) for shape, dtype in zip(shapes, dtypes) if shape]
+        op = {"aten::mm": torch.mm, "aten::addmm": torch.addmm, "aten::bmm": torch.bmm}[name]
+        a, b = operands[-2:]
+        flop_one = 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if name == "aten::bmm" else 1)
+        best = float("inf")
+        for _ in range(FLOOR_REPS + 2):
+            t0 = time.perf_counter()
+            op(*operands)
+            best = min(best, time.perf_counter() - t0)
+        seconds += best * count / steps
+        flop += flop_one * count / steps
+    return seconds, flop / 1e9
 
 
 STEPS = {"demo": ("demo step (batch 64)", demo_step), "vits16": ("ViT-S/16 step (batch 8)", vits16_step)}
