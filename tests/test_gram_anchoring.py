@@ -332,3 +332,33 @@ def test_the_report_draws_the_gram_monitors(gram_data, tmp_path):
     with_gram = imread(write_report([gram, plain], out=tmp_path / "both.png").figure)
     without = imread(write_report([plain], out=tmp_path / "plain.png").figure)
     assert with_gram.shape[0] > without.shape[0]  # one row more: Gram anchoring
+
+
+def test_gram_crops_are_rendered_from_the_epoch_of_the_gram_terms_first_step(gram_data, tmp_path):
+    """Before the epoch of gram.start_step no step reads the Gram crops: the loader leaves them out (a 448-px
+    crop pair per image, 83% of the DINOv3 recipe's run), the views stay those of a loader that renders them,
+    and from that epoch on the batches carry the same Gram crops; a run trains through the start."""
+    from ssl_distill.data.loader import build_train_loader
+    from ssl_distill.engine.train import Trainer
+    from test_end_to_end import tiny_overrides
+
+    late = [*GRAM_RUN, "gram.start_step=7", "gram.it_load_ema_teacher=7", "gram.it_first_update=0",
+            "gram.update_frequency=0", "gram.max_updates=null"]  # 6 steps an epoch: the term starts in epoch 1
+    cfg = load_config(CONFIG, tiny_overrides(gram_data, tmp_path / "late") + late)
+    skipping, sampler = build_train_loader(cfg, None, gram_from_step=7)
+    always, always_sampler = build_train_loader(cfg, None, gram_from_step=0)
+    assert sampler.batches_per_epoch == 6
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        always_sampler.set_epoch(epoch)
+        for ours, full in zip(skipping, always):
+            assert ("gram_crops" in ours) == (epoch == 1)
+            for a, b in zip(ours["crops"] + ours.get("gram_crops", []), full["crops"] + full.get("gram_crops", [])):
+                assert torch.equal(a, b)
+            assert all(torch.equal(a, b) for a, b in zip(ours["masks"], full["masks"]))
+    never, _ = build_train_loader(cfg, None, gram_from_step=None)  # a run whose Gram weight is 0
+    assert "gram_crops" not in next(iter(never))
+    assert Trainer(cfg).loader.dataset.transform.gram_from_epoch == 1
+    _run(gram_data, tmp_path / "late", late)
+    records = {r["step"]: r for r in _records(tmp_path / "late") if "kind" not in r}
+    assert "gram" not in records[7] and records[9]["gram"] > 0 and records[12]["gram"] > 0

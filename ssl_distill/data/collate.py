@@ -34,7 +34,8 @@ class MultiCropCollate:
          "obj_masks": list of V bool (B, P_v), True = patch inside the view's object   # only with boxes
          "obj_valid": bool (B, V), True = view v of image b holds its target object}    # only with boxes
          "gram_crops": list of n_global float32 (B, 3, g, g), the global views at crops.gram_size
-                       (:class:`~ssl_distill.data.photometric.GramCropAugment`)   # only with gram_size
+                       (:class:`~ssl_distill.data.photometric.GramCropAugment`)   # only with gram_size, where
+                                                                # the samples carry them (their epoch's)
 
     ``masking`` (:func:`ssl_distill.data.masking.build_masking`) draws iBOT's masks of the global
     views from the sample seeds (and the samples' ``"epoch"``, for ``pred_start_epoch``); it draws
@@ -56,12 +57,14 @@ class MultiCropCollate:
         for s in samples:
             if "seed" not in s:
                 raise KeyError("MultiCropCollate needs each sample's 'seed' (use ImageFolderDataset)")
-            if len(s["image"]) != self.n_views + self.n_gram:
+            if len(s["image"]) != len(samples[0]["image"]) or len(s["image"]) not in (self.n_views + self.n_gram,
+                                                                                        self.n_views):
                 raise ValueError(f"sample {s.get('index')} has {len(s['image'])} views, expected "
-                                 f"{self.n_views + self.n_gram}")
+                                 f"{self.n_views + self.n_gram}" + (f" (or {self.n_views} without the Gram crops, "
+                                                                    "in every sample of the batch)" if self.n_gram else ""))
         seeds = [int(s["seed"]) for s in samples]
         views = []
-        for v in range(self.n_views + self.n_gram):
+        for v in range(len(samples[0]["image"])):
             first = samples[0]["image"][v]
             out = new_batch_tensor((len(samples), *first.shape), first.dtype, first.device) if self.photometric is None else None
             views.append(torch.stack([s["image"][v] for s in samples], out=out))

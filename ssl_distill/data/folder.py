@@ -335,6 +335,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
          "seed":  int   # the seed given to the transform (the batched collate needs it)
          "epoch": int}  # only when the item carries one (the batch masks need it)
 
+    An item that carries its epoch gives it to the transform too, ``transform(img, seed, epoch=epoch)`` (the
+    training transforms render the Gram-teacher crops from a given epoch on).
+
     With ``boxes`` (a :class:`~ssl_distill.data.boxes.BoxesFile` of this folder) the transform is
     called as ``transform(img, seed, boxes_xyxy)`` with the boxes of the file actually returned,
     and must return a dict with ``"image"`` and any further keys, which join the sample (e.g.
@@ -389,16 +392,16 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if not 0 <= index < len(self.files):
             raise IndexError(f"index {index} out of range for {len(self.files)} images")
         img, used, bad = self._load_with_fallback(index)
+        epoch = int(item[2]) if isinstance(item, tuple) and len(item) > 2 else None
+        when = {} if epoch is None else {"epoch": epoch}  # the training transforms' Gram crops depend on it
         extra: dict[str, Any] = {}
         if self.boxes is not None:
-            extra = dict(self.transform(img, seed, self.boxes.boxes_for(self.files.paths[used])[0]))
+            extra = dict(self.transform(img, seed, self.boxes.boxes_for(self.files.paths[used])[0], **when))
             image = extra.pop("image")
         else:
-            image = self.transform(img, seed) if self.transform is not None else img
-        out = {"image": image, "label": int(self.files.labels[used]), "index": index, "bad": bad, "seed": seed, **extra}
-        if isinstance(item, tuple) and len(item) > 2:
-            out["epoch"] = int(item[2])
-        return out
+            image = self.transform(img, seed, **when) if self.transform is not None else img
+        return {"image": image, "label": int(self.files.labels[used]), "index": index, "bad": bad, "seed": seed,
+                **extra, **when}
 
 
 class BadImageCounter:

@@ -18,7 +18,7 @@ from .views import MultiCropTransform
 
 
 def build_train_loader(
-    cfg: Config, cache_file: Path | None, rank: int = 0, world_size: int = 1
+    cfg: Config, cache_file: Path | None, rank: int = 0, world_size: int = 1, gram_from_step: int | None = 0
 ) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
     """Multi-crop pretraining loader over ``cfg.data.train_dir`` (unlabeled, any nesting).
 
@@ -31,14 +31,20 @@ def build_train_loader(
     each batch has ``"obj_masks"`` and ``"obj_valid"``; ``loader.dataset.boxes.report`` counts the
     boxes file's images and its kept, clipped and dropped boxes (``.summary()``: one log line). Decoded images
     stay in memory up to ``cfg.data.cache_mb`` per process (shared out among its workers; persistent workers keep
-    theirs).
+    theirs). With ``crops.gram_size`` the Gram-teacher crops are rendered from the epoch of step ``gram_from_step``
+    on (the Gram term's first step: before its epoch the batches have no ``"gram_crops"``); None: never.
     """
     files = scan_image_folder(cfg.data.train_dir, labeled=False, cache_file=cache_file)
     crops = cfg.data.crops
     workers = cfg.data.num_workers
     cache_bytes = cfg.data.cache_mb * 2**20 // max(1, workers)  # each worker process holds its own share
+    masking = build_masking(cfg.masking, crops.global_size, cfg.model.patch_size, crops.n_global)
+    sampler = EpochSampler(len(files), cfg.run.seed, rank, world_size, drop_last=True, batch_size=cfg.data.batch_size)
+    gram_from_epoch = None if gram_from_step is None else gram_from_step // max(1, sampler.batches_per_epoch)
+    # the masks and the Gram crops read each sample's epoch
+    sampler.with_epoch = masking is not None or (crops.gram_size is not None and gram_from_epoch != 0)
     if cfg.data.boxes is None:
-        dataset = ImageFolderDataset(files, MultiCropTransform(crops), cache_bytes=cache_bytes)
+        dataset = ImageFolderDataset(files, MultiCropTransform(crops, gram_from_epoch), cache_bytes=cache_bytes)
     else:
         boxes = read_boxes(cfg.data.boxes, files.root, paths=files.paths)
         if not boxes.report["images_with_boxes"] and cfg.odis.no_box != "whole_image":  # else every image has [OBJ]
@@ -49,13 +55,8 @@ def build_train_loader(
                 "the object term would be 0 for the whole run; give each box in its image's pixels, as COCO's "
                 "[x, y, width, height]")
         transform = ObjectMultiCropTransform(crops, cfg.model.patch_size, cfg.odis.target_box, cfg.odis.no_box,
-                                             ablation=cfg.odis.ablation)
+                                             ablation=cfg.odis.ablation, gram_from_epoch=gram_from_epoch)
         dataset = ImageFolderDataset(files, transform, boxes=boxes, cache_bytes=cache_bytes)
-    masking = build_masking(cfg.masking, crops.global_size, cfg.model.patch_size, crops.n_global)
-    sampler = EpochSampler(
-        len(files), cfg.run.seed, rank, world_size, drop_last=True, batch_size=cfg.data.batch_size,
-        with_epoch=masking is not None,
-    )
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=torch.utils.data.BatchSampler(sampler, cfg.data.batch_size, drop_last=True),

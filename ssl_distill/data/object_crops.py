@@ -194,7 +194,7 @@ class ObjectMultiCropTransform:
     """
 
     def __init__(self, crops: CropsConfig, patch_size: int, target_box: str = "sample", no_box: str = "none",
-                 ablation: str = "none") -> None:
+                 ablation: str = "none", gram_from_epoch: int | None = 0) -> None:
         if not 0.0 < crops.min_object_cover <= 1.0:
             raise ValueError(f"crops.min_object_cover must be in (0, 1], got {crops.min_object_cover}")
         if patch_size < 1:
@@ -202,7 +202,7 @@ class ObjectMultiCropTransform:
         if target_box not in ODIS_TARGET_BOX or no_box not in ODIS_NO_BOX:
             raise ValueError(f"target_box must be one of {ODIS_TARGET_BOX} and no_box one of {ODIS_NO_BOX}, "
                              f"got {target_box!r}, {no_box!r}")
-        self.plain = MultiCropTransform(crops)
+        self.plain = MultiCropTransform(crops, gram_from_epoch)
         self.views = self.plain.views
         self.sizes = [spec.size for spec in self.views]
         self.n_global, self.n_local = int(crops.n_global), int(crops.n_local)
@@ -316,11 +316,13 @@ class ObjectMultiCropTransform:
             out.extend(torch.from_numpy(masks))
         return out
 
-    def __call__(self, img: Image.Image, seed: int, boxes: np.ndarray | None = None) -> dict[str, object]:
+    def __call__(self, img: Image.Image, seed: int, boxes: np.ndarray | None = None,
+                 epoch: int | None = None) -> dict[str, object]:
         if img.mode != "RGB":
             img = img.convert("RGB")
         views = self.draw(img.width, img.height, seed, np.zeros((0, 4)) if boxes is None else boxes)
+        image = self.plain.render(img, views.crops, self.plain.renders_gram(epoch))
         if self.ablation == "cropping_only":  # the crops only: no [OBJ] to mask
-            return {"image": self.plain.render(img, views.crops)}
-        return {"image": self.plain.render(img, views.crops), "obj_masks": self.object_masks(views),
+            return {"image": image}
+        return {"image": image, "obj_masks": self.object_masks(views),
                 "obj_valid": torch.from_numpy(views.valid.copy())}

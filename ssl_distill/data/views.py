@@ -182,16 +182,25 @@ class MultiCropTransform:
     For each view: a RandomResizedCrop box (torchvision's algorithm) and a flip decision drawn from
     :func:`counter_uniforms` of ``(seed, view)``, then crop + bicubic resize in one PIL call, then
     flip. Globals first; with ``crops.gram_size`` the ``n_global`` Gram-teacher crops follow (the global
-    views' boxes and flips at that size). Deterministic for a given (image, seed); photometric ops are left to
+    views' boxes and flips at that size), from epoch ``gram_from_epoch`` on when the sample's epoch is given. Deterministic for a given (image, seed); photometric ops are left to
     :class:`~ssl_distill.data.collate.MultiCropCollate`. :meth:`geometry` and :meth:`render` are the
     two halves (object-aware cropping, :mod:`ssl_distill.data.object_crops`, draws its own geometry
     and renders it the same way).
     """
 
-    def __init__(self, crops: CropsConfig) -> None:
+    def __init__(self, crops: CropsConfig, gram_from_epoch: int | None = 0) -> None:
         self.crops = crops
         self.views = view_specs(crops)
         self.ratio = (float(crops.ratio[0]), float(crops.ratio[1]))
+        self.gram_from_epoch = gram_from_epoch  # no Gram crops for a sample of an earlier epoch; None: none at all
+
+    def renders_gram(self, epoch: int | None) -> bool:
+        """Whether a sample of ``epoch`` (None: not known) gets its Gram-teacher crops: with ``crops.gram_size``,
+        from epoch ``gram_from_epoch`` on (the epoch of the Gram term's first step: before it no step reads them),
+        never with ``gram_from_epoch`` None (a run whose Gram weight is 0)."""
+        if self.crops.gram_size is None or self.gram_from_epoch is None:
+            return False
+        return epoch is None or epoch >= self.gram_from_epoch
 
     def geometry(self, width: int, height: int, seed: int) -> list[CropBox]:
         """The plain crop and flip of every view of a ``width x height`` image, globals first."""
@@ -199,15 +208,15 @@ class MultiCropTransform:
         return [view_crop(width, height, spec.scale, self.ratio, self.crops.flip_p, u)
                 for spec, u in zip(self.views, uniforms)]
 
-    def render(self, img: Image.Image, geometry: Sequence[CropBox]) -> list[torch.Tensor]:
+    def render(self, img: Image.Image, geometry: Sequence[CropBox], gram: bool = True) -> list[torch.Tensor]:
         """Crop + bicubic resize (one PIL call) + flip of an RGB image per view -> uint8 (3, s, s) each;
-        then, with ``crops.gram_size``, the global views' Gram-teacher crops (3, gram_size, gram_size)."""
+        then, with ``crops.gram_size`` and ``gram``, the global views' Gram-teacher crops (3, gram_size, gram_size)."""
         out = [_render(img, c, spec.size) for spec, c in zip(self.views, geometry)]
-        if self.crops.gram_size is not None:
+        if gram and self.crops.gram_size is not None:
             out += [_render(img, c, self.crops.gram_size) for c in geometry[: self.crops.n_global]]
         return out
 
-    def __call__(self, img: Image.Image, seed: int) -> list[torch.Tensor]:
+    def __call__(self, img: Image.Image, seed: int, epoch: int | None = None) -> list[torch.Tensor]:
         if img.mode != "RGB":
             img = img.convert("RGB")
-        return self.render(img, self.geometry(img.width, img.height, seed))
+        return self.render(img, self.geometry(img.width, img.height, seed), self.renders_gram(epoch))

@@ -187,7 +187,9 @@ class Trainer:
     def _build(self, resume_from: dict[str, Any] | None) -> None:
         """Data, schedules, models, optimizer and loss; then the checkpoint's state, if resuming."""
         cfg = self.cfg
-        self.loader, self.sampler = build_train_loader(cfg, self.out / "filelist.json", self.rank, self.world)
+        # no Gram crops before the epoch of the Gram term's first step (its weight is 0 before gram.start_step)
+        self.loader, self.sampler = build_train_loader(cfg, self.out / "filelist.json", self.rank, self.world,
+                                                       gram_from_step=cfg.gram.start_step if cfg.gram.on else None)
         self.iters_per_epoch = self.sampler.batches_per_epoch
         if self.iters_per_epoch == 0:
             raise ValueError(
