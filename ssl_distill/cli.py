@@ -16,6 +16,7 @@ from typing import Callable
 from . import cli_args
 from .config import load_config
 from .errors import run_command
+from .memory import keep_freed_memory
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -180,6 +181,7 @@ def run(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if takes_overrides:
         args.overrides = list(args.overrides or []) + extra
+    keep_freed_memory()  # training and the evaluations: large tensors reuse freed memory (ssl_distill/memory.py)
     return run_command(args.func, args)
 
 

@@ -25,7 +25,7 @@ TREE = {"ssl_distill": ROOT / "ssl_distill", "ssl_distill.eval": ROOT / "eval", 
 
 LEVELS = {
     "ssl_distill": 0, "ssl_distill.errors": 0, "ssl_distill.config": 0, "ssl_distill.runtime": 0,
-    "ssl_distill.cli_args": 0, "ssl_distill.atomic": 0, "ssl_distill.hardware": 0,
+    "ssl_distill.cli_args": 0, "ssl_distill.atomic": 0, "ssl_distill.hardware": 0, "ssl_distill.memory": 0,
     "ssl_distill.eval_constants": 0, "ssl_distill.weighted_knn": 0,
     "ssl_distill.data": 1,
     "ssl_distill.models": 2,

@@ -31,6 +31,7 @@ from ..errors import NonFiniteLossError  # defined without torch, for the comman
 from ..models import SyncBatchNorm1d, default_fused_attn
 from ..objectives import Reads, StepState, build_objectives
 from ..objectives.base import TeacherRows
+from ..memory import keep_freed_memory
 from ..runtime import autocast_context, check_precision, resolve_device, resolve_precision
 from . import distributed as du
 from .build import build_model, load_backbone_weights
@@ -90,6 +91,7 @@ class Trainer:
     def __init__(self, cfg: Config, fresh: bool = False, device: torch.device | None = None) -> None:
         self.cfg = cfg
         self.out = check_output_folder(cfg.run.output_dir, "run.output_dir")
+        keep_freed_memory()  # the step's large tensors reuse freed memory instead of faulting in fresh pages
         threads = cfg.run.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0))
         if threads > 0:
             torch.set_num_threads(threads)
