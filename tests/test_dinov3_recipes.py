@@ -85,6 +85,37 @@ def test_fresh_heads_learn_on_the_held_still_backbone_then_everything_trains(rel
     assert ckpt["gram"]["refreshes"] == 0
 
 
+def test_the_held_still_backbone_runs_no_backward_and_the_run_is_the_same(release, tmp_path):
+    """One process builds no graph through the backbone while it is held still (its backward is most of a step):
+    the same checkpoint bit for bit as the full backward with the backbone's gradients dropped (what DDP runs),
+    through the freeze and the step that ends it; the backbone's blocks see no backward in the held steps."""
+    path, _, data = release
+    runs = {}
+    for skip in (True, False):
+        trainer = Trainer(load_config(CONTINUE, [*continue_overrides(data, tmp_path / f"run{skip}", path),
+                                                 "run.stop_at_step=3"]))
+        assert trainer.skip_frozen_backward  # one process
+        trainer.skip_frozen_backward = skip
+        backward_calls: list[int] = []
+        hook = trainer.student.backbone.vit.blocks[0].register_full_backward_hook(
+            lambda *_: backward_calls.append(trainer.state.step))
+        trainer.fit()
+        hook.remove()
+        # steps 0 and 1 hold the backbone; step 2 trains it (one backward per crop size, global and local)
+        assert sorted(set(backward_calls)) == ([2] if skip else [0, 1, 2]), backward_calls
+        assert all(p.requires_grad for p in trainer.student.backbone.parameters())
+        runs[skip] = load_file(tmp_path / f"run{skip}" / "checkpoint.pth")
+    for part in ("student", "teacher", "optimizer"):
+        a, b = runs[True][part], runs[False][part]
+        if part == "optimizer":
+            a, b = a["state"], b["state"]
+            assert a.keys() == b.keys()
+            a = {f"{k}.{n}": v for k, s in a.items() for n, v in s.items()}
+            b = {f"{k}.{n}": v for k, s in b.items() for n, v in s.items()}
+        for key in a:
+            assert torch.equal(a[key], b[key]), (part, key)
+
+
 def test_without_the_freeze_the_backbone_moves_at_the_first_step(release, tmp_path):
     path, _, data = release
     trainer = Trainer(load_config(CONTINUE, [*continue_overrides(data, tmp_path / "run", path),

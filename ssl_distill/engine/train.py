@@ -259,6 +259,11 @@ class Trainer:
         # fp16's loss scaler; disabled (scale, unscale_, update do nothing, step is optimizer.step) otherwise
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.run.precision == "fp16")
         self.trainable = [p for p in self.student.parameters() if p.requires_grad]
+        # optim.freeze_backbone_steps: one process builds no graph through the held-still backbone (its backward,
+        # most of a step, is skipped; the heads' gradients are the same); DDP expects every trained parameter's
+        # gradient each step, so with several processes the backward runs and the backbone's gradients are dropped
+        self.skip_frozen_backward = self.world == 1
+        self._backbone_trained = [p for p in self.student.backbone.parameters() if p.requires_grad]
         self.last_layer_params = [p for n, p in self.student.named_parameters() if "last_layer" in n]
         self.bad = BadImageCounter(cfg.data.max_bad_fraction)
         self.state = RunState()
@@ -484,6 +489,11 @@ class Trainer:
         until a value is read (:class:`~ssl_distill.engine.records.StepRecord`).
         """
         lr, wd, momentum = float(self.sched.lr[step]), float(self.sched.wd[step]), float(self.sched.momentum[step])
+        held = self.cfg.optim.freeze_backbone_steps
+        frozen = step < held  # the backbone of both stays the file's
+        if self.skip_frozen_backward and step <= held:  # the held steps, and the one that lets it go
+            for p in self._backbone_trained:
+                p.requires_grad_(not frozen)
         for i, group in enumerate(self.optimizer.param_groups):
             group["lr"] = lr
             if i == 0:  # only the regularised group
@@ -537,7 +547,6 @@ class Trainer:
                 f"wd={wd:.3g}); training stopped, the last good checkpoint is {self.out / LATEST}"
             )
 
-        frozen = step < self.cfg.optim.freeze_backbone_steps  # the backbone of both stays the file's
         self._update_student(loss, step, frozen)
         ema_update(self.teacher, self.student, momentum, skip="backbone" if frozen else None)
         if self.gram is not None and self.gram.after_step(step, self.teacher.backbone):
@@ -557,7 +566,8 @@ class Trainer:
         ``frozen_backbone``: AdamW then leaves those parameters, weight decay included, and their moments as
         they are), the optimizer step."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        if loss.requires_grad:  # not when only the held-still backbone's outputs are read (no head term)
+            self.scaler.scale(loss).backward()
         if self.cfg.optim.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
             clip_gradients_per_param(self.trainable, self.cfg.optim.clip_grad)
