@@ -57,11 +57,10 @@ class MultiCropCollate:
         for s in samples:
             if "seed" not in s:
                 raise KeyError("MultiCropCollate needs each sample's 'seed' (use ImageFolderDataset)")
-            if len(s["image"]) != len(samples[0]["image"]) or len(s["image"]) not in (self.n_views + self.n_gram,
-                                                                                        self.n_views):
-                raise ValueError(f"sample {s.get('index')} has {len(s['image'])} views, expected "
-                                 f"{self.n_views + self.n_gram}" + (f" (or {self.n_views} without the Gram crops, "
-                                                                    "in every sample of the batch)" if self.n_gram else ""))
+            n = len(s["image"])  # the Gram crops may be left out (before the Gram term's epoch), in every sample
+            if n != len(samples[0]["image"]) or n not in (self.n_views + self.n_gram, self.n_views):
+                also = f" (or {self.n_views} without the Gram crops, in every sample)" if self.n_gram else ""
+                raise ValueError(f"sample {s.get('index')} has {n} views, expected {self.n_views + self.n_gram}{also}")
         seeds = [int(s["seed"]) for s in samples]
         views = []
         for v in range(len(samples[0]["image"])):

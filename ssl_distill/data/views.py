@@ -182,7 +182,8 @@ class MultiCropTransform:
     For each view: a RandomResizedCrop box (torchvision's algorithm) and a flip decision drawn from
     :func:`counter_uniforms` of ``(seed, view)``, then crop + bicubic resize in one PIL call, then
     flip. Globals first; with ``crops.gram_size`` the ``n_global`` Gram-teacher crops follow (the global
-    views' boxes and flips at that size), from epoch ``gram_from_epoch`` on when the sample's epoch is given. Deterministic for a given (image, seed); photometric ops are left to
+    views' boxes and flips at that size), from epoch ``gram_from_epoch`` on when the sample's epoch is given.
+    Deterministic for a given (image, seed); photometric ops are left to
     :class:`~ssl_distill.data.collate.MultiCropCollate`. :meth:`geometry` and :meth:`render` are the
     two halves (object-aware cropping, :mod:`ssl_distill.data.object_crops`, draws its own geometry
     and renders it the same way).

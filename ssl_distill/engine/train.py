@@ -241,7 +241,8 @@ class Trainer:
         self.patches = self.reads.patch_masks
         # the teacher's patch head runs on every patch where a center reads their mean or BatchNorm their statistics;
         # else on the masked patches only (DINOv2's patch term)
-        self.teacher_all_patches = self.patches and ("patch_mean" in self.reads.teacher or not self.teacher.patch_head_rowwise)
+        self.teacher_all_patches = self.patches and ("patch_mean" in self.reads.teacher
+                                                     or not self.teacher.patch_head_rowwise)
         self.masks = StepMasks(cfg, self.rank, enabled=self.patches)
         self.loss_terms = [name for o in self.objectives for name in o.loss_terms]
         # Gram anchoring's frozen teacher, when the Gram term reads one (the live EMA teacher needs none)
