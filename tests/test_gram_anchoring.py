@@ -362,3 +362,20 @@ def test_gram_crops_are_rendered_from_the_epoch_of_the_gram_terms_first_step(gra
     _run(gram_data, tmp_path / "late", late)
     records = {r["step"]: r for r in _records(tmp_path / "late") if "kind" not in r}
     assert "gram" not in records[7] and records[9]["gram"] > 0 and records[12]["gram"] > 0
+
+
+def test_the_gram_teacher_runs_the_fused_attention_kernel_with_the_plain_paths_features(gram_data, tmp_path):
+    """Forward only, the Gram teacher takes the fused kernel whatever model.fused_attn says (the plain path is
+    the CPU's choice for its backward); its patch features are the plain path's up to float rounding."""
+    from ssl_distill.engine.train import Trainer
+    from test_end_to_end import tiny_overrides
+
+    trainer = Trainer(load_config(CONFIG, tiny_overrides(gram_data, tmp_path / "f") + [*FROZEN, "model.fused_attn=false"]))
+    gram = trainer.gram
+    assert all(blk.attn.fused_attn for blk in gram.backbone.vit.blocks)
+    assert not any(blk.attn.fused_attn for blk in trainer.teacher.backbone.vit.blocks)
+    gram.before_step(0, trainer.teacher.backbone)
+    crops = [torch.randn(4, 3, 56, 56, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    fused = gram.patches(crops)
+    gram.backbone.set_fused_attn(False)
+    torch.testing.assert_close(fused, gram.patches(crops), rtol=1e-4, atol=1e-5)
