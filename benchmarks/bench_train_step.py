@@ -39,6 +39,28 @@ from ssl_distill.hardware import cuda_line, device_sync, gemm_gflops, hardware_l
 from ssl_distill.config import load_config  # noqa: E402
 from ssl_distill.engine.train import Trainer  # noqa: E402
 
+
+def count_cpu_fused_attention() -> None:
+    """torch's FlopCounterMode has formulas for the CUDA fused-attention kernels, none for the CPU's: give the CPU
+    kernel (forward and backward) the same count, so a step or forward with fused attention on the CPU (the frozen
+    Gram teacher's, the official modules') is not undercounted by its attention products."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+    ops = torch.ops.aten
+    if ops._scaled_dot_product_flash_attention_for_cpu in flop_registry:
+        return
+
+    @register_flop_formula(ops._scaled_dot_product_flash_attention_for_cpu)
+    def forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @register_flop_formula(ops._scaled_dot_product_flash_attention_for_cpu_backward)
+    def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+count_cpu_fused_attention()
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
