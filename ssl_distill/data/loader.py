@@ -40,7 +40,7 @@ def build_train_loader(
     cache_bytes = cfg.data.cache_mb * 2**20 // max(1, workers)  # each worker process holds its own share
     masking = build_masking(cfg.masking, crops.global_size, cfg.model.patch_size, crops.n_global)
     sampler = EpochSampler(len(files), cfg.run.seed, rank, world_size, drop_last=True, batch_size=cfg.data.batch_size)
-    gram_from_epoch = None if gram_from_step is None else gram_from_step // max(1, sampler.batches_per_epoch)
+    gram_from_epoch = None if gram_from_step is None else gram_from_step // sampler.batches_per_epoch
     # the masks and the Gram crops read each sample's epoch
     sampler.with_epoch = masking is not None or (crops.gram_size is not None and gram_from_epoch != 0)
     if cfg.data.boxes is None:

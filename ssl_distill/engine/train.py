@@ -508,7 +508,7 @@ class Trainer:
                                        cls_attention=self.masks.needs_attention,
                                        obj_masks=None if obj_masks is None else obj_masks[: self.n_global],
                                        cls_head="cls" in self.reads.teacher,
-                                       patch_tokens=self.patches and not self.teacher_all_patches
+                                       patch_tokens=(self.patches and not self.teacher_all_patches)
                                        or "patch_global" in self.reads.teacher)
             # None when no objective reads patch masks; the masked patches' positions counted on the host
             masks, positions = self.masks.build(data_masks, teacher_out, state, self.device) or (None, None)
@@ -567,7 +567,7 @@ class Trainer:
         ``frozen_backbone``: AdamW then leaves those parameters, weight decay included, and their moments as
         they are), the optimizer step."""
         self.optimizer.zero_grad(set_to_none=True)
-        if loss.requires_grad:  # not when only the held-still backbone's outputs are read (no head term)
+        if loss.requires_grad or not frozen_backbone:  # held still: no graph when only its outputs are read
             self.scaler.scale(loss).backward()
         if self.cfg.optim.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
