@@ -141,6 +141,17 @@ def test_a_failed_start_leaves_no_run_directory_but_keeps_an_existing_one(tmp_pa
     assert (existing / "notes.txt").read_text() == "mine"
 
 
+def test_a_batch_larger_than_the_folder_names_the_key_and_writes_nothing(tmp_path, capsys):
+    train_dir = make_folder(tmp_path / "train", 2, 0)  # fewer images than one batch
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        cli(["train", str(CONFIG), *tiny_overrides(train_dir, out), "data.batch_size=64"])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert "data.batch_size=64 x 1 process(es) is larger than the" in err and "lower data.batch_size" in err
+    assert not out.exists()
+
+
 def test_stale_temporary_checkpoints_are_removed_at_start(tmp_path, capsys):
     train_dir = make_folder(tmp_path / "train", 8, 0)
     out = tmp_path / "run"

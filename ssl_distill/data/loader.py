@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..errors import AnnotationError
 from .boxes import read_boxes
 from .collate import MultiCropCollate
@@ -39,6 +39,9 @@ def build_train_loader(
     workers = cfg.data.num_workers
     cache_bytes = cfg.data.cache_mb * 2**20 // max(1, workers)  # each worker process holds its own share
     masking = build_masking(cfg.masking, crops.global_size, cfg.model.patch_size, crops.n_global)
+    if len(files) // world_size < cfg.data.batch_size:  # not one full batch per process: nothing to train on
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} x {world_size} process(es) is larger than the "
+                          f"{len(files)} images in {cfg.data.train_dir}: lower data.batch_size or add images")
     sampler = EpochSampler(len(files), cfg.run.seed, rank, world_size, drop_last=True, batch_size=cfg.data.batch_size)
     gram_from_epoch = None if gram_from_step is None else gram_from_step // sampler.batches_per_epoch
     # the masks and the Gram crops read each sample's epoch

@@ -193,11 +193,6 @@ class Trainer:
         self.loader, self.sampler = build_train_loader(cfg, self.out / "filelist.json", self.rank, self.world,
                                                        gram_from_step=cfg.gram.start_step if cfg.gram.on else None)
         self.iters_per_epoch = self.sampler.batches_per_epoch
-        if self.iters_per_epoch == 0:
-            raise ValueError(
-                f"data.batch_size={cfg.data.batch_size} x {self.world} process(es) is larger than the "
-                f"{len(self.loader.dataset)} images in {cfg.data.train_dir}"
-            )
         self.total_steps = total_iterations(cfg.optim.epochs, self.iters_per_epoch)
         self._check_steps_within_run()
         self.sched = Schedules.from_config(cfg, self.iters_per_epoch, self.world)
