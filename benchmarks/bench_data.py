@@ -13,13 +13,19 @@ Pipelines:
   ours+mask ours with iBOT's block masks of the global views in the batch (masking.shape=block,
             ratio 0.3; patch 16 for (a), 7 for (b)).
 
-(c) is the demo itself (configs/dino_tiny_fmnist.yaml: 2 x 28 + 4 x 14, patch 7, batch 128, no
+(c) is the demo itself (configs/dinov2_style_tiny_fmnist.yaml: 2 x 28 + 4 x 14, patch 7, batch 64, no
 worker): ours with block masks off vs on, best of 3 alternating runs, and the masks alone.
+
+``--gram`` measures instead the DINOv3 ViT-S/16 recipe's batch preparation (configs/dinov3_vits16_scratch.yaml:
+2 x 224 + 8 x 96, block masks, and the two 448-px Gram-teacher crops per image) through the training loader,
+serial (``data.num_workers: 0``, decoded images in memory), in an epoch before the Gram term's first step (no
+Gram crops rendered: the first 83% of that recipe's run) and in one from it on; median ms per batch of
+``--batch`` photos over 3 epochs of each, alternating.
 
 Modes: "1 proc" = transform + collate in this process on decoded in-memory images, one torch
 thread; "loader w=1" = DataLoader with 1 worker reading the files from disk (decoding included).
 
-    python benchmarks/bench_data.py [--images-a 96] [--images-b 1024] [--batch 32]
+    python benchmarks/bench_data.py [--images-a 96] [--images-b 1024] [--batch 32] [--gram]
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import dataclasses
 import math
 import random
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -187,14 +194,57 @@ def bench_demo_masks(images: list[Image.Image], n: int) -> str:
             f"{alone_us:.1f} us/img ({crops.n_global} views of {grid}x{grid} patches, ratio {masking.pred_ratio[0]})")
 
 
+def bench_gram_crops(batch: int, rounds: int = 3) -> None:
+    """``--gram``: one batch's serial preparation by the DINOv3 ViT-S/16 recipe's loader before and from the epoch
+    of the Gram term's first step (module docstring)."""
+    from ssl_distill.data.loader import build_train_loader
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "dinov3_vits16_scratch.yaml"
+    with tempfile.TemporaryDirectory() as tmp:
+        photos = Path(tmp) / "photos"
+        photos.mkdir()
+        skimage_data = Path(__import__("skimage").__file__).parent / "data"
+        for k in range(-(-batch // len(PHOTOS))):  # the photos under other names until one batch is full
+            for name in PHOTOS:
+                shutil.copy(skimage_data / name, photos / f"{k}_{name}")
+        cfg = load_config(recipe, [f"data.train_dir={photos}", f"run.output_dir={Path(tmp) / 'run'}",
+                                   f"data.batch_size={batch}", "data.num_workers=0"])
+        batches_per_epoch = len(list(photos.iterdir())) // batch
+        # the Gram term from epoch ``rounds`` on: epochs 0 .. rounds-1 without its crops, rounds .. 2 rounds-1 with
+        loader, sampler = build_train_loader(cfg, None, gram_from_step=rounds * batches_per_epoch)
+        crops = cfg.data.crops
+        print(f"(d) DINOv3 ViT-S/16 recipe ({recipe.name}: {crops.n_global}x{crops.global_size} + "
+              f"{crops.n_local}x{crops.local_size}, block masks, Gram crops {crops.n_global}x{crops.gram_size}), "
+              f"batch {batch} (the {len(PHOTOS)} scikit-image photos, copied), loader serial (data.num_workers=0)")
+        times: dict[bool, list[float]] = {False: [], True: []}
+        sampler.set_epoch(0)
+        next(iter(loader))  # the photos decoded once (data.cache_mb keeps them): both rows read from memory
+        for r in range(rounds):
+            for gram in (False, True):  # alternating
+                sampler.set_epoch(r + rounds * gram)
+                t0 = time.perf_counter()
+                out = next(iter(loader))
+                times[gram].append(time.perf_counter() - t0)
+                assert ("gram_crops" in out) == gram, "the loader's Gram crops are not where the epoch says"
+        without, with_gram = (statistics.median(times[g]) * 1e3 for g in (False, True))
+        print(f"  without the Gram crops (before gram.start_step's epoch) {without:6.0f} ms a batch")
+        print(f"  with the Gram crops (from it on)                       {with_gram:6.0f} ms a batch "
+              f"({with_gram / without:.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images-a", type=int, default=96, help="images per measurement, ViT-S crops")
     parser.add_argument("--images-b", type=int, default=1024, help="images per measurement, Fashion-MNIST crops")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--gram", action="store_true",
+                        help="only the DINOv3 recipe's preparation with and without its Gram-teacher crops (--batch 8)")
     args = parser.parse_args()
     print(hardware_line())  # the machine's ceiling; the pipelines below run on one thread, as a data worker does
     torch.set_num_threads(1)
+    if args.gram:
+        bench_gram_crops(args.batch)
+        return
     random.seed(0)
     torch.manual_seed(0)
     rows: list[tuple[str, str, str, float]] = []

@@ -14,6 +14,10 @@ LayerScale (the part of the difference that is not RoPE), interleaved.
 ``--scenes`` times ODIS's step against iBOT's on one batch of 4-item black canvases (the recipe
 configs/odis_tiny_scenes4.yaml, its tiny ViT; iBOT: the same recipe on plain crops with the [CLS] term instead
 of [OBJ]), interleaved, beside the machine's GEMM peaks; target: ODIS <= 1.1x iBOT.
+``--held`` times the DINOv3 continue recipe's step (configs/dinov3_vits16_continue.yaml: RoPE ViT-S/16 started
+from a file, frozen Gram teacher from that file) while optim.freeze_backbone_steps holds the backbone still (its
+first 500 steps: no graph through the backbone, no backward there) against the same step with the backbone
+trained, interleaved; the file is a fresh scratch-recipe run's checkpoint (random weights: the cost is the same).
 Beside the DINO figure, the same step in fp32 with the fused attention kernel (what the reference
 DINO runs on a CPU), the model GFLOP/s achieved (FLOPs counted by torch's FlopCounterMode for one
 full step) and the machine's measured fp32 / bf16 GEMM peaks.
@@ -21,7 +25,7 @@ On a GPU (``--device cuda``) the same steps run with CUDA's fused attention, tim
 (synchronised), beside the GPU's measured bf16 / fp32 GEMM TFLOP/s; ``--batch-size 64`` is DINO's per-GPU
 batch (1024 over 16 GPUs).
 Usage: python benchmarks/bench_train_step.py [--steps N] [--skip-fp32] [--objectives] [--dinov3]
-           [--scenes] [--device cuda] [--batch-size B]
+           [--scenes] [--held] [--device cuda] [--batch-size B]
 """
 from __future__ import annotations
 
@@ -192,6 +196,27 @@ def scene_steps(tmp: Path, run: list[str], reps: int) -> None:
           f"<= 1.1x); GEMM peaks bf16 {bf16_peak:.0f}, fp32 {fp32_peak:.0f} GFLOP/s")
 
 
+def held_steps(tmp: Path, run: list[str], reps: int) -> None:
+    """``--held``: the continue recipe's step with the backbone held still against it trained (module docstring)."""
+    data = batch_folder(tmp / "photos", int(run[0].partition("=")[2]))
+    scratch = prepare([*run, "optim.epochs=200000"], data, tmp / "scratch", "dinov3_vits16_scratch.yaml")
+    scratch.trainer.save_checkpoint()  # the file to continue from (and the Gram teacher's)
+    start = [*run, f"model.init_from={tmp / 'scratch' / 'checkpoint.pth'}", "optim.epochs=1000"]
+    del scratch
+    steps = {"held": prepare(start, data, tmp / "held", "dinov3_vits16_continue.yaml"),
+             "trained": prepare([*start, "optim.freeze_backbone_steps=0"], data, tmp / "trained",
+                                "dinov3_vits16_continue.yaml")}
+    speed = dict(zip(steps, images_per_s(list(steps.values()), reps)))
+    bf16_peak = gemm_gflops(torch.bfloat16)
+    for name, what in (("held", "backbone held still (optim.freeze_backbone_steps, its first 500 steps)"),
+                       ("trained", "backbone trained (the steps after)")):
+        st = steps[name]
+        print(f"continue recipe, {what}: {st.batch_size / speed[name]:.2f} s/step ({st.gflop:.0f} GFLOP/step, "
+              f"{st.gflop * speed[name] / st.batch_size:.0f} GFLOP/s achieved)")
+    print(f"held step {speed['held'] / speed['trained']:.2f}x faster (interleaved, fastest of {reps} each); "
+          f"bf16 GEMM peak {bf16_peak:.0f} GFLOP/s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
@@ -204,8 +229,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--scenes", action="store_true",
                     help="only ODIS against iBOT on 4-item black canvases (the tiny scene recipe), interleaved")
+    ap.add_argument("--held", action="store_true",
+                    help="only the DINOv3 continue recipe's step with its backbone held still against trained")
     args = ap.parse_args()
     gpu = args.device == "cuda"
+    if args.held:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(cuda_line() if gpu else hardware_line())
+            held_steps(Path(tmp), [f"data.batch_size={args.batch_size}", f"run.device={args.device}",
+                                   "run.precision=bf16"], max(args.steps, 4))
+        return
     if args.scenes:
         with tempfile.TemporaryDirectory() as tmp:
             print(cuda_line() if gpu else hardware_line())
