@@ -104,8 +104,9 @@ def no_decay_groups(model: nn.Module) -> list[dict]:
     return [{"params": decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def official_dino(repo: Path, sizes: Sizes, device: torch.device) -> Row:
-    """The official DINO modules' step (see the module docstring)."""
+def official_dino(repo: Path, sizes: Sizes, device: torch.device, bf16: bool = True) -> Row:
+    """The official DINO modules' step (see the module docstring); ``bf16=False``: in fp32, what ``main_dino.py``
+    runs on a CPU (its autocast is CUDA's fp16 only)."""
     utils, vits, main_dino = import_from(repo, "utils", "vision_transformer", "main_dino")
     main_dino.dist = SimpleNamespace(all_reduce=lambda *a, **k: None, get_world_size=lambda: 1)  # one process
     student = utils.MultiCropWrapper(vits.vit_small(patch_size=16, drop_path_rate=0.1),
@@ -120,7 +121,7 @@ def official_dino(repo: Path, sizes: Sizes, device: torch.device) -> Row:
     crops = sizes.crops(device)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             teacher_output = teacher(crops[:2])
             student_output = student(crops)
             loss = loss_fn(student_output, teacher_output, 0)
@@ -135,7 +136,7 @@ def official_dino(repo: Path, sizes: Sizes, device: torch.device) -> Row:
             for param_q, param_k in zip(student.parameters(), teacher.parameters()):
                 param_k.data.mul_(MOMENTUM).add_((1 - MOMENTUM) * param_q.detach().data)
 
-    return Row("official DINO modules", step)
+    return Row("official DINO modules" if bf16 else "official DINO modules, fp32", step)
 
 
 def official_dinov2(repo: Path, sizes: Sizes, device: torch.device) -> Row:
