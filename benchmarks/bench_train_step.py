@@ -258,17 +258,12 @@ def main() -> None:
                     help="only the DINOv3 continue recipe's step with its backbone held still against trained")
     args = ap.parse_args()
     gpu = args.device == "cuda"
-    if args.held:
+    if args.held or args.scenes:  # a mode timed alone
+        timed, min_reps = (held_steps, 4) if args.held else (scene_steps, 8)
         with tempfile.TemporaryDirectory() as tmp:
             print(cuda_line() if gpu else hardware_line())
-            held_steps(Path(tmp), [f"data.batch_size={args.batch_size}", f"run.device={args.device}",
-                                   "run.precision=bf16"], max(args.steps, 4))
-        return
-    if args.scenes:
-        with tempfile.TemporaryDirectory() as tmp:
-            print(cuda_line() if gpu else hardware_line())
-            scene_steps(Path(tmp), [f"data.batch_size={args.batch_size}", f"run.device={args.device}",
-                                    "run.precision=bf16"], max(args.steps, 8))
+            timed(Path(tmp), [f"data.batch_size={args.batch_size}", f"run.device={args.device}",
+                              "run.precision=bf16"], max(args.steps, min_reps))
         return
     run = [f"data.batch_size={args.batch_size}", f"run.device={args.device}"]
     bf16 = [*run, "run.precision=bf16"]
