@@ -9,7 +9,8 @@ alike) and the fastest of ``--steps`` kept:
 - ``official DINO`` (``--dino-repo``, a checkout of facebookresearch/dino): its ``vision_transformer.vit_small``,
   ``DINOHead``, ``utils.MultiCropWrapper`` and ``main_dino.DINOLoss``, in the step ``main_dino.train_one_epoch``
   takes: teacher and student forward under autocast, ``loss.item()``'s finiteness check, backward,
-  ``utils.clip_gradients``, ``utils.cancel_gradients_last_layer``, AdamW on ``utils.get_params_groups``, the EMA
+  ``utils.clip_gradients``, ``utils.cancel_gradients_last_layer`` (past the first epoch: the last layer
+  trains, as ours at these steps), AdamW on ``utils.get_params_groups``, the EMA
   loop; its centre's all-reduce is left out (one process; ours has none there either);
 - ``official DINOv2 modules`` (``--dinov2-repo``, a checkout of facebookresearch/dinov2): DINO's [CLS] step on
   DINOv2's ``vit_small`` (LayerScale 1e-5, no xformers: PyTorch's SDPA), ``DINOHead`` and ``DINOLoss`` (softmax
@@ -130,7 +131,7 @@ def official_dino(repo: Path, sizes: Sizes, device: torch.device, bf16: bool = T
         optimizer.zero_grad()
         loss.backward()
         utils.clip_gradients(student, CLIP)
-        utils.cancel_gradients_last_layer(0, student, 1)
+        utils.cancel_gradients_last_layer(1, student, 1)  # past its first epoch: the last layer trains, as ours
         optimizer.step()
         with torch.no_grad():
             for param_q, param_k in zip(student.parameters(), teacher.parameters()):
