@@ -279,7 +279,8 @@ def main() -> None:
         else:
             bf16_peak = gemm_gflops(torch.bfloat16)
             print(f"ssl-distill bf16, plain attention: {ips:.2f} images/s  ({gflop:.0f} GFLOP/step, "
-                  f"{gflop * ips / bs:.0f} GFLOP/s achieved; bf16 GEMM peak {bf16_peak:.0f} GFLOP/s)")
+                  f"{gflop * ips / bs:.0f} GFLOP/s achieved = {100 * gflop * ips / bs / bf16_peak:.0f}% of the bf16 GEMM "
+                  f"peak {bf16_peak:.0f} GFLOP/s; issue 28's target >= 75%)")
         if not args.skip_fp32 and not gpu:
             ips32, _ = measure([*run, "run.precision=fp32", "model.fused_attn=true"], data, Path(tmp) / "fp32",
                                args.steps)
