@@ -194,6 +194,16 @@ def bench_demo_masks(images: list[Image.Image], n: int) -> str:
             f"{alone_us:.1f} us/img ({crops.n_global} views of {grid}x{grid} patches, ratio {masking.pred_ratio[0]})")
 
 
+def copy_photos(dst: Path, copies: int) -> Path:
+    """A folder ``dst`` of ``copies`` copies of the :data:`PHOTOS` scikit-image ships (no download)."""
+    skimage_data = Path(__import__("skimage").__file__).parent / "data"
+    dst.mkdir()
+    for k in range(copies):
+        for name in PHOTOS:
+            shutil.copy(skimage_data / name, dst / (name if k == 0 else f"{k}_{name}"))
+    return dst
+
+
 def bench_gram_crops(batch: int, rounds: int = 3) -> None:
     """``--gram``: one batch's serial preparation by the DINOv3 ViT-S/16 recipe's loader before and from the epoch
     of the Gram term's first step (module docstring)."""
@@ -201,12 +211,7 @@ def bench_gram_crops(batch: int, rounds: int = 3) -> None:
 
     recipe = Path(__file__).resolve().parents[1] / "configs" / "dinov3_vits16_scratch.yaml"
     with tempfile.TemporaryDirectory() as tmp:
-        photos = Path(tmp) / "photos"
-        photos.mkdir()
-        skimage_data = Path(__import__("skimage").__file__).parent / "data"
-        for k in range(-(-batch // len(PHOTOS))):  # the photos under other names until one batch is full
-            for name in PHOTOS:
-                shutil.copy(skimage_data / name, photos / f"{k}_{name}")
+        photos = copy_photos(Path(tmp) / "photos", -(-batch // len(PHOTOS)))  # at least one batch
         cfg = load_config(recipe, [f"data.train_dir={photos}", f"run.output_dir={Path(tmp) / 'run'}",
                                    f"data.batch_size={batch}", "data.num_workers=0"])
         batches_per_epoch = len(list(photos.iterdir())) // batch
@@ -249,11 +254,7 @@ def main() -> None:
     torch.manual_seed(0)
     rows: list[tuple[str, str, str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        photo_dir = Path(tmp) / "photos"
-        photo_dir.mkdir()
-        skimage_data = Path(__import__("skimage").__file__).parent / "data"
-        for name in PHOTOS:
-            shutil.copy(skimage_data / name, photo_dir / name)
+        photo_dir = copy_photos(Path(tmp) / "photos", 1)
         photos = scan_image_folder(photo_dir, labeled=False)
         images = [load_rgb(photos.abspath(i)) for i in range(len(photos))]
         print(f"(a) ViT-S crops 2x224 + 10x96 on {len(images)} scikit-image photos "

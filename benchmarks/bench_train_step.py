@@ -223,18 +223,14 @@ def held_steps(tmp: Path, run: list[str], reps: int) -> None:
 
 def official_rows(dino_step: Step, repo: Path, batch: int, reps: int) -> None:
     """``--dino-repo``: the official DINO modules' step in fp32 and in bf16 beside ours, interleaved (docstring)."""
-    from bench_gpu_step import Sizes, official_dino
+    from bench_gpu_step import Row, Sizes, fastest, official_dino
 
     sizes = Sizes(batch, 224, 96, 10, 65536)  # dino_vit_small16.yaml's crops and head
     device = torch.device("cpu")
-    runs = {"ours": dino_step.run, "fp32": official_dino(repo, sizes, device, bf16=False).count().run,
-            "bf16": official_dino(repo, sizes, device).count().run}
-    best = {name: float("inf") for name in runs}
-    for r in range(reps):
-        for name, run in runs.items():
-            t0 = time.perf_counter()
-            run(2 + r) if name == "ours" else run()
-            best[name] = min(best[name], time.perf_counter() - t0)
+    counter = iter(range(2, 10**9))
+    rows = [Row("ours", lambda: dino_step.run(next(counter))), official_dino(repo, sizes, device, bf16=False).count(),
+            official_dino(repo, sizes, device).count()]
+    best = dict(zip(("ours", "fp32", "bf16"), fastest(rows, reps, device)))
     print(f"official DINO modules (interleaved, fastest of {reps}): fp32, as main_dino.py runs on a CPU, "
           f"{best['fp32']:.2f} s/step; bf16 autocast {best['bf16']:.2f} s/step; ours {best['ours']:.2f} s/step = "
           f"{best['fp32'] / best['ours']:.2f}x the fp32 one (target >= 2.2x), {best['bf16'] / best['ours']:.2f}x "
