@@ -16,17 +16,29 @@ __all__ = ["readable_images", "shrink"]
 def readable_images(paths: Sequence[Path], desc: str,
                     progress: bool | None = None) -> Iterator[tuple[int, Image.Image]]:
     """(index into ``paths``, RGB image) of every readable file, under a progress bar (``progress`` None: shown
-    on a terminal); an unreadable file gets a warning on stderr and is skipped."""
-    from ssl_distill.data.folder import _DECODE_ERRORS, load_rgb
+    on a terminal); an unreadable file gets a warning on stderr and is skipped.
+
+    When not one of ``paths`` could be read, the iteration ends in a :class:`DataError` instead: the caller
+    writes its outputs after the last image, so a folder of broken files leaves no empty result behind (and
+    none in place of an earlier one).
+    """
+    from ssl_distill.data.folder import _DECODE_ERRORS, DataError, load_rgb
 
     bar = tqdm(paths, desc=desc, unit="img", disable=(not sys.stderr.isatty()) if progress is None else not progress)
+    first_error = None
+    read = 0
     for i, path in enumerate(bar):
         try:
             img = load_rgb(path)
         except _DECODE_ERRORS as e:
             print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
+            first_error = first_error or f"{path}: {e}"
             continue
+        read += 1
         yield i, img
+    if paths and not read:
+        raise DataError(f"none of the {len(paths)} image(s) could be read (the first: {first_error}); "
+                        "nothing was written")
 
 
 def shrink(img: Image.Image, max_side: int | None) -> Image.Image:

@@ -293,6 +293,24 @@ def test_command_line_on_a_scene_dataset(tmp_path, layout, capsys):
     assert "missing" in capsys.readouterr().err
 
 
+
+def test_a_folder_of_unreadable_files_is_an_error_and_keeps_the_earlier_boxes(tmp_path, capsys):
+    ck = tiny_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(make_scenes(1, seed=5, size=(40, 48))[0].image).save(folder / "scene.png")
+    out = tmp_path / "out"
+    assert main([str(ck), "--images", str(folder), "--out", str(out), "--random-init"]) == 0
+    before = (out / "boxes.json").read_bytes()
+    (folder / "scene.png").write_bytes(b"\x89PNG truncated")  # the same folder, its one image now broken
+    with pytest.raises(SystemExit) as stop:
+        main([str(ck), "--images", str(folder), "--out", str(out), "--random-init"])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert f"error: none of the 1 image(s) could be read (the first: {folder / 'scene.png'}:" in err
+    assert "Traceback" not in err and (out / "boxes.json").read_bytes() == before
+
+
 # ---------------------------------------------------------------------- DINO-seg
 def lost_dino_seg_box(attention: np.ndarray, patch: int) -> list[int]:
     """LOST's DINO-seg on one (h, w) map, written out from the paper's recipe: renormalise, sort ascending,

@@ -175,3 +175,17 @@ def test_a_folder_with_an_image_smaller_than_a_patch_names_it_and_draws_the_rest
     err = capsys.readouterr().err
     assert f"error: no image to draw: {folder / 'a_dot.png'} (image 1x1 is smaller than one" in err
     assert "Traceback" not in err
+
+
+def test_a_folder_of_unreadable_files_is_an_error_and_writes_nothing(tmp_path, capsys):
+    ck = tiny_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"\x89PNG but cut short")
+    (folder / "b.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(SystemExit) as stop:
+        main([str(ck), str(folder), "--out", str(tmp_path / "figs")])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert f"error: none of the 2 image(s) could be read (the first: {folder / 'a.png'}:" in err
+    assert "Traceback" not in err and not (tmp_path / "figs").exists()
