@@ -18,6 +18,9 @@ from ssl_distill.models.frozen_features import prepare_inference
 
 from .features import ImageSettings
 
+#: what to do about an unreadable image of a boxes file's folder (object-level evaluations read every one)
+UNREADABLE_HINT = "replace or repair it, or delete it and its entries from the boxes file"
+
 __all__ = [
     "BOX_MODES",
     "BoxFeatures",
@@ -276,16 +279,14 @@ class _Views:
 def _load_views(root: Path, names: list[str], per_image: list[_ImageBoxes], indices: range, modes: Sequence[str],
                 size: int, patch: int, mean: tuple[float, ...], std: tuple[float, ...]) -> _Views:
     """The :class:`_Views` of images ``indices`` of ``names``."""
-    from PIL import Image
-
     from ssl_distill.data.boxes import patch_mask_from_boxes
+    from ssl_distill.data.folder import decoded_image
 
     scenes, rows, masks, all_boxes, labels, index = [], [], [], [], [], []
     crop_views = {"crop": crop_tensor, "crop_native": native_crop_tensor}
     crops: dict[str, list[Tensor]] = {m: [] for m in crop_views if m in modes}
     for i in indices:
-        with Image.open(root / names[i]) as im:
-            img = im.convert("RGB")
+        img = decoded_image(root / names[i], UNREADABLE_HINT)
         w, h = img.size
         xyxy, cats = per_image[i]
         whole = xyxy is None

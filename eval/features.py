@@ -116,10 +116,9 @@ def view_box_masks(files: FileList, boxes: str | Path, settings: ImageSettings, 
     (:func:`~ssl_distill.data.boxes.patch_mask_from_boxes`), or every patch (the all-patch ``obj`` read-out)
     for an image without a box or whose boxes all fall outside the crop: those are counted.
     """
-    from PIL import Image
-
     from ssl_distill.data.boxes import patch_mask_from_boxes, read_boxes
     from ssl_distill.data.eval_transform import EvalTransform
+    from ssl_distill.data.folder import image_size
 
     found = read_boxes(boxes_file(files, boxes), files.root, paths=files.paths)
     view, size = EvalTransform(settings.image_size, settings.resize_size), settings.image_size
@@ -129,9 +128,13 @@ def view_box_masks(files: FileList, boxes: str | Path, settings: ImageSettings, 
         xyxy, _ = found.boxes_for(rel)
         row = None
         if len(xyxy):
-            with Image.open(files.abspath(i)) as im:
-                boxes_in_view = view.boxes_to_view(torch.from_numpy(xyxy), *im.size)
-            row = patch_mask_from_boxes(boxes_in_view, size, size, patch_size).any(0)
+            try:
+                width, height = image_size(files.abspath(i))
+            except DataError:  # the extraction substitutes it and counts it against max_bad_fraction
+                width = height = None
+            if width is not None:
+                boxes_in_view = view.boxes_to_view(torch.from_numpy(xyxy), width, height)
+                row = patch_mask_from_boxes(boxes_in_view, size, size, patch_size).any(0)
         if row is None or not row.any():
             every_patch += 1
         else:
@@ -290,7 +293,7 @@ def _extract_files(extractor: FeatureExtractor, files: FileList, settings: Image
     """(N, F) features and (N,) labels of ``files`` in folder order (image i's [OBJ] reading ``masks[i]`` when
     given), and the pass's seconds, images/s, count of unreadable (substituted) images and device; DataError
     above ``max_bad_fraction`` unreadable images."""
-    from ssl_distill.data.folder import BadImageCounter
+    from ssl_distill.data.folder import EVAL_ADVICE, BadImageCounter
     from ssl_distill.data.loader import build_eval_loader
 
     loader = build_eval_loader(files.root, settings.image_size, settings.resize_size, batch_size, num_workers,
@@ -301,7 +304,7 @@ def _extract_files(extractor: FeatureExtractor, files: FileList, settings: Image
     feats, labels = extract_features(model, counting if masks is None else _WithMasks(counting, masks), device, amp,
                                      out_dtype=dtype)
     seconds = time.perf_counter() - t0
-    counter = BadImageCounter(max_bad_fraction)
+    counter = BadImageCounter(max_bad_fraction, advice=EVAL_ADVICE)
     counter.update(counting.bad, len(files))
     try:
         counter.finalize()

@@ -56,7 +56,7 @@ from ssl_distill.checkpoints import CheckpointError, LoadedBackbone, atomic_save
 from ssl_distill.cli_args import linear_arguments as add_arguments  # options: torch-free
 from ssl_distill.cli_args import tool_main
 from ssl_distill.config import ConfigError
-from ssl_distill.data.folder import DataError, ImageFolderDataset, scan_image_folder
+from ssl_distill.data.folder import BadImageCounter, DataError, ImageFolderDataset, scan_image_folder
 from ssl_distill.data.eval_transform import collate_eval
 from ssl_distill.data.rng import Stream, counter_uniforms
 from ssl_distill.data.sampler import EpochSampler
@@ -484,6 +484,9 @@ class RandomResizedCropFlip:
 
 
 FAITHFUL_FORMAT = "ssl-distill-linear/1"
+#: what the faithful probe says about unreadable images (it resumes only on the same file list)
+FAITHFUL_ADVICE = ("replace or repair them, then run the same command: the probe continues from its last "
+                   "checkpoint (with files deleted it would start over: give it another --out).")
 
 
 def _faithful_layout(n_last_blocks: int, avgpool: bool) -> FeatureSpec:
@@ -496,10 +499,14 @@ def _faithful_layout(n_last_blocks: int, avgpool: bool) -> FeatureSpec:
 @torch.no_grad()
 def _evaluate_head(extractor: nn.Module, head: nn.Linear, loader: Any, device: torch.device,
                    amp: torch.dtype | None) -> tuple[float, float, float]:
+    """Top-1, top-5 (%) and mean cross-entropy of ``head`` on ``loader``'s images; DataError when more than
+    1% of them were unreadable (and substituted), before any figure is returned."""
     head.eval()
     total = c1 = c5 = 0
     loss = 0.0
+    bad = BadImageCounter(advice=FAITHFUL_ADVICE)
     for batch in loader:
+        bad.update(batch["bad"], len(batch["label"]))
         x = batch["image"].to(device, non_blocking=True)
         y = batch["label"].to(device)
         with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
@@ -510,6 +517,7 @@ def _evaluate_head(extractor: nn.Module, head: nn.Linear, loader: Any, device: t
         c1 += a1 * y.numel() / 100.0
         c5 += a5 * y.numel() / 100.0
         total += y.numel()
+    bad.finalize()
     head.train()
     return 100.0 * c1 / total, 100.0 * c5 / total, loss / total
 
@@ -550,8 +558,9 @@ def faithful_probe(extractor: FeatureExtractor, train_dir: str | Path, val_dir: 
     probe.head.train()
     t0 = time.perf_counter()
     state, stopped = probe.state, False
+    bad = BadImageCounter(advice=FAITHFUL_ADVICE)  # the training images this process read
     while state["epoch"] < epochs and not stopped:
-        stopped = probe.train_epoch(model, amp, batches, checkpoint_every, stop_after_steps)
+        stopped = probe.train_epoch(model, amp, batches, checkpoint_every, stop_after_steps, bad)
         if stopped and state["batch"] < batches.n_batches:
             probe.save()
             break
@@ -635,10 +644,12 @@ class _FaithfulHead:
                      "state": self.state}, self.path)
 
     def train_epoch(self, model: nn.Module, amp: torch.dtype | None, batches: _TrainBatches, checkpoint_every: int,
-                    stop_after_steps: int | None) -> bool:
-        """SGD steps on the rest of the current epoch; True when ``stop_after_steps`` steps are done."""
+                    stop_after_steps: int | None, bad: BadImageCounter) -> bool:
+        """SGD steps on the rest of the current epoch; True when ``stop_after_steps`` steps are done. ``bad``
+        counts the unreadable (substituted) images: above its share, DataError before the batch's step."""
         state, device = self.state, self.device
         for batch in batches.remaining(state["epoch"], state["batch"]):
+            bad.update(batch["bad"], len(batch["label"]))
             x = batch["image"].to(device, non_blocking=True)
             y = batch["label"].to(device)
             with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
@@ -655,6 +666,7 @@ class _FaithfulHead:
                 self.save()
             if stop_after_steps is not None and state["step"] >= stop_after_steps:
                 return True
+        bad.finalize()
         return False
 
     def end_epoch(self, model: nn.Module, amp: torch.dtype | None, val_loader: Any, epochs: int,

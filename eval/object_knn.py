@@ -81,13 +81,14 @@ def _labels(category_ids: list[int], index: dict[int, int], where: Path) -> torc
 
 def _default_image_size(bf: Any, patch_size: int) -> int:
     """The longer side of the split's first image, rounded to a multiple of the patch size."""
-    from PIL import Image
+    from ssl_distill.data.folder import image_size
+
+    from .box_features import UNREADABLE_HINT
 
     first = next(iter(bf.boxes), None)
     if first is None:
         raise DataError(f"{bf.path} lists no images")
-    with Image.open(Path(bf.image_root) / first) as im:
-        side = max(im.size)
+    side = max(image_size(Path(bf.image_root) / first, UNREADABLE_HINT))
     return max(patch_size, int(round(side / patch_size)) * patch_size)
 
 
@@ -178,9 +179,10 @@ def pixel_knn(scenes: str | Path, size: int = 28, *, k: int = 20, temperature: f
     """Object-level k-NN on the box crops' raw pixels (:func:`pixel_crop_feature`), no model: the baseline
     row of the scene table. Same classes, vote and output layout as :func:`object_knn` (mode ``pixels``);
     default output ``<scenes>/object_knn_pixels.json``."""
-    from PIL import Image
-
     from ssl_distill.data.boxes import read_boxes
+    from ssl_distill.data.folder import decoded_image
+
+    from .box_features import UNREADABLE_HINT
 
     if size < 1:
         raise ValueError(f"the pixel size must be >= 1, got {size}")
@@ -196,8 +198,7 @@ def pixel_knn(scenes: str | Path, size: int = 28, *, k: int = 20, temperature: f
             xyxy, c = bf.boxes_for(name)
             if not len(xyxy):
                 continue
-            with Image.open(Path(bf.image_root) / name) as im:
-                img = im.convert("RGB")
+            img = decoded_image(Path(bf.image_root) / name, UNREADABLE_HINT)
             rows += [pixel_crop_feature(img, b, size) for b in xyxy.tolist()]
             cats += [int(v) for v in c]
         feats[split] = torch.stack(rows) if rows else torch.zeros(0, size * size)

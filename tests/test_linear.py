@@ -330,3 +330,48 @@ def test_a_class_mismatch_is_refused_before_any_feature_is_extracted(setup: dict
             cli(setup["run"], "--train", setup["train"], "--val", val, "--num-workers", "0", "--mode", mode,
                 "--cache-dir", cache, "--out", tmp_path / "out.json")
     assert not cache.exists() and not (tmp_path / "out.json").exists()  # nothing extracted, nothing cached
+
+
+def test_faithful_mode_stops_on_unreadable_images_with_the_probes_advice(setup: dict[str, Path],
+                                                                        tmp_path: Path) -> None:
+    import shutil
+    import warnings
+
+    from ssl_distill.data.folder import BadImageWarning
+
+    for broken in ("train", "val"):  # 2 of 40 train images (5%), then 1 of 16 val images (6%): above 1%
+        train, val = shutil.copytree(setup["train"], tmp_path / broken / "train"), shutil.copytree(
+            setup["val"], tmp_path / broken / "val")
+        files = sorted((train if broken == "train" else val).rglob("*.png"))
+        for f in files[:2] if broken == "train" else files[-1:]:
+            f.write_bytes(b"\x89PNG cut short")
+        out = tmp_path / broken / "res.json"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", BadImageWarning)
+            with pytest.raises(DataError, match=r"images were unreadable and substituted") as err:
+                cli(setup["run"], "--train", train, "--val", val, "--num-workers", "0", "--mode", "faithful",
+                    "--epochs", "1", "--batch-size", "16", "--n-last-blocks", "1", "--out", out)
+        assert str(err.value).startswith("2 of 40" if broken == "train" else "1 of 16")
+        assert str(err.value).endswith(L.FAITHFUL_ADVICE) and not out.exists()
+        assert not (tmp_path / broken / "res_run" / "linear_head.pth").exists()
+
+
+def test_feature_extraction_on_unreadable_images_says_to_delete_them_and_deleting_works(
+        setup: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+    import warnings
+
+    from ssl_distill.data.folder import EVAL_ADVICE, BadImageWarning
+
+    val = shutil.copytree(setup["val"], tmp_path / "val")
+    broken = sorted(val.rglob("*.png"))[-1]
+    broken.write_bytes(b"not an image")
+    args = [setup["run"], "--train", setup["train"], "--val", val, "--num-workers", "0", "--mode", "logreg",
+            "--holdout", "0.25", "--no-cache", "--out", tmp_path / "res.json"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadImageWarning)
+        with pytest.raises(DataError, match=r"1 of 16 images were unreadable") as err:
+            cli(*args)
+    assert str(err.value).endswith(EVAL_ADVICE) and not (tmp_path / "res.json").exists()
+    broken.unlink()  # as the message says: the folder is scanned afresh
+    assert cli(*args) == 0 and json.loads((tmp_path / "res.json").read_text())["n_test"] == 15

@@ -205,3 +205,9 @@ def test_knn_and_linear_obj_read_each_images_boxes(tmp_path: Path) -> None:
         knn_on_checkpoint(odis, overrides=KNN_OVERRIDES, boxes="boxes.json")
     with pytest.raises(ValueError, match="--mode logreg --layout obj"):
         linear_on_checkpoint(odis, mode="fast", opts=_opts(), boxes="boxes.json")
+    # an unreadable boxed image reads every patch (the extraction substitutes it and counts it) instead of a
+    # traceback from its size
+    assert boxed["val"][0]
+    Path(files.abspath(0)).write_bytes(b"\x89PNG cut short")
+    masks, every_patch = view_box_masks(files, "boxes.json", ImageSettings(16, 16), 8)
+    assert every_patch == boxed["val"].count(False) + 1 and masks[0].all()

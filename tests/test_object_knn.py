@@ -222,3 +222,20 @@ def test_pixel_baseline_needs_no_model_and_matches_a_hand_computed_vote(bench: P
     assert (res["n_train"], res["n_test"]) == (len(labels["train"]), len(labels["test"]))
     proc = _cli("object-knn", "--scenes", str(bench))  # every other mode needs a model
     assert proc.returncode == 1 and "needs a checkpoint" in proc.stderr and "--mode pixels" in proc.stderr
+
+
+def test_an_unreadable_scene_image_is_one_line_naming_it(bench: Path, tmp_path: Path):
+    import shutil
+
+    scenes = tmp_path / "scenes"
+    shutil.copytree(bench, scenes)
+    name = json.loads((scenes / "test" / "boxes.json").read_text())["images"][2]["file_name"]
+    (scenes / "test" / name).write_bytes(b"\x89PNG cut short")
+    ckpt = tiny_checkpoint(tmp_path / "t.pth")
+    for argv in (("--mode", "pixels"), (str(ckpt), "--mode", "crop")):
+        out = tmp_path / "res.json"
+        proc = _cli("object-knn", *argv, "--scenes", str(scenes), "--out", str(out))
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().startswith(f"error: unreadable image {scenes / 'test' / name} (")
+        assert proc.stderr.strip().endswith("replace or repair it, or delete it and its entries from the boxes file")
+        assert not out.exists()

@@ -289,6 +289,30 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
     return rgb
 
 
+def _unreadable(path: str | os.PathLike[str], err: BaseException, hint: str) -> DataError:
+    return DataError(f"unreadable image {path} ({type(err).__name__}: {err}){'; ' + hint if hint else ''}")
+
+
+def decoded_image(path: str | os.PathLike[str], hint: str = "", mode: str = "RGB") -> Image.Image:
+    """The image at ``path``, fully decoded, converted to ``mode`` (PIL's ``convert``); an unreadable file raises
+    a :class:`DataError` naming it, followed by ``hint`` (what the user can do), instead of PIL's exception."""
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode)
+    except _DECODE_ERRORS as err:
+        raise _unreadable(path, err, hint) from err
+
+
+def image_size(path: str | os.PathLike[str], hint: str = "") -> tuple[int, int]:
+    """(width, height) of the image at ``path`` from its header; an unreadable file raises as
+    :func:`decoded_image` does."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except _DECODE_ERRORS as err:
+        raise _unreadable(path, err, hint) from err
+
+
 class DecodedImages:
     """Decoded RGB images kept in memory, first come first kept, until ``budget_bytes`` are held (no eviction).
 
@@ -364,19 +388,20 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def _load_with_fallback(self, index: int) -> tuple[Image.Image, int, int]:
-        """(image, index of the file used, number of unreadable files skipped)."""
+        """(image, index of the file used, 1 when file ``index`` was unreadable and another one substituted, else
+        0: one count per substituted sample, however many unreadable files follow it)."""
         n = len(self.files)
         attempts = min(n, MAX_CONSECUTIVE_BAD)
         for bad in range(attempts):
             current = (index + bad) % n
             if self.decoded is not None and (kept := self.decoded.get(current)) is not None:
-                return kept, current, bad
+                return kept, current, min(bad, 1)
             path = self.files.abspath(current)
             try:
                 img = load_rgb(path)
                 if self.decoded is not None:
                     self.decoded.put(current, img)
-                return img, current, bad
+                return img, current, min(bad, 1)
             except _DECODE_ERRORS as err:
                 warnings.warn(f"Unreadable image {path}: {type(err).__name__}: {err}; "
                               f"substituting the next file (index {(current + 1) % n}).", BadImageWarning, stacklevel=2)
@@ -404,6 +429,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 **extra, **when}
 
 
+#: what :class:`BadImageCounter` tells a training run to do about its unreadable images
+TRAINING_ADVICE = ("replace or repair them (the run keeps its file list, so deleting one does not help) or raise "
+                   "data.max_bad_fraction, then run the same command to resume from the last checkpoint.")
+#: the same for an evaluation, which scans its folders afresh
+EVAL_ADVICE = "replace, repair or delete them, then run the same command again."
+
+
 class BadImageCounter:
     """Counts substituted (unreadable) images and fails when there are too many.
 
@@ -412,11 +444,12 @@ class BadImageCounter:
     the same check whatever the count (end of an epoch or of an evaluation pass).
     """
 
-    def __init__(self, max_bad_fraction: float = 0.01, min_seen: int = 100) -> None:
+    def __init__(self, max_bad_fraction: float = 0.01, min_seen: int = 100, advice: str = TRAINING_ADVICE) -> None:
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         self.max_bad_fraction = max_bad_fraction
         self.min_seen = min_seen
+        self.advice = advice
         self.bad = 0
         self.seen = 0
 
@@ -428,9 +461,7 @@ class BadImageCounter:
         if self.seen and self.fraction > self.max_bad_fraction:
             raise DataError(f"{self.bad} of {self.seen} images were unreadable and substituted "
                             f"({self.fraction:.2%} > threshold {self.max_bad_fraction:.2%}); "
-                            "the BadImageWarning messages name the files: replace or repair them (the run keeps "
-                            "its file list, so deleting one does not help) or raise data.max_bad_fraction, then "
-                            "run the same command to resume from the last checkpoint.")
+                            f"the BadImageWarning messages name the files: {self.advice}")
 
     def update(self, n_bad: int, n_seen: int) -> None:
         self.bad += int(n_bad)
