@@ -125,6 +125,28 @@ def test_a_checkpoint_ssl_distill_did_not_write_is_named_and_kept(content, tmp_p
     assert ckpt.read_bytes() == before and sorted(p.name for p in out.iterdir()) == [LATEST]
 
 
+
+def test_a_damaged_latest_checkpoint_names_the_newest_intact_kept_copy(tmp_path, capsys):
+    from ssl_distill.checkpoints import FORMAT
+
+    out = tmp_path / "run"
+    out.mkdir()
+    atomic_save({"format": FORMAT, "epoch": 1}, out / "checkpoint_epoch0001.pth")
+    atomic_save({"format": FORMAT, "epoch": 2}, out / "checkpoint_epoch0002.pth")
+    good = (out / "checkpoint_epoch0002.pth").read_bytes()
+    (out / LATEST).write_bytes(good[: len(good) // 2])  # damaged after it was written (a copy cut short)
+    (out / "checkpoint_epoch0002.pth").write_bytes(good[:300])  # and the newest kept copy with it
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    err = cli_error(["train", str(CONFIG), f"run.output_dir={out}", f"data.train_dir={tmp_path / 'missing'}"], capsys)
+    assert "truncated or damaged" in err and "--fresh" in err, err
+    assert err.rstrip().endswith("or copy checkpoint_epoch0001.pth, the newest of the run's kept copies, over "
+                                 "checkpoint.pth to resume from that epoch")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (out / "checkpoint_epoch0001.pth").unlink()  # no intact kept copy: no such advice
+    err = cli_error(["train", str(CONFIG), f"run.output_dir={out}", f"data.train_dir={tmp_path / 'missing'}"], capsys)
+    assert "truncated or damaged" in err and "kept copies" not in err
+
+
 # ---------------------------------------------------------------- run directory hygiene
 def test_a_failed_start_leaves_no_run_directory_but_keeps_an_existing_one(tmp_path):
     empty = tmp_path / "empty"

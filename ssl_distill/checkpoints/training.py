@@ -80,12 +80,24 @@ def read_training_checkpoint(path: Path, run_dir: Path) -> dict[str, Any] | None
     try:
         ckpt, _ = read_checkpoint(path)
     except CheckpointError as e:
-        raise CheckpointError(f"{e}; a run resumes from {path.name}, so {how}") from e
+        kept = newest_kept_checkpoint(run_dir)
+        back = (f"; or copy {kept.name}, the newest of the run's kept copies, over {path.name} to resume from "
+                "that epoch" if kept is not None else "")
+        raise CheckpointError(f"{e}; a run resumes from {path.name}, so {how}{back}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path} was not written by ssl-distill training (format {found!r}, expected "
                               f"{FORMAT!r}), so the run cannot resume from it: {how}")
     return ckpt
+
+
+def newest_kept_checkpoint(run_dir: Path) -> Path | None:
+    """The ``checkpoint_epoch<NNNN>.pth`` of ``run_dir`` with the highest epoch that is a readable training
+    checkpoint (:func:`is_training_checkpoint`); None when there is none."""
+    for kept in sorted(run_dir.glob("checkpoint_epoch*.pth"), reverse=True):
+        if is_training_checkpoint(kept):
+            return kept
+    return None
 
 
 def is_training_checkpoint(path: Path) -> bool:
