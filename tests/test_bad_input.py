@@ -244,3 +244,24 @@ def test_timing_the_cpu_leaves_the_global_rng_alone():
     torch.manual_seed(0)
     runtime.gemm_seconds(torch.float32, n=32, repeats=1)
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_an_output_path_through_a_file_is_one_line(tmp_path, capsys):
+    """Outputs named under a file (or as one) are refused in one sentence naming the path, whatever the command."""
+    import errno
+
+    from ssl_distill.errors import path_problem
+
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    images = make_folder(tmp_path / "images", 2, 0)
+    for args in (["prepare-fmnist", str(blocker / "fmnist"), "--limit-per-class", "1"],
+                 ["make-scenes", str(images), str(blocker), "--n-train", "2", "--n-test", "1"]):
+        err = cli_error(args, capsys)
+        assert err.startswith(f"error: cannot create {blocker}") and "a file is in the way" in err, err
+    assert blocker.read_text() == "mine"
+    assert path_problem(IsADirectoryError(errno.EISDIR, "Is a directory", "/x")) == (
+        "/x is a folder where a file is needed: name a file")
+    assert path_problem(OSError(errno.ENOSPC, "No space left on device", "/x/ck.pth")).startswith(
+        "no space left on the device (writing /x/ck.pth)")
+    assert path_problem(OSError(errno.EIO, "I/O error")) is None  # anything else keeps its traceback
