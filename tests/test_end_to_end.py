@@ -117,6 +117,19 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(folders, t
     ck = load_file(tmp_path / "nan" / "checkpoint.pth")
     assert ck["step"] == 3  # the last good checkpoint, untouched
     assert all(torch.isfinite(v).all() for v in ck["teacher"].values())
+    # before the first checkpoint: the message says so instead of naming a file that is not there
+    trainer = Trainer(load_config(CONFIG, tiny_overrides(train_dir, tmp_path / "nan_first")))
+    original = trainer.objectives[0].forward
+
+    def first_step_nan(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out["dino"] = out["dino"] * float("nan")
+        return out
+
+    trainer.objectives[0].forward = first_step_nan
+    with pytest.raises(NonFiniteLossError, match=r"step 0: dino=nan .*no checkpoint was written yet"):
+        trainer.fit()
+    assert not (tmp_path / "nan_first" / "checkpoint.pth").exists()
 
 
 def test_missing_and_empty_folders_fail_clearly(tmp_path):

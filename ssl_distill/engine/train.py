@@ -538,9 +538,11 @@ class Trainer:
                             schedule, {k: v for t in terms for k, v in t.items() if isinstance(v, TeacherRows)})
         if not math.isfinite(loss_value):  # the terms are read only now
             values = ", ".join(f"{k}={record[k]:.4g}" for k in self.loss_terms if k in record)
+            kept = (f"the last good checkpoint is {self.out / LATEST}" if (self.out / LATEST).is_file() else
+                    f"no checkpoint was written yet (run.checkpoint_every={self.cfg.run.checkpoint_every})")
             raise NonFiniteLossError(
                 f"non-finite loss at step {step}: {values} (lr={lr:.3g}, teacher_temp={state.teacher_temp:.4g}, "
-                f"wd={wd:.3g}); training stopped, the last good checkpoint is {self.out / LATEST}"
+                f"wd={wd:.3g}); training stopped, {kept}"
             )
 
         self._update_student(loss, step, frozen)
