@@ -157,6 +157,13 @@ def build_executor(args: argparse.Namespace, folder: Path, name: str) -> Any:
     return executor
 
 
+def submitit_failure() -> type[Exception]:
+    """submitit's error for a job its scheduler refused (sbatch's message in it)."""
+    from submitit.core.utils import FailedJobError
+
+    return FailedJobError
+
+
 def run(args: argparse.Namespace) -> int:
     parse_slurm_args(args.slurm_arg)  # every argument is checked before anything is written
     overrides = list(args.overrides)
@@ -173,9 +180,21 @@ def run(args: argparse.Namespace) -> int:
         if getattr(cfg.knn, key):
             setattr(cfg.knn, key, str(Path(getattr(cfg.knn, key)).resolve()))
     folder = out / "submitit"
+    created = [d for d in (out, folder) if not d.exists()]
     folder.mkdir(parents=True, exist_ok=True)
+    before = set(folder.iterdir())
     executor = build_executor(args, folder, args.job_name or f"ssl-{out.name}")
-    job = executor.submit(TrainJob(cfg, threads=args.cpus_per_task or 0))
+    try:
+        job = executor.submit(TrainJob(cfg, threads=args.cpus_per_task or 0))
+    except submitit_failure() as e:  # sbatch said no: leave no trace of the attempt
+        for path in set(folder.iterdir()) - before:
+            path.unlink()
+        for d in reversed(created):
+            if not any(d.iterdir()):
+                d.rmdir()
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise ValueError(f"sbatch refused the job ({' '.join(lines[-2:]) or type(e).__name__}); nothing was "
+                         "queued: `sinfo` lists the partitions and their limits") from e
     tasks = (args.tasks_per_node or args.gpus_per_node or 1) * args.nodes
     where = "locally" if args.local else f"to SLURM (partition {args.partition or 'default'})"
     print(f"submitted job {job.job_id} {where}: {tasks} task(s) on {args.nodes} node(s)")

@@ -283,26 +283,41 @@ def visualize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
 
 
+def _at_least(low: float, kind: type = int):  # noqa: ANN202 (an argparse type)
+    """An argparse type: a number of ``kind`` >= ``low`` (> 0 for a float with ``low`` 0)."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if value < low or (kind is float and low == 0 and value == 0):
+            raise argparse.ArgumentTypeError(f"must be {'>' if kind is float and low == 0 else '>='} {low:g}, "
+                                             f"got {text}")
+        return value
+    return parse
+
+
 def submit_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``ssl-distill submit`` (:mod:`ssl_distill.launch.submit`)."""
     p.add_argument("config", help="YAML recipe, e.g. configs/dino_vit_small16.yaml")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for ssl-distill train")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU; 0: CPU tasks")
-    p.add_argument("--tasks-per-node", type=int, default=None,
+    p.add_argument("--nodes", type=_at_least(1), default=1)
+    p.add_argument("--gpus-per-node", type=_at_least(0), default=0, help="one task per GPU; 0: CPU tasks")
+    p.add_argument("--tasks-per-node", type=_at_least(1), default=None,
                    help="processes per node (default: --gpus-per-node, or 1 on CPU)")
-    p.add_argument("--cpus-per-task", type=int, default=None, help="also the torch thread count of each task")
-    p.add_argument("--mem-gb", type=float, default=None, help="memory per node")
+    p.add_argument("--cpus-per-task", type=_at_least(1), default=None, help="also the torch thread count of each task")
+    p.add_argument("--mem-gb", type=_at_least(0, float), default=None, help="memory per node")
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
     p.add_argument("--qos", default=None)
     p.add_argument("--constraint", default=None)
     p.add_argument("--exclude", default=None, help="nodes to avoid")
-    p.add_argument("--time", type=int, default=60 * 24, help="time limit in minutes (default 1440)")
+    p.add_argument("--time", type=_at_least(1), default=60 * 24, help="time limit in minutes (default 1440)")
     p.add_argument("--job-name", default=None, help="default: ssl-<output dir name>")
-    p.add_argument("--signal-delay", type=int, default=120,
+    p.add_argument("--signal-delay", type=_at_least(0), default=120,
                    help="seconds before the time limit at which SLURM sends SIGUSR2 (checkpoint + requeue)")
-    p.add_argument("--max-requeues", type=int, default=None, help="sets run.max_requeues")
+    p.add_argument("--max-requeues", type=_at_least(0), default=None, help="sets run.max_requeues")
     p.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="any other sbatch option, e.g. --slurm-arg mail_type=END (repeatable)")
     p.add_argument("--local", action="store_true", help="run here through submitit's local executor")

@@ -336,3 +336,17 @@ def test_submit_rejects_a_malformed_sbatch_option_and_writes_nothing(tmp_path):
                           "--slurm-arg", "mail_type"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert res.returncode == 1 and "--slurm-arg expects KEY=VALUE, got 'mail_type'" in res.stderr
     assert not out.exists()
+
+
+def test_a_job_sbatch_refuses_is_one_line_and_leaves_no_trace(slurm, train_dir, tmp_path):
+    out = tmp_path / "refused"
+    res = subprocess.run([sys.executable, "-m", "ssl_distill.cli", "submit", str(CONFIG), *overrides(train_dir, out),
+                          "--partition", "no_such_partition"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    err = res.stderr.strip().splitlines()[-1]  # after sbatch's own lines, which submitit passes on
+    assert err.startswith("error: sbatch refused the job (") and "no_such_partition" in err
+    assert err.endswith("nothing was queued: `sinfo` lists the partitions and their limits")
+    assert not out.exists()  # neither the run directory nor submitit's pickled job
+    res = subprocess.run([sys.executable, "-m", "ssl_distill.cli", "submit", str(CONFIG), *overrides(train_dir, out),
+                          "--nodes", "0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 2 and "argument --nodes: must be >= 1, got 0" in res.stderr and not out.exists()
