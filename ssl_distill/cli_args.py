@@ -57,19 +57,19 @@ def knn_arguments(k: argparse.ArgumentParser) -> None:
                    help="obj: ODIS's [OBJ] token over every patch (from the [CLS] of a model without one)")
     k.add_argument("--boxes", metavar="NAME", help="with --layout obj: each folder's COCO boxes file of this name "
                    "(e.g. boxes.json); each image's [OBJ] reads the patches its boxes touch")
-    k.add_argument("--n-last-blocks", type=int, default=1, help="CLS tokens of the last n blocks")
+    k.add_argument("--n-last-blocks", type=_at_least(1), default=1, help="CLS tokens of the last n blocks")
     k.add_argument("--temperatures", type=float, nargs="+", help="several T from one search (first: knn.temperature)")
     k.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="feature extraction (default: the run's knn.precision, fp32 as DINO; bf16: ~2x faster on CPU)")
     k.add_argument("--fp16-features", action="store_true", help="store features in float16 (half the memory)")
-    k.add_argument("--train-chunk", type=int, help="search the train set in chunks of N (bounded memory)")
+    k.add_argument("--train-chunk", type=_at_least(1), help="search the train set in chunks of N (bounded memory)")
     k.add_argument("--cache-dir", help="re-use features cached here while checkpoint and data are unchanged")
 
 
 def prepare_fmnist_arguments(f: argparse.ArgumentParser) -> None:
     """Options of ``ssl-distill prepare-fmnist`` (:mod:`ssl_distill.data.fashion_mnist`)."""
     f.add_argument("out", nargs="?", default="data/fmnist")
-    f.add_argument("--limit-per-class", type=int, default=None)
+    f.add_argument("--limit-per-class", type=_at_least(1), default=None)
 
 
 def make_scenes_arguments(p: argparse.ArgumentParser) -> None:
@@ -109,13 +109,13 @@ def object_knn_arguments(p: argparse.ArgumentParser) -> None:
                         "no model")
     p.add_argument("--pixel-size", type=int, default=28,
                    help="--mode pixels: side the gray box crop is resized to (default 28, Fashion-MNIST's)")
-    p.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
+    p.add_argument("--k", type=_at_least(1), default=20, help="neighbours (default 20)")
     p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T) (default 0.07)")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=_at_least(1), default=None,
                    help="eval view side (default: the scene side rounded to a multiple of the patch size)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="feature extraction: fp32 (default), bf16 (~2x faster on CPU) or fp16 (CUDA)")
-    p.add_argument("--batch-size", type=int, default=128, help="rows per forward pass")
+    p.add_argument("--batch-size", type=_at_least(1), default=128, help="rows per forward pass")
     p.add_argument("--which", default="teacher", choices=["teacher", "student"])
     p.add_argument("--random-init", action="store_true", help="same architecture, random weights")
     p.add_argument("--device", default="auto")
@@ -129,7 +129,7 @@ def demo_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument("--config", default=None, help="recipe (default: configs/dinov2_style_tiny_fmnist.yaml)")
     d.add_argument("--data", default="data/fmnist")
     d.add_argument("--fresh", action="store_true")
-    d.add_argument("--limit-per-class", type=int, default=None,
+    d.add_argument("--limit-per-class", type=_at_least(1), default=None,
                    help="first N images of each class per split (a quick try-out; default: all)")
 
 
@@ -154,14 +154,14 @@ def linear_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="results JSON (default: <run dir>/linear_<mode>.json)")
     p.add_argument("--which", choices=["teacher", "student"], default=None)
     p.add_argument("--key", default=None, help="checkpoint entry holding the weights (default: detected)")
-    p.add_argument("--num-heads", type=int, default=None, help="attention heads, for non-standard widths")
+    p.add_argument("--num-heads", type=_at_least(1), default=None, help="attention heads, for non-standard widths")
     g = p.add_argument_group("images and features")
-    g.add_argument("--image-size", type=int, default=None, help="center crop (default: run config, else 224)")
-    g.add_argument("--resize-size", type=int, default=None, help="shorter side before cropping (default 256/224 x)")
+    g.add_argument("--image-size", type=_at_least(1), default=None, help="center crop (default: run config, else 224)")
+    g.add_argument("--resize-size", type=_at_least(1), default=None, help="shorter side before cropping (default 256/224 x)")
     g.add_argument("--mean", type=float, nargs=3, default=None)
     g.add_argument("--std", type=float, nargs=3, default=None)
-    g.add_argument("--batch-size", type=int, default=128, help="images per forward pass (faithful: per SGD step)")
-    g.add_argument("--num-workers", type=int, default=2)
+    g.add_argument("--batch-size", type=_at_least(1), default=128, help="images per forward pass (faithful: per SGD step)")
+    g.add_argument("--num-workers", type=_at_least(0), default=2)
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="feature extraction (default: the run's knn.precision, fp32 as DINO; bf16: ~2x faster on CPU)")
     g.add_argument("--device", default="auto")
@@ -171,28 +171,28 @@ def linear_arguments(parser: argparse.ArgumentParser) -> None:
     f = p.add_argument_group("fast mode")
     f.add_argument("--blocks", type=int, nargs="+", default=[1, 4], help="last-n-block choices of the grid")
     f.add_argument("--lrs", type=float, nargs="+", default=list(LR_GRID), help="base lrs (scaled by batch/256)")
-    f.add_argument("--head-batch-size", type=int, default=256, help="SGD batch of the heads (lrs scale by batch / 256)")
+    f.add_argument("--head-batch-size", type=_at_least(1), default=256, help="SGD batch of the heads (lrs scale by batch / 256)")
     f.add_argument("--holdout", type=float, default=0.1, help="share of train held out for head selection")
     f.add_argument("--head-precision", choices=["fp32", "bf16", "auto"], default="fp32",
                    help="GEMMs of the head grid: fp32 (default, as DINO's / DINOv2's heads), bf16 (faster, "
                         "opt-in), auto (bf16 on CUDA and on CPUs with native bf16, else fp32)")
-    f.add_argument("--epochs", type=int, default=None,
+    f.add_argument("--epochs", type=_at_least(1), default=None,
                    help="fast: DINOv2's 12,500 iterations, at least 10 epochs; faithful: 100")
     f.add_argument("--standardize", action="store_true",
                    help="fast: z-score features with train statistics first (not in DINOv2's protocol)")
     f.add_argument("--seed", type=int, default=0)
     d = p.add_argument_group("faithful mode (DINO eval_linear)")
     d.add_argument("--lr", type=float, default=0.001, help="scaled by batch / 256")
-    d.add_argument("--n-last-blocks", type=int, default=None,
+    d.add_argument("--n-last-blocks", type=_at_least(1), default=None,
                    help="CLS tokens of the last n blocks (faithful default 4, DINO's ViT-S setting; logreg default 1)")
     d.add_argument("--avgpool", action="store_true", help="add the mean patch token (DINO ViT-B: n=1 + avgpool)")
-    d.add_argument("--val-freq", type=int, default=1)
-    d.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
-    d.add_argument("--stop-after-steps", type=int, default=None, help="stop (checkpointed) after N steps in total")
+    d.add_argument("--val-freq", type=_at_least(1), default=1)
+    d.add_argument("--checkpoint-every", type=_at_least(0), default=0, help="also checkpoint every N steps")
+    d.add_argument("--stop-after-steps", type=_at_least(1), default=None, help="stop (checkpointed) after N steps in total")
     r = p.add_argument_group("logreg mode")
     r.add_argument("--cs", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0], help="inverse regularisation grid")
     r.add_argument("--layout", choices=["cls", "mean", "cls+mean", "cls+mean-dino", "obj"], default="cls")
-    r.add_argument("--max-iter", type=int, default=1000)
+    r.add_argument("--max-iter", type=_at_least(1), default=1000)
     r.add_argument("--boxes", metavar="NAME", help="with --layout obj: each folder's COCO boxes file of this name "
                    "(e.g. boxes.json); each image's [OBJ] reads the patches its boxes touch")
 
@@ -234,8 +234,8 @@ def discover_arguments(parser: argparse.ArgumentParser) -> None:
                              "or 'mean' on models with fewer heads)")
     parser.add_argument("--which", default="teacher", choices=["teacher", "student"])
     parser.add_argument("--random-init", action="store_true", help="same architecture, random weights")
-    parser.add_argument("--max-side", type=int, default=None, help="shrink images whose longer side exceeds this")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N images")
+    parser.add_argument("--max-side", type=_at_least(1), default=None, help="shrink images whose longer side exceeds this")
+    parser.add_argument("--limit", type=_at_least(1), default=None, help="only the first N images")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                         help="backbone forward: fp32 (default) or bf16 / fp16 autocast (faster)")
@@ -261,7 +261,7 @@ def export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", default=None, help="top-level entry holding the weights (default: detected)")
     parser.add_argument("--format", dest="fmt", choices=["safetensors", "pth"], default=None,
                         help="default: from the output suffix")
-    parser.add_argument("--num-heads", type=int, default=None, help="head count, for non-standard widths")
+    parser.add_argument("--num-heads", type=_at_least(1), default=None, help="head count, for non-standard widths")
     parser.add_argument("--force", action="store_true",
                         help="replace an existing output file (never a training checkpoint or the file read)")
 
@@ -277,7 +277,7 @@ def visualize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"], help="rollout head fusion")
     parser.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of weakest weights")
     parser.add_argument("--no-pca", action="store_true", help="skip the PCA of patch features")
-    parser.add_argument("--max-side", type=int, default=None, help="shrink images whose longer side exceeds this")
+    parser.add_argument("--max-side", type=_at_least(1), default=None, help="shrink images whose longer side exceeds this")
     parser.add_argument("--which", default="teacher", choices=["teacher", "student"])
     parser.add_argument("--random-init", action="store_true", help="same architecture, random weights")
     parser.add_argument("--device", default="auto")

@@ -265,3 +265,17 @@ def test_an_output_path_through_a_file_is_one_line(tmp_path, capsys):
     assert path_problem(OSError(errno.ENOSPC, "No space left on device", "/x/ck.pth")).startswith(
         "no space left on the device (writing /x/ck.pth)")
     assert path_problem(OSError(errno.EIO, "I/O error")) is None  # anything else keeps its traceback
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["discover", "ck.pth", "--images", "x", "--limit", "-1"], "argument --limit: must be >= 1, got -1"),
+    (["visualize", "ck.pth", "x.png", "--max-side", "0"], "argument --max-side: must be >= 1, got 0"),
+    (["linear", "ck.pth", "--num-workers", "-1"], "argument --num-workers: must be >= 0, got -1"),
+    (["knn", "ck.pth", "--n-last-blocks", "two"], "argument --n-last-blocks: expected an integer, got 'two'"),
+    (["submit", "c.yaml", "--mem-gb", "0"], "argument --mem-gb: must be > 0, got 0"),
+])
+def test_counts_and_sizes_must_be_positive_before_anything_runs(args, expect, capsys):
+    # discover --limit -1 used to drop the last image (names[:-1]); the others failed later or not at all
+    with pytest.raises(SystemExit) as e:
+        cli(args)
+    assert e.value.code == 2 and expect in capsys.readouterr().err
