@@ -157,10 +157,12 @@ def linear_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--num-heads", type=_at_least(1), default=None, help="attention heads, for non-standard widths")
     g = p.add_argument_group("images and features")
     g.add_argument("--image-size", type=_at_least(1), default=None, help="center crop (default: run config, else 224)")
-    g.add_argument("--resize-size", type=_at_least(1), default=None, help="shorter side before cropping (default 256/224 x)")
+    g.add_argument("--resize-size", type=_at_least(1), default=None,
+                   help="shorter side before cropping (default 256/224 x)")
     g.add_argument("--mean", type=float, nargs=3, default=None)
     g.add_argument("--std", type=float, nargs=3, default=None)
-    g.add_argument("--batch-size", type=_at_least(1), default=128, help="images per forward pass (faithful: per SGD step)")
+    g.add_argument("--batch-size", type=_at_least(1), default=128,
+                   help="images per forward pass (faithful: per SGD step)")
     g.add_argument("--num-workers", type=_at_least(0), default=2)
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="feature extraction (default: the run's knn.precision, fp32 as DINO; bf16: ~2x faster on CPU)")
@@ -171,7 +173,8 @@ def linear_arguments(parser: argparse.ArgumentParser) -> None:
     f = p.add_argument_group("fast mode")
     f.add_argument("--blocks", type=int, nargs="+", default=[1, 4], help="last-n-block choices of the grid")
     f.add_argument("--lrs", type=float, nargs="+", default=list(LR_GRID), help="base lrs (scaled by batch/256)")
-    f.add_argument("--head-batch-size", type=_at_least(1), default=256, help="SGD batch of the heads (lrs scale by batch / 256)")
+    f.add_argument("--head-batch-size", type=_at_least(1), default=256,
+                   help="SGD batch of the heads (lrs scale by batch / 256)")
     f.add_argument("--holdout", type=float, default=0.1, help="share of train held out for head selection")
     f.add_argument("--head-precision", choices=["fp32", "bf16", "auto"], default="fp32",
                    help="GEMMs of the head grid: fp32 (default, as DINO's / DINOv2's heads), bf16 (faster, "
@@ -188,7 +191,8 @@ def linear_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--avgpool", action="store_true", help="add the mean patch token (DINO ViT-B: n=1 + avgpool)")
     d.add_argument("--val-freq", type=_at_least(1), default=1)
     d.add_argument("--checkpoint-every", type=_at_least(0), default=0, help="also checkpoint every N steps")
-    d.add_argument("--stop-after-steps", type=_at_least(1), default=None, help="stop (checkpointed) after N steps in total")
+    d.add_argument("--stop-after-steps", type=_at_least(1), default=None,
+                   help="stop (checkpointed) after N steps in total")
     r = p.add_argument_group("logreg mode")
     r.add_argument("--cs", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0], help="inverse regularisation grid")
     r.add_argument("--layout", choices=["cls", "mean", "cls+mean", "cls+mean-dino", "obj"], default="cls")
@@ -234,7 +238,8 @@ def discover_arguments(parser: argparse.ArgumentParser) -> None:
                              "or 'mean' on models with fewer heads)")
     parser.add_argument("--which", default="teacher", choices=["teacher", "student"])
     parser.add_argument("--random-init", action="store_true", help="same architecture, random weights")
-    parser.add_argument("--max-side", type=_at_least(1), default=None, help="shrink images whose longer side exceeds this")
+    parser.add_argument("--max-side", type=_at_least(1), default=None,
+                        help="shrink images whose longer side exceeds this")
     parser.add_argument("--limit", type=_at_least(1), default=None, help="only the first N images")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
@@ -277,7 +282,8 @@ def visualize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"], help="rollout head fusion")
     parser.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of weakest weights")
     parser.add_argument("--no-pca", action="store_true", help="skip the PCA of patch features")
-    parser.add_argument("--max-side", type=_at_least(1), default=None, help="shrink images whose longer side exceeds this")
+    parser.add_argument("--max-side", type=_at_least(1), default=None,
+                        help="shrink images whose longer side exceeds this")
     parser.add_argument("--which", default="teacher", choices=["teacher", "student"])
     parser.add_argument("--random-init", action="store_true", help="same architecture, random weights")
     parser.add_argument("--device", default="auto")
