@@ -496,13 +496,32 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 BASE_KEY = "base"  # a recipe's parent recipe: the file states only what differs from it
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: the safe loader keeps the
+    last value, so a recipe that sets ``lr`` twice would train with one of them without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = lines.setdefault(key, key_node.start_mark.line)
+            except TypeError:  # an unhashable key: the safe loader reports it
+                continue
+            if first != key_node.start_mark.line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (lines {first + 1} and "
+                    f"{key_node.start_mark.line + 1}): keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml_mapping(p: Path) -> dict[str, Any]:
     """The top-level mapping of one YAML file (an empty file is an empty mapping)."""
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     with open(p) as f:
         try:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, Loader=_RecipeLoader) or {}  # noqa: S506 (a safe loader)
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: invalid YAML: {e}") from e
     if not isinstance(data, dict):

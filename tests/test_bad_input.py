@@ -279,3 +279,24 @@ def test_counts_and_sizes_must_be_positive_before_anything_runs(args, expect, ca
     with pytest.raises(SystemExit) as e:
         cli(args)
     assert e.value.code == 2 and expect in capsys.readouterr().err
+
+
+def test_a_key_given_twice_in_a_recipe_is_an_error_naming_both_lines(tmp_path):
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text(f"base: {CONFIG}\noptim:\n  lr: 0.001\n  weight_decay: 0.04\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: invalid YAML: key 'lr' appears twice in one mapping "
+                                          r"\(lines 3 and 5\): keep one"):
+        load_config(recipe, [])
+    recipe.write_text(f"base: {CONFIG}\noptim:\n  lr: 0.001\noptim:\n  epochs: 2\n")  # a section given twice
+    with pytest.raises(ConfigError, match=r"key 'optim' appears twice in one mapping \(lines 2 and 4\)"):
+        load_config(recipe, [])
+
+
+def test_a_run_of_zero_steps_says_so_and_writes_nothing(tmp_path, capsys):
+    # 8 images, batch 4: 0.1 epochs rounds to no step (it used to blame optim.freeze_backbone_steps=0)
+    out = tmp_path / "run"
+    train = make_folder(tmp_path / "images", 4, 0)
+    err = cli_error(["train", str(CONFIG), *tiny_overrides(train, out), "optim.epochs=0.1"], capsys)
+    assert err == ("config error: The run has 0 steps (optim.epochs=0.1 x 2 batches of 4 images): nothing to train; "
+                   "raise optim.epochs")
+    assert not out.exists()

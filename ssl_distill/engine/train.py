@@ -294,11 +294,13 @@ class Trainer:
         cfg, total = self.cfg, self.total_steps
         length = (f"the run has {total} steps (optim.epochs={cfg.optim.epochs} x {self.iters_per_epoch} batches of "
                   f"{cfg.data.batch_size * self.world} images)")
+        if total == 0:
+            raise ConfigError(f"{length[0].upper()}{length[1:]}: nothing to train; raise optim.epochs")
         if cfg.gram.on and cfg.gram.start_step >= total:
             raise ConfigError(f"gram.start_step={cfg.gram.start_step} starts the Gram term after the last step: "
                               f"{length}; set gram.start_step (and the Gram teacher's steps) below {total}, or "
                               "train longer")
-        if cfg.optim.freeze_backbone_steps >= total:
+        if cfg.optim.freeze_backbone_steps and cfg.optim.freeze_backbone_steps >= total:
             raise ConfigError(f"optim.freeze_backbone_steps={cfg.optim.freeze_backbone_steps} holds the backbone "
                               f"still to the end: {length}; set it below {total} (a few percent of the run)")
 
