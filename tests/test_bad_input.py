@@ -300,3 +300,15 @@ def test_a_run_of_zero_steps_says_so_and_writes_nothing(tmp_path, capsys):
     assert err == ("config error: The run has 0 steps (optim.epochs=0.1 x 2 batches of 4 images): nothing to train; "
                    "raise optim.epochs")
     assert not out.exists()
+
+
+def test_a_boxes_file_named_from_the_training_folder_is_pointed_to(tmp_path, capsys):
+    import json
+
+    out, train = tmp_path / "run", make_folder(tmp_path / "images", 4, 0)
+    (train / "scene_boxes_x.json").write_text(json.dumps({"images": [], "annotations": []}))
+    err = cli_error(["train", str(CONFIG), *tiny_overrides(train, out), "data.boxes=scene_boxes_x.json", "odis.weight=1"],
+                    capsys)
+    assert err == (f"error: data.boxes=scene_boxes_x.json: no such file (the path is read from the working directory, "
+                   f"{os.getcwd()}); the training folder has one: data.boxes={train / 'scene_boxes_x.json'}")
+    assert not out.exists()

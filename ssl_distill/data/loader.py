@@ -49,6 +49,11 @@ def build_train_loader(
     if cfg.data.boxes is None:
         dataset = ImageFolderDataset(files, MultiCropTransform(crops, gram_from_epoch), cache_bytes=cache_bytes)
     else:
+        if not Path(cfg.data.boxes).is_file():
+            beside = files.root / Path(cfg.data.boxes).name
+            raise AnnotationError(f"data.boxes={cfg.data.boxes}: no such file (the path is read from the working "
+                                  f"directory, {Path.cwd()})"
+                                  + (f"; the training folder has one: data.boxes={beside}" if beside.is_file() else ""))
         boxes = read_boxes(cfg.data.boxes, files.root, paths=files.paths)
         if not boxes.report["images_with_boxes"] and cfg.odis.no_box != "whole_image":  # else every image has [OBJ]
             r = boxes.report
