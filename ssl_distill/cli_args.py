@@ -9,6 +9,7 @@ points with :func:`tool_main`.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable, Sequence
 
 from ssl_distill.errors import run_command
@@ -58,7 +59,8 @@ def knn_arguments(k: argparse.ArgumentParser) -> None:
     k.add_argument("--boxes", metavar="NAME", help="with --layout obj: each folder's COCO boxes file of this name "
                    "(e.g. boxes.json); each image's [OBJ] reads the patches its boxes touch")
     k.add_argument("--n-last-blocks", type=_at_least(1), default=1, help="CLS tokens of the last n blocks")
-    k.add_argument("--temperatures", type=float, nargs="+", help="several T from one search (first: knn.temperature)")
+    k.add_argument("--temperatures", type=_positive, nargs="+",
+                   help="several T from one search (first: knn.temperature)")
     k.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="feature extraction (default: the run's knn.precision, fp32 as DINO; bf16: ~2x faster on CPU)")
     k.add_argument("--fp16-features", action="store_true", help="store features in float16 (half the memory)")
@@ -110,7 +112,7 @@ def object_knn_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pixel-size", type=int, default=28,
                    help="--mode pixels: side the gray box crop is resized to (default 28, Fashion-MNIST's)")
     p.add_argument("--k", type=_at_least(1), default=20, help="neighbours (default 20)")
-    p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T) (default 0.07)")
+    p.add_argument("--temperature", type=_positive, default=0.07, help="vote weight exp(sim / T) (default 0.07)")
     p.add_argument("--image-size", type=_at_least(1), default=None,
                    help="eval view side (default: the scene side rounded to a multiple of the patch size)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
@@ -160,7 +162,7 @@ def linear_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--resize-size", type=_at_least(1), default=None,
                    help="shorter side before cropping (default 256/224 x)")
     g.add_argument("--mean", type=float, nargs=3, default=None)
-    g.add_argument("--std", type=float, nargs=3, default=None)
+    g.add_argument("--std", type=_positive, nargs=3, default=None)
     g.add_argument("--batch-size", type=_at_least(1), default=128,
                    help="images per forward pass (faithful: per SGD step)")
     g.add_argument("--num-workers", type=_at_least(0), default=2)
@@ -172,7 +174,7 @@ def linear_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-cache", action="store_true", help="extract every time, write no cache")
     f = p.add_argument_group("fast mode")
     f.add_argument("--blocks", type=int, nargs="+", default=[1, 4], help="last-n-block choices of the grid")
-    f.add_argument("--lrs", type=float, nargs="+", default=list(LR_GRID), help="base lrs (scaled by batch/256)")
+    f.add_argument("--lrs", type=_positive, nargs="+", default=list(LR_GRID), help="base lrs (scaled by batch/256)")
     f.add_argument("--head-batch-size", type=_at_least(1), default=256,
                    help="SGD batch of the heads (lrs scale by batch / 256)")
     f.add_argument("--holdout", type=float, default=0.1, help="share of train held out for head selection")
@@ -185,7 +187,7 @@ def linear_arguments(parser: argparse.ArgumentParser) -> None:
                    help="fast: z-score features with train statistics first (not in DINOv2's protocol)")
     f.add_argument("--seed", type=int, default=0)
     d = p.add_argument_group("faithful mode (DINO eval_linear)")
-    d.add_argument("--lr", type=float, default=0.001, help="scaled by batch / 256")
+    d.add_argument("--lr", type=_positive, default=0.001, help="scaled by batch / 256")
     d.add_argument("--n-last-blocks", type=_at_least(1), default=None,
                    help="CLS tokens of the last n blocks (faithful default 4, DINO's ViT-S setting; logreg default 1)")
     d.add_argument("--avgpool", action="store_true", help="add the mean patch token (DINO ViT-B: n=1 + avgpool)")
@@ -194,7 +196,8 @@ def linear_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--stop-after-steps", type=_at_least(1), default=None,
                    help="stop (checkpointed) after N steps in total")
     r = p.add_argument_group("logreg mode")
-    r.add_argument("--cs", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0], help="inverse regularisation grid")
+    r.add_argument("--cs", type=_positive, nargs="+", default=[0.01, 0.1, 1.0, 10.0],
+                   help="inverse regularisation grid")
     r.add_argument("--layout", choices=["cls", "mean", "cls+mean", "cls+mean-dino", "obj"], default="cls")
     r.add_argument("--max-iter", type=_at_least(1), default=1000)
     r.add_argument("--boxes", metavar="NAME", help="with --layout obj: each folder's COCO boxes file of this name "
@@ -289,19 +292,28 @@ def visualize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
 
 
-def _at_least(low: float, kind: type = int):  # noqa: ANN202 (an argparse type)
-    """An argparse type: a number of ``kind`` >= ``low`` (> 0 for a float with ``low`` 0)."""
-    def parse(text: str) -> float:
+def _at_least(low: int):  # noqa: ANN202 (an argparse type)
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
         try:
-            value = kind(text)
+            value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        if value < low or (kind is float and low == 0 and value == 0):
-            raise argparse.ArgumentTypeError(f"must be {'>' if kind is float and low == 0 else '>='} {low:g}, "
-                                             f"got {text}")
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
         return value
     return parse
+
+
+def _positive(text: str) -> float:
+    """An argparse type: a finite number > 0 (learning rates, temperatures, memory, regularisation)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
 
 
 def submit_arguments(p: argparse.ArgumentParser) -> None:
@@ -313,7 +325,7 @@ def submit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks-per-node", type=_at_least(1), default=None,
                    help="processes per node (default: --gpus-per-node, or 1 on CPU)")
     p.add_argument("--cpus-per-task", type=_at_least(1), default=None, help="also the torch thread count of each task")
-    p.add_argument("--mem-gb", type=_at_least(0, float), default=None, help="memory per node")
+    p.add_argument("--mem-gb", type=_positive, default=None, help="memory per node")
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
     p.add_argument("--qos", default=None)

@@ -272,10 +272,14 @@ def test_an_output_path_through_a_file_is_one_line(tmp_path, capsys):
     (["visualize", "ck.pth", "x.png", "--max-side", "0"], "argument --max-side: must be >= 1, got 0"),
     (["linear", "ck.pth", "--num-workers", "-1"], "argument --num-workers: must be >= 0, got -1"),
     (["knn", "ck.pth", "--n-last-blocks", "two"], "argument --n-last-blocks: expected an integer, got 'two'"),
-    (["submit", "c.yaml", "--mem-gb", "0"], "argument --mem-gb: must be > 0, got 0"),
+    (["submit", "c.yaml", "--mem-gb", "0"], "argument --mem-gb: must be a positive number, got 0"),
+    (["linear", "ck.pth", "--lrs", "0.1", "-1"], "argument --lrs: must be a positive number, got -1"),  # trained
+    (["linear", "ck.pth", "--cs", "0"], "argument --cs: must be a positive number, got 0"),
+    (["object-knn", "--scenes", "s", "--temperature", "nan"], "argument --temperature: must be a positive number"),
 ])
 def test_counts_and_sizes_must_be_positive_before_anything_runs(args, expect, capsys):
-    # discover --limit -1 used to drop the last image (names[:-1]); the others failed later or not at all
+    # discover --limit -1 used to drop the last image (names[:-1]) and a negative fast-probe lr trained; the
+    # others failed later or not at all
     with pytest.raises(SystemExit) as e:
         cli(args)
     assert e.value.code == 2 and expect in capsys.readouterr().err
