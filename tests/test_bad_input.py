@@ -154,7 +154,7 @@ def test_a_failed_start_leaves_no_run_directory_but_keeps_an_existing_one(tmp_pa
     new = tmp_path / "new" / "run"
     with pytest.raises(Exception, match="No images found"):
         Trainer(load_config(CONFIG, tiny_overrides(empty, new)))
-    assert not new.exists()
+    assert not new.exists() and not new.parent.exists()  # nor the parent it created (the demo left runs/)
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "notes.txt").write_text("mine")

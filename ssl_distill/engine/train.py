@@ -105,7 +105,9 @@ class Trainer:
         self.config_changes = {} if resume_from is None else self._changes_since(resume_from)
         self.precision = self._choose_precision(resume_from)
 
-        self.created = du.is_main() and not self.out.exists()  # by this start: removed again if it fails
+        # the folders this start creates (the run directory, then any missing parent such as runs/): removed again
+        # if the start fails
+        self.created = [p for p in (self.out, *self.out.parents) if not p.exists()] if du.is_main() else []
         if du.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             removed = remove_stale_temporaries(self.out)
@@ -185,6 +187,11 @@ class Trainer:
         state = getattr(self, "state", None)
         if self.created and (state is None or state.step == 0):
             shutil.rmtree(self.out, ignore_errors=True)
+            for parent in self.created[1:]:  # only while empty: another run may have started in it meanwhile
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
 
     def _build(self, resume_from: dict[str, Any] | None) -> None:
         """Data, schedules, models, optimizer and loss; then the checkpoint's state, if resuming."""
