@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from .atomic import check_output_folder
-from .config import config_to_dict, load_config
-from .data.fashion_mnist import build_fashion_mnist_folders
+from .config import ConfigError, config_to_dict, load_config
+from .data.fashion_mnist import CLASSES, build_fashion_mnist_folders
 from .engine.train import train
 from .report import write_report
 
@@ -43,6 +43,10 @@ def run_demo(config: str | None = None, data_dir: str = "data/fmnist", overrides
     # the settings first: a typo costs its one line, not the 70,000 images written before it
     cfg = load_config(config or DEFAULT_CONFIG, overrides)
     check_output_folder(cfg.run.output_dir, "run.output_dir")
+    if limit_per_class is not None and limit_per_class * len(CLASSES) < cfg.data.batch_size:
+        raise ConfigError(f"--limit-per-class {limit_per_class} keeps {limit_per_class * len(CLASSES)} training "
+                          f"images, fewer than one batch of data.batch_size={cfg.data.batch_size}: give "
+                          f"--limit-per-class {-(-cfg.data.batch_size // len(CLASSES))} or more")
     build_fashion_mnist_folders(root, limit_per_class=limit_per_class)
     print(f"[demo] data ready in {time.perf_counter() - t0:.0f}s; run directory {cfg.run.output_dir}")
 

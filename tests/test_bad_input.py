@@ -316,3 +316,12 @@ def test_a_boxes_file_named_from_the_training_folder_is_pointed_to(tmp_path, cap
     assert err == (f"error: data.boxes=scene_boxes_x.json: no such file (the path is read from the working directory, "
                    f"{os.getcwd()}); the training folder has one: data.boxes={train / 'scene_boxes_x.json'}")
     assert not out.exists()
+
+
+def test_a_demo_try_out_smaller_than_one_batch_names_the_limit_to_give(tmp_path, capsys):
+    data = tmp_path / "fm"
+    err = cli_error(["demo", "--limit-per-class", "3", "--data", str(data), f"run.output_dir={tmp_path / 'run'}"],
+                    capsys)
+    assert err == ("config error: --limit-per-class 3 keeps 30 training images, fewer than one batch of "
+                   "data.batch_size=64: give --limit-per-class 7 or more")
+    assert not data.exists() and not (tmp_path / "run").exists()  # checked before 70,000 images are written
