@@ -505,13 +505,14 @@ class _RecipeLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             try:
-                first = lines.setdefault(key, key_node.start_mark.line)
+                first = lines.get(key)
             except TypeError:  # an unhashable key: the safe loader reports it
                 continue
-            if first != key_node.start_mark.line:
+            if first is not None:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} appears twice in one mapping (lines {first + 1} and "
                     f"{key_node.start_mark.line + 1}): keep one", key_node.start_mark)
+            lines[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
 
