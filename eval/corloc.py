@@ -77,6 +77,15 @@ def _text(node: ET.Element, path: str, file: Path) -> str:
     return found.text.strip()
 
 
+def _number(node: ET.Element, path: str, file: Path) -> float:
+    """The number in ``node``'s ``<path>``, or an AnnotationError naming the file and the tag."""
+    text = _text(node, path, file)
+    try:
+        return float(text)
+    except ValueError:
+        raise AnnotationError(f"{file}: <{path}> holds {text!r}, not a number") from None
+
+
 def read_voc_xml(xml_path: str | Path) -> GroundTruth:
     """One Pascal VOC annotation file -> GroundTruth (file_name from ``<filename>``)."""
     xml_path = Path(xml_path)
@@ -89,13 +98,13 @@ def read_voc_xml(xml_path: str | Path) -> GroundTruth:
         bb = obj.find("bndbox")
         if bb is None:
             raise AnnotationError(f"{xml_path}: an <object> without <bndbox>")
-        xmin, ymin, xmax, ymax = (float(_text(bb, k, xml_path)) for k in ("xmin", "ymin", "xmax", "ymax"))
+        xmin, ymin, xmax, ymax = (_number(bb, k, xml_path) for k in ("xmin", "ymin", "xmax", "ymax"))
         boxes.append([xmin - 1.0, ymin - 1.0, xmax, ymax])
         diff = obj.find("difficult")
         difficult.append(diff is not None and (diff.text or "0").strip() == "1")
     size = root.find("size")
-    width = int(float(_text(size, "width", xml_path))) if size is not None else None
-    height = int(float(_text(size, "height", xml_path))) if size is not None else None
+    width = int(_number(size, "width", xml_path)) if size is not None else None
+    height = int(_number(size, "height", xml_path)) if size is not None else None
     return GroundTruth(file_name=_text(root, "filename", xml_path), boxes=np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
                        difficult=np.asarray(difficult, dtype=bool), width=width, height=height)
 
@@ -142,12 +151,20 @@ def read_coco(json_path: str | Path) -> dict[str, GroundTruth]:
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise AnnotationError(f"{path} is not COCO-style (needs 'images' and 'annotations')")
     by_id: dict[Any, tuple[str, list[list[float]], list[bool], dict[str, Any]]] = {}
-    for img in data["images"]:
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
+            raise AnnotationError(f"{path}: images[{i}] needs an 'id' and a 'file_name'")
         by_id[img["id"]] = (img["file_name"], [], [], img)
-    for ann in data["annotations"]:
-        if ann["image_id"] not in by_id:
-            raise AnnotationError(f"{path}: annotation {ann.get('id')} refers to unknown image_id {ann['image_id']}")
-        x, y, w, h = (float(v) for v in ann["bbox"])
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or ann.get("image_id") not in by_id:
+            raise AnnotationError(f"{path}: annotations[{i}] (id {ann.get('id') if isinstance(ann, dict) else None}) "
+                                  f"refers to no listed image (image_id "
+                                  f"{ann.get('image_id') if isinstance(ann, dict) else None})")
+        try:
+            x, y, w, h = (float(v) for v in ann["bbox"])
+        except (KeyError, TypeError, ValueError):
+            raise AnnotationError(f"{path}: annotations[{i}] (id {ann.get('id')}) has bbox {ann.get('bbox')!r}; "
+                                  "expected [x, y, width, height] in pixels") from None
         entry = by_id[ann["image_id"]]
         entry[1].append([x, y, x + w, y + h])
         entry[2].append(bool(ann.get("iscrowd", 0)))

@@ -132,3 +132,28 @@ def test_command_line_says_what_is_wrong_instead_of_a_score(tiny, tmp_path, caps
         corloc({}, read_coco(coco))
     assert main([str(pred_file), "--coco", str(coco), "--iou", "1"]) == 0  # the edge is allowed
     assert "CorLoc 100.00% (5/5 images)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("images, annotations, expect", [
+    ([{"file_name": "a.png"}], [], r"images\[0\] needs an 'id' and a 'file_name'"),
+    ([{"id": 1, "file_name": "a.png"}], [{"id": 7, "image_id": 1}], r"annotations\[0\] \(id 7\) has bbox None"),
+    ([{"id": 1, "file_name": "a.png"}], [{"id": 7, "image_id": 1, "bbox": "x"}],
+     r"annotations\[0\] \(id 7\) has bbox 'x'; expected \[x, y"),
+    ([{"id": 1, "file_name": "a.png"}], [{"id": 7, "image_id": 3, "bbox": [0, 0, 1, 1]}],
+     r"annotations\[0\] \(id 7\) refers to no listed image \(image_id 3\)"),
+])
+def test_a_malformed_coco_ground_truth_names_the_entry(images, annotations, expect, tmp_path):
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    with pytest.raises(AnnotationError, match=rf"gt.json: {expect}"):  # a KeyError traceback before, for some
+        read_coco(path)
+
+
+def test_a_voc_box_that_is_not_a_number_names_the_file_and_tag(tmp_path):
+    root = tmp_path / "voc"
+    (root / "Annotations").mkdir(parents=True)
+    (root / "Annotations" / "a.xml").write_text(
+        "<annotation><filename>a.jpg</filename><object><bndbox><xmin>a</xmin><ymin>1</ymin><xmax>3</xmax>"
+        "<ymax>4</ymax></bndbox></object></annotation>")
+    with pytest.raises(AnnotationError, match=r"a.xml: <xmin> holds 'a', not a number"):
+        read_voc(root, split=None)
