@@ -157,6 +157,22 @@ def build_executor(args: argparse.Namespace, folder: Path, name: str) -> Any:
     return executor
 
 
+#: squeue reasons of a pending job that no amount of waiting starts (the request exceeds the partition)
+NEVER_RUNS = ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints")
+
+
+def never_runs(job_id: str) -> str | None:
+    """The squeue reason of pending job ``job_id`` when it is one of :data:`NEVER_RUNS` (SLURM sets it at
+    submission), else None (also when squeue cannot tell)."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T %r"], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    state, _, reason = out.stdout.strip().partition(" ")
+    return reason if state == "PENDING" and reason in NEVER_RUNS else None
+
+
 def submitit_failure() -> type[Exception]:
     """submitit's error for a job its scheduler refused (sbatch's message in it)."""
     from submitit.core.utils import FailedJobError
@@ -200,6 +216,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"submitted job {job.job_id} {where}: {tasks} task(s) on {args.nodes} node(s)")
     print(f"run directory: {out}")
     print(f"logs: {folder}/{job.job_id}_<task>_log.out and .err (task 0: {folder}/{job.job_id}_0_log.out)")
+    stuck = None if args.local else never_runs(job.job_id)
+    if stuck is not None:
+        print(f"warning: SLURM holds job {job.job_id} with reason {stuck}: it asks for more than its partition "
+              f"gives (`sinfo -o '%P %c %m %l'` lists CPUs, memory and time limits) and will not start; "
+              f"`scancel {job.job_id}` and submit with less", file=sys.stderr)
     if not args.wait:
         return 0
     try:

@@ -350,3 +350,22 @@ def test_a_job_sbatch_refuses_is_one_line_and_leaves_no_trace(slurm, train_dir, 
     res = subprocess.run([sys.executable, "-m", "ssl_distill.cli", "submit", str(CONFIG), *overrides(train_dir, out),
                           "--nodes", "0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert res.returncode == 2 and "argument --nodes: must be >= 1, got 0" in res.stderr and not out.exists()
+
+
+def test_a_job_the_partition_can_never_run_is_flagged_at_submission(slurm, train_dir, tmp_path):
+    cpus = os.cpu_count() or 1  # more CPUs per task than the one-node cluster has: SLURM queues it, never runs it
+    cmd = [sys.executable, "-m", "ssl_distill.cli", "submit", str(CONFIG), *overrides(train_dir, tmp_path / "big"),
+           "--cpus-per-task", str(64 * cpus)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    job = re.search(r"submitted job (\S+)", res.stdout)
+    try:
+        assert res.returncode == 0 and job, res.stdout + res.stderr
+        assert (f"warning: SLURM holds job {job.group(1)} with reason PartitionConfig: it asks for more than its "
+                "partition gives") in res.stderr, res.stderr
+        assert f"`scancel {job.group(1)}` and submit with less" in res.stderr
+    finally:
+        if job:
+            subprocess.run(["scancel", job.group(1)], timeout=30)
+    ok = subprocess.run([sys.executable, "-c", "from ssl_distill.launch.submit import never_runs; "
+                         "print(never_runs('999999'))"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert ok.stdout.strip() == "None"  # a job squeue does not know: no warning
