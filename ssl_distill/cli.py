@@ -157,10 +157,12 @@ COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None], Calla
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; builds without importing torch (see :mod:`ssl_distill.cli_args`)."""
-    p = argparse.ArgumentParser(prog="ssl-distill", description="Self-distillation pretraining for ViTs")
+    p = argparse.ArgumentParser(prog="ssl-distill", description="Self-distillation pretraining for ViTs",
+                                allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
     for name, text, add_arguments, handler in COMMANDS:
-        sp = sub.add_parser(name, help=text)
+        # options by their whole names only: argparse would read `knn --k 20` as `--key 20`
+        sp = sub.add_parser(name, help=text, allow_abbrev=False)
         add_arguments(sp)
         sp.set_defaults(func=handler)
     return p

@@ -29,7 +29,7 @@ def tool_main(name: str, add_arguments: Callable[[argparse.ArgumentParser], None
     then ``run`` through the one error handler, :func:`ssl_distill.errors.run_command`."""
 
     def main(argv: Sequence[str] | None = None) -> int:
-        parser = argparse.ArgumentParser(prog=f"ssl-distill {name}")
+        parser = argparse.ArgumentParser(prog=f"ssl-distill {name}", allow_abbrev=False)  # as the ssl-distill parser
         add_arguments(parser)
         return run_command(run, parser.parse_args(argv))
 

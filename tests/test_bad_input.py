@@ -325,3 +325,10 @@ def test_a_demo_try_out_smaller_than_one_batch_names_the_limit_to_give(tmp_path,
     assert err == ("config error: --limit-per-class 3 keeps 30 training images, fewer than one batch of "
                    "data.batch_size=64: give --limit-per-class 7 or more")
     assert not data.exists() and not (tmp_path / "run").exists()  # checked before 70,000 images are written
+
+
+def test_options_are_taken_by_their_whole_names_only(capsys):
+    # argparse's abbreviations read `knn RUN --k 20` as `--key 20`, a DINO user's --nb_knn habit gone wrong
+    with pytest.raises(SystemExit) as e:
+        cli(["knn", "run", "--k", "20"])
+    assert e.value.code == 2 and "unrecognized arguments: --k 20" in capsys.readouterr().err
