@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ssl_distill.atomic import check_output_folder
+from ssl_distill.atomic import check_output_folder, missing_folders, remove_empty_folders
 from ssl_distill.cli_args import submit_arguments as add_arguments  # noqa: F401  (options: torch-free)
 from ssl_distill.config import Config, load_config
 from ssl_distill.errors import DataError
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(cfg.knn, key):
             setattr(cfg.knn, key, str(Path(getattr(cfg.knn, key)).resolve()))
     folder = out / "submitit"
-    created = [d for d in (out, folder) if not d.exists()]
+    created = missing_folders(folder)
     folder.mkdir(parents=True, exist_ok=True)
     before = set(folder.iterdir())
     executor = build_executor(args, folder, args.job_name or f"ssl-{out.name}")
@@ -205,9 +205,7 @@ def run(args: argparse.Namespace) -> int:
     except submitit_failure() as e:  # sbatch said no: leave no trace of the attempt
         for path in set(folder.iterdir()) - before:
             path.unlink()
-        for d in reversed(created):
-            if not any(d.iterdir()):
-                d.rmdir()
+        remove_empty_folders(created)
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         raise ValueError(f"sbatch refused the job ({' '.join(lines[-2:]) or type(e).__name__}); nothing was "
                          "queued: `sinfo` lists the partitions and their limits") from e

@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_write", "check_output_folder", "remove_stale_temporaries", "temporary_path"]
+__all__ = ["atomic_write", "check_output_folder", "missing_folders", "remove_empty_folders",
+           "remove_stale_temporaries", "temporary_path"]
 
 
 def temporary_path(path: Path, pid: int | str | None = None) -> Path:
@@ -81,6 +82,23 @@ def check_output_folder(path: str | os.PathLike[str], key: str) -> Path:
             where = "is a file" if p == path else f"lies under {p}, which is a file"
             raise ValueError(f"{key}={path} {where}, not a folder: name a folder (it is created if missing)")
     return path
+
+
+def missing_folders(path: str | os.PathLike[str]) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, innermost first: what creating ``path`` makes,
+    for :func:`remove_empty_folders` to take back after a failed start."""
+    path = Path(path)
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove ``folders`` (innermost first, as :func:`missing_folders` lists them) while each is empty; stop at the
+    first that is not (another process may have started writing in it meanwhile)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def remove_stale_temporaries(folder: Path) -> list[tuple[Path, int]]:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..atomic import check_output_folder, remove_stale_temporaries
+from ..atomic import check_output_folder, missing_folders, remove_empty_folders, remove_stale_temporaries
 from ..checkpoints import (
     FORMAT, LATEST, CheckpointError, atomic_save, describe_mismatch, load_state_strict, read_training_checkpoint,
     rng_state, set_rng_state,
@@ -107,7 +107,7 @@ class Trainer:
 
         # the folders this start creates (the run directory, then any missing parent such as runs/): removed again
         # if the start fails
-        self.created = [p for p in (self.out, *self.out.parents) if not p.exists()] if du.is_main() else []
+        self.created = missing_folders(self.out) if du.is_main() else []
         if du.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             removed = remove_stale_temporaries(self.out)
@@ -187,11 +187,7 @@ class Trainer:
         state = getattr(self, "state", None)
         if self.created and (state is None or state.step == 0):
             shutil.rmtree(self.out, ignore_errors=True)
-            for parent in self.created[1:]:  # only while empty: another run may have started in it meanwhile
-                try:
-                    parent.rmdir()
-                except OSError:
-                    break
+            remove_empty_folders(self.created[1:])  # its parents, while empty
 
     def _build(self, resume_from: dict[str, Any] | None) -> None:
         """Data, schedules, models, optimizer and loss; then the checkpoint's state, if resuming."""
